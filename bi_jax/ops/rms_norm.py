@@ -1,0 +1,153 @@
+"""RMSNorm over the last axis: Pallas kernel and launcher.
+
+This op is lowered through Pallas's Triton backend, deliberately: the kernel is
+the same Triton program that ``bi_torch.rms_norm`` launches (same block size,
+warps and epilogue PTX, from ``bi_core.rms_norm``), so both frameworks reduce a
+row in the same order and give the same bits. The Mosaic GPU backend lays rows
+out in warpgroup tiles of 64 and reduces them with a different tree, which can
+be invariant but cannot match the PyTorch kernel bit for bit. JAX marks the
+Triton backend as deprecated; it lowers with a DeprecationWarning.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from bi_core.rms_norm import rms_norm_config, rstd_asm
+from bi_jax._checks import check_eps, check_float_array, interpret_mode
+
+__all__ = ["rms_norm"]
+
+# Pallas computes offsets in int32: launch at most this many elements at once.
+_MAX_LAUNCH_ELEMENTS = 2**31 - 1
+
+
+def _square(x, ptx: bool):
+    if ptx:
+        # mul.rn cannot be contracted into the following adds (see bi_torch).
+        return pltriton.elementwise_inline_asm(
+            "mul.rn.f32 $0, $1, $1;",
+            args=[x],
+            constraints="=r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+        )[0]
+    return x * x
+
+
+def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
+    if ptx:
+        return pltriton.elementwise_inline_asm(
+            rstd_asm(inv_n, eps),
+            args=[sumsq],
+            constraints="=r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(sumsq.shape, jnp.float32)],
+        )[0]
+    return 1.0 / jnp.sqrt(sumsq * inv_n + eps)
+
+
+def _kernel(x_ref, *refs, n, block, num_chunks, inv_n, eps, has_weight, ptx):
+    if has_weight:
+        w_ref, y_ref = refs
+    else:
+        (y_ref,) = refs
+    row = pl.program_id(0)
+    cols = jnp.arange(block)
+
+    def load(ref, offs, mask):
+        if ref is x_ref:
+            return pltriton.load(ref.at[row, offs], mask=mask, other=0.0).astype(jnp.float32)
+        return pltriton.load(ref.at[offs], mask=mask, other=0.0).astype(jnp.float32)
+
+    if num_chunks == 1:
+        mask = cols < n
+        x = load(x_ref, cols, mask)
+        sumsq = jnp.sum(_square(x, ptx), axis=0, keepdims=True)
+        y = x * _rstd(sumsq, inv_n, eps, ptx)
+        if has_weight:
+            y = y * load(w_ref, cols, mask)
+        pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=mask)
+        return
+
+    acc = jnp.zeros((block,), jnp.float32)
+    for c in range(num_chunks):
+        offs = c * block + cols
+        acc = acc + _square(load(x_ref, offs, offs < n), ptx)
+    rstd = _rstd(jnp.sum(acc, axis=0, keepdims=True), inv_n, eps, ptx)
+    for c in range(num_chunks):
+        offs = c * block + cols
+        mask = offs < n
+        y = load(x_ref, offs, mask) * rstd
+        if has_weight:
+            y = y * load(w_ref, offs, mask)
+        pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=mask)
+
+
+def _launch(x2d, weight, eps, interpret):
+    m, n = x2d.shape
+    cfg = rms_norm_config(n)
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        block=cfg.block,
+        num_chunks=cfg.num_chunks,
+        inv_n=cfg.inv_n,
+        eps=eps,
+        has_weight=weight is not None,
+        ptx=not interpret,
+    )
+    args = (x2d,) if weight is None else (x2d, weight)
+    return pl.pallas_call(
+        kernel,
+        grid=(m,),
+        out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=interpret,
+        name="bi_rms_norm",
+    )(*args)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
+    """Batch-invariant RMSNorm over the last axis.
+
+    ``y = x * rsqrt(mean(x**2, axis=-1) + eps) * weight`` computed in fp32 and
+    rounded once to ``x.dtype``, like ``torch.nn.functional.rms_norm``.
+
+    Args:
+        x: array of dtype float32, bfloat16 or float16 with any leading axes.
+        weight: optional array of shape ``(x.shape[-1],)`` in one of those dtypes.
+        eps: non-negative Python float.
+
+    Works under ``jax.jit`` and ``jax.vmap``. Each output row depends only on
+    its own input row.
+    """
+    check_float_array("x", x)
+    if x.ndim == 0:
+        raise ValueError("rms_norm: x must have at least one dimension, got a 0-d array")
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"rms_norm: the normalised (last) axis of x is empty: shape {tuple(x.shape)}")
+    if weight is not None:
+        check_float_array("weight", weight)
+        if tuple(weight.shape) != (n,):
+            raise ValueError(
+                f"rms_norm: weight must have shape ({n},) to match x.shape[-1], got {tuple(weight.shape)}"
+            )
+    eps = check_eps(eps)
+    interpret = interpret_mode("rms_norm")
+
+    x2d = x.reshape(-1, n)
+    m = x2d.shape[0]
+    if m == 0:
+        return x
+    # Rows are independent: splitting the launch changes no row's bits.
+    rows = max(1, _MAX_LAUNCH_ELEMENTS // n)
+    parts = [_launch(x2d[s : s + rows], weight, eps, interpret) for s in range(0, m, rows)]
+    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    return y.reshape(x.shape)

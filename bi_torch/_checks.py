@@ -1,0 +1,72 @@
+"""Input validation and layout canonicalisation shared by the bi_torch ops."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_float_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 and float16"
+        )
+
+
+def check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite non-negative float, got {eps}")
+    return eps
+
+
+def check_launchable(op: str, t: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter."""
+    if t.device.type == "cuda":
+        if interpreting():
+            raise RuntimeError(
+                f"{op}: TRITON_INTERPRET=1 is set but the input is on {t.device}; unset it to run on the GPU"
+            )
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"{op}: input is on device '{t.device}'; bi_torch kernels need a CUDA tensor "
+        "(CPU tensors run only under the Triton interpreter, TRITON_INTERPRET=1 set before import)"
+    )
+
+
+def check_no_autograd(op: str, *tensors: torch.Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"{op}: bi_torch kernels are forward-only (inference); call under torch.no_grad() "
+            "or torch.inference_mode(), or detach the inputs"
+        )
+
+
+def canonical(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned.
+
+    Triton specialises a kernel on pointer alignment and stride divisibility, and
+    the specialisation can change the register layout and so the reduction order.
+    Copying views into a fresh buffer makes the compiled kernel a function of the
+    shape alone, so a row gives the same bits whether it arrives as a view or not.
+    """
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.data_ptr() % 16 != 0:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t

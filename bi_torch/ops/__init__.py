@@ -1,0 +1,1 @@
+"""One module per op: kernel, launcher and nothing else."""

@@ -1,0 +1,152 @@
+"""RMSNorm over the last axis: Triton kernel and launcher.
+
+One program normalises one row. The block size, the number of warps and the
+number of column chunks depend only on the row length (and so does the Triton
+specialisation, because inputs are made contiguous and aligned first), never on
+the number of rows, so the reduction order of every row is fixed by its length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bi_torch._checks import (
+    check_eps,
+    check_float_tensor,
+    check_launchable,
+    check_no_autograd,
+    canonical,
+    interpreting,
+)
+from bi_core.rms_norm import rms_norm_config, rstd_asm
+
+__all__ = ["rms_norm"]
+
+
+@triton.jit
+def _square(x, PTX: tl.constexpr):
+    if PTX:
+        # mul.rn cannot be contracted into the following adds, so the sum of
+        # squares is the same whatever FMA policy the compiler applies.
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return x * x
+
+
+@triton.jit
+def _rstd(sumsq, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr, EPS: tl.constexpr, PTX: tl.constexpr):
+    if PTX:
+        # IEEE-rounded mul, add, sqrt and reciprocal, written out so that the
+        # bits do not depend on the compiler's choice of rsqrt approximation.
+        return tl.inline_asm_elementwise(
+            RSTD_ASM, "=r,r", [sumsq], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / tl.sqrt(sumsq * INV_N + EPS)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    n_cols,
+    RSTD_ASM: tl.constexpr,
+    INV_N: tl.constexpr,
+    EPS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    # 64-bit row offset: tensors past 2**31 elements.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * n_cols
+    y_row = y_ptr + row * n_cols
+    cols = tl.arange(0, BLOCK)
+    if NUM_CHUNKS == 1:
+        # The whole row stays in registers: one read of x.
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        sumsq = tl.sum(_square(x, PTX), axis=0, keep_dims=True)
+        y = x * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Long rows: fp32 partial sums per lane over fixed-size chunks, then
+        # one tree reduction; the chunk count is a function of the row length.
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in tl.static_range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            x = tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+            acc += _square(x, PTX)
+        rstd = _rstd(tl.sum(acc, axis=0, keep_dims=True), RSTD_ASM, INV_N, EPS, PTX)
+        for c in tl.static_range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            mask = offs < n_cols
+            y = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Batch-invariant RMSNorm over the last dimension.
+
+    Same semantics as ``torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)``
+    except that all arithmetic is fp32 and the result is rounded once to
+    ``x.dtype``: ``y = x * rsqrt(mean(x**2) + eps) * weight``.
+
+    Args:
+        x: CUDA tensor of dtype float32, bfloat16 or float16, any leading dims.
+        weight: optional tensor of shape ``(x.shape[-1],)`` in one of those dtypes.
+        eps: non-negative float added to the mean square.
+
+    Each output row depends only on its own input row: not on how many rows are
+    in ``x`` nor where the row sits.
+    """
+    check_float_tensor("x", x)
+    if x.ndim == 0:
+        raise ValueError("rms_norm: x must have at least one dimension, got a 0-d tensor")
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"rms_norm: the normalised (last) dimension of x is empty: shape {tuple(x.shape)}")
+    if weight is not None:
+        check_float_tensor("weight", weight)
+        if tuple(weight.shape) != (n,):
+            raise ValueError(
+                f"rms_norm: weight must have shape ({n},) to match x.shape[-1], got {tuple(weight.shape)}"
+            )
+        if weight.device != x.device:
+            raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
+    eps = check_eps(eps)
+    check_launchable("rms_norm", x)
+    check_no_autograd("rms_norm", x, weight)
+
+    x2d = canonical(x.reshape(-1, n))
+    w = canonical(weight) if weight is not None else None
+    y = torch.empty_like(x2d)
+    m = x2d.shape[0]
+    if m == 0:
+        return y.view(x.shape)
+    cfg = rms_norm_config(n)
+    _rms_norm_kernel[(m,)](
+        x2d,
+        w if w is not None else x2d,
+        y,
+        n,
+        RSTD_ASM=rstd_asm(cfg.inv_n, eps),
+        INV_N=cfg.inv_n,
+        EPS=eps,
+        HAS_WEIGHT=w is not None,
+        BLOCK=cfg.block,
+        NUM_CHUNKS=cfg.num_chunks,
+        PTX=not interpreting(),
+        num_warps=cfg.num_warps,
+    )
+    return y.view(x.shape)

@@ -1,0 +1,73 @@
+"""Device selection: native GPU runs or CPU interpreters.
+
+``BI_DEVICE`` = ``auto`` (default), ``gpu`` or ``cpu`` picks where kernels run.
+``configure()`` must run before ``triton``, ``bi_torch`` or ``jax`` is
+imported, because the Triton interpreter is chosen at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes the properties draw from on one kind of device."""
+
+    name: str  # "gpu" or "cpu"
+    max_batch: int  # largest batch (rows) in one call
+    max_elements: int  # cap on batch * features per input, to bound memory and time
+    feature_sizes: tuple[int, ...]  # realistic sizes drawn often
+    max_features: int  # any size in 1..max_features is drawn too
+    max_examples: int  # Hypothesis examples per property
+
+    @property
+    def native(self) -> bool:
+        return self.name == "gpu"
+
+
+GPU = Profile(
+    name="gpu",
+    max_batch=16384,
+    max_elements=2**27,
+    feature_sizes=(4096, 5120, 8192, 11008, 14336, 16384),
+    max_features=16384,
+    max_examples=25,
+)
+CPU = Profile(
+    name="cpu",
+    max_batch=24,
+    max_elements=24 * 320,
+    feature_sizes=(64, 96, 128, 257),
+    max_features=320,
+    max_examples=12,
+)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@lru_cache(maxsize=1)
+def configure() -> Profile:
+    """Resolve ``BI_DEVICE`` and set the interpreter switches for a CPU run."""
+    choice = os.environ.get("BI_DEVICE", "auto").lower()
+    if choice not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"BI_DEVICE must be auto, gpu or cpu, got {choice!r}")
+    if choice == "auto":
+        choice = "gpu" if _cuda_available() else "cpu"
+    if choice == "gpu":
+        if not _cuda_available():
+            raise RuntimeError("BI_DEVICE=gpu but torch sees no CUDA device")
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise RuntimeError("BI_DEVICE=gpu conflicts with TRITON_INTERPRET=1")
+        return GPU
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return CPU

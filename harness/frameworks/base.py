@@ -1,0 +1,59 @@
+"""The interface every framework adapter implements."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import numpy as np
+
+from harness.registry import Inputs, OpSpec
+
+Fn = Callable[..., Any]
+
+
+class Adapter(abc.ABC):
+    name: str
+    package: str  # the bi_ package: "bi_torch" or "bi_jax"
+
+    @abc.abstractmethod
+    def to_native(self, a: np.ndarray) -> Any:
+        """numpy array (ml_dtypes bf16 allowed) -> framework array on the test device."""
+
+    @abc.abstractmethod
+    def to_numpy(self, t: Any) -> np.ndarray:
+        """framework array -> numpy array with the same dtype and bits."""
+
+    @abc.abstractmethod
+    def take_rows(self, t: Any, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` of ``t`` as the framework slices them (a view in torch)."""
+
+    @abc.abstractmethod
+    def default(self, op: str) -> Fn | None:
+        """The framework's own implementation of ``op`` (the benchmark baseline)."""
+
+    @abc.abstractmethod
+    def control(self, op: str, name: str) -> Fn:
+        """A negative control: an implementation of ``op`` that varies with the batch."""
+
+    @abc.abstractmethod
+    def bitwise_equal(self, a: Any, b: Any) -> bool:
+        """Whether two arrays on the device have the same dtype, shape and bits."""
+
+    @abc.abstractmethod
+    def synchronize(self, t: Any) -> None:
+        """Block until ``t`` is computed."""
+
+    def kernel(self, op: str) -> Fn | None:
+        """The bi_ implementation of ``op``, or None if this framework has none yet."""
+        import importlib
+
+        return getattr(importlib.import_module(self.package), op, None)
+
+    def call(self, fn: Fn, spec: OpSpec, inputs: dict[str, Any]) -> np.ndarray:
+        out = fn(**inputs, **spec.kwargs)
+        self.synchronize(out)
+        return self.to_numpy(out)
+
+    def natives(self, inputs: Inputs) -> dict[str, Any]:
+        return {k: self.to_native(v) for k, v in inputs.items()}

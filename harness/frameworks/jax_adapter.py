@@ -1,0 +1,80 @@
+"""JAX adapter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harness.frameworks.base import Adapter, Fn
+
+
+class JaxAdapter(Adapter):
+    name = "jax"
+    package = "bi_jax"
+
+    def __init__(self) -> None:
+        self.device = jax.devices()[0]
+
+    def to_native(self, a: np.ndarray) -> jax.Array:
+        return jax.device_put(np.require(a, requirements='C'), self.device)
+
+    def to_numpy(self, t: jax.Array) -> np.ndarray:
+        return np.asarray(t)
+
+    def take_rows(self, t: jax.Array, start: int, stop: int) -> jax.Array:
+        return t[start:stop]
+
+    def bitwise_equal(self, a: jax.Array, b: jax.Array) -> bool:
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        ints = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[a.dtype.itemsize]
+        return bool(jnp.array_equal(jax.lax.bitcast_convert_type(a, ints), jax.lax.bitcast_convert_type(b, ints)))
+
+    def synchronize(self, t) -> None:
+        jax.block_until_ready(t)
+
+    def default(self, op: str) -> Fn | None:
+        return _DEFAULTS.get(op)
+
+    def control(self, op: str, name: str) -> Fn:
+        if name == "default":
+            fn = self.default(op)
+            if fn is None:
+                raise KeyError(f"jax has no default {op}")
+            return fn
+        return _CONTROLS[(op, name)]
+
+
+@jax.jit
+def _default_rms_norm_impl(x, weight, eps):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _default_rms_norm(x, weight=None, eps=1e-6):
+    """XLA's fused ``x * rsqrt(mean(x^2) + eps) * w`` in fp32."""
+    return _default_rms_norm_impl(x, weight, eps)
+
+
+_default_matmul = jax.jit(lambda x, weight: jnp.dot(x, weight))
+
+
+def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
+    """Control: a sum of squares split into a batch-dependent number of chunks."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    splits = 1 + rows.shape[0] % 4
+    sumsq = jnp.zeros((rows.shape[0], 1), jnp.float32)
+    for chunk in jnp.array_split(rows, splits, axis=-1):
+        sumsq = sumsq + jnp.sum(chunk * chunk, axis=-1, keepdims=True)
+    y = rows * jax.lax.rsqrt(sumsq / rows.shape[-1] + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype).reshape(x.shape)
+
+
+_DEFAULTS: dict[str, Fn] = {"rms_norm": _default_rms_norm, "matmul": _default_matmul}
+_CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}

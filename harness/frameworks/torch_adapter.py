@@ -1,0 +1,89 @@
+"""PyTorch adapter."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from harness.frameworks.base import Adapter, Fn
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+    package = "bi_torch"
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not _interpreting() else "cpu")
+
+    def to_native(self, a: np.ndarray) -> torch.Tensor:
+        a = np.require(a, requirements='C')
+        if a.dtype == _BF16:
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        return t.to(self.device)
+
+    def to_numpy(self, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(_BF16)
+        return t.numpy()
+
+    def take_rows(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return t[start:stop]
+
+    def bitwise_equal(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return bool(torch.equal(a.contiguous().view(ints), b.contiguous().view(ints)))
+
+    def synchronize(self, t) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def default(self, op: str) -> Fn | None:
+        return _DEFAULTS.get(op)
+
+    def control(self, op: str, name: str) -> Fn:
+        if name == "default":
+            fn = self.default(op)
+            if fn is None:
+                raise KeyError(f"torch has no default {op}")
+            return fn
+        return _CONTROLS[(op, name)]
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _default_rms_norm(x, weight=None, eps=1e-6):
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _default_matmul(x, weight):
+    return torch.matmul(x, weight)
+
+
+def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
+    """Control: the row's sum of squares is split into a number of chunks that
+    depends on the batch size, as a split-K reduction tuned per shape would."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    splits = 1 + rows.shape[0] % 4
+    sumsq = torch.zeros(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+    for chunk in torch.tensor_split(rows, splits, dim=-1):
+        sumsq = sumsq + (chunk * chunk).sum(dim=-1, keepdim=True)
+    y = rows * torch.rsqrt(sumsq / rows.shape[-1] + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype).reshape(x.shape)
+
+
+_DEFAULTS: dict[str, Fn] = {"rms_norm": _default_rms_norm, "matmul": _default_matmul}
+_CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}

@@ -1,0 +1,3 @@
+"""Op specs. Each module registers one op; importing this package loads all."""
+
+from harness.specs import matmul, rms_norm  # noqa: F401

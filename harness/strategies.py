@@ -1,0 +1,116 @@
+"""Hypothesis strategies for batch sizes, feature sizes and batch compositions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+from harness.devices import Profile
+
+MODES = ("slice", "subset", "mixed", "single")
+
+
+def batch_sizes(max_batch: int, min_batch: int = 1) -> st.SearchStrategy[int]:
+    """1..max_batch, with the edges drawn often: 1, 2, 3, powers of two and their neighbours."""
+    edges = {1, 2, 3, max_batch}
+    p = 4
+    while p <= max_batch:
+        edges.update({p - 1, p, p + 1})
+        p *= 2
+    edges = sorted(e for e in edges if min_batch <= e <= max_batch)
+    return st.one_of(st.sampled_from(edges), st.integers(min_batch, max_batch))
+
+
+def feature_sizes(profile: Profile) -> st.SearchStrategy[int]:
+    """The profile's realistic sizes, and any size (non powers of two included)."""
+    return st.one_of(
+        st.sampled_from(profile.feature_sizes),
+        st.integers(1, profile.max_features),
+    )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A reference batch and a second batch built from some of its rows.
+
+    The reference call computes ``f(x)`` on ``full`` rows. The second call
+    computes ``f(b)`` on ``len(index)`` rows where ``b[j] = x[index[j]]`` if
+    ``index[j] < full``, else a fresh row (``extra`` of them). Every row drawn
+    from ``x`` must come out with the same bits in both calls.
+    """
+
+    full: int
+    index: tuple[int, ...]
+    extra: int
+    mode: str
+    start: int = 0  # for mode "slice": the second batch is the view x[start:start+len]
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    def shared(self) -> np.ndarray:
+        """Positions in the second batch whose row comes from the reference batch."""
+        idx = np.asarray(self.index)
+        return np.nonzero(idx < self.full)[0]
+
+    def describe(self) -> str:
+        return f"mode={self.mode}, reference batch M={self.full}, second batch K={self.size}"
+
+
+@st.composite
+def batch_plans(draw, max_batch: int, max_second: int | None = None, min_full: int = 1) -> BatchPlan:
+    """Compositions: contiguous slices at any offset, permuted subsets (with
+    repeats), subsets mixed with fresh rows, and single rows."""
+    full = draw(batch_sizes(max_batch, min_batch=min(min_full, max_batch)))
+    max_second = max_second or max_batch
+    mode = draw(st.sampled_from(MODES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if mode == "single":
+        row = draw(st.integers(0, full - 1))
+        return BatchPlan(full=full, index=(row,), extra=0, mode=mode)
+    if mode == "slice":
+        k = draw(batch_sizes(min(full, max_second)))
+        start = draw(st.integers(0, full - k))
+        return BatchPlan(full=full, index=tuple(range(start, start + k)), extra=0, mode=mode, start=start)
+    k = draw(batch_sizes(max_second))
+    if mode == "subset":
+        replace = k > full
+        index = rng.choice(full, size=k, replace=replace)
+        return BatchPlan(full=full, index=tuple(int(i) for i in index), extra=0, mode=mode)
+    # mixed: each position is a reference row or a fresh one; at least one shared.
+    from_ref = rng.random(k) < 0.5
+    from_ref[rng.integers(k)] = True
+    extra = int((~from_ref).sum())
+    index = np.empty(k, dtype=np.int64)
+    index[from_ref] = rng.integers(0, full, size=int(from_ref.sum()))
+    index[~from_ref] = full + np.arange(extra)
+    return BatchPlan(full=full, index=tuple(int(i) for i in index), extra=extra, mode=mode)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One drawn example: feature size, batch plan and the seed of its data."""
+
+    features: int
+    plan: BatchPlan
+    seed: int
+
+
+@st.composite
+def problems(
+    draw,
+    profile: Profile,
+    min_features: int = 1,
+    features: st.SearchStrategy[int] | None = None,
+    max_second: int | None = None,
+    min_full: int = 1,
+) -> Problem:
+    """A feature size, then a batch plan that fits the profile's element cap."""
+    n = draw(features if features is not None else feature_sizes(profile).filter(lambda v: v >= min_features))
+    max_batch = max(1, min(profile.max_batch, profile.max_elements // n))
+    plan = draw(batch_plans(max_batch, max_second=max_second, min_full=min_full))
+    return Problem(features=n, plan=plan, seed=draw(st.integers(0, 2**32 - 1)))

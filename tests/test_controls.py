@@ -1,0 +1,66 @@
+"""Negative controls: the invariance property must catch implementations that
+are known to vary with the batch. A harness that cannot fail proves nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from cases import control_cases
+from harness import properties, registry
+from harness.frameworks import adapter
+from harness.strategies import problems
+from tests_profile import PROFILE
+
+
+def _control_problems(op: str, name: str):
+    if name == "default":
+        # Native defaults on the GPU: a large reference batch against a decode-
+        # sized one, where cuBLAS and XLA pick other kernels (see DESIGN notes).
+        return problems(PROFILE, features=st.just(4096), max_second=32, min_full=1024)
+    # Synthetic split-by-batch reductions: rows long enough for a split to matter.
+    return problems(PROFILE, min_features=16)
+
+
+def _control_dtype(name: str) -> str:
+    # Synthetic controls are compared in fp32, where a changed summation order
+    # shows; rounding to bf16 hides most such changes. The native defaults are
+    # caught in the dtype inference uses.
+    return "bfloat16" if name == "default" else "float32"
+
+
+@pytest.mark.parametrize("op,framework,name", control_cases())
+def test_invariance_catches_control(op, framework, name):
+    spec, ad = registry.get(op), adapter(framework)
+    fn = ad.control(op, name)
+    dtype = _control_dtype(name)
+
+    @settings(max_examples=max(PROFILE.max_examples, 30), phases=[Phase.generate], database=None)
+    @given(_control_problems(op, name))
+    def prop(problem):
+        rng = np.random.default_rng(problem.seed)
+        inputs = spec.make_inputs(rng, problem.plan.full, problem.features, dtype)
+        properties.check_batch_invariance(spec, ad, fn, inputs, problem.plan, dtype, rng, label=f"{op}[{framework} control {name}]")
+
+    with pytest.raises(properties.BatchVarianceError, match="batch invariance violated"):
+        prop()
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_invariance_report_names_rows_sizes_and_ulps(framework):
+    """The failure message of a control names rows, batch sizes and ULPs."""
+    spec, ad = registry.get("rms_norm"), adapter(framework)
+    fn = ad.control("rms_norm", "split_by_batch")
+    rng = np.random.default_rng(0)
+    inputs = spec.make_inputs(rng, 8, 64, "float32")
+    from harness.strategies import BatchPlan
+
+    plan = BatchPlan(full=8, index=(5, 2, 7), extra=0, mode="subset")  # 8 % 4 != 3 % 4
+    with pytest.raises(properties.BatchVarianceError) as err:
+        properties.check_batch_invariance(spec, ad, fn, inputs, plan, "float32", rng, label="control")
+    text = str(err.value)
+    assert "reference batch M=8" in text and "second batch K=3" in text
+    assert "max ULP distance" in text and "first: row" in text

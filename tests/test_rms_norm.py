@@ -1,0 +1,127 @@
+"""RMSNorm API: semantics, shapes and input validation in both frameworks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import registry
+from harness.bits import np_dtype
+from harness.frameworks import adapter
+
+FRAMEWORKS = ["torch", "jax"]
+
+
+def _np_rms_norm(x, w, eps):
+    x = x.astype(np.float64)
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if w is None else y * w.astype(np.float64)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 33), (1, 1, 1, 100), (5, 1)], ids=str)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_leading_dims_and_optional_weight(framework, shape, with_weight):
+    ad = adapter(framework)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal(shape[-1]).astype(np.float32) if with_weight else None
+    out = ad.kernel("rms_norm")(ad.to_native(x), None if w is None else ad.to_native(w), eps=1e-5)
+    got = ad.to_numpy(out)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, _np_rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_output_dtype_is_input_dtype(framework, dtype):
+    ad = adapter(framework)
+    x = np.ones((2, 8), dtype=np.float32).astype(np_dtype(dtype))
+    w = np.ones(8, dtype=np.float32)  # fp32 weight with a low-precision input
+    out = ad.to_numpy(ad.kernel("rms_norm")(ad.to_native(x), ad.to_native(w)))
+    assert out.dtype == np_dtype(dtype)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_long_rows_use_the_chunked_path(framework):
+    """Rows longer than the register-resident limit (bi_core.rms_norm.MAX_FUSED)."""
+    from bi_core.rms_norm import MAX_FUSED, rms_norm_config
+
+    n = MAX_FUSED + 4099
+    assert rms_norm_config(n).num_chunks > 1
+    spec, ad = registry.get("rms_norm"), adapter(framework)
+    inputs = spec.make_inputs(np.random.default_rng(2), 2, n, "float32")
+    got = ad.call(ad.kernel("rms_norm"), spec, ad.natives(inputs))
+    np.testing.assert_allclose(got, spec.reference(inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_empty_batch(framework):
+    ad = adapter(framework)
+    out = ad.kernel("rms_norm")(ad.to_native(np.zeros((0, 16), np.float32)))
+    assert tuple(out.shape) == (0, 16)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_bad_inputs_raise_clear_errors(framework):
+    ad = adapter(framework)
+    f = ad.kernel("rms_norm")
+    x = ad.to_native(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        f(x, ad.to_native(np.ones(7, np.float32)))
+    with pytest.raises(TypeError, match="dtype"):
+        f(ad.to_native(np.ones((2, 8), np.int32)))
+    with pytest.raises(ValueError, match="empty"):
+        f(ad.to_native(np.ones((2, 0), np.float32)))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        f(ad.to_native(np.array(1.0, np.float32)))
+    with pytest.raises(ValueError, match="eps"):
+        f(x, eps=-1.0)
+    with pytest.raises(TypeError, match="must be a"):
+        f([[1.0, 2.0]])
+
+
+def test_torch_rejects_autograd_and_wrong_device():
+    import torch
+
+    import bi_torch
+
+    ad = adapter("torch")
+    x = ad.to_native(np.ones((2, 8), np.float32)).requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        bi_torch.rms_norm(x)
+    with torch.no_grad():
+        bi_torch.rms_norm(x)
+    if ad.device.type == "cuda":
+        with pytest.raises(ValueError, match="cuda:0 but weight is on cpu"):
+            bi_torch.rms_norm(x.detach(), torch.ones(8))
+        with pytest.raises(ValueError, match="need a CUDA tensor"):
+            bi_torch.rms_norm(torch.ones(2, 8))
+
+
+def test_torch_views_and_offsets_match_contiguous_copies():
+    """A non-contiguous or misaligned view gives the same bits as a fresh copy."""
+    import bi_torch
+
+    ad = adapter("torch")
+    base = ad.to_native(np.random.default_rng(3).standard_normal((9, 40)).astype(np.float32))
+    view = base[1:, 3:36]  # offset pointer, row stride 40
+    assert not view.is_contiguous()
+    a = ad.to_numpy(bi_torch.rms_norm(view))
+    b = ad.to_numpy(bi_torch.rms_norm(view.contiguous()))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_jax_jit_and_vmap_give_the_same_bits():
+    import jax
+
+    import bi_jax
+
+    ad = adapter("jax")
+    rng = np.random.default_rng(4)
+    x = ad.to_native(rng.standard_normal((4, 3, 48)).astype(np.float32))
+    w = ad.to_native(rng.standard_normal(48).astype(np.float32))
+    plain = ad.to_numpy(bi_jax.rms_norm(x, w))
+    jitted = ad.to_numpy(jax.jit(bi_jax.rms_norm)(x, w))
+    mapped = ad.to_numpy(jax.vmap(lambda r: bi_jax.rms_norm(r, w), in_axes=1, out_axes=1)(x))
+    assert plain.tobytes() == jitted.tobytes() == mapped.tobytes()

@@ -1,0 +1,5 @@
+"""The device profile resolved by conftest (importable from test modules)."""
+
+from harness.devices import configure
+
+PROFILE = configure()
