@@ -31,10 +31,10 @@ class Profile:
 GPU = Profile(
     name="gpu",
     max_batch=16384,
-    max_elements=2**27,
+    max_elements=2**25,
     feature_sizes=(4096, 5120, 8192, 11008, 14336, 16384),
     max_features=16384,
-    max_examples=25,
+    max_examples=15,
 )
 CPU = Profile(
     name="cpu",
@@ -60,6 +60,8 @@ def configure() -> Profile:
     choice = os.environ.get("BI_DEVICE", "auto").lower()
     if choice not in ("auto", "gpu", "cpu"):
         raise ValueError(f"BI_DEVICE must be auto, gpu or cpu, got {choice!r}")
+    # JAX would otherwise reserve most of the GPU memory that torch needs too.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if choice == "auto":
         choice = "gpu" if _cuda_available() else "cpu"
     if choice == "gpu":

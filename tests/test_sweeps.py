@@ -24,7 +24,7 @@ def _sizes(framework: str, largest: int) -> list[int]:
         sizes.update({p - 1, p, p + 1})
         p *= 2
     rng = np.random.default_rng(0)
-    sizes.update(int(v) for v in rng.integers(1, largest + 1, size=40))
+    sizes.update(int(v) for v in rng.integers(1, largest + 1, size=20))
     return sorted(s for s in sizes if s <= largest)
 
 

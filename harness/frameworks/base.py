@@ -41,6 +41,10 @@ class Adapter(abc.ABC):
         """Whether two arrays on the device have the same dtype, shape and bits."""
 
     @abc.abstractmethod
+    def count_differing_rows(self, a: Any, b: Any) -> int:
+        """How many rows (axis 0) of two same-shaped device arrays differ in any bit."""
+
+    @abc.abstractmethod
     def synchronize(self, t: Any) -> None:
         """Block until ``t`` is computed."""
 

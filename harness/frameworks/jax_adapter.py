@@ -31,6 +31,11 @@ class JaxAdapter(Adapter):
         ints = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[a.dtype.itemsize]
         return bool(jnp.array_equal(jax.lax.bitcast_convert_type(a, ints), jax.lax.bitcast_convert_type(b, ints)))
 
+    def count_differing_rows(self, a: jax.Array, b: jax.Array) -> int:
+        ints = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[a.dtype.itemsize]
+        diff = jax.lax.bitcast_convert_type(a, ints) != jax.lax.bitcast_convert_type(b, ints)
+        return int(jnp.sum(jnp.any(diff.reshape(diff.shape[0], -1), axis=1)))
+
     def synchronize(self, t) -> None:
         jax.block_until_ready(t)
 

@@ -41,6 +41,11 @@ class TorchAdapter(Adapter):
         ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         return bool(torch.equal(a.contiguous().view(ints), b.contiguous().view(ints)))
 
+    def count_differing_rows(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        diff = a.contiguous().view(ints) != b.contiguous().view(ints)
+        return int(diff.reshape(diff.shape[0], -1).any(dim=1).sum())
+
     def synchronize(self, t) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()

@@ -1,0 +1,111 @@
+"""Provenance, terminal table and result files."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.sweep import Row
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(native: bool, copy_gbs: float | None) -> dict:
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "jax": _version("jax"),
+        "jaxlib": _version("jaxlib"),
+        "mode": "gpu" if native else "cpu-interpreters (invariance only; no meaningful timings)",
+        "copy_bandwidth_gbs": copy_gbs,
+    }
+    if native:
+        import torch
+
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            info["driver"] = "unknown"
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return info
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def print_table(rows: list[Row], info: dict, console: Console) -> None:
+    title = f"{info['device']} | torch {info['torch']} triton {info['triton']} jax {info['jax']} | {info['commit']}"
+    table = Table(title=title, show_lines=False)
+    for col in ("op", "fw", "impl", "N", "dtype", "M", "median us", "p20-p80 us", "throughput", "% copy BW", "x default", "rows differing"):
+        table.add_column(col, justify="right" if col not in ("op", "fw", "impl", "dtype") else "left")
+    for r in rows:
+        spread = f"{_fmt(r.p20_us, '.2f')}-{_fmt(r.p80_us, '.2f')}" if not math.isnan(r.p20_us) else "-"
+        differ = f"{r.rows_differing}/{r.m}"
+        table.add_row(
+            r.op, r.framework, r.impl, str(r.features), r.dtype, str(r.m),
+            _fmt(r.median_us, ".2f"), spread, f"{_fmt(r.throughput, '.1f')} {r.unit}",
+            _fmt(r.pct_of_ceiling, ".0f"), _fmt(r.ratio_to_default, ".2f"),
+            f"[red]{differ}[/red]" if r.rows_differing else differ,
+        )
+    console.print(table)
+    console.print(
+        "rows differing: rows of the M-row result whose bits differ from the same rows computed in the "
+        f"batch of {max((r.m for r in rows), default=0)}. x default: default time / this time."
+    )
+    methods = sorted({f"{r.framework}: {r.timing}" for r in rows})
+    for m in methods:
+        console.print(f"timing {m}")
+
+
+def write_results(rows: list[Row], info: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"provenance": info, "rows": [r.as_dict() for r in rows]}
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(payload, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    csv_path = out / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        fields = list(Row.__dataclass_fields__) + ["device", "commit", "date"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r.as_dict(), "device": info["device"], "commit": info["commit"], "date": info["date"]})
+    return [json_path, csv_path]

@@ -1,0 +1,139 @@
+"""Device-side timing for each framework.
+
+* torch: a CUDA graph of many calls, rotating among enough input sets that
+  they do not all fit in L2, replayed between CUDA events; per-call time is
+  the replay time over the number of calls.
+* jax: the JAX profiler (CUPTI) records every kernel of many jitted calls,
+  again on rotating inputs; per-call time is the sum of that call's kernel
+  durations, so Python dispatch is excluded.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+L2_BYTES_GUESS = 60 * 2**20  # H200; the H100's is 50 MB
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+    method: str
+
+
+def buffer_sets(footprint_bytes: int, l2_bytes: int = L2_BYTES_GUESS, cap: int = 32) -> int:
+    """Input sets to rotate among so that the rotation is several times L2."""
+    return int(min(cap, max(1, math.ceil(3 * l2_bytes / max(footprint_bytes, 1)))))
+
+
+def _summary(samples_us: list[float], method: str) -> Timing:
+    a = np.asarray(samples_us, dtype=np.float64)
+    return Timing(float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80)), method)
+
+
+def time_torch(fn: Callable[..., Any], arg_sets: list[dict], target_ms: float = 2.0, reps: int = 25) -> Timing:
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in arg_sets * 2:  # warm-up: compilation, autotuning caches, allocator
+            fn(**args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+    def capture(calls: int) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(**arg_sets[i % len(arg_sets)])
+        return graph
+
+    def replay_us(graph: torch.cuda.CUDAGraph, calls: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / calls
+
+    probe_calls = len(arg_sets)
+    probe = capture(probe_calls)
+    probe.replay()
+    est = replay_us(probe, probe_calls)
+    del probe
+    calls = int(min(2000, max(len(arg_sets), target_ms * 1e3 / max(est, 1e-3))))
+    calls = max(len(arg_sets), calls - calls % len(arg_sets))
+    graph = capture(calls)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = [replay_us(graph, calls) for _ in range(reps)]
+    del graph
+    return _summary(samples, f"CUDA graph of {calls} calls over {len(arg_sets)} input sets, CUDA events")
+
+
+def _device_kernel_events(path: str) -> list[tuple[int, int]]:
+    """(start_ns, duration_ns) of every GPU kernel in a profile, in time order."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            lname = line.name.lower()
+            if "stream" not in lname or "memcpy" in lname:
+                continue
+            for ev in line.events:
+                name = ev.name.lower()
+                if "memcpy" in name or "memset" in name:
+                    continue
+                events.append((int(ev.start_ns), int(ev.duration_ns)))
+    events.sort()
+    return events
+
+
+def time_jax(fn: Callable[..., Any], arg_sets: list[dict], calls: int = 200) -> Timing:
+    import jax
+
+    jitted = jax.jit(fn)
+    for args in arg_sets * 2:
+        jax.block_until_ready(jitted(**args))
+    calls = max(len(arg_sets), calls - calls % len(arg_sets))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        outs = [jitted(**arg_sets[i % len(arg_sets)]) for i in range(calls)]
+        jax.block_until_ready(outs)
+        jax.profiler.stop_trace()
+        paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        events = _device_kernel_events(paths[0]) if paths else []
+    if not events or len(events) % calls:
+        raise RuntimeError(
+            f"the JAX profiler recorded {len(events)} GPU kernels for {calls} calls; cannot attribute them to calls"
+        )
+    per_call = len(events) // calls
+    durations = np.asarray([d for _, d in events], dtype=np.float64).reshape(calls, per_call).sum(axis=1) / 1e3
+    # Every call's kernels, grouped in launch order; summarise over groups of calls.
+    groups = durations[: calls - calls % 8].reshape(8, -1).mean(axis=1) if calls >= 8 else durations
+    return _summary(list(groups), f"JAX profiler kernel time, {calls} jitted calls over {len(arg_sets)} input sets, {per_call} kernel(s) per call")
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (bytes read + written) measured now, in GB/s."""
+    import torch
+
+    n = 1 << 30  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    src.fill_(1)
+    t = time_torch(lambda s, d: d.copy_(s), [{"s": src, "d": dst}], target_ms=20, reps=10)
+    return 2 * n / (t.median_us * 1e-6) / 1e9
