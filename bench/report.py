@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -25,6 +26,8 @@ def _version(dist: str) -> str:
 
 
 def _git_commit() -> str:
+    if os.environ.get("BI_COMMIT"):  # for copies of the tree without .git
+        return os.environ["BI_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,

@@ -68,10 +68,12 @@ def _kernel(x_ref, *refs, n, block, num_chunks, inv_n, eps, has_weight, ptx):
     if num_chunks == 1:
         mask = cols < n
         x = load(x_ref, cols, mask)
+        # The weight is loaded before the reduction so that its latency overlaps it.
+        w = load(w_ref, cols, mask) if has_weight else None
         sumsq = jnp.sum(_square(x, ptx), axis=0, keepdims=True)
         y = x * _rstd(sumsq, inv_n, eps, ptx)
         if has_weight:
-            y = y * load(w_ref, cols, mask)
+            y = y * w
         pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=mask)
         return
 

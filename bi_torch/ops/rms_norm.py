@@ -72,10 +72,13 @@ def _rms_norm_kernel(
         # The whole row stays in registers: one read of x.
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            # Issued before the reduction so that its latency overlaps it.
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         sumsq = tl.sum(_square(x, PTX), axis=0, keep_dims=True)
         y = x * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * w
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # Long rows: fp32 partial sums per lane over fixed-size chunks, then
