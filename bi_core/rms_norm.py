@@ -41,8 +41,9 @@ def rms_norm_config(n: int) -> RmsNormConfig:
         block, chunks = max(_next_pow2(n), 16), 1
     else:
         block, chunks = CHUNK, -(-n // CHUNK)
-    # About 16 fp32 values per thread, 1..16 warps.
-    num_warps = min(max(block // 512, 1), 16)
+    # About 16 fp32 values per thread up to 4096-element blocks, 32 above
+    # (fewer warps to combine), 1..16 warps.
+    num_warps = min(max(block // 512 if block <= 4096 else block // 1024, 1), 16)
     return RmsNormConfig(block=block, num_chunks=chunks, num_warps=num_warps, inv_n=f32(1.0 / n))
 
 
