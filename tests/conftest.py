@@ -12,6 +12,9 @@ import warnings
 
 from harness.devices import configure
 
+# Several test processes share one GPU with torch's caching allocator: let JAX
+# allocate on demand instead of growing a pool it never returns.
+os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
 PROFILE = configure()
 
 import pytest  # noqa: E402
@@ -48,3 +51,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def profile():
     return PROFILE
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """Hand torch's cached blocks back after each test, for the other processes."""
+    yield
+    if PROFILE.native:
+        import torch
+
+        torch.cuda.empty_cache()
