@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bi_core.validation import check_eps  # noqa: F401  (re-exported for the ops)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -19,15 +20,6 @@ def check_float_array(name: str, a: object) -> None:
         raise TypeError(
             f"{name} has dtype {a.dtype}; supported dtypes are float32, bfloat16 and float16"
         )
-
-
-def check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite non-negative float, got {eps}")
-    return eps
 
 
 def interpret_mode(op: str) -> bool:

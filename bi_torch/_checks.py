@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
+
+from bi_core.validation import check_eps  # noqa: F401  (re-exported for the ops)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -22,15 +23,6 @@ def check_float_tensor(name: str, t: object) -> None:
         raise TypeError(
             f"{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 and float16"
         )
-
-
-def check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite non-negative float, got {eps}")
-    return eps
 
 
 def check_launchable(op: str, t: torch.Tensor) -> None:

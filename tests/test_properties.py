@@ -21,50 +21,47 @@ def _label(op, fw, dtype):
     return f"{op}[{fw}, {dtype}, {PROFILE.name}]"
 
 
-@pytest.mark.parametrize("op,framework,dtype", kernel_cases())
-def test_invariance(op, framework, dtype):
+def _run(op, framework, dtype, check):
+    """Run ``check(spec, adapter, kernel, problem, inputs, rng)`` over drawn problems."""
     spec, ad = registry.get(op), adapter(framework)
     fn = ad.kernel(op)
 
     @given(problems(PROFILE))
     def prop(problem):
         rng = np.random.default_rng(problem.seed)
+        check(spec, ad, fn, problem, rng)
+
+    prop()
+
+
+@pytest.mark.parametrize("op,framework,dtype", kernel_cases())
+def test_invariance(op, framework, dtype):
+    def check(spec, ad, fn, problem, rng):
         inputs = spec.make_inputs(rng, problem.plan.full, problem.features, dtype)
         properties.check_batch_invariance(
             spec, ad, fn, inputs, problem.plan, dtype, rng, label=_label(op, framework, dtype)
         )
 
-    prop()
+    _run(op, framework, dtype, check)
 
 
 @pytest.mark.parametrize("op,framework,dtype", kernel_cases())
 def test_determinism(op, framework, dtype):
-    spec, ad = registry.get(op), adapter(framework)
-    fn = ad.kernel(op)
-
-    @given(problems(PROFILE))
-    def prop(problem):
-        rng = np.random.default_rng(problem.seed)
+    def check(spec, ad, fn, problem, rng):
         inputs = spec.make_inputs(rng, problem.plan.full, problem.features, dtype)
         properties.check_determinism(spec, ad, fn, inputs, label=_label(op, framework, dtype))
 
-    prop()
+    _run(op, framework, dtype, check)
 
 
 @pytest.mark.parametrize("op,framework,dtype", kernel_cases())
 def test_accuracy(op, framework, dtype):
-    spec, ad = registry.get(op), adapter(framework)
-    fn = ad.kernel(op)
-
-    @given(problems(PROFILE))
-    def prop(problem):
-        rng = np.random.default_rng(problem.seed)
-        # A smaller batch: the float64 reference runs on the host.
-        rows = min(problem.plan.full, 256)
-        inputs = spec.make_inputs(rng, rows, problem.features, dtype)
+    def check(spec, ad, fn, problem, rng):
+        # At most 256 rows: the float64 reference runs on the host.
+        inputs = spec.make_inputs(rng, min(problem.plan.full, 256), problem.features, dtype)
         properties.check_accuracy(spec, ad, fn, inputs, dtype, label=_label(op, framework, dtype))
 
-    prop()
+    _run(op, framework, dtype, check)
 
 
 # Measured on H100 and H200 (torch 2.11/triton 3.6, jax 0.11.2): bi_torch and

@@ -32,9 +32,19 @@ class Adapter(abc.ABC):
     def default(self, op: str) -> Fn | None:
         """The framework's own implementation of ``op`` (the benchmark baseline)."""
 
-    @abc.abstractmethod
+    controls: dict[tuple[str, str], Fn] = {}
+
     def control(self, op: str, name: str) -> Fn:
-        """A negative control: an implementation of ``op`` that varies with the batch."""
+        """A negative control: an implementation of ``op`` known to vary with the batch.
+
+        ``"default"`` is the framework's own implementation (cuBLAS or XLA on a GPU).
+        """
+        if name == "default":
+            fn = self.default(op)
+            if fn is None:
+                raise KeyError(f"{self.name} has no default {op}")
+            return fn
+        return self.controls[(op, name)]
 
     @abc.abstractmethod
     def bitwise_equal(self, a: Any, b: Any) -> bool:

@@ -42,13 +42,6 @@ class JaxAdapter(Adapter):
     def default(self, op: str) -> Fn | None:
         return _DEFAULTS.get(op)
 
-    def control(self, op: str, name: str) -> Fn:
-        if name == "default":
-            fn = self.default(op)
-            if fn is None:
-                raise KeyError(f"jax has no default {op}")
-            return fn
-        return _CONTROLS[(op, name)]
 
 
 @jax.jit
@@ -82,4 +75,5 @@ def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
 
 
 _DEFAULTS: dict[str, Fn] = {"rms_norm": _default_rms_norm, "matmul": _default_matmul}
-_CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}
+CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}
+JaxAdapter.controls = CONTROLS

@@ -53,13 +53,6 @@ class TorchAdapter(Adapter):
     def default(self, op: str) -> Fn | None:
         return _DEFAULTS.get(op)
 
-    def control(self, op: str, name: str) -> Fn:
-        if name == "default":
-            fn = self.default(op)
-            if fn is None:
-                raise KeyError(f"torch has no default {op}")
-            return fn
-        return _CONTROLS[(op, name)]
 
 
 def _interpreting() -> bool:
@@ -91,4 +84,5 @@ def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
 
 
 _DEFAULTS: dict[str, Fn] = {"rms_norm": _default_rms_norm, "matmul": _default_matmul}
-_CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}
+CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}
+TorchAdapter.controls = CONTROLS
