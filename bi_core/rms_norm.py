@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 # Rows up to this many elements are held in registers and read once; longer
 # rows are reduced in chunks of CHUNK elements (fp32 partial per lane).
@@ -33,6 +34,7 @@ def f32_hex(value: float) -> str:
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
 
 
+@lru_cache(maxsize=None)
 def rms_norm_config(n: int) -> RmsNormConfig:
     """Kernel shape for rows of ``n`` elements. Depends on ``n`` only."""
     if n <= 0:
@@ -47,6 +49,7 @@ def rms_norm_config(n: int) -> RmsNormConfig:
     return RmsNormConfig(block=block, num_chunks=chunks, num_warps=num_warps, inv_n=f32(1.0 / n))
 
 
+@lru_cache(maxsize=None)
 def rstd_asm(inv_n: float, eps: float) -> str:
     """PTX for ``1 / sqrt(sumsq * inv_n + eps)`` with every step IEEE-rounded.
 

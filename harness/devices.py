@@ -32,7 +32,8 @@ GPU = Profile(
     name="gpu",
     max_batch=16384,
     max_elements=2**25,
-    feature_sizes=(4096, 5120, 8192, 11008, 14336, 16384),
+    # 24576 and 32000 exercise the chunked path for rows over 16384 elements.
+    feature_sizes=(4096, 5120, 8192, 11008, 14336, 16384, 24576, 32000),
     max_features=16384,
     max_examples=15,
 )

@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from bi_torch._checks import interpreting
 from harness.frameworks.base import Adapter, Fn
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -16,7 +17,7 @@ class TorchAdapter(Adapter):
     package = "bi_torch"
 
     def __init__(self) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() and not _interpreting() else "cpu")
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
 
     def to_native(self, a: np.ndarray) -> torch.Tensor:
         a = np.require(a, requirements='C')
@@ -53,12 +54,6 @@ class TorchAdapter(Adapter):
     def default(self, op: str) -> Fn | None:
         return _DEFAULTS.get(op)
 
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _default_rms_norm(x, weight=None, eps=1e-6):
