@@ -10,7 +10,7 @@ from harness import properties, registry
 from harness.frameworks import adapter
 from tests_profile import PROFILE
 
-SWEEP_FEATURES = (4096, 8192)
+SWEEP_FEATURES = (4096, 8192, 24576)  # 24576: the chunked path for long rows
 
 
 def _sizes(framework: str, largest: int) -> list[int]:
