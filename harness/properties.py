@@ -52,15 +52,22 @@ def _diff_report(a: np.ndarray, b: np.ndarray, rows_a: np.ndarray, rows_b: np.nd
 
 def make_batch(spec: OpSpec, inputs: Inputs, plan: BatchPlan, rng: np.random.Generator, dtype: str) -> Inputs:
     """Inputs of the second call: rows of the reference batch and fresh rows."""
-    x = inputs[spec.batch_arg]
-    if plan.extra:
-        fresh = spec.make_inputs(rng, plan.extra, x.shape[-1], dtype)[spec.batch_arg]
-        pool = np.concatenate([x, fresh.reshape((plan.extra,) + x.shape[1:])], axis=0)
-    else:
-        pool = x
+    features = inputs[spec.batch_arg].shape[-1]
+    fresh = spec.make_inputs(rng, plan.extra, features, dtype) if plan.extra else None
     batch = dict(inputs)
-    batch[spec.batch_arg] = pool[np.asarray(plan.index)]
+    for name in spec.batch_args:
+        x = inputs[name]
+        pool = np.concatenate([x, fresh[name].reshape((plan.extra,) + x.shape[1:])], axis=0) if fresh else x
+        batch[name] = pool[np.asarray(plan.index)]
     return batch
+
+
+def take_batch_rows(spec: OpSpec, adapter: Adapter, native: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """The inputs restricted to batch rows ``start:stop`` (views where the framework has them)."""
+    out = dict(native)
+    for name in spec.batch_args:
+        out[name] = adapter.take_rows(native[name], start, stop)
+    return out
 
 
 def check_batch_invariance(
@@ -79,8 +86,7 @@ def check_batch_invariance(
     if plan.mode == "slice":
         # A view of the reference input: also checks that layout and pointer
         # offsets do not change the bits.
-        second_inputs = dict(native)
-        second_inputs[spec.batch_arg] = adapter.take_rows(native[spec.batch_arg], plan.start, plan.start + plan.size)
+        second_inputs = take_batch_rows(spec, adapter, native, plan.start, plan.start + plan.size)
     else:
         second_inputs = adapter.natives(make_batch(spec, inputs, plan, rng, dtype))
     second = adapter.call(fn, spec, second_inputs)
@@ -160,17 +166,14 @@ def check_every_batch_size(
     Compared on the device, so it scales to every batch size up to the largest.
     """
     native = adapter.natives(inputs)
-    x = native[spec.batch_arg]
-    total = x.shape[0]
+    total = native[spec.batch_arg].shape[0]
     full = fn(**native, **spec.kwargs)
     bad = []
     for i, m in enumerate(sizes):
         if m > total:
             raise ValueError(f"size {m} exceeds the {total} rows of the input")
         start = (i * 7919) % (total - m + 1)
-        sub = dict(native)
-        sub[spec.batch_arg] = adapter.take_rows(x, start, start + m)
-        out = fn(**sub, **spec.kwargs)
+        out = fn(**take_batch_rows(spec, adapter, native, start, start + m), **spec.kwargs)
         if not adapter.bitwise_equal(out, adapter.take_rows(full, start, start + m)):
             bad.append((m, start))
     adapter.synchronize(full)

@@ -47,6 +47,23 @@ class OpSpec:
     bench: BenchSpec | None = None
     # Negative controls: names of implementations known to vary with the batch.
     controls: tuple[str, ...] = ()
+    # Other inputs that carry the same batch axis 0 (per-sequence operands,
+    # such as the keys of a batched attention product).
+    batched: tuple[str, ...] = ()
+    # Name of the bi_ function that implements the op (default: ``name``).
+    function: str | None = None
+    # Largest feature size the properties draw, and the elements of all
+    # batched inputs per batch row (caps the batch at the profile's budget).
+    max_features: int | None = None
+    row_elements: Callable[[int], int] | None = None
+
+    @property
+    def batch_args(self) -> tuple[str, ...]:
+        return (self.batch_arg,) + self.batched
+
+    @property
+    def function_name(self) -> str:
+        return self.function or self.name
 
     def tolerance(self, dtype: str) -> Tolerance:
         return self.tolerances[dtype]

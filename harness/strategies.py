@@ -108,9 +108,17 @@ def problems(
     features: st.SearchStrategy[int] | None = None,
     max_second: int | None = None,
     min_full: int = 1,
+    spec=None,
 ) -> Problem:
-    """A feature size, then a batch plan that fits the profile's element cap."""
-    n = draw(features if features is not None else feature_sizes(profile).filter(lambda v: v >= min_features))
-    max_batch = max(1, min(profile.max_batch, profile.max_elements // n))
+    """A feature size, then a batch plan that fits the profile's element cap
+    (and the op's own feature cap and elements per row, when ``spec`` has them)."""
+    cap = spec.max_features if spec is not None and spec.max_features else None
+    if features is None:
+        features = feature_sizes(profile)
+        if cap:
+            features = st.one_of(features.filter(lambda v: v <= cap), st.integers(1, min(cap, profile.max_features)))
+    n = draw(features.filter(lambda v: v >= min_features))
+    per_row = spec.row_elements(n) if spec is not None and spec.row_elements else n
+    max_batch = max(1, min(profile.max_batch, profile.max_elements // per_row))
     plan = draw(batch_plans(max_batch, max_second=max_second, min_full=min_full))
     return Problem(features=n, plan=plan, seed=draw(st.integers(0, 2**32 - 1)))

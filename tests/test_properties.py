@@ -26,7 +26,7 @@ def _run(op, framework, dtype, check):
     spec, ad = registry.get(op), adapter(framework)
     fn = ad.kernel(op)
 
-    @given(problems(PROFILE))
+    @given(problems(PROFILE, spec=spec))
     def prop(problem):
         rng = np.random.default_rng(problem.seed)
         check(spec, ad, fn, problem, rng)

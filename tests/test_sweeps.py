@@ -10,7 +10,24 @@ from harness import properties, registry
 from harness.frameworks import adapter
 from tests_profile import PROFILE
 
-SWEEP_FEATURES = (4096, 8192, 24576)  # 24576: the chunked path for long rows
+# Per op: (feature sizes, dtypes, largest batch). RMSNorm's 24576 takes the
+# chunked path for long rows; the matmul's are (K, N) weight shapes, bf16 on
+# both, fp32 (full precision, FMA units) on the smaller one.
+SWEEPS = {
+    "rms_norm": {"bfloat16": (4096, 8192, 24576), "float32": (4096, 8192, 24576)},
+    "matmul": {"bfloat16": ((4096, 4096), (8192, 28672)), "float32": ((4096, 4096),)},
+}
+LARGEST = {"rms_norm": 16384, "matmul": 8192}
+
+
+def _sweep_cases():
+    out = []
+    for case in kernel_cases():
+        op, framework, dtype = case.values
+        for features in SWEEPS.get(op, {}).get(dtype, ()):
+            name = "x".join(map(str, features)) if isinstance(features, tuple) else str(features)
+            out.append(pytest.param(op, framework, dtype, features, id=f"{op}-{framework}-{dtype}-{name}"))
+    return out
 
 
 def _sizes(framework: str, largest: int) -> list[int]:
@@ -29,15 +46,12 @@ def _sizes(framework: str, largest: int) -> list[int]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("features", SWEEP_FEATURES)
-@pytest.mark.parametrize("op,framework,dtype", [c for c in kernel_cases() if c.values[2] in ("bfloat16", "float32")])
+@pytest.mark.parametrize("op,framework,dtype,features", _sweep_cases())
 def test_invariance_every_batch_size(op, framework, dtype, features):
-    if op != "rms_norm":
-        pytest.skip("sweep defined for row ops")
     spec, ad = registry.get(op), adapter(framework)
-    largest = PROFILE.max_batch
-    rng = np.random.default_rng(features)
+    largest = min(PROFILE.max_batch, LARGEST[op])
+    rng = np.random.default_rng(0)
     inputs = spec.make_inputs(rng, largest + 61, features, dtype)
     properties.check_every_batch_size(
-        spec, ad, ad.kernel(op), inputs, _sizes(framework, largest), label=f"{op}[{framework}, {dtype}, N={features}]"
+        spec, ad, ad.kernel(op), inputs, _sizes(framework, largest), label=f"{op}[{framework}, {dtype}, {features}]"
     )

@@ -62,7 +62,9 @@ class Adapter(abc.ABC):
         """The bi_ implementation of ``op``, or None if this framework has none yet."""
         import importlib
 
-        return getattr(importlib.import_module(self.package), op, None)
+        from harness import registry
+
+        return getattr(importlib.import_module(self.package), registry.get(op).function_name, None)
 
     def call(self, fn: Fn, spec: OpSpec, inputs: dict[str, Any]) -> np.ndarray:
         out = fn(**inputs, **spec.kwargs)

@@ -58,7 +58,21 @@ def _default_rms_norm(x, weight=None, eps=1e-6):
     return _default_rms_norm_impl(x, weight, eps)
 
 
-_default_matmul = jax.jit(lambda x, weight: jnp.dot(x, weight))
+_default_matmul = jax.jit(lambda a, b: jnp.dot(a, b))
+_default_linear = jax.jit(lambda x, weight, bias: jnp.dot(x, weight.T) + bias)
+_default_bmm = jax.jit(lambda a, b: jnp.matmul(a, b))
+
+
+def _split_by_batch_matmul(a, b):
+    """Control: K split into a batch-dependent number of fp32 partial products,
+    as a split-K heuristic tuned per shape would."""
+    splits = 1 + a.shape[0] % 4
+    bounds = [a.shape[-1] * i // splits for i in range(splits + 1)]
+    acc = jnp.zeros((a.shape[0], b.shape[-1]), jnp.float32)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        acc = acc + jnp.dot(a[:, lo:hi].astype(jnp.float32), b[lo:hi].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+    return acc.astype(a.dtype)
 
 
 def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
@@ -74,6 +88,14 @@ def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
     return y.astype(x.dtype).reshape(x.shape)
 
 
-_DEFAULTS: dict[str, Fn] = {"rms_norm": _default_rms_norm, "matmul": _default_matmul}
-CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}
+_DEFAULTS: dict[str, Fn] = {
+    "rms_norm": _default_rms_norm,
+    "matmul": _default_matmul,
+    "linear": _default_linear,
+    "bmm": _default_bmm,
+}
+CONTROLS: dict[tuple[str, str], Fn] = {
+    ("rms_norm", "split_by_batch"): _split_by_batch_rms_norm,
+    ("matmul", "split_by_batch"): _split_by_batch_matmul,
+}
 JaxAdapter.controls = CONTROLS

@@ -60,8 +60,22 @@ def _default_rms_norm(x, weight=None, eps=1e-6):
     return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _default_matmul(x, weight):
-    return torch.matmul(x, weight)
+def _default_matmul(a, b):
+    return torch.matmul(a, b)
+
+
+def _default_linear(x, weight, bias):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _split_by_batch_matmul(a, b):
+    """Control: K split into a batch-dependent number of fp32 partial products,
+    as a split-K heuristic tuned per shape would."""
+    splits = 1 + a.shape[0] % 4
+    acc = torch.zeros(a.shape[0], b.shape[-1], dtype=torch.float32, device=a.device)
+    for a_part, b_part in zip(torch.tensor_split(a, splits, dim=-1), torch.tensor_split(b, splits, dim=0)):
+        acc = acc + a_part.float() @ b_part.float()
+    return acc.to(a.dtype)
 
 
 def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
@@ -78,6 +92,14 @@ def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
     return y.to(x.dtype).reshape(x.shape)
 
 
-_DEFAULTS: dict[str, Fn] = {"rms_norm": _default_rms_norm, "matmul": _default_matmul}
-CONTROLS: dict[tuple[str, str], Fn] = {("rms_norm", "split_by_batch"): _split_by_batch_rms_norm}
+_DEFAULTS: dict[str, Fn] = {
+    "rms_norm": _default_rms_norm,
+    "matmul": _default_matmul,
+    "linear": _default_linear,
+    "bmm": _default_matmul,
+}
+CONTROLS: dict[tuple[str, str], Fn] = {
+    ("rms_norm", "split_by_batch"): _split_by_batch_rms_norm,
+    ("matmul", "split_by_batch"): _split_by_batch_matmul,
+}
 TorchAdapter.controls = CONTROLS

@@ -1,8 +1,10 @@
-"""Matrix product ``x @ weight`` with ``x`` of shape (batch, K) and weight (K, N).
+"""Matrix products: ``matmul`` (2-D), ``linear`` (N-D input, transposed weight,
+bias) and ``bmm`` (per-sequence operands, both batched).
 
-Until ``bi_torch.matmul`` / ``bi_jax.matmul`` exist this spec serves the
-negative controls: the framework defaults (cuBLAS through ``torch.matmul``,
-XLA through ``jnp.dot``) must be caught varying with the batch on the GPU.
+The drawn feature size is K. The output width N follows from K: N = K for
+even K (16-byte aligned rows, so the GPU runs the TMA kernel too) and an odd
+width otherwise (the pointer kernel, with masked tile edges). The benchmark
+passes ``(K, N)`` weight shapes instead.
 """
 
 from __future__ import annotations
@@ -12,35 +14,113 @@ import numpy as np
 from harness.bits import np_dtype
 from harness.registry import BenchSpec, OpSpec, Tolerance, register
 
+# fp32 accumulation, one rounding to the output dtype: the output's rounding
+# dominates. fp32 runs in full precision (FMA), so K-long sums stay within
+# ~sqrt(K) ULPs of fp32 relative to the O(1) outputs.
+TOLERANCES = {
+    "float32": Tolerance(rtol=1e-5, atol=1e-4),
+    "bfloat16": Tolerance(rtol=8e-3, atol=2e-3),
+    "float16": Tolerance(rtol=1e-3, atol=2e-4),
+}
 
-def make_inputs(rng: np.random.Generator, batch: int, features: int, dtype: str):
-    dt = np_dtype(dtype)
-    x = rng.standard_normal((batch, features), dtype=np.float32).astype(dt)
+BENCH_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))  # (K, N) of Llama-style weights
+
+BMM_HEADS, BMM_QUERIES = 2, 5  # per batch row: a (heads, queries, D), b (heads, D, D + 3)
+
+
+def weight_shape(features) -> tuple[int, int]:
+    """``(K, N)`` for a drawn K, or the given pair."""
+    if isinstance(features, tuple):
+        return features
+    k = int(features)
+    return k, (k if k % 2 == 0 else (3 * k) // 4 + 5)
+
+
+def _normal(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
     # Scaled so that outputs stay O(1) for any K.
-    weight = (rng.standard_normal((features, features), dtype=np.float32) / np.sqrt(features)).astype(dt)
-    return {"x": x, "weight": weight}
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(np_dtype(dtype))
 
 
-def reference(inputs) -> np.ndarray:
-    return inputs["x"].astype(np.float64) @ inputs["weight"].astype(np.float64)
+def _flops(batch: int, features, dtype: str) -> float:
+    k, n = weight_shape(features)
+    return 2.0 * batch * k * n
 
 
-def _flops(batch: int, features: int, dtype: str) -> float:
-    return 2.0 * batch * features * features
+def _f64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64)
 
 
-SPEC = register(
+# --- matmul: a (M, K) @ b (K, N) --------------------------------------------------
+
+
+def make_matmul(rng: np.random.Generator, batch: int, features, dtype: str):
+    k, n = weight_shape(features)
+    return {"a": _normal(rng, (batch, k), dtype), "b": _normal(rng, (k, n), dtype, 1 / np.sqrt(k))}
+
+
+MATMUL = register(
     OpSpec(
         name="matmul",
+        batch_arg="a",
+        make_inputs=make_matmul,
+        reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
+        tolerances=TOLERANCES,
+        bench=BenchSpec(features=BENCH_SHAPES, bound="compute", work=_flops),
+        controls=("split_by_batch", "default"),
+        max_features=16384,
+        row_elements=lambda k: k,
+    )
+)
+
+
+# --- linear: x (M, S, K) @ weight (N, K).T + bias (N,) ----------------------------
+
+LINEAR_SEQ = 2
+
+
+def make_linear(rng: np.random.Generator, batch: int, features, dtype: str):
+    k, n = weight_shape(features)
+    return {
+        "x": _normal(rng, (batch, LINEAR_SEQ, k), dtype),
+        "weight": _normal(rng, (n, k), dtype, 1 / np.sqrt(k)),
+        "bias": _normal(rng, (n,), dtype),
+    }
+
+
+LINEAR = register(
+    OpSpec(
+        name="linear",
         batch_arg="x",
-        make_inputs=make_inputs,
-        reference=reference,
-        tolerances={
-            "float32": Tolerance(rtol=1e-4, atol=1e-4),
-            "bfloat16": Tolerance(rtol=2e-2, atol=2e-2),
-            "float16": Tolerance(rtol=4e-3, atol=4e-3),
-        },
-        bench=BenchSpec(features=(4096,), bound="compute", work=_flops),
-        controls=("default",),
+        make_inputs=make_linear,
+        reference=lambda i: _f64(i["x"]) @ _f64(i["weight"]).T + _f64(i["bias"]),
+        tolerances=TOLERANCES,
+        max_features=16384,
+        row_elements=lambda k: LINEAR_SEQ * k,
+    )
+)
+
+
+# --- bmm: a (M, H, Q, D) @ b (M, H, D, T): both operands belong to the sequence ---
+
+
+def make_bmm(rng: np.random.Generator, batch: int, features, dtype: str):
+    d = int(features)
+    return {
+        "a": _normal(rng, (batch, BMM_HEADS, BMM_QUERIES, d), dtype),
+        "b": _normal(rng, (batch, BMM_HEADS, d, d + 3), dtype, 1 / np.sqrt(d)),
+    }
+
+
+BMM = register(
+    OpSpec(
+        name="bmm",
+        batch_arg="a",
+        batched=("b",),
+        function="matmul",
+        make_inputs=make_bmm,
+        reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
+        tolerances=TOLERANCES,
+        max_features=256,
+        row_elements=lambda d: BMM_HEADS * (BMM_QUERIES * d + d * (d + 3)),
     )
 )

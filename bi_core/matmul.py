@@ -1,0 +1,120 @@
+"""Reduction contract and tile dispatch for the matrix product.
+
+The contract: every output element is one fp32 accumulator that starts at zero
+and takes the K dimension in increasing order, one tensor-core MMA step after
+another (full-precision fp32 runs on FMA units, one k at a time), then adds the
+bias in fp32 and rounds once to the output dtype. There is no split-K: nothing
+about the order depends on M.
+
+Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, warps, pipeline stages, pointer or TMA
+loads, warp specialisation) decide only which output tile a program owns and
+how many K steps it loads per iteration. On Hopper they do not change the bits
+(shown for every config that ``tile_config`` can return by
+``tests/test_matmul.py::test_every_config_gives_the_same_bits`` on the GPU), so
+they are chosen from M and N for speed: thin tiles that spread the weight
+stream over every SM when M is small, large tiles when M is large.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("ieee", "tf32")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    # Persistent kernel with TMA descriptors (2-D operands with 16-byte aligned
+    # rows); else, or when the operands do not qualify, the pointer kernel.
+    tma: bool = False
+    warp_specialize: bool = False
+
+    def __str__(self) -> str:
+        kind = ("_tma" + ("_ws" if self.warp_specialize else "")) if self.tma else ""
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k}"
+            f"_w{self.num_warps}_s{self.num_stages}_g{self.group_m}{kind}"
+        )
+
+
+T = TileConfig
+
+# bf16/fp16 tensor-core configs: (largest M, {largest N: config}). Thin tiles
+# at small M spread the weight stream over every SM; the persistent TMA kernel
+# takes over from M = 33. Chosen from the H100 sweep of bench/tune_matmul.py
+# (bench/NOTES.md, "Matmul").
+_NARROW_N = 8192  # weights up to this many output columns use the narrow tiles
+MMA_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
+    # (largest M, config for N <= _NARROW_N, config for wider N)
+    (16, T(16, 32, 128, 4, 6, 1), T(16, 64, 128, 4, 6, 1)),
+    (32, T(64, 32, 256, 4, 4, 1), T(64, 64, 256, 4, 3, 1)),
+    (64, T(64, 32, 256, 4, 4, 1, tma=True), T(64, 128, 128, 4, 4, 1, tma=True)),
+    (128, T(64, 64, 128, 4, 4, 8), T(64, 256, 64, 4, 4, 8, tma=True)),
+    (256, T(64, 128, 128, 4, 4, 8, tma=True), T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)),
+    (512, T(64, 256, 64, 4, 4, 8, tma=True), T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)),
+    (2048, T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True),
+     T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)),
+    (1 << 62, T(128, 256, 64, 8, 4, 8, tma=True), T(128, 256, 64, 8, 4, 8, tma=True)),
+)
+
+# fp32 with tf32 allowed: half the K tile of the 16-bit configs (same bytes per
+# stage), pointer kernel.
+TF32_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
+    (16, T(16, 32, 64, 4, 5, 1), T(16, 64, 64, 4, 5, 1)),
+    (64, T(64, 32, 128, 4, 4, 1), T(64, 64, 64, 4, 4, 1)),
+    (1 << 62, T(128, 128, 32, 8, 3, 8), T(128, 128, 32, 8, 3, 8)),
+)
+
+# Full-precision fp32 runs on FMA units: register tiles, no tensor cores.
+FMA_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
+    (16, T(16, 64, 32, 4, 3, 1), T(16, 64, 32, 4, 3, 1)),
+    (1 << 62, T(64, 64, 32, 4, 3, 8), T(64, 64, 32, 4, 3, 8)),
+)
+
+
+def _table(dtype: str, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if dtype == "float32":
+        return TF32_TABLE if precision == "tf32" else FMA_TABLE
+    return MMA_TABLE
+
+
+# Under the CPU interpreter the tile only sets how much numpy work one program
+# does: small tiles keep CI fast and still cross tile edges. One config for
+# every M, because numpy's own products are not invariant across the two
+# kernels' operand layouts; tests run the TMA kernel separately.
+INTERPRET_CONFIG = TileConfig(16, 32, 32, 4, 1, 2)
+INTERPRET_TMA_CONFIG = TileConfig(16, 32, 32, 4, 1, 2, tma=True)
+
+
+def precision_of(dtype: str, allow_tf32: bool) -> str:
+    """The K-step arithmetic: ``tf32`` only for fp32 inputs when the user allowed it."""
+    if dtype == "float32":
+        return "tf32" if allow_tf32 else "ieee"
+    return "ieee"  # bf16/fp16 tensor-core products are exact in fp32; the flag is unused
+
+
+def configs(dtype: str, precision: str) -> tuple[TileConfig, ...]:
+    """Every config the dispatch can pick for this dtype and arithmetic (the GPU
+    test proves that each gives the same bits)."""
+    seen: dict[TileConfig, None] = {}
+    for _, narrow, wide in _table(dtype, precision):
+        seen.setdefault(narrow)
+        seen.setdefault(wide)
+    return tuple(seen)
+
+
+def tile_config(m: int, n: int, dtype: str, precision: str) -> TileConfig:
+    """The tile config for ``m`` rows and ``n`` output columns (speed only: every
+    choice gives the same bits, see the module doc)."""
+    for bound, narrow, wide in _table(dtype, precision):
+        if m <= bound:
+            return narrow if n <= _NARROW_N else wide
+    raise AssertionError("unreachable: the last bound is unbounded")
