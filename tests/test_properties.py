@@ -29,7 +29,15 @@ def _run(op, framework, dtype, check):
     @given(problems(PROFILE, spec=spec))
     def prop(problem):
         rng = np.random.default_rng(problem.seed)
-        check(spec, ad, fn, problem, rng)
+        try:
+            check(spec, ad, fn, problem, rng)
+        finally:
+            if PROFILE.native and framework == "torch":
+                # Large weights per example: return them to the device for the
+                # other test processes (JAX among them) right away.
+                import torch
+
+                torch.cuda.empty_cache()
 
     prop()
 

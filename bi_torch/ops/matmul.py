@@ -20,6 +20,7 @@ from bi_torch._checks import check_float_tensor, check_launchable, check_no_auto
 __all__ = ["matmul", "linear"]
 
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (batches per launch)
+_SMEM_BYTES = 220 * 1024  # Hopper: 227 KB of shared memory per block, less Triton's barriers
 
 
 @triton.jit
@@ -226,6 +227,13 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: 
     b_desc = (TensorDescriptor.from_tensor(b.t(), [bn, bk]) if b_kmajor
               else TensorDescriptor.from_tensor(b, [bk, bn]))
     split = bn >= 128
+    # Pipeline depth is a speed choice: fewer stages where a wide output tile
+    # (fp32 out_dtype) would not fit in shared memory with the configured depth.
+    stage_bytes = (bm * bk + bk * bn) * a.element_size()
+    epilogue_bytes = bm * (bn // 2 if split else bn) * c.element_size()
+    stages = config.num_stages
+    while stages > 2 and stages * stage_bytes + epilogue_bytes > _SMEM_BYTES:
+        stages -= 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = min(_num_sms(a.device), tiles)
     _matmul_tma_kernel[(programs,)](
@@ -245,7 +253,7 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: 
         SPLIT_EPILOGUE=split,
         WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=stages,
     )
 
 
