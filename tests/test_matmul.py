@@ -150,8 +150,8 @@ def test_autograd_is_refused():
 
 # --- GPU: every config the dispatch can pick gives the same bits ------------------
 
-# (K, N): aligned; K and N off-tile; a K tail; small; odd (pointer kernel only).
-_PROOF_SHAPES = ((4096, 4096), (1000, 3000), (4104, 520), (136, 24), (1001, 77))
+# (K, N): aligned; K and N off-tile with a K tail; odd (pointer kernel only).
+_PROOF_SHAPES = ((4096, 4096), (1000, 3000), (1001, 77))
 
 
 def _proof_cases():
@@ -165,7 +165,7 @@ def _proof_cases():
 @pytest.mark.parametrize("dtype,precision", _proof_cases())
 def test_every_config_gives_the_same_bits(dtype, precision, tf32_setting):
     """Tile shapes are a speed choice only: for every config that
-    ``tile_config`` can return, rows of M = 1, 7, 33, 300 and 2000 equal the
+    ``tile_config`` can return, rows of M = 1, 33, 300 and 2000 equal the
     same rows computed by a reference config in a launch of 2000 rows, for
     row-major and transposed weights, in the output dtype and in fp32."""
     tf32_setting(precision == "tf32")
@@ -179,7 +179,7 @@ def test_every_config_gives_the_same_bits(dtype, precision, tf32_setting):
                 ref = torch.empty(2000, n, dtype=out_dtype, device=DEVICE)
                 _launch(a[None], b[None], None, ref[None], configs[0])
                 for cfg in configs:
-                    for m in (1, 7, 33, 300, 2000):
+                    for m in (1, 33, 300, 2000):
                         start = (m * 37) % (2000 - m + 1)
                         out = torch.empty(m, n, dtype=out_dtype, device=DEVICE)
                         _launch(a[start:start + m][None], b[None], None, out[None], cfg)
