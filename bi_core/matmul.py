@@ -118,3 +118,68 @@ def tile_config(m: int, n: int, dtype: str, precision: str) -> TileConfig:
         if m <= bound:
             return narrow if n <= _NARROW_N else wide
     raise AssertionError("unreachable: the last bound is unbounded")
+
+
+# --- Mosaic GPU (JAX, Hopper wgmma) configs for bf16/fp16 -------------------
+
+
+@dataclass(frozen=True)
+class WgmmaConfig:
+    """Tile config of the JAX Mosaic GPU kernel (``bi_jax.matmul``, bf16/fp16).
+
+    A CTA has ``compute_wgs`` compute warpgroups (plus one TMA warpgroup); each
+    owns a ``block_m x block_n`` fp32 wgmma accumulator, side by side along N.
+    ``block_k`` columns of K are loaded per pipeline step, ``stages`` steps in
+    flight. Like ``TileConfig`` it changes only speed: every wgmma takes 16
+    values of K in increasing order into the same accumulator.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    stages: int
+    compute_wgs: int = 1
+    group: int = 8  # output tiles per band of the grouped (snake) order
+
+    @property
+    def cta_m(self) -> int:
+        return self.block_m
+
+    @property
+    def cta_n(self) -> int:
+        return self.block_n * self.compute_wgs
+
+    def __str__(self) -> str:
+        return f"wg{self.block_m}x{self.block_n}x{self.block_k}_s{self.stages}_c{self.compute_wgs}_g{self.group}"
+
+
+W = WgmmaConfig
+
+WGMMA_TABLE: tuple[tuple[int, WgmmaConfig, WgmmaConfig], ...] = (
+    # (largest M, config for N <= _NARROW_N, config for wider N)
+    (64, W(64, 32, 128, 8, 1, 1), W(64, 64, 128, 8, 1, 1)),
+    (128, W(64, 64, 128, 6, 1, 8), W(64, 128, 64, 6, 2, 8)),
+    (512, W(64, 128, 64, 5, 2, 8), W(128, 128, 64, 4, 2, 8)),
+    (1 << 62, W(128, 128, 64, 4, 2, 8), W(128, 128, 64, 4, 2, 8)),
+)
+
+# The Mosaic GPU interpreter runs the same program on numpy; small tiles keep
+# CI fast while still crossing tile and K-step edges.
+INTERPRET_WGMMA_CONFIG = WgmmaConfig(64, 32, 32, 2, 2, 2)
+
+
+def wgmma_configs() -> tuple[WgmmaConfig, ...]:
+    """Every config the JAX bf16/fp16 dispatch can pick."""
+    seen: dict[WgmmaConfig, None] = {}
+    for _, narrow, wide in WGMMA_TABLE:
+        seen.setdefault(narrow)
+        seen.setdefault(wide)
+    return tuple(seen)
+
+
+def wgmma_config(m: int, n: int) -> WgmmaConfig:
+    """The Mosaic GPU tile config for ``m`` rows and ``n`` columns (speed only)."""
+    for bound, narrow, wide in WGMMA_TABLE:
+        if m <= bound:
+            return narrow if n <= _NARROW_N else wide
+    raise AssertionError("unreachable: the last bound is unbounded")

@@ -1,0 +1,396 @@
+"""Matrix product for JAX: ``matmul``, ``linear`` and ``dot_general``.
+
+Every output element is one fp32 accumulator that starts at zero and takes K
+in increasing order (the contract in ``bi_core.matmul``, shared with
+``bi_torch``), then the bias in fp32, then one rounding. Nothing about that
+order depends on M, so a row's bits do not depend on the batch.
+
+* bf16 / fp16: a Pallas Mosaic GPU kernel (wgmma + TMA, ``_wgmma_matmul``).
+* fp32: a Pallas kernel lowered through Triton (``_fp32_kernel`` below). This
+  path is deliberate and kept to fp32: wgmma has no full-precision fp32 mode
+  (only tf32) and needs both tf32 operands K-major, while the contract's
+  full-precision product is one FMA per k on the CUDA cores, which Triton
+  emits from ``jnp.dot(..., precision=HIGHEST)``. It runs the same tiles
+  (``bi_core.matmul.FMA_TABLE`` / ``TF32_TABLE``) as the bi_torch kernel, so
+  both frameworks give the same bits. JAX marks the Triton backend as
+  deprecated; it lowers with a DeprecationWarning.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from bi_core.matmul import INTERPRET_CONFIG, INTERPRET_WGMMA_CONFIG, TileConfig, WgmmaConfig, tile_config, wgmma_config
+from bi_jax._checks import check_float_array, interpret_mode
+from bi_jax.ops._wgmma_matmul import wgmma_matmul
+
+__all__ = ["matmul", "linear", "dot_general"]
+
+# Triton-lowered Pallas computes offsets in int32.
+_MAX_TRITON_ELEMENTS = 2**31 - 1
+
+_IEEE_NAMES = {"highest", "float32", "f32"}
+_TF32_NAMES = {"default", "fastest", "tensorfloat32", "tf32"}
+
+
+# --- precision -------------------------------------------------------------
+
+
+def _precision_name(p) -> str | None:
+    if p is None:
+        return None
+    if isinstance(p, lax.Precision):
+        return {lax.Precision.DEFAULT: "default", lax.Precision.HIGH: "high", lax.Precision.HIGHEST: "highest"}[p]
+    if isinstance(p, str):
+        return p.lower()
+    raise TypeError(f"precision must be None, a jax.lax.Precision or a string, got {p!r}")
+
+
+def resolve_precision(dtype, precision) -> str:
+    """``"ieee"`` or ``"tf32"`` for fp32 inputs; ``"ieee"`` for bf16/fp16.
+
+    fp32 runs in full precision unless the user asked for tf32: through
+    ``precision`` (``lax.Precision.DEFAULT`` or ``"tensorfloat32"``) or, when
+    ``precision`` is None, through ``jax_default_matmul_precision``.
+    bfloat16-pass precisions (``HIGH``, ``"bfloat16"``, ...) have no invariant
+    kernel here and are refused rather than served by another arithmetic.
+    """
+    if isinstance(precision, (tuple, list)):
+        names = {_precision_name(p) for p in precision}
+        if len(names) != 1:
+            raise ValueError(f"matmul: lhs and rhs precisions must be equal, got {precision!r}")
+        (name,) = names
+    else:
+        name = _precision_name(precision)
+    if name is None:
+        name = _precision_name(jax.config.jax_default_matmul_precision)
+    if np.dtype(dtype) != np.float32:
+        return "ieee"
+    if name is None or name in _IEEE_NAMES:
+        return "ieee"
+    if name in _TF32_NAMES:
+        return "tf32"
+    raise NotImplementedError(
+        f"matmul: precision {name!r} (bfloat16 passes) has no batch-invariant kernel; "
+        "use the default / 'highest' (full fp32) or 'tensorfloat32'"
+    )
+
+
+# --- fp32 kernel (Pallas, Triton backend) ----------------------------------
+
+
+def _fp32_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias: bool, b_kmajor: bool):
+    """One (batch, row tile, column tile) per program; K from 0 upwards into one
+    fp32 accumulator, masked edges loading zeros (same loop as bi_torch)."""
+    if has_bias:
+        bias_ref, o_ref = refs
+    else:
+        bias_ref, (o_ref,) = None, refs
+    _, m, k = a_ref.shape
+    n = o_ref.shape[2]
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    pid_m, pid_n, bi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pid_m * bm + jnp.arange(bm)
+    cols = pid_n * bn + jnp.arange(bn)
+    ks = jnp.arange(bk)
+    row_ok, col_ok = rows < m, cols < n
+    dot_precision = lax.Precision.HIGHEST if precision == "ieee" else lax.Precision.DEFAULT
+
+    def step(kk, acc):
+        kcols = kk * bk + ks
+        k_ok = kcols < k
+        a = pltriton.load(
+            a_ref.at[bi, pl.ds(pid_m * bm, bm), pl.ds(kk * bk, bk)],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if b_kmajor:
+            b = pltriton.load(
+                b_ref.at[bi, pl.ds(pid_n * bn, bn), pl.ds(kk * bk, bk)],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            ).T
+        else:
+            b = pltriton.load(
+                b_ref.at[bi, pl.ds(kk * bk, bk), pl.ds(pid_n * bn, bn)],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+        return acc + jnp.dot(a, b, precision=dot_precision, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, pl.cdiv(k, bk), step, jnp.zeros((bm, bn), jnp.float32))
+    if has_bias:
+        acc = acc + pltriton.load(bias_ref.at[pl.ds(pid_n * bn, bn)], mask=col_ok, other=0.0)[None, :]
+    pltriton.store(
+        o_ref.at[bi, pl.ds(pid_m * bm, bm), pl.ds(pid_n * bn, bn)],
+        acc.astype(o_ref.dtype),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+def _fp32_matmul(a3, b3, bias, out_dtype, cfg: TileConfig, *, precision, b_kmajor, interpret):
+    batch, m, _ = a3.shape
+    n = b3.shape[1] if b_kmajor else b3.shape[2]
+    kernel = functools.partial(
+        _fp32_kernel, cfg=cfg, precision=precision, has_bias=bias is not None, b_kmajor=b_kmajor
+    )
+    args = (a3, b3) if bias is None else (a3, b3, bias)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(m, cfg.block_m), pl.cdiv(n, cfg.block_n), batch),
+        out_shape=jax.ShapeDtypeStruct((batch, m, n), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="bi_matmul_fp32",
+    )(*args)
+
+
+# --- dispatch over the two kernels -----------------------------------------
+
+
+def _num_sms() -> int:
+    return jax.devices()[0].core_count
+
+
+def _pad_axis(x, axis: int, multiple: int):
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
+    """``a3[i] @ b3[i] (+ bias)``: a3 (B, M, K); b3 (B, K, N), or (B, N, K) when
+    ``b_kmajor``; bias (N,) or None. All checked by the callers."""
+    batch, m, k = a3.shape
+    n = b3.shape[1] if b_kmajor else b3.shape[2]
+    if batch == 0 or m == 0 or n == 0:
+        return jnp.zeros((batch, m, n), out_dtype)
+    if k == 0:
+        fill = bias.astype(jnp.float32) if bias is not None else jnp.zeros((n,), jnp.float32)
+        return jnp.broadcast_to(fill, (batch, m, n)).astype(out_dtype)
+    bias32 = None if bias is None else bias.astype(jnp.float32)
+    interpret = interpret_mode("matmul")
+    dtype_name = np.dtype(a3.dtype).name
+
+    if dtype_name == "float32":
+        if config is None:
+            config = INTERPRET_CONFIG if interpret else tile_config(m, n, "float32", precision)
+        # int32 offsets in Triton-lowered Pallas: rows are independent, so M
+        # may be split; the operands themselves must fit.
+        if b3.size > _MAX_TRITON_ELEMENTS or batch * k > _MAX_TRITON_ELEMENTS:
+            raise ValueError(
+                f"matmul: fp32 operands past 2**31 elements per launch are not supported (b has {b3.size})"
+            )
+        rows = max(1, _MAX_TRITON_ELEMENTS // max(batch * max(k, n), 1))
+        parts = [
+            _fp32_matmul(a3[:, s : s + rows], b3, bias32, out_dtype, config,
+                         precision=precision, b_kmajor=b_kmajor, interpret=interpret)
+            for s in range(0, m, rows)
+        ]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    if config is None:
+        config = INTERPRET_WGMMA_CONFIG if interpret else wgmma_config(m, n)
+    # TMA needs 16-byte aligned rows: pad K (zeros add exact zeros) and N
+    # (sliced off) to multiples of 8 elements when they are not.
+    a3 = _pad_axis(a3, 2, 8)
+    b3 = _pad_axis(b3, 2, 8)
+    b3 = _pad_axis(b3, 1, 8)
+    if bias32 is not None:
+        bias32 = _pad_axis(bias32, 0, 8)
+    out = wgmma_matmul(
+        a3, b3, bias32, out_dtype, config, b_kmajor=b_kmajor, interpret=interpret,
+        num_sms=0 if interpret else _num_sms(),
+    )
+    return out[:, :, :n] if out.shape[2] != n else out
+
+
+def _batched_product(out_dtype: str, precision: str, b_kmajor: bool):
+    """``_product`` with a vmap rule that folds the mapped axis into the
+    kernel's own batch (or into M when only the activations are mapped), so
+    that a vmapped call runs the same kernel on the same rows."""
+
+    @jax.custom_batching.custom_vmap
+    def f(a3, b3, bias):
+        return _product(a3, b3, bias, jnp.dtype(out_dtype), precision, b_kmajor)
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, a3, b3, bias):
+        a_b, b_b, bias_b = in_batched
+        if bias_b:
+            raise NotImplementedError("matmul: vmap over the bias is not supported; map the operands only")
+        if a_b and not b_b and a3.shape[1] == 1:
+            # (V, 1, M, K) -> (1, V*M, K): every mapped row meets the same weight.
+            v, _, m, k = a3.shape
+            out = f(a3.reshape(1, v * m, k), b3, bias)
+            return out.reshape(v, 1, m, -1), True
+        if not a_b:
+            a3 = jnp.broadcast_to(a3, (axis_size, *a3.shape))
+        if not b_b:
+            b3 = jnp.broadcast_to(b3, (axis_size, *b3.shape))
+        v, nb = a3.shape[:2]
+        out = f(a3.reshape(v * nb, *a3.shape[2:]), b3.reshape(v * nb, *b3.shape[2:]), bias)
+        return out.reshape(v, nb, *out.shape[1:]), True
+
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _batched(out_dtype: str, precision: str, b_kmajor: bool):
+    return _batched_product(out_dtype, precision, b_kmajor)
+
+
+def _run(a3, b3, bias, out_dtype, precision, b_kmajor):
+    return _batched(jnp.dtype(out_dtype).name, precision, b_kmajor)(a3, b3, bias)
+
+
+# --- public API --------------------------------------------------------------
+
+
+def _check_pair(op: str, a, b, bias, out_dtype):
+    check_float_array("a" if op != "linear" else "x", a)
+    check_float_array("b" if op != "linear" else "weight", b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: operands must have the same dtype, got {a.dtype} and {b.dtype}")
+    if out_dtype is None:
+        out_dtype = a.dtype
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.dtype(a.dtype), jnp.dtype(jnp.float32)):
+        raise TypeError(
+            f"{op}: preferred_element_type must be the input dtype ({a.dtype}) or float32, got {out_dtype}"
+        )
+    if bias is not None:
+        check_float_array("bias", bias)
+    return out_dtype
+
+
+def _check_bias(op: str, bias, n: int):
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias must have shape ({n},) (the output's last dimension), got {tuple(bias.shape)}")
+
+
+def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, preferred_element_type=None,
+           precision=None) -> jax.Array:
+    """Batch-invariant ``jnp.matmul(a, b) (+ bias)``.
+
+    Shapes follow ``jnp.matmul``: 1-D operands are promoted and the added axis
+    removed, leading axes of ``a`` fold into M when ``b`` is 2-D, and N-D
+    operands are batched with broadcasting (per-batch weights).
+
+    Arithmetic: fp32 accumulation over K in a fixed order, the optional
+    ``bias`` (shape ``(N,)``) added in fp32, one rounding to
+    ``preferred_element_type`` (default ``a.dtype``; float32 is also allowed).
+    fp32 inputs run in full fp32 unless tf32 was asked for through
+    ``precision`` or ``jax_default_matmul_precision`` (see
+    :func:`resolve_precision`). Works under ``jax.jit`` and ``jax.vmap``.
+    """
+    out_dtype = _check_pair("matmul", a, b, bias, preferred_element_type)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: operands must be at least 1-D, got shapes {a.shape} and {b.shape}")
+    prec = resolve_precision(a.dtype, precision)
+    a2 = a[None, :] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    k = a2.shape[-1]
+    if b2.shape[-2] != k:
+        raise ValueError(
+            f"matmul: shapes {a.shape} and {b.shape} cannot be multiplied (a has {k} columns, b has {b2.shape[-2]} rows)"
+        )
+    n = b2.shape[-1]
+    _check_bias("matmul", bias, n)
+    if b2.ndim == 2:
+        lead = a2.shape[:-1]
+        out = _run(a2.reshape(1, math.prod(lead), k), b2[None], bias, out_dtype, prec, False)
+        out = out.reshape(*lead, n)
+    else:
+        try:
+            batch = jnp.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul: batch dimensions of {a.shape} and {b.shape} do not broadcast") from None
+        m = a2.shape[-2]
+        a3 = jnp.broadcast_to(a2, (*batch, m, k)).reshape(-1, m, k)
+        b3 = jnp.broadcast_to(b2, (*batch, k, n)).reshape(-1, k, n)
+        out = _run(a3, b3, bias, out_dtype, prec, False).reshape(*batch, m, n)
+    if a.ndim == 1:
+        out = out[..., 0, :]
+    if b.ndim == 1:
+        out = out[..., 0]
+    return out
+
+
+def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, precision=None) -> jax.Array:
+    """Batch-invariant ``x @ weight.T + bias`` (``torch.nn.functional.linear``).
+
+    ``weight`` has shape ``(out_features, in_features)`` and is read in place
+    (K-major); ``x`` may have any leading axes.
+    """
+    out_dtype = _check_pair("linear", x, weight, bias, None)
+    if weight.ndim != 2:
+        raise ValueError(f"linear: weight must be 2-D (out_features, in_features), got shape {weight.shape}")
+    if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x's last dimension must equal in_features={weight.shape[1]}, got x of shape {x.shape}")
+    _check_bias("linear", bias, weight.shape[0])
+    prec = resolve_precision(x.dtype, precision)
+    lead, k = x.shape[:-1], x.shape[-1]
+    out = _run(x.reshape(1, math.prod(lead), k), weight[None], bias, out_dtype, prec, True)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """Batch-invariant ``jax.lax.dot_general``, with its signature, so that it
+    plugs into Flax: ``nnx.Linear(..., dot_general=bi_jax.dot_general)``.
+
+    Any contracting and batch dimensions are accepted. The operands are
+    brought to (batch, M, K) and (batch, K, N) or (batch, N, K) (a transpose
+    only where the dimensions are not already in that order) and multiplied
+    with the kernels of :func:`matmul`. The result has lax's layout: batch
+    dims, then lhs free dims, then rhs free dims. ``preferred_element_type``
+    is the input dtype (default) or float32.
+    """
+    if out_sharding is not None:
+        raise NotImplementedError("dot_general: out_sharding is not supported")
+    out_dtype = _check_pair("dot_general", lhs, rhs, None, preferred_element_type)
+    try:
+        (lc, rc), (lb, rb) = dimension_numbers
+        lc, rc, lb, rb = (tuple(int(d) % x.ndim if x.ndim else int(d) for d in ds)
+                          for ds, x in ((lc, lhs), (rc, rhs), (lb, lhs), (rb, rhs)))
+    except (TypeError, ValueError):
+        raise ValueError(f"dot_general: malformed dimension_numbers {dimension_numbers!r}") from None
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ValueError(f"dot_general: dimension_numbers {dimension_numbers!r} pair unequal numbers of dims")
+    for name, x, dims in (("lhs", lhs, lc + lb), ("rhs", rhs, rc + rb)):
+        if len(set(dims)) != len(dims) or any(d >= x.ndim for d in dims):
+            raise ValueError(f"dot_general: invalid dimensions {dims} for {name} of shape {x.shape}")
+    for i, j in zip(lc + lb, rc + rb):
+        if lhs.shape[i] != rhs.shape[j]:
+            raise ValueError(
+                f"dot_general: lhs dim {i} (size {lhs.shape[i]}) does not match rhs dim {j} (size {rhs.shape[j]})"
+            )
+    prec = resolve_precision(lhs.dtype, precision)
+    lf = [d for d in range(lhs.ndim) if d not in lc + lb]
+    rf = [d for d in range(rhs.ndim) if d not in rc + rb]
+    bshape = [lhs.shape[d] for d in lb]
+    mshape = [lhs.shape[d] for d in lf]
+    nshape = [rhs.shape[d] for d in rf]
+    bsz, m, k, n = math.prod(bshape), math.prod(mshape), math.prod(lhs.shape[d] for d in lc), math.prod(nshape)
+    a3 = jnp.transpose(lhs, (*lb, *lf, *lc)).reshape(bsz, m, k)
+    # Keep the rhs as stored when its contracting dims are last (a (N, K)
+    # weight): the kernel reads it K-major.
+    b_kmajor = list(rc) == list(range(rhs.ndim - len(rc), rhs.ndim)) and len(rc) > 0
+    if b_kmajor:
+        b3 = jnp.transpose(rhs, (*rb, *rf, *rc)).reshape(bsz, n, k)
+    else:
+        b3 = jnp.transpose(rhs, (*rb, *rc, *rf)).reshape(bsz, k, n)
+    out = _run(a3, b3, None, out_dtype, prec, b_kmajor)
+    return out.reshape(*bshape, *mshape, *nshape)
