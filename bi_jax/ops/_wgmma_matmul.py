@@ -14,6 +14,7 @@ the end of the output are dropped, so no tile size needs to divide M, N or K.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,11 +30,29 @@ from bi_core.matmul import WgmmaConfig
 _INTERPRET_NUM_SMS = 2
 
 
-def _swizzled(minor_elems: int, dtype) -> tuple:
-    bits = minor_elems * jnp.dtype(dtype).itemsize * 8
-    swizzle = plgpu.find_swizzle(bits)
+def _swizzled(minor_elems: int, dtype, swizzle: int | None = None) -> tuple:
+    if swizzle is None:
+        swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
     elems = swizzle // jnp.dtype(dtype).itemsize
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+_SMEM_BYTES = 227 * 1024 - 2048  # Hopper's per-block shared memory, less barriers
+
+
+def _epilogue_cols(block_n: int) -> int:
+    return min(block_n, 64)
+
+
+def fitted_stages(cfg: WgmmaConfig, dtype, out_dtype) -> int:
+    """Pipeline depth that fits in shared memory next to the epilogue buffer
+    (a speed choice: the K order does not depend on it)."""
+    stage = (cfg.cta_m * cfg.block_k + cfg.block_k * cfg.cta_n) * jnp.dtype(dtype).itemsize
+    epilogue = cfg.compute_wgs * cfg.block_m * _epilogue_cols(cfg.block_n) * jnp.dtype(out_dtype).itemsize
+    stages = cfg.stages
+    while stages > 2 and stages * stage + epilogue > _SMEM_BYTES:
+        stages -= 1
+    return stages
 
 
 def _body(a_gmem, b_gmem, *refs, cfg: WgmmaConfig, has_bias: bool, b_kmajor: bool):
@@ -50,11 +69,25 @@ def _body(a_gmem, b_gmem, *refs, cfg: WgmmaConfig, has_bias: bool, b_kmajor: boo
     m_tiles, n_tiles, k_steps = pl.cdiv(m, cta_m), pl.cdiv(n, cta_n), pl.cdiv(k, bk)
     dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
 
-    a_spec = plgpu.BlockSpec((cta_m, bk), lambda kk: (0, kk), transforms=_swizzled(bk, dtype))
+    # wgmma wants one swizzle for both operands: the widest that the minor
+    # dimension of each (K, or a warpgroup's N columns) can take.
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(bits * (bk if b_kmajor else min(bk, bn)))
+    stages = min(cfg.stages, k_steps)
+    # One wgmma group stays in flight while the next is issued; its buffers
+    # are released one step late. (Same accumulator, so they run in order.)
+    delay = 1 if stages > 1 else 0
+    a_spec = plgpu.BlockSpec(
+        (cta_m, bk), lambda kk: (0, kk), transforms=_swizzled(bk, dtype, swizzle), delay_release=delay
+    )
     if b_kmajor:
-        b_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=_swizzled(bk, dtype))
+        b_spec = plgpu.BlockSpec(
+            (cta_n, bk), lambda kk: (0, kk), transforms=_swizzled(bk, dtype, swizzle), delay_release=delay
+        )
     else:
-        b_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0), transforms=_swizzled(bn, dtype))
+        b_spec = plgpu.BlockSpec(
+            (bk, cta_n), lambda kk: (kk, 0), transforms=_swizzled(bn, dtype, swizzle), delay_release=delay
+        )
 
     def pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -64,21 +97,23 @@ def _body(a_gmem, b_gmem, *refs, cfg: WgmmaConfig, has_bias: bool, b_kmajor: boo
             in_specs=[a_spec, b_spec],
             wg_axis="wg",
             num_compute_wgs=cfg.compute_wgs,
-            max_concurrent_steps=min(cfg.stages, k_steps),
+            max_concurrent_steps=stages,
             compute_context=compute_context,
         )
 
     ignore = lambda *_, **__: None  # noqa: E731  (allocation sizes only)
 
+    epi_n = _epilogue_cols(bn)
+
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(a_gmem.at[0], b_gmem.at[0]),
-        out_smem=plgpu.SMEM(
-            (cfg.compute_wgs, bm, bn), out_dtype, transforms=_swizzled(bn, out_dtype)
-        ),
+        out_smem=plgpu.SMEM((cfg.compute_wgs, bm, epi_n), out_dtype),
+        bias_smem=plgpu.SMEM((cfg.compute_wgs, bn), jnp.float32) if has_bias else None,
+        bias_bar=plgpu.Barrier(num_barriers=cfg.compute_wgs) if has_bias else None,
         collective_axes="wg",
     )
-    def _scope(allocs, out_smem):
+    def _scope(allocs, out_smem, bias_smem, bias_bar):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((batch * m_tiles * n_tiles,), collective_axes="sm")
@@ -93,23 +128,31 @@ def _body(a_gmem, b_gmem, *refs, cfg: WgmmaConfig, has_bias: bool, b_kmajor: boo
             wg_cols = pl.ds(wg * bn, bn)
 
             def context(run):
+                if has_bias:
+                    # Fetched while the K loop runs.
+                    plgpu.copy_gmem_to_smem(
+                        bias_gmem.at[pl.ds(ni * cta_n + wg * bn, bn)], bias_smem.at[wg], bias_bar.at[wg]
+                    )
+
                 @functools.partial(pl.run_scoped, acc=plgpu.ACC((bm, bn), jnp.float32))
                 def _acc(acc):
                     run(acc)
                     out = acc[...]
                     if has_bias:
-                        bias = plgpu.load(
-                            bias_gmem.at[pl.ds(ni * cta_n + wg * bn, bn)],
-                            layout=plgpu.Layout.WGMMA.reduce(0),
-                        )
+                        plgpu.barrier_wait(bias_bar.at[wg])
+                        bias = plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
                         out = out + lax.broadcast_in_dim(bias, (bm, bn), [1])
-                    # The previous tile's store must have read out_smem.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    out_smem[wg] = out.astype(out_dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg], out_gmem.at[bi, m_rows, n_cols].at[:, wg_cols]
-                    )
+                    out = out.astype(out_dtype)  # the one rounding
+                    # Stored in column slices through a small buffer: the
+                    # shared memory goes to the K pipeline instead.
+                    for j in range(bn // epi_n):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[wg] = out[:, j * epi_n : (j + 1) * epi_n]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg],
+                            out_gmem.at[bi, m_rows, pl.ds(ni * cta_n + wg * bn + j * epi_n, epi_n)],
+                        )
 
             def step(_, a_smem, b_smem, acc):
                 if b_kmajor:
@@ -117,7 +160,7 @@ def _body(a_gmem, b_gmem, *refs, cfg: WgmmaConfig, has_bias: bool, b_kmajor: boo
                 else:
                     rhs = b_smem.at[:, wg_cols]
                 plgpu.wgmma(acc, a_smem, rhs)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(delay)
                 return acc
 
             b_tile = b_gmem.at[bi, n_cols, :] if b_kmajor else b_gmem.at[bi, :, n_cols]
@@ -142,6 +185,7 @@ def wgmma_matmul(
     batch, m, _ = a3.shape
     n = b3.shape[1] if b_kmajor else b3.shape[2]
     grid = _INTERPRET_NUM_SMS if interpret else num_sms
+    cfg = dataclasses.replace(cfg, stages=fitted_stages(cfg, a3.dtype, out_dtype))
     kernel = plgpu.kernel(
         functools.partial(_body, cfg=cfg, has_bias=bias is not None, b_kmajor=b_kmajor),
         out_type=jax.ShapeDtypeStruct((batch, m, n), out_dtype),

@@ -160,13 +160,23 @@ def _num_sms() -> int:
     return jax.devices()[0].core_count
 
 
-def _pad_axis(x, axis: int, multiple: int):
-    extra = -x.shape[axis] % multiple
-    if not extra:
+# Elements: shared-memory tiles along K and N are 32 or 64 wide (64- or
+# 128-byte swizzles of bf16/fp16, or of an fp32 output).
+_TMA_TILE = 64
+
+
+def _tma_size(d: int, tile: int) -> int:
+    """``d`` rounded up to what the TMA copies accept (see ``wgmma_product``):
+    16-byte rows below the narrowest tile, whole tiles above it."""
+    if d <= min(tile, 32):
+        return -(-d // 8) * 8
+    return -(-d // tile) * tile
+
+
+def _pad_to(x, shape):
+    if tuple(x.shape) == tuple(shape):
         return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
+    return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)])
 
 
 def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
@@ -202,18 +212,31 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
 
     if config is None:
         config = INTERPRET_WGMMA_CONFIG if interpret else wgmma_config(m, n)
-    # TMA needs 16-byte aligned rows: pad K (zeros add exact zeros) and N
-    # (sliced off) to multiples of 8 elements when they are not.
-    a3 = _pad_axis(a3, 2, 8)
-    b3 = _pad_axis(b3, 2, 8)
-    b3 = _pad_axis(b3, 1, 8)
+    return wgmma_product(a3, b3, bias32, out_dtype, config, b_kmajor=b_kmajor, interpret=interpret)
+
+
+def wgmma_product(a3, b3, bias32, out_dtype, config: WgmmaConfig, *, b_kmajor: bool, interpret: bool,
+                  num_sms: int | None = None):
+    """The bf16/fp16 Mosaic GPU product for any shape (``_product``'s operands;
+    bias already fp32)."""
+    batch, m, k = a3.shape
+    n = b3.shape[1] if b_kmajor else b3.shape[2]
+    # Mosaic GPU's TMA copies need 16-byte aligned rows, and each dimension
+    # that a shared-memory tile splits must be a multiple of that tile or
+    # smaller than it. Pad where a shape is not (zeros along K add exact
+    # zeros; padded rows and columns are sliced off). Llama-style weights and
+    # M a multiple of 8 need no padding.
+    mp = m if m <= 8 else -(-m // 8) * 8  # rows: tiles of 8, no alignment
+    kp, np_ = _tma_size(k, _TMA_TILE), _tma_size(n, _TMA_TILE)
+    a3 = _pad_to(a3, (batch, mp, kp))
+    b3 = _pad_to(b3, (batch, np_, kp) if b_kmajor else (batch, kp, np_))
     if bias32 is not None:
-        bias32 = _pad_axis(bias32, 0, 8)
+        bias32 = _pad_to(bias32, (np_,))
     out = wgmma_matmul(
         a3, b3, bias32, out_dtype, config, b_kmajor=b_kmajor, interpret=interpret,
-        num_sms=0 if interpret else _num_sms(),
+        num_sms=num_sms or (0 if interpret else _num_sms()),
     )
-    return out[:, :, :n] if out.shape[2] != n else out
+    return out if (mp, np_) == (m, n) else out[:, :m, :n]
 
 
 def _batched_product(out_dtype: str, precision: str, b_kmajor: bool):
