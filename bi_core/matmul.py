@@ -155,11 +155,14 @@ class WgmmaConfig:
 
 W = WgmmaConfig
 
+# From the H100 sweep of ``python -m bench.probe_matmul --configs ...``
+# (bench/NOTES.md, "JAX matmul"; data in bench/results/h100/matmul_jax/).
 WGMMA_TABLE: tuple[tuple[int, WgmmaConfig, WgmmaConfig], ...] = (
     # (largest M, config for N <= _NARROW_N, config for wider N)
-    (64, W(64, 32, 128, 8, 1, 1), W(64, 64, 128, 8, 1, 1)),
-    (128, W(64, 64, 128, 6, 1, 8), W(64, 128, 64, 6, 2, 8)),
-    (512, W(64, 128, 64, 5, 2, 8), W(128, 128, 64, 4, 2, 8)),
+    (64, W(64, 64, 128, 8, 1, 1), W(64, 128, 64, 5, 2, 8)),
+    (128, W(64, 64, 128, 8, 1, 1), W(128, 128, 64, 4, 2, 8)),
+    (256, W(64, 64, 64, 8, 2, 1), W(128, 128, 64, 4, 2, 8)),
+    (512, W(128, 64, 64, 5, 2, 8), W(128, 128, 64, 4, 2, 8)),
     (1 << 62, W(128, 128, 64, 4, 2, 8), W(128, 128, 64, 4, 2, 8)),
 )
 

@@ -73,19 +73,39 @@ def test_accuracy(op, framework, dtype):
     _run(op, framework, dtype, check)
 
 
-# Measured on H100 and H200 (torch 2.11/triton 3.6, jax 0.11.2): bi_torch and
-# bi_jax agree bitwise on most rows but not all (about 6% of fp32 rows and
-# 0.1-1% of bf16 rows differ by a few ULPs; bench/probe_cross_framework.py
-# counts them): the Triton inside jaxlib associates the row reduction
-# differently from triton 3.6 on the same program. Fixed inputs, so the outcome
-# is deterministic; strict, so the day they agree this fails and must be enabled.
+# rms_norm: measured on H100 and H200 (torch 2.11/triton 3.6, jax 0.11.2),
+# bi_torch and bi_jax agree bitwise on most rows but not all (about 6% of fp32
+# rows and 0.1-1% of bf16 rows differ by a few ULPs;
+# bench/probe_cross_framework.py counts them): the Triton inside jaxlib
+# associates the row reduction differently from triton 3.6 on the same
+# program. Fixed inputs, so the outcome is deterministic; strict, so the day
+# they agree this fails and must be enabled. The matrix products agree.
+_KNOWN_CROSS_FRAMEWORK_GAPS = {"rms_norm": "reduction trees of the two Triton compilers differ; see bench/NOTES.md"}
+
+
+def _cross_cases():
+    out = []
+    for p in cross_framework_cases():
+        op = p.values[0]
+        marks = []
+        if op in _KNOWN_CROSS_FRAMEWORK_GAPS:
+            marks = [pytest.mark.xfail(strict=True, raises=properties.CrossFrameworkError,
+                                       reason=_KNOWN_CROSS_FRAMEWORK_GAPS[op])]
+        out.append(pytest.param(*p.values, id=p.id, marks=marks))
+    return out
+
+
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, raises=properties.CrossFrameworkError, reason="reduction trees of the two Triton compilers differ; see bench/NOTES.md")
 @pytest.mark.parametrize("features", [4096, 8192])
-@pytest.mark.parametrize("op,dtype", cross_framework_cases())
+@pytest.mark.parametrize("op,dtype", _cross_cases())
 def test_cross_framework_equality(op, dtype, features):
     spec = registry.get(op)
     adapters = {fw: adapter(fw) for fw in FRAMEWORKS}
     fns = {fw: adapters[fw].kernel(op) for fw in FRAMEWORKS}
-    inputs = spec.make_inputs(np.random.default_rng(features), 4096, features, dtype)
+    if spec.max_features is not None:
+        features = min(features, spec.max_features)
+    # Up to 4096 rows, fewer where a row carries its own operands (bmm).
+    per_row = spec.row_elements(features) if spec.row_elements else features
+    rows = int(min(4096, max(8, 2**27 // per_row)))
+    inputs = spec.make_inputs(np.random.default_rng(features), rows, features, dtype)
     properties.check_cross_framework(spec, adapters, fns, inputs, label=_label(op, "torch vs jax", dtype))
