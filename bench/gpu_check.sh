@@ -10,11 +10,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, jax, jaxlib, hypothesis; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'hypothesis', hypothesis.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 status=0
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest tests -q -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/junit.xml" 2>&1 | tee "$OUT/pytest.log" | tail -60
+  # BI_TEST_K: an optional pytest -k expression (to split the suite over runs).
+  python3 -m pytest tests -q -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/junit.xml" \
+    ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -60
   status=$?
 fi
 if [[ $what == bench || $what == all ]]; then
-  python3 -m bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+  # BI_BENCH_ARGS: optional extra arguments, e.g. "--ops matmul --frameworks jax".
+  python3 -m bench --out "$OUT/bench" ${BI_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   status=$((status || $?))
 fi
 exit $status
