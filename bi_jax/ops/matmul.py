@@ -160,17 +160,7 @@ def _num_sms() -> int:
     return jax.devices()[0].core_count
 
 
-# Elements: shared-memory tiles along K and N are 32 or 64 wide (64- or
-# 128-byte swizzles of bf16/fp16, or of an fp32 output).
-_TMA_TILE = 64
-
-
-def _tma_size(d: int, tile: int) -> int:
-    """``d`` rounded up to what the TMA copies accept (see ``wgmma_product``):
-    16-byte rows below the narrowest tile, whole tiles above it."""
-    if d <= min(tile, 32):
-        return -(-d // 8) * 8
-    return -(-d // tile) * tile
+_TMA_TILE = 64  # elements: the widest shared-memory tile along K and N (128-byte swizzle)
 
 
 def _pad_to(x, shape):
@@ -222,12 +212,18 @@ def wgmma_product(a3, b3, bias32, out_dtype, config: WgmmaConfig, *, b_kmajor: b
     batch, m, k = a3.shape
     n = b3.shape[1] if b_kmajor else b3.shape[2]
     # Mosaic GPU's TMA copies need 16-byte aligned rows, and each dimension
-    # that a shared-memory tile splits must be a multiple of that tile or
-    # smaller than it. Pad where a shape is not (zeros along K add exact
-    # zeros; padded rows and columns are sliced off). Llama-style weights and
-    # M a multiple of 8 need no padding.
-    mp = m if m <= 8 else -(-m // 8) * 8  # rows: tiles of 8, no alignment
-    kp, np_ = _tma_size(k, _TMA_TILE), _tma_size(n, _TMA_TILE)
+    # that a shared-memory tile splits must be a multiple of that tile. Pad
+    # where a shape is not: K and N to multiples of 64 (zeros along K add
+    # exact zeros; padded columns are sliced off), M to a multiple of 8 above
+    # 8 rows. K also gets at least two pipeline steps. On the H100, launches
+    # with K or N under one 64-wide tile, a single K step, or a warpgroup
+    # whose columns were all past N returned wrong, nondeterministic tiles at
+    # tiny sizes (bench/NOTES.md, "JAX matmul"), so such shapes are not run.
+    # Llama-style weights and M a multiple of 8 need no padding.
+    mp = m if m <= 8 else -(-m // 8) * 8
+    kp = max(-(-k // _TMA_TILE) * _TMA_TILE, 2 * config.block_k)
+    # N to whole CTA tiles as well, so that no warpgroup owns only padding.
+    np_ = -(-n // max(_TMA_TILE, config.cta_n)) * max(_TMA_TILE, config.cta_n)
     a3 = _pad_to(a3, (batch, mp, kp))
     b3 = _pad_to(b3, (batch, np_, kp) if b_kmajor else (batch, kp, np_))
     if bias32 is not None:
