@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="feature sizes, or KxN weight shapes for the matmul (default: each op's realistic shapes)",
     )
     p.add_argument("--quick", action="store_true", help="a short sweep (M = 1, 16, 256, 4096)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json and results.csv")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json, results.csv and the PNG plots")
     return p.parse_args(argv)
 
 
@@ -98,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     report.print_table(rows, info, console)
     for path in report.write_results(rows, info, args.out):
         console.print(f"wrote {path}")
+    if native:
+        from bench.plots import plot_rows
+
+        for path in plot_rows([r.as_dict() for r in rows], info, args.out):
+            console.print(f"wrote {path}")
+    else:
+        console.print("no plots: the interpreters measure no time")
     return 0
 
 

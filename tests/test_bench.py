@@ -27,3 +27,30 @@ def test_bench_writes_results_with_invariance_column(tmp_path):
     assert (tmp_path / "results.csv").read_text().startswith("op,framework,impl")
     if PROFILE.native:
         assert all(r["median_us"] > 0 for r in rows)
+
+
+def _row(op, fw, impl, features, m, us, unit):
+    return {"op": op, "framework": fw, "impl": impl, "features": features, "dtype": "bfloat16", "m": m,
+            "median_us": us, "throughput": 1e3 / us, "unit": unit}
+
+
+def test_plots_one_png_per_op_and_dtype(tmp_path):
+    from bench.plots import main as plots_main
+    from bench.plots import plot_rows
+
+    rows = [
+        _row(op, fw, impl, feat, m, 10.0 * m ** 0.5 + (impl == "bi"), unit)
+        for op, feat, unit in (("matmul", "64x96", "TFLOP/s"), ("matmul", "128x64", "TFLOP/s"), ("rms_norm", "64", "GB/s"))
+        for fw in ("torch", "jax") for impl in ("default", "bi") for m in (1, 2, 4, 8)
+    ]
+    written = plot_rows(rows, {"device": "test"}, tmp_path)
+    assert sorted(p.name for p in written) == ["matmul_bfloat16.png", "rms_norm_bfloat16.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in written)
+    # Interpreter rows carry no times: nothing to plot.
+    untimed = [{**r, "median_us": None} for r in rows]
+    assert plot_rows(untimed, {"device": "cpu"}, tmp_path / "none") == []
+    # The CLI merges files and filters ops.
+    (tmp_path / "a.json").write_text(json.dumps({"provenance": {"device": "test"}, "rows": rows[:16]}))
+    (tmp_path / "b.json").write_text(json.dumps({"provenance": {"device": "test"}, "rows": rows[16:]}))
+    assert plots_main(["--out", str(tmp_path / "cli"), "--ops", "matmul", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert [p.name for p in (tmp_path / "cli").iterdir()] == ["matmul_bfloat16.png"]

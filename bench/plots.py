@@ -1,0 +1,109 @@
+"""PNG plots of benchmark results: one figure per op, one panel per shape.
+
+Compute-bound ops (matmul) plot TFLOP/s against the number of tokens; the
+others plot time per call. Both axes are logarithmic, with one line per
+implementation (framework default and bi_ kernel in each framework), so the
+figures read at a glance: where the bi_ line sits on or above its default, the
+invariance costs nothing. Ops come from the rows, so a new op needs no code.
+
+Re-plot committed results (several files are merged, e.g. separate torch and
+JAX runs)::
+
+    python -m bench.plots --out DIR [--ops matmul] results.json [more/results.json ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+# framework, impl -> legend label and style: defaults dashed, bi_ solid.
+_LABELS = {
+    ("torch", "default"): ("torch default", "tab:green", "--"),
+    ("torch", "bi"): ("bi_torch", "tab:blue", "-"),
+    ("jax", "default"): ("XLA default", "tab:red", "--"),
+    ("jax", "bi"): ("bi_jax", "tab:orange", "-"),
+}
+_DEFAULT_NAMES = {("matmul", "torch"): "cuBLAS (torch.matmul)", ("matmul", "jax"): "XLA (jnp.dot)"}
+
+
+def _label(op: str, framework: str, impl: str) -> tuple[str, str, str]:
+    text, color, style = _LABELS.get((framework, impl), (f"{framework} {impl}", None, "-"))
+    if impl == "default":
+        text = _DEFAULT_NAMES.get((op, framework), text)
+    return text, color, style
+
+
+def _timed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("median_us") not in (None, 0) and r["median_us"] == r["median_us"]]
+
+
+def plot_rows(rows: list[dict], provenance: dict, out: Path) -> list[Path]:
+    """Write ``<op>_<dtype>.png`` under ``out`` for every op and dtype with
+    timings; returns the paths (none for interpreter runs, which have no times)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _timed(rows)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["dtype"])].append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (op, dtype), op_rows in sorted(groups.items()):
+        shapes = sorted({str(r["features"]) for r in op_rows}, key=lambda s: [int(x) for x in s.split("x")])
+        compute = all(r["unit"] == "TFLOP/s" for r in op_rows)
+        fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False, sharey=compute)
+        for ax, shape in zip(axes[0], shapes):
+            lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
+            for r in op_rows:
+                if str(r["features"]) == shape:
+                    lines[(r["framework"], r["impl"])].append(r)
+            for (fw, impl), pts in sorted(lines.items(), key=lambda kv: (kv[0][0] != "torch", kv[0][1] == "bi")):
+                pts.sort(key=lambda r: r["m"])
+                text, color, style = _label(op, fw, impl)
+                ys = [r["throughput"] if compute else r["median_us"] for r in pts]
+                ax.plot([r["m"] for r in pts], ys, style, color=color, marker="o", markersize=3, label=text)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{op} {shape}" + (" (K x N)" if "x" in shape else ""), fontsize=10)
+            ax.set_xlabel("# tokens (M)")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("TFLOP/s" if compute else "time per call (us)")
+        axes[0][-1].legend(fontsize=8)
+        device = provenance.get("device", "?")
+        fig.suptitle(f"{op}, {dtype}, {device}", fontsize=11)
+        fig.tight_layout()
+        path = out / f"{op}_{dtype}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", type=Path, help="results.json files (rows are merged)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
+    p.add_argument("--ops", help="comma-separated op names to plot (default: all in the files)")
+    args = p.parse_args(argv)
+    ops = set(args.ops.split(",")) if args.ops else None
+    rows, provenance = [], {}
+    for path in args.results:
+        data = json.loads(path.read_text())
+        rows += [r for r in data["rows"] if ops is None or r["op"] in ops]
+        provenance = provenance or data["provenance"]
+    written = plot_rows(rows, provenance, args.out)
+    if not written:
+        print("no timed rows (interpreter runs measure no time): nothing to plot")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
