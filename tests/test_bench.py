@@ -54,3 +54,22 @@ def test_plots_one_png_per_op_and_dtype(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"provenance": {"device": "test"}, "rows": rows[16:]}))
     assert plots_main(["--out", str(tmp_path / "cli"), "--ops", "matmul", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     assert [p.name for p in (tmp_path / "cli").iterdir()] == ["matmul_bfloat16.png"]
+
+
+def test_default_cpu_run_covers_every_registered_op(tmp_path):
+    """The Quickstart's ``python -m bench`` on a machine without a GPU: a small
+    interpreter sweep over every benchmarked op of the registry, invariance only."""
+    import pytest
+
+    from harness import registry
+
+    if PROFILE.native:
+        pytest.skip("on a GPU the default run is the full timed sweep")
+    assert main(["--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    # The torch matmul is skipped under Triton 3.6's interpreter (triton-lang/triton#9171).
+    benched = {s.name for s in registry.all_specs() if s.bench is not None}
+    assert benched >= {"rms_norm", "matmul"}
+    assert {r["op"] for r in rows if r["framework"] == "jax"} == benched
+    assert all(r["rows_differing"] == 0 for r in rows if r["impl"] == "bi")
+    assert not list(tmp_path.glob("*.png"))
