@@ -1,7 +1,9 @@
 """Diagnostic: why bi_torch and bi_jax differ where they do (rms_norm, tf32).
 
 Part 1 (rms_norm): both frameworks run a copy of their own rms_norm kernel that
-also stores the fp32 sum of squares of each row. Saves the inputs and both
+also stores the fp32 sum of squares of each row. (Before the kernels wrote out
+their reduction tree, ``tl.sum`` did it: the replay showed triton 3.6 adding a
+thread's registers in sequence and jaxlib's Triton in pairs.) Saves the inputs and both
 sums to ``rms_sums.npz`` so that candidate reduction trees can be replayed
 offline (``--replay FILE``), and checks that the copies give the library's bits.
 
@@ -43,39 +45,42 @@ def _rms_probe(out: Path) -> None:
 
     import bi_jax
     import bi_torch
-    from bi_core.rms_norm import rms_norm_config, rstd_asm
+    from bi_core.rms_norm import rms_norm_config, rstd_asm, sum_tree
     from bi_jax.ops import rms_norm as jmod
     from bi_torch.ops import rms_norm as tmod
 
     @triton.jit
     def torch_kernel(x_ptr, w_ptr, y_ptr, s_ptr, n_cols, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr,
-                     EPS: tl.constexpr, BLOCK: tl.constexpr):
+                     EPS: tl.constexpr, BLOCK: tl.constexpr, REPS: tl.constexpr, THREADS: tl.constexpr,
+                     VEC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        sumsq = tl.sum(tmod._square(x, True), axis=0, keep_dims=True)
+        sumsq = tmod._sum_tree(tmod._square(x, True), REPS, THREADS, VEC)
         y = x * tmod._rstd(sumsq, RSTD_ASM, INV_N, EPS, True) * w
         tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row + tl.arange(0, 1), sumsq)
 
-    def jax_kernel(x_ref, w_ref, y_ref, s_ref, *, n, block, inv_n, eps):
+    def jax_kernel(x_ref, w_ref, y_ref, s_ref, *, n, block, tree, inv_n, eps):
         row = pl.program_id(0)
         cols = jnp.arange(block)
         mask = cols < n
         x = pltriton.load(x_ref.at[row, cols], mask=mask, other=0.0).astype(jnp.float32)
         w = pltriton.load(w_ref.at[cols], mask=mask, other=0.0).astype(jnp.float32)
-        sumsq = jnp.sum(jmod._square(x, True), axis=0, keepdims=True)
+        sumsq = jmod._sum_tree(jmod._square(x, True), tree)
         y = x * jmod._rstd(sumsq, inv_n, eps, True) * w
         pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=mask)
         pltriton.store(s_ref.at[pl.ds(row, 1)], sumsq)
 
     rows, eps = 512, 1e-6
+    saved_rows = 128  # enough rows to replay; keeps the file small
     saved = {}
     for dtype in ("float32", "bfloat16"):
         for n in (1024, 4096, 8192):
             cfg = rms_norm_config(n)
+            tree = sum_tree(cfg.block, cfg.num_warps, 4 if dtype == "float32" else 2)
             rng = np.random.default_rng(n)
             x = rng.standard_normal((rows, n), dtype=np.float32)
             w = rng.standard_normal(n, dtype=np.float32)
@@ -85,13 +90,14 @@ def _rms_probe(out: Path) -> None:
             yt = torch.empty_like(xt)
             st = torch.empty(rows, device="cuda", dtype=torch.float32)
             compiled = torch_kernel[(rows,)](xt, wt, yt, st, n, RSTD_ASM=rstd_asm(cfg.inv_n, eps), INV_N=cfg.inv_n,
-                                             EPS=eps, BLOCK=cfg.block, num_warps=cfg.num_warps)
+                                             EPS=eps, BLOCK=cfg.block, REPS=tree.reps, THREADS=tree.threads,
+                                             VEC=tree.vec, num_warps=cfg.num_warps)
             if n == 4096 and dtype == "bfloat16":
                 (out / f"torch_sums_{dtype}_{n}.ttgir").write_text(compiled.asm["ttgir"])
                 (out / f"torch_sums_{dtype}_{n}.ptx").write_text(compiled.asm["ptx"])
             xj, wj = jnp.asarray(xt.float().cpu().numpy()).astype(dtype), jnp.asarray(wt.float().cpu().numpy()).astype(dtype)
             yj, sj = pl.pallas_call(
-                functools.partial(jax_kernel, n=n, block=cfg.block, inv_n=cfg.inv_n, eps=eps),
+                functools.partial(jax_kernel, n=n, block=cfg.block, tree=tree, inv_n=cfg.inv_n, eps=eps),
                 grid=(rows,),
                 out_shape=(jax.ShapeDtypeStruct((rows, n), xj.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)),
                 compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
@@ -110,9 +116,9 @@ def _rms_probe(out: Path) -> None:
             print(f"rms {dtype} N={n} warps={cfg.num_warps}: sums differ in {rows_s}/{rows} rows, outputs in "
                   f"{rows_y}/{rows}; copies faithful torch={faithful_t} jax={faithful_j}", flush=True)
             key = f"{dtype}_{n}"
-            saved[f"x_{key}"] = xt.float().cpu().numpy()
-            saved[f"st_{key}"] = s_t
-            saved[f"sj_{key}"] = s_j
+            saved[f"x_{key}"] = xt.float().cpu().numpy()[:saved_rows]
+            saved[f"st_{key}"] = s_t[:saved_rows]
+            saved[f"sj_{key}"] = s_j[:saved_rows]
             saved[f"warps_{key}"] = np.array(cfg.num_warps)
     np.savez_compressed(out / "rms_sums.npz", **saved)
 

@@ -49,6 +49,42 @@ def rms_norm_config(n: int) -> RmsNormConfig:
     return RmsNormConfig(block=block, num_chunks=chunks, num_warps=num_warps, inv_n=f32(1.0 / n))
 
 
+@dataclass(frozen=True)
+class SumTree:
+    """The order in which a row's ``block`` squares are added.
+
+    Element ``(r * threads + t) * vec + v`` of the row is ``x[r, t, v]``. The
+    ``vec`` values of each ``(r, t)`` are added in adjacent pairs, level by
+    level, then the ``reps`` results of each ``t`` likewise, and the last
+    ``threads`` values are left to the compiler's cross-thread reduction (a
+    lane butterfly, then the warps), which both Triton compilers emit alike.
+
+    Written out with reductions of size 2 only (``a + b == b + a``), so that no
+    compiler can associate it differently. ``tl.sum`` over a thread's
+    registers is not such an order: triton 3.6 adds them in sequence and the
+    Triton inside jaxlib 0.11 in pairs, which is why the two frameworks'
+    sums differed in about 20 % of rows before this tree was written out
+    (``bench/probe_reduction_order.py``). The shape follows the blocked layout
+    that both compilers give a row (one 16-byte vector per thread, repeated),
+    so every level is register arithmetic.
+    """
+
+    reps: int
+    threads: int
+    vec: int
+
+
+@lru_cache(maxsize=None)
+def sum_tree(block: int, num_warps: int, itemsize: int) -> SumTree:
+    """The reduction tree of a ``block``-element row loaded from ``itemsize``-byte values."""
+    threads = min(32 * num_warps, block)
+    vec = max(1, min(16 // itemsize, block // threads))
+    reps = block // (threads * vec)
+    # The kernels write out up to 4 pair levels for each of vec and reps.
+    assert reps * threads * vec == block and reps <= 16 and vec <= 16, (block, num_warps, itemsize)
+    return SumTree(reps=reps, threads=threads, vec=vec)
+
+
 @lru_cache(maxsize=None)
 def rstd_asm(inv_n: float, eps: float) -> str:
     """PTX for ``1 / sqrt(sumsq * inv_n + eps)`` with every step IEEE-rounded.

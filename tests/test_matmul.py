@@ -111,6 +111,17 @@ def test_fp32_precision_follows_torch_setting(tf32_setting):
     assert op._precision(torch.float32) == "ieee"
 
 
+def test_tf32_rounds_operands_to_nearest(tf32_setting):
+    """With tf32 allowed, operands are rounded to 10 mantissa bits to nearest,
+    ties away from zero (what XLA, and so bi_jax, does), not truncated."""
+    tf32_setting(True)
+    a = torch.tensor([[1 + 2**-11 + 2**-12, -(1 + 2**-11), 3.0, 1 + 2**-12]], device=DEVICE)
+    got = bi_torch.matmul(a, torch.eye(4, device=DEVICE)).cpu()
+    assert got.tolist() == [[1 + 2**-10, -(1 + 2**-10), 3.0, 1.0]]
+    tf32_setting(False)
+    assert bi_torch.matmul(a, torch.eye(4, device=DEVICE)).cpu().tolist() == a.cpu().tolist()
+
+
 def test_tma_kernel_matches_the_reference():
     """The persistent TMA kernel (the GPU's choice from M = 33 on) also runs in
     the interpreter: row-major and transposed weights, bias, tile edges."""

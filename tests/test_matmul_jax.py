@@ -200,17 +200,10 @@ _PROOF_CASES = (
 )
 
 
-# tf32: measured on the H100 (jax 0.11.2, triton 3.6), every launch of every
-# tf32 config differs from bi_torch's tf32 result, while bf16, fp16 and full
-# fp32 agree everywhere. The two Triton compilers (jaxlib's and triton 3.6)
-# feed fp32 operands to the tf32 MMA differently; not yet investigated
-# (bench/NOTES.md, "JAX matmul"). Strict, so that a fix shows up here.
-_TF32_GAP = pytest.mark.xfail(strict=True, raises=AssertionError,
-                              reason="tf32 operand rounding differs between jaxlib's Triton and triton 3.6")
-
-
 def _proof_cases():
-    return [pytest.param(d, p, id=f"{d}-{p}", marks=[_TF32_GAP] if p == "tf32" else []) for d, p in
+    # tf32 agrees since bi_torch rounds its operands to nearest like jaxlib's
+    # Triton does (bench/probe_reduction_order.py showed truncation before).
+    return [pytest.param(d, p, id=f"{d}-{p}") for d, p in
             [("bfloat16", "ieee"), ("float16", "ieee"), ("float32", "ieee"), ("float32", "tf32")]]
 
 

@@ -2,8 +2,8 @@
 
 This op is lowered through Pallas's Triton backend, deliberately: the kernel is
 the same Triton program that ``bi_torch.rms_norm`` launches (same block size,
-warps and epilogue PTX, from ``bi_core.rms_norm``), so both frameworks reduce a
-row in the same order and give the same bits. The Mosaic GPU backend lays rows
+warps, reduction tree and epilogue PTX, from ``bi_core.rms_norm``), so both
+frameworks reduce a row in the same order and give the same bits. The Mosaic GPU backend lays rows
 out in warpgroup tiles of 64 and reduces them with a different tree, which can
 be invariant but cannot match the PyTorch kernel bit for bit. JAX marks the
 Triton backend as deprecated; it lowers with a DeprecationWarning.
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import rms_norm_config, rstd_asm
+from bi_core.rms_norm import SumTree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
 
 __all__ = ["rms_norm"]
@@ -40,6 +40,20 @@ def _square(x, ptx: bool):
     return x * x
 
 
+def _sum_tree(v, tree: SumTree):
+    """Sum of a row in the order of ``bi_core.rms_norm.SumTree`` (the same
+    levels as bi_torch's ``_sum_tree``): pairs, then the compiler's
+    cross-thread reduction."""
+    reps, threads, vec = tree.reps, tree.threads, tree.vec
+    x = v.reshape(reps * threads, vec)
+    while x.shape[-1] > 1:
+        x = jnp.sum(x.reshape(reps * threads, x.shape[-1] // 2, 2), axis=2)
+    x = x.reshape(reps, threads)
+    while x.shape[0] > 1:
+        x = jnp.sum(x.reshape(x.shape[0] // 2, 2, threads), axis=1)
+    return jnp.sum(x.reshape(threads), axis=0, keepdims=True)
+
+
 def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
     if ptx:
         return pltriton.elementwise_inline_asm(
@@ -52,7 +66,7 @@ def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
     return 1.0 / jnp.sqrt(sumsq * inv_n + eps)
 
 
-def _kernel(x_ref, *refs, n, block, num_chunks, inv_n, eps, has_weight, ptx):
+def _kernel(x_ref, *refs, n, block, num_chunks, tree, inv_n, eps, has_weight, ptx):
     if has_weight:
         w_ref, y_ref = refs
     else:
@@ -70,7 +84,7 @@ def _kernel(x_ref, *refs, n, block, num_chunks, inv_n, eps, has_weight, ptx):
         x = load(x_ref, cols, mask)
         # The weight is loaded before the reduction so that its latency overlaps it.
         w = load(w_ref, cols, mask) if has_weight else None
-        sumsq = jnp.sum(_square(x, ptx), axis=0, keepdims=True)
+        sumsq = _sum_tree(_square(x, ptx), tree)
         y = x * _rstd(sumsq, inv_n, eps, ptx)
         if has_weight:
             y = y * w
@@ -81,7 +95,7 @@ def _kernel(x_ref, *refs, n, block, num_chunks, inv_n, eps, has_weight, ptx):
     for c in range(num_chunks):
         offs = c * block + cols
         acc = acc + _square(load(x_ref, offs, offs < n), ptx)
-    rstd = _rstd(jnp.sum(acc, axis=0, keepdims=True), inv_n, eps, ptx)
+    rstd = _rstd(_sum_tree(acc, tree), inv_n, eps, ptx)
     for c in range(num_chunks):
         offs = c * block + cols
         mask = offs < n
@@ -93,12 +107,18 @@ def _kernel(x_ref, *refs, n, block, num_chunks, inv_n, eps, has_weight, ptx):
 
 def _launch(x2d, weight, eps, interpret):
     m, n = x2d.shape
+    if interpret and m == 1:
+        # Interpreted, a one-program grid loses its loop and XLA compiles the
+        # body differently: 1-element rows then came out 1 ULP apart from the
+        # same row in a larger launch. Two programs keep the loop.
+        return _launch(jnp.concatenate([x2d, x2d]), weight, eps, interpret)[:1]
     cfg = rms_norm_config(n)
     kernel = functools.partial(
         _kernel,
         n=n,
         block=cfg.block,
         num_chunks=cfg.num_chunks,
+        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize),
         inv_n=cfg.inv_n,
         eps=eps,
         has_weight=weight is not None,

@@ -24,6 +24,17 @@ _SMEM_BYTES = 220 * 1024  # Hopper: 227 KB of shared memory per block, less Trit
 
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 values rounded to tf32 (10 mantissa bits; to nearest, ties away
+    from zero), as ``cvt.rna.tf32.f32`` does. The tensor cores would otherwise
+    truncate the operands; XLA rounds them (the Pallas kernel of bi_jax gets
+    these bits), and so does cuBLAS."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)  # NaN stays NaN
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
     M, N, K,
@@ -73,6 +84,9 @@ def _matmul_kernel(
             k_left = K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(ks[:, None] < k_left) & col_ok[None, :], other=0.0)
+        if PRECISION == "tf32":
+            a = _round_tf32(a)
+            b = _round_tf32(b)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
         a_ptrs += a_step
         b_ptrs += b_step
@@ -220,6 +234,10 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: 
                 config: TileConfig, precision: str) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if precision == "tf32":
+        # The TMA kernel feeds shared memory straight to the tensor cores, which
+        # would truncate the operands instead of rounding them (_round_tf32).
+        raise AssertionError("tf32 configs must use the pointer kernel (bi_core.matmul.TF32_TABLE)")
     m, k = a.shape
     n = b.shape[1]
     bm, bn, bk = config.block_m, config.block_n, config.block_k
@@ -300,7 +318,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
     ``bias`` (shape ``(N,)``) added in fp32, one rounding to ``out_dtype``
     (default ``a.dtype``; ``torch.float32`` is also allowed). fp32 inputs run in
     full fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as in
-    torch.
+    torch; tf32 operands are rounded to nearest (ties away from zero), as
+    cuBLAS and XLA do, not truncated.
 
     A row of the output depends only on its row of ``a`` and on ``b``: not on
     how many rows ``a`` has nor where the row sits.

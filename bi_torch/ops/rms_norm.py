@@ -20,7 +20,7 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import rms_norm_config, rstd_asm
+from bi_core.rms_norm import rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm"]
 
@@ -35,6 +35,31 @@ def _square(x, PTX: tl.constexpr):
         )
     else:
         return x * x
+
+
+@triton.jit
+def _sum_tree(v, REPS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
+    """Sum of a row in the order of ``bi_core.rms_norm.SumTree``: every level
+    before the last reduces pairs, which no compiler can reassociate."""
+    x = tl.reshape(v, (REPS * THREADS, VEC))
+    if VEC >= 2:
+        x = tl.sum(tl.reshape(x, (REPS * THREADS, VEC // 2, 2)), axis=2)
+    if VEC >= 4:
+        x = tl.sum(tl.reshape(x, (REPS * THREADS, VEC // 4, 2)), axis=2)
+    if VEC >= 8:
+        x = tl.sum(tl.reshape(x, (REPS * THREADS, VEC // 8, 2)), axis=2)
+    if VEC >= 16:
+        x = tl.sum(tl.reshape(x, (REPS * THREADS, VEC // 16, 2)), axis=2)
+    x = tl.reshape(x, (REPS, THREADS))
+    if REPS >= 2:
+        x = tl.sum(tl.reshape(x, (REPS // 2, 2, THREADS)), axis=1)
+    if REPS >= 4:
+        x = tl.sum(tl.reshape(x, (REPS // 4, 2, THREADS)), axis=1)
+    if REPS >= 8:
+        x = tl.sum(tl.reshape(x, (REPS // 8, 2, THREADS)), axis=1)
+    if REPS >= 16:
+        x = tl.sum(tl.reshape(x, (REPS // 16, 2, THREADS)), axis=1)
+    return tl.sum(tl.reshape(x, (THREADS,)), axis=0, keep_dims=True)
 
 
 @triton.jit
@@ -61,6 +86,9 @@ def _rms_norm_kernel(
     HAS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    REPS: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
     PTX: tl.constexpr,
 ):
     # 64-bit row offset: tensors past 2**31 elements.
@@ -75,20 +103,20 @@ def _rms_norm_kernel(
         if HAS_WEIGHT:
             # Issued before the reduction so that its latency overlaps it.
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        sumsq = tl.sum(_square(x, PTX), axis=0, keep_dims=True)
+        sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC)
         y = x * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if HAS_WEIGHT:
             y = y * w
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # Long rows: fp32 partial sums per lane over fixed-size chunks, then
-        # one tree reduction; the chunk count is a function of the row length.
+        # Long rows: fp32 partial sums per element over fixed-size chunks, then
+        # the tree; the chunk count is a function of the row length.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for c in tl.static_range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             x = tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
             acc += _square(x, PTX)
-        rstd = _rstd(tl.sum(acc, axis=0, keep_dims=True), RSTD_ASM, INV_N, EPS, PTX)
+        rstd = _rstd(_sum_tree(acc, REPS, THREADS, VEC), RSTD_ASM, INV_N, EPS, PTX)
         for c in tl.static_range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             mask = offs < n_cols
@@ -138,6 +166,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     if m == 0:
         return y.view(x.shape)
     cfg = rms_norm_config(n)
+    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size())
     _rms_norm_kernel[(m,)](
         x2d,
         w if w is not None else x2d,
@@ -149,6 +178,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         HAS_WEIGHT=w is not None,
         BLOCK=cfg.block,
         NUM_CHUNKS=cfg.num_chunks,
+        REPS=tree.reps,
+        THREADS=tree.threads,
+        VEC=tree.vec,
         PTX=not interpreting(),
         num_warps=cfg.num_warps,
     )
