@@ -11,7 +11,7 @@ python3 -c "import torch, triton, jax, jaxlib, hypothesis; print('torch', torch.
 status=0
 if [[ $what == tests || $what == all ]]; then
   # BI_TEST_K: an optional pytest -k expression (to split the suite over runs).
-  python3 -m pytest tests -q -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/junit.xml" \
+  python3 -m pytest tests -q -rfExXp -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/junit.xml" \
     ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -60
   status=$?
 fi
