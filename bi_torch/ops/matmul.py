@@ -34,7 +34,10 @@ def _round_tf32(x):
     return tl.where(x != x, x, rounded)  # NaN stays NaN
 
 
-@triton.jit
+# M is not specialised: Triton would compile a separate M == 1 variant, and
+# on the H100 that variant of some configs (64x128x128 TMA, 64x64x256 pointer)
+# stayed in LLVM's O3 pipeline for minutes (bench/probe_matmul_compile.py).
+@triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
     M, N, K,
@@ -110,7 +113,7 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % width) % group_size, (tile % width) // group_size
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _matmul_tma_kernel(
     a_desc, b_desc, c_desc, bias_ptr,
     M, N, K,
