@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(task, description=job.key)
             if native:
                 rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
+                sweep.release_device_memory()
                 continue
             try:
                 rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
