@@ -77,8 +77,8 @@ def implementations(job: Job) -> dict[str, Callable[..., Any]]:
     return impls
 
 
-def _bind(fn: Callable[..., Any], spec: OpSpec) -> Callable[..., Any]:
-    kwargs = dict(spec.kwargs)
+def _bind(fn: Callable[..., Any], spec: OpSpec, framework: str) -> Callable[..., Any]:
+    kwargs = spec.call_kwargs(framework)
     return lambda **inputs: fn(**inputs, **kwargs)
 
 
@@ -92,7 +92,7 @@ def run_job(
 ) -> list[Row]:
     """Time (on a GPU) and check invariance of every implementation for each M."""
     spec, ad = job.spec, adapter(job.framework)
-    impls = {name: _bind(fn, spec) for name, fn in implementations(job).items()}
+    impls = {name: _bind(fn, spec, job.framework) for name, fn in implementations(job).items()}
     largest = max(ms)
     rng = np.random.default_rng(seed)
     base = ad.natives(spec.make_inputs(rng, largest, job.features, job.dtype))

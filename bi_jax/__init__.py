@@ -6,6 +6,7 @@ the same bits on the GPU.
 
 from bi_jax.ops.matmul import dot_general, linear, matmul
 from bi_jax.ops.rms_norm import rms_norm
+from bi_jax.ops.rows import log_softmax, mean, softmax, sum
 
-__all__ = ["dot_general", "linear", "matmul", "rms_norm"]
+__all__ = ["dot_general", "linear", "log_softmax", "matmul", "mean", "rms_norm", "softmax", "sum"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ many rows were computed together or where the row sat in the batch.
 
 from bi_torch.ops.matmul import linear, matmul
 from bi_torch.ops.rms_norm import rms_norm
+from bi_torch.ops.rows import log_softmax, mean, softmax, sum
 
-__all__ = ["linear", "matmul", "rms_norm"]
+__all__ = ["linear", "log_softmax", "matmul", "mean", "rms_norm", "softmax", "sum"]
 __version__ = "0.1.0"

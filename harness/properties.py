@@ -167,13 +167,14 @@ def check_every_batch_size(
     """
     native = adapter.natives(inputs)
     total = native[spec.batch_arg].shape[0]
-    full = fn(**native, **spec.kwargs)
+    kwargs = spec.call_kwargs(adapter.name)
+    full = fn(**native, **kwargs)
     bad = []
     for i, m in enumerate(sizes):
         if m > total:
             raise ValueError(f"size {m} exceeds the {total} rows of the input")
         start = (i * 7919) % (total - m + 1)
-        out = fn(**take_batch_rows(spec, adapter, native, start, start + m), **spec.kwargs)
+        out = fn(**take_batch_rows(spec, adapter, native, start, start + m), **kwargs)
         if not adapter.bitwise_equal(out, adapter.take_rows(full, start, start + m)):
             bad.append((m, start))
     adapter.synchronize(full)

@@ -56,6 +56,13 @@ class OpSpec:
     # batched inputs per batch row (caps the batch at the profile's budget).
     max_features: int | None = None
     row_elements: Callable[[int], int] | None = None
+    # Keyword arguments that differ between frameworks (torch's ``dim``
+    # against JAX's ``axis``), by framework name; merged over ``kwargs``.
+    framework_kwargs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    def call_kwargs(self, framework: str) -> dict[str, object]:
+        """The keyword arguments of every call of this op in ``framework``."""
+        return {**self.kwargs, **self.framework_kwargs.get(framework, {})}
 
     @property
     def batch_args(self) -> tuple[str, ...]:

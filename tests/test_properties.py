@@ -73,9 +73,16 @@ def test_accuracy(op, framework, dtype):
     _run(op, framework, dtype, check)
 
 
-# Row lengths per op: the matrix products at two model widths; rms_norm over
-# every path of its kernel (one warp, masked tails, 16 warps, chunked rows).
-_CROSS_FEATURES = {"rms_norm": (100, 1024, 4096, 5120, 8192, 16384, 24576)}
+# Row lengths per op: the matrix products at two model widths; the row ops over
+# every path of their kernels (one warp, masked tails, 16 warps, chunked rows,
+# a 256k vocabulary).
+_CROSS_FEATURES = {
+    "rms_norm": (100, 1024, 4096, 5120, 8192, 16384, 24576),
+    "sum": (100, 4096, 24576),
+    "mean": (100, 4096, 24576),
+    "softmax": (100, 4096, 32000, 262144),
+    "log_softmax": (100, 4096, 32000, 262144),
+}
 
 
 def _cross_cases():

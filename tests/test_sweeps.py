@@ -16,8 +16,13 @@ from tests_profile import PROFILE
 SWEEPS = {
     "rms_norm": {"bfloat16": (4096, 8192, 24576), "float32": (4096, 8192, 24576)},
     "matmul": {"bfloat16": ((4096, 4096), (8192, 28672)), "float32": ((4096, 4096),)},
+    # Row reductions: a hidden size, and vocabularies (the chunked path) for softmax.
+    "sum": {"float32": (4096, 24576)},
+    "mean": {"bfloat16": (4096,)},
+    "softmax": {"bfloat16": (32000, 128256), "float32": (32000,)},
+    "log_softmax": {"float32": (32000, 128256)},
 }
-LARGEST = {"rms_norm": 16384, "matmul": 8192}
+LARGEST = {"rms_norm": 16384, "matmul": 8192, "sum": 16384, "mean": 16384, "softmax": 4096, "log_softmax": 4096}
 
 
 def _sweep_cases():

@@ -67,7 +67,7 @@ class Adapter(abc.ABC):
         return getattr(importlib.import_module(self.package), registry.get(op).function_name, None)
 
     def call(self, fn: Fn, spec: OpSpec, inputs: dict[str, Any]) -> np.ndarray:
-        out = fn(**inputs, **spec.kwargs)
+        out = fn(**inputs, **spec.call_kwargs(self.name))
         self.synchronize(out)
         return self.to_numpy(out)
 

@@ -88,7 +88,28 @@ def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
     return y.astype(x.dtype).reshape(x.shape)
 
 
+def _split_by_batch_sum(x, axis=-1):
+    """Control: the row split into a batch-dependent number of fp32 partial sums."""
+    rows = x.astype(jnp.float32)
+    splits = 1 + rows.shape[0] % 4
+    total = jnp.zeros(rows.shape[0], jnp.float32)
+    for chunk in jnp.array_split(rows, splits, axis=axis):
+        total = total + jnp.sum(chunk, axis=axis)
+    return total.astype(x.dtype)
+
+
+def _split_by_batch_softmax(x, axis=-1):
+    """Control: softmax whose sum of exponentials is split by batch size."""
+    rows = x.astype(jnp.float32)
+    e = jnp.exp(rows - jnp.max(rows, axis=axis, keepdims=True))
+    return (e / jnp.expand_dims(_split_by_batch_sum(e, axis), axis)).astype(x.dtype)
+
+
 _DEFAULTS: dict[str, Fn] = {
+    "sum": jax.jit(lambda x, axis=-1: jnp.sum(x, axis=axis), static_argnames="axis"),
+    "mean": jax.jit(lambda x, axis=-1: jnp.mean(x, axis=axis), static_argnames="axis"),
+    "softmax": jax.jit(lambda x, axis=-1: jax.nn.softmax(x, axis=axis), static_argnames="axis"),
+    "log_softmax": jax.jit(lambda x, axis=-1: jax.nn.log_softmax(x, axis=axis), static_argnames="axis"),
     "rms_norm": _default_rms_norm,
     "matmul": _default_matmul,
     "linear": _default_linear,
@@ -97,5 +118,7 @@ _DEFAULTS: dict[str, Fn] = {
 CONTROLS: dict[tuple[str, str], Fn] = {
     ("rms_norm", "split_by_batch"): _split_by_batch_rms_norm,
     ("matmul", "split_by_batch"): _split_by_batch_matmul,
+    ("sum", "split_by_batch"): _split_by_batch_sum,
+    ("softmax", "split_by_batch"): _split_by_batch_softmax,
 }
 JaxAdapter.controls = CONTROLS

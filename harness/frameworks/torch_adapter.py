@@ -92,7 +92,29 @@ def _split_by_batch_rms_norm(x, weight=None, eps=1e-6):
     return y.to(x.dtype).reshape(x.shape)
 
 
+def _split_by_batch_sum(x, dim=-1):
+    """Control: the row split into a batch-dependent number of fp32 partial sums."""
+    rows = x.float()
+    splits = 1 + rows.shape[0] % 4
+    total = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for chunk in torch.tensor_split(rows, splits, dim=dim):
+        total = total + chunk.sum(dim=dim)
+    return total.to(x.dtype)
+
+
+def _split_by_batch_softmax(x, dim=-1):
+    """Control: softmax whose sum of exponentials is split by batch size."""
+    rows = x.float()
+    shifted = rows - rows.amax(dim=dim, keepdim=True)
+    e = shifted.exp()
+    return (e / _split_by_batch_sum(e, dim).unsqueeze(dim)).to(x.dtype)
+
+
 _DEFAULTS: dict[str, Fn] = {
+    "sum": lambda x, dim=-1: torch.sum(x, dim),
+    "mean": lambda x, dim=-1: torch.mean(x, dim),
+    "softmax": lambda x, dim=-1: torch.softmax(x, dim),
+    "log_softmax": lambda x, dim=-1: torch.log_softmax(x, dim),
     "rms_norm": _default_rms_norm,
     "matmul": _default_matmul,
     "linear": _default_linear,
@@ -101,5 +123,7 @@ _DEFAULTS: dict[str, Fn] = {
 CONTROLS: dict[tuple[str, str], Fn] = {
     ("rms_norm", "split_by_batch"): _split_by_batch_rms_norm,
     ("matmul", "split_by_batch"): _split_by_batch_matmul,
+    ("sum", "split_by_batch"): _split_by_batch_sum,
+    ("softmax", "split_by_batch"): _split_by_batch_softmax,
 }
 TorchAdapter.controls = CONTROLS

@@ -1,3 +1,3 @@
 """Op specs. Each module registers one op; importing this package loads all."""
 
-from harness.specs import matmul, rms_norm  # noqa: F401
+from harness.specs import matmul, rms_norm, rows  # noqa: F401

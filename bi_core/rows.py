@@ -1,0 +1,35 @@
+"""Reduction contract for the row ops: sum, mean, softmax, log_softmax.
+
+A row (the reduced trailing dims, flattened) is reduced by one program, with
+the block, warps and chunk count of ``bi_core.rms_norm.rms_norm_config`` (a
+function of the row length only) and the sum order of
+``bi_core.rms_norm.SumTree``. Rows longer than ``MAX_FUSED`` are read in
+chunks of ``CHUNK`` elements, accumulated per element in chunk order, then
+summed with the same tree. Maxima are exact in any order.
+
+The transcendental steps are written as PTX so that both Triton compilers
+emit the same instructions: ``exp(x - m)`` as ``ex2.approx`` of an IEEE-rounded
+``(x - m) * log2(e)``, ``log(s)`` as ``lg2.approx`` times ``ln 2`` and the
+divisions as ``div.rn``.
+"""
+
+from __future__ import annotations
+
+from bi_core.rms_norm import CHUNK, MAX_FUSED, f32_hex, rms_norm_config, sum_tree  # noqa: F401
+
+MODES = ("sum", "mean", "softmax", "log_softmax")
+
+LOG2E_HEX = f32_hex(1.4426950408889634)
+LN2_HEX = f32_hex(0.6931471805599453)
+
+# $0 = exp($1 - $2)
+EXP_ASM = (
+    "{ .reg .f32 t; sub.rn.f32 t, $1, $2; "
+    f"mul.rn.f32 t, t, {LOG2E_HEX}; ex2.approx.f32 $0, t; }}"
+)
+# $0 = log($1)
+LOG_ASM = f"{{ .reg .f32 t; lg2.approx.f32 t, $1; mul.rn.f32 $0, t, {LN2_HEX}; }}"
+# $0 = $1 / $2, correctly rounded
+DIV_ASM = "div.rn.f32 $0, $1, $2;"
+
+row_config = rms_norm_config

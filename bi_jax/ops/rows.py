@@ -1,0 +1,220 @@
+"""Row reductions: sum, mean, softmax and log_softmax (Pallas kernel and launchers).
+
+Lowered through Pallas's Triton backend for the reason given in
+``bi_jax/ops/rms_norm.py``: the kernel is the program that ``bi_torch`` runs
+(block, warps, sum tree and PTX from ``bi_core.rows``), so that the two
+frameworks give the same bits.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, row_config, sum_tree
+from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
+from bi_jax.ops.rms_norm import _sum_tree
+
+__all__ = ["sum", "mean", "softmax", "log_softmax"]
+
+# Pallas computes offsets in int32: launch at most this many elements at once.
+_MAX_LAUNCH_ELEMENTS = 2**31 - 1
+
+
+def _asm(asm, *args):
+    return pltriton.elementwise_inline_asm(
+        asm,
+        args=list(args),
+        constraints="=r," + ",".join("r" for _ in args),
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+    )[0]
+
+
+def _exp(x, m, ptx):
+    return _asm(EXP_ASM, x, m) if ptx else jnp.exp(x - m)
+
+
+def _log(s, ptx):
+    return _asm(LOG_ASM, s) if ptx else jnp.log(s)
+
+
+def _div(a, b, ptx):
+    return _asm(DIV_ASM, a, b) if ptx else a / b
+
+
+def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
+    row = pl.program_id(0)
+    cols = jnp.arange(block)
+
+    def load(offs, other):
+        return pltriton.load(x_ref.at[row, offs], mask=offs < n, other=other).astype(jnp.float32)
+
+    if mode in ("sum", "mean"):
+        if num_chunks == 1:
+            acc = load(cols, 0.0)
+        else:
+            acc = lax.fori_loop(0, num_chunks, lambda c, a: a + load(c * block + cols, 0.0),
+                                jnp.zeros((block,), jnp.float32))
+        total = _sum_tree(acc, tree)
+        if mode == "mean":
+            total = _div(total, jnp.full((1,), n, jnp.float32), ptx)
+        pltriton.store(y_ref.at[pl.ds(row, 1)], total.astype(y_ref.dtype))
+        return
+
+    neg_inf = float("-inf")
+    if num_chunks == 1:
+        x = load(cols, neg_inf)
+        m = jnp.broadcast_to(jnp.max(x, axis=0, keepdims=True), (block,))
+        e = _exp(x, m, ptx)
+        s = jnp.broadcast_to(_sum_tree(e, tree), (block,))
+        y = _div(e, s, ptx) if mode == "softmax" else (x - m) - _log(s, ptx)
+        pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=cols < n)
+        return
+
+    # Three passes: maximum (exact in any order), the sum of exponentials
+    # (per-element partials in chunk order, then the tree), the output.
+    mvec = lax.fori_loop(0, num_chunks, lambda c, mv: jnp.maximum(mv, load(c * block + cols, neg_inf)),
+                         jnp.full((block,), neg_inf, jnp.float32))
+    m = jnp.broadcast_to(jnp.max(mvec, axis=0, keepdims=True), (block,))
+    acc = lax.fori_loop(0, num_chunks, lambda c, a: a + _exp(load(c * block + cols, neg_inf), m, ptx),
+                        jnp.zeros((block,), jnp.float32))
+    s = jnp.broadcast_to(_sum_tree(acc, tree), (block,))
+    log_s = _log(s, ptx) if mode == "log_softmax" else None
+
+    def write(c, carry):
+        offs = c * block + cols
+        x = load(offs, neg_inf)
+        y = _div(_exp(x, m, ptx), s, ptx) if mode == "softmax" else (x - m) - log_s
+        pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=offs < n)
+        return carry
+
+    lax.fori_loop(0, num_chunks, write, 0)
+
+
+def _launch(mode: str, x2d, interpret: bool):
+    m, n = x2d.shape
+    if interpret and m == 1:
+        # As in rms_norm: a one-program interpreted grid loses its loop and XLA
+        # compiles the body differently; two programs keep it.
+        return _launch(mode, jnp.concatenate([x2d, x2d]), interpret)[:1]
+    cfg = row_config(n)
+    kernel = functools.partial(
+        _kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks,
+        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize), ptx=not interpret,
+    )
+    out_shape = (m,) if mode in ("sum", "mean") else (m, n)
+    return pl.pallas_call(
+        kernel,
+        grid=(m,),
+        out_shape=jax.ShapeDtypeStruct(out_shape, x2d.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"bi_{mode}",
+    )(x2d)
+
+
+def _rows(mode: str, x2d):
+    interpret = interpret_mode(mode)
+    m, n = x2d.shape
+    rows = builtins.max(1, _MAX_LAUNCH_ELEMENTS // builtins.max(n, 1))
+    parts = [_launch(mode, x2d[s : s + rows], interpret) for s in range(0, m, rows)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def _check_input(op: str, x, dtype):
+    check_float_array("x", x)
+    if dtype is not None:
+        if np.dtype(dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
+            raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
+        x = x.astype(dtype)
+    return x
+
+
+def _axes(op: str, x, axis) -> tuple[int, ...]:
+    """Normalised, sorted, distinct axes; None means every axis."""
+    if axis is None:
+        return tuple(range(x.ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise TypeError(f"{op}: axis must be an int or a tuple of ints, got {axis!r}")
+        if not -x.ndim <= a < x.ndim:
+            raise ValueError(f"{op}: axis {a} is out of bounds for an array of {x.ndim} dimensions")
+        out.append(a % x.ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{op}: axis {axis!r} repeats an axis")
+    return tuple(sorted(out))
+
+
+def _reduce(op: str, x, axis, dtype, keepdims: bool):
+    x = _check_input(op, x, dtype)
+    axes = _axes(op, x, axis)
+    kept = [d for d in range(x.ndim) if d not in axes]
+    n = math.prod(x.shape[d] for d in axes)
+    out_shape = tuple(x.shape[d] for d in kept)
+    x2d = jnp.transpose(x, kept + list(axes)).reshape(math.prod(out_shape), n)
+    if n == 0:
+        out = jnp.full((x2d.shape[0],), 0.0 if op == "sum" else jnp.nan, x.dtype)
+    elif x2d.shape[0] == 0:
+        out = jnp.zeros((0,), x.dtype)
+    else:
+        out = _rows(op, x2d)
+    if keepdims:
+        return out.reshape(tuple(1 if d in axes else s for d, s in enumerate(x.shape)))
+    return out.reshape(out_shape)
+
+
+def _normalise(op: str, x, axis):
+    x = _check_input(op, x, None)
+    axes = _axes(op, x, axis)
+    if not axes:
+        raise ValueError(f"{op}: at least one axis is needed")
+    kept = [d for d in range(x.ndim) if d not in axes]
+    perm = kept + list(axes)
+    moved = jnp.transpose(x, perm)
+    n = math.prod(x.shape[d] for d in axes)
+    x2d = moved.reshape(-1, n)
+    if x2d.size == 0:
+        return x
+    out = _rows(op, x2d).reshape(moved.shape)
+    return jnp.transpose(out, np.argsort(perm))
+
+
+def sum(x: jax.Array, axis=None, dtype=None, keepdims: bool = False) -> jax.Array:
+    """Batch-invariant ``jnp.sum(x, axis, dtype, keepdims=keepdims)`` for float arrays.
+
+    fp32 accumulation in a fixed order that depends on the reduced size only,
+    one rounding to the output dtype (``dtype`` if given, else ``x.dtype``).
+    """
+    return _reduce("sum", x, axis, dtype, keepdims)
+
+
+def mean(x: jax.Array, axis=None, dtype=None, keepdims: bool = False) -> jax.Array:
+    """Batch-invariant ``jnp.mean``: ``sum`` divided (correctly rounded, fp32)
+    by the number of elements, rounded once."""
+    return _reduce("mean", x, axis, dtype, keepdims)
+
+
+def softmax(x: jax.Array, axis=-1) -> jax.Array:
+    """Batch-invariant ``jax.nn.softmax(x, axis)``; ``axis`` an int or a tuple.
+
+    fp32 math: the maximum, ``exp(x - max)``, their sum in a fixed order, one
+    division and one rounding to ``x.dtype``.
+    """
+    return _normalise("softmax", x, axis)
+
+
+def log_softmax(x: jax.Array, axis=-1) -> jax.Array:
+    """Batch-invariant ``jax.nn.log_softmax(x, axis)``:
+    ``(x - max) - log(sum(exp(x - max)))`` in fp32, rounded once."""
+    return _normalise("log_softmax", x, axis)

@@ -1,0 +1,242 @@
+"""Row reductions: sum, mean, softmax and log_softmax (Triton kernel and launchers).
+
+One program reduces one row (the reduced dims, moved last and flattened). The
+block, warps, chunking and the order of every sum come from ``bi_core.rows``
+and depend on the row length only, never on the number of rows.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, row_config, sum_tree
+from bi_torch._checks import (
+    SUPPORTED_DTYPES,
+    canonical,
+    check_float_tensor,
+    check_launchable,
+    check_no_autograd,
+    interpreting,
+)
+from bi_torch.ops.rms_norm import _sum_tree
+
+__all__ = ["sum", "mean", "softmax", "log_softmax"]
+
+# The PTX strings as compile-time constants of the kernels.
+_EXP_ASM = tl.constexpr(EXP_ASM)
+_LOG_ASM = tl.constexpr(LOG_ASM)
+_DIV_ASM = tl.constexpr(DIV_ASM)
+
+
+@triton.jit
+def _exp(x, m, PTX: tl.constexpr):
+    """exp(x - m) (see bi_core.rows)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_EXP_ASM, "=r,r,r", [x, m], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x - m)
+
+
+@triton.jit
+def _log(s, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(_LOG_ASM, "=r,r", [s], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log(s)
+
+
+@triton.jit
+def _div(a, b, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(_DIV_ASM, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a / b
+
+
+@triton.jit
+def _row_kernel(
+    x_ptr,
+    y_ptr,
+    n_cols,
+    MODE: tl.constexpr,
+    N_F32: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    REPS: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    # 64-bit row offset: tensors past 2**31 elements.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * n_cols
+    cols = tl.arange(0, BLOCK)
+    if MODE == "sum" or MODE == "mean":
+        if NUM_CHUNKS == 1:
+            acc = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        else:
+            # Per-element partial sums over the chunks in order, then the tree.
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in range(NUM_CHUNKS):
+                offs = c * BLOCK + cols
+                acc += tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+        total = _sum_tree(acc, REPS, THREADS, VEC)
+        if MODE == "mean":
+            total = _div(total, tl.full([1], N_F32, tl.float32), PTX)
+        tl.store(y_ptr + row + tl.arange(0, 1), total.to(y_ptr.dtype.element_ty))
+    else:
+        y_row = y_ptr + row * n_cols
+        if NUM_CHUNKS == 1:
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m = tl.broadcast_to(tl.max(x, axis=0, keep_dims=True), [BLOCK])
+            e = _exp(x, m, PTX)
+            s = tl.broadcast_to(_sum_tree(e, REPS, THREADS, VEC), [BLOCK])
+            if MODE == "softmax":
+                y = _div(e, s, PTX)
+            else:
+                y = (x - m) - _log(s, PTX)
+            tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            # Three passes over the row: maximum (exact in any order), the sum
+            # of exponentials (per-element partials, then the tree), the output.
+            mvec = tl.full([BLOCK], float("-inf"), tl.float32)
+            for c in range(NUM_CHUNKS):
+                offs = c * BLOCK + cols
+                x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+                mvec = tl.maximum(mvec, x)
+            m = tl.broadcast_to(tl.max(mvec, axis=0, keep_dims=True), [BLOCK])
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in range(NUM_CHUNKS):
+                offs = c * BLOCK + cols
+                x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+                acc += _exp(x, m, PTX)
+            s = tl.broadcast_to(_sum_tree(acc, REPS, THREADS, VEC), [BLOCK])
+            if MODE == "log_softmax":
+                log_s = _log(s, PTX)
+            for c in range(NUM_CHUNKS):
+                offs = c * BLOCK + cols
+                mask = offs < n_cols
+                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                if MODE == "softmax":
+                    y = _div(_exp(x, m, PTX), s, PTX)
+                else:
+                    y = (x - m) - log_s
+                tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor) -> None:
+    m, n = x2d.shape
+    if m == 0:
+        return
+    cfg = row_config(n)
+    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size())
+    _row_kernel[(m,)](
+        x2d, out, n,
+        MODE=op, N_F32=float(n), BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks,
+        REPS=tree.reps, THREADS=tree.threads, VEC=tree.vec, PTX=not interpreting(),
+        num_warps=cfg.num_warps,
+    )
+
+
+def _check_input(op: str, x, dtype) -> torch.Tensor:
+    check_float_tensor("x", x)
+    if dtype is not None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
+        x = x.to(dtype)  # as torch: the input is cast before the op
+    check_launchable(op, x)
+    check_no_autograd(op, x)
+    return x
+
+
+def _dims(op: str, x: torch.Tensor, dim) -> tuple[int, ...]:
+    """Normalised, sorted, distinct dims; None or () means every dim."""
+    if dim is None:
+        dims = tuple(range(x.ndim))
+    elif isinstance(dim, int):
+        dims = (dim,)
+    else:
+        dims = tuple(dim) or tuple(range(x.ndim))
+    out = []
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise TypeError(f"{op}: dim must be an int or a tuple of ints, got {dim!r}")
+        if not -builtins.max(x.ndim, 1) <= d < builtins.max(x.ndim, 1):
+            raise IndexError(f"{op}: dim {d} is out of range for a tensor of {x.ndim} dimensions")
+        out.append(d % builtins.max(x.ndim, 1))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{op}: dim {dim!r} repeats a dimension")
+    return tuple(sorted(out)) if x.ndim else ()
+
+
+def _reduce(op: str, x: torch.Tensor, dim, keepdim: bool, dtype) -> torch.Tensor:
+    x = _check_input(op, x, dtype)
+    dims = _dims(op, x, dim)
+    kept = [d for d in range(x.ndim) if d not in dims]
+    n = math.prod(x.shape[d] for d in dims)
+    out_shape = [x.shape[d] for d in kept]
+    moved = x.permute(*kept, *dims) if x.ndim else x
+    x2d = canonical(moved.reshape(math.prod(out_shape), n))
+    if n == 0:
+        # As torch: the empty sum is 0 and the empty mean is nan.
+        out = torch.full((x2d.shape[0],), 0.0 if op == "sum" else math.nan, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((x2d.shape[0],), dtype=x.dtype, device=x.device)
+        _launch(op, x2d, out)
+    if keepdim:
+        return out.reshape([1 if d in dims else s for d, s in enumerate(x.shape)])
+    return out.reshape(out_shape)
+
+
+def _normalise(op: str, x: torch.Tensor, dim: int, dtype) -> torch.Tensor:
+    x = _check_input(op, x, dtype)
+    if x.ndim == 0:
+        x1 = x.reshape(1, 1)
+        return _normalise(op, x1, -1, None).reshape(())
+    (d,) = _dims(op, x, dim) if isinstance(dim, int) else (None,)
+    if d is None:
+        raise TypeError(f"{op}: dim must be an int, got {dim!r}")
+    moved = x.movedim(d, -1)
+    n = moved.shape[-1]
+    x2d = canonical(moved.reshape(-1, n))
+    out = torch.empty_like(x2d)
+    if n > 0:
+        _launch(op, x2d, out)
+    return out.reshape(moved.shape).movedim(-1, d)
+
+
+def sum(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Batch-invariant ``torch.sum(x, dim, keepdim, dtype=dtype)`` for float tensors.
+
+    fp32 accumulation in a fixed order that depends on the reduced size only,
+    one rounding to the output dtype (``dtype`` if given, else ``x.dtype``).
+    Any dims; those that are not last are moved there by a copy.
+    """
+    return _reduce("sum", x, dim, keepdim, dtype)
+
+
+def mean(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Batch-invariant ``torch.mean(x, dim, keepdim, dtype=dtype)``: the sum of
+    ``sum`` divided (correctly rounded, in fp32) by the number of elements."""
+    return _reduce("mean", x, dim, keepdim, dtype)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Batch-invariant ``torch.softmax(x, dim, dtype=dtype)``.
+
+    fp32 math: the row maximum, ``exp(x - max)``, their sum in a fixed order,
+    one division and one rounding to the output dtype.
+    """
+    return _normalise("softmax", x, dim, dtype)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Batch-invariant ``torch.log_softmax(x, dim, dtype=dtype)``:
+    ``(x - max) - log(sum(exp(x - max)))`` in fp32, rounded once."""
+    return _normalise("log_softmax", x, dim, dtype)

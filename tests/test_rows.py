@@ -1,0 +1,119 @@
+"""Row reductions (sum, mean, softmax, log_softmax): framework semantics,
+dims and axes, dtypes and input validation in both frameworks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.bits import np_dtype
+from harness.frameworks import adapter
+
+FRAMEWORKS = ["torch", "jax"]
+
+
+def _call(framework, op, x, axis, **kw):
+    """The bi_ op with the framework's own keyword for the reduced dims."""
+    ad = adapter(framework)
+    key = "dim" if framework == "torch" else "axis"
+    if framework == "torch" and "keepdims" in kw:
+        kw["keepdim"] = kw.pop("keepdims")
+    return ad.to_numpy(ad.kernel(op)(ad.to_native(x), **{key: axis}, **kw))
+
+
+def _np_log_softmax(x, axis):
+    x = x.astype(np.float64)
+    s = x - x.max(axis=axis, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize(
+    "shape,axis",
+    [((5, 37), -1), ((2, 3, 40), 2), ((4, 6, 9), (1, 2)), ((4, 6, 9), 0), ((4, 6, 9), (0, 2)), ((3, 5), None),
+     ((7,), 0), ((2, 20000), -1)],
+    ids=str,
+)
+@pytest.mark.parametrize("op", ["sum", "mean"])
+def test_sum_and_mean_follow_numpy(framework, shape, axis, op):
+    x = (1.0 + np.random.default_rng(2).standard_normal(shape)).astype(np.float32)
+    want = getattr(np, op)(x.astype(np.float64), axis=axis)
+    got = _call(framework, op, x, axis)
+    assert got.shape == np.shape(want) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+    kept = _call(framework, op, x, axis, keepdims=True)
+    assert kept.shape == getattr(np, op)(x, axis=axis, keepdims=True).shape
+    np.testing.assert_array_equal(kept.reshape(got.shape), got)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("shape,axis", [((5, 37), -1), ((3, 40, 2), 1), ((2, 20000), -1), ((6,), 0)], ids=str)
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_and_log_softmax_follow_the_definition(framework, shape, axis, op):
+    x = (4.0 * np.random.default_rng(3).standard_normal(shape)).astype(np.float32)
+    want = _np_log_softmax(x, axis)
+    want = np.exp(want) if op == "softmax" else want
+    got = _call(framework, op, x, axis)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 if op == "log_softmax" else 1e-8)
+
+
+def test_jax_softmax_over_several_axes():
+    # jax.nn.softmax takes a tuple of axes; torch.softmax a single dim.
+    x = np.random.default_rng(4).standard_normal((3, 4, 5)).astype(np.float32)
+    got = _call("jax", "softmax", x, (1, 2))
+    np.testing.assert_allclose(got, np.exp(_np_log_softmax(x, (1, 2))), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("op", ["sum", "mean", "softmax", "log_softmax"])
+def test_low_precision_output_keeps_the_input_dtype(framework, dtype, op):
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np_dtype(dtype))
+    got = _call(framework, op, x, -1)
+    assert got.dtype == np_dtype(dtype)
+    ref = {"sum": lambda v: v.sum(-1), "mean": lambda v: v.mean(-1),
+           "softmax": lambda v: np.exp(_np_log_softmax(v, -1)), "log_softmax": lambda v: _np_log_softmax(v, -1)}[op]
+    np.testing.assert_allclose(got.astype(np.float64), ref(x.astype(np.float64)), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_dtype_argument_casts_first(framework):
+    ad = adapter(framework)
+    x = np.random.default_rng(6).standard_normal((2, 50)).astype(np.float32)
+    if framework == "torch":
+        import torch
+
+        out = ad.kernel("sum")(ad.to_native(x), -1, dtype=torch.bfloat16)
+        soft = ad.kernel("softmax")(ad.to_native(x), -1, dtype=torch.float16)
+    else:
+        import jax.numpy as jnp
+
+        out = ad.kernel("sum")(ad.to_native(x), -1, dtype=jnp.bfloat16)
+        soft = None
+    assert ad.to_numpy(out).dtype == np_dtype("bfloat16")
+    want = x.astype(np_dtype("bfloat16")).astype(np.float64).sum(-1)
+    np.testing.assert_allclose(ad.to_numpy(out).astype(np.float64), want, rtol=2e-2)
+    if soft is not None:
+        assert ad.to_numpy(soft).dtype == np.float16
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_empty_reductions(framework):
+    x = np.zeros((3, 0), dtype=np.float32)
+    np.testing.assert_array_equal(_call(framework, "sum", x, -1), np.zeros(3, np.float32))
+    assert np.isnan(_call(framework, "mean", x, -1)).all()
+    assert _call(framework, "softmax", np.zeros((0, 5), np.float32), -1).shape == (0, 5)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_errors_name_the_problem(framework):
+    ad = adapter(framework)
+    key = "dim" if framework == "torch" else "axis"
+    x = ad.to_native(np.ones((2, 3), np.float32))
+    with pytest.raises((IndexError, ValueError), match="out of"):
+        ad.kernel("sum")(x, **{key: 5})
+    with pytest.raises(ValueError, match="repeats"):
+        ad.kernel("mean")(x, **{key: (1, -1)})
+    with pytest.raises(TypeError, match="dtype"):
+        ad.kernel("softmax")(ad.to_native(np.ones((2, 3), np.int32)))
