@@ -7,6 +7,18 @@ many rows were computed together or where the row sat in the batch.
 from bi_torch.ops.matmul import linear, matmul
 from bi_torch.ops.rms_norm import rms_norm
 from bi_torch.ops.rows import log_softmax, mean, softmax, sum
+from bi_torch.mode import BatchVarianceRisk, is_batch_invariant_mode_enabled, set_batch_invariant_mode
 
-__all__ = ["linear", "log_softmax", "matmul", "mean", "rms_norm", "softmax", "sum"]
+__all__ = [
+    "BatchVarianceRisk",
+    "is_batch_invariant_mode_enabled",
+    "linear",
+    "log_softmax",
+    "matmul",
+    "mean",
+    "rms_norm",
+    "set_batch_invariant_mode",
+    "softmax",
+    "sum",
+]
 __version__ = "0.1.0"

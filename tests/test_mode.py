@@ -1,0 +1,122 @@
+"""The torch drop-in mode: which ops it routes, strictness, and restoring
+PyTorch's dispatch. On CPU the routed kernels run in the Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bi_torch
+from tests_profile import PROFILE
+
+DEVICE = "cuda" if PROFILE.native else "cpu"
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 64, generator=g).to(DEVICE)
+    w = torch.randn(32, 64, generator=g).to(DEVICE)
+    b = torch.randn(32, generator=g).to(DEVICE)
+    return x, w, b
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@torch.no_grad()
+def test_routed_ops_give_the_bi_kernels_bits():
+    x, w, b = _data()
+    with bi_torch.set_batch_invariant_mode() as mode:
+        lin = torch.nn.functional.linear(x, w, b)
+        mm = torch.mm(x, w.t())
+        bmm = torch.bmm(x.reshape(2, 3, 64), w.t().expand(2, 64, 32))
+        soft = torch.softmax(lin, -1)
+        logsoft = torch.log_softmax(lin, dim=-1)
+        mean = lin.mean(-1)
+        total = lin.sum(dim=(0, 1))
+    want = {
+        "lin": bi_torch.linear(x, w, b), "mm": bi_torch.matmul(x, w.t()),
+        "bmm": bi_torch.matmul(x.reshape(2, 3, 64), w.t().expand(2, 64, 32)),
+        "soft": bi_torch.softmax(want_lin := bi_torch.linear(x, w, b), -1),
+        "logsoft": bi_torch.log_softmax(want_lin, -1), "mean": bi_torch.mean(want_lin, -1),
+        "total": bi_torch.sum(want_lin, (0, 1)),
+    }
+    got = {"lin": lin, "mm": mm, "bmm": bmm, "soft": soft, "logsoft": logsoft, "mean": mean, "total": total}
+    for name in want:
+        assert torch.equal(_bits(got[name]), _bits(want[name])), name
+    for op in ("aten.addmm.default", "aten.mm.default", "aten.bmm.default", "aten._softmax.default",
+               "aten._log_softmax.default", "aten.mean.dim", "aten.sum.dim_IntList"):
+        assert mode.handled[op] >= 1, (op, dict(mode.handled))
+
+
+@torch.no_grad()
+def test_other_dtypes_and_ops_run_pytorch_kernels():
+    x, _, _ = _data()
+    with bi_torch.set_batch_invariant_mode() as mode:
+        ints = torch.arange(10, device=DEVICE).sum()  # integer sums are exact: PyTorch's kernel
+        y = torch.relu(x) + 1
+    assert int(ints) == 45 and torch.equal(y, torch.relu(x) + 1)
+    assert not mode.handled and not mode.unhandled
+
+
+@torch.no_grad()
+def test_strict_mode_refuses_ops_without_an_invariant_kernel():
+    x, _, _ = _data()
+    q = x[None, None]
+    with pytest.raises(bi_torch.BatchVarianceRisk, match="no batch-invariant kernel"):
+        with bi_torch.set_batch_invariant_mode(strict=True):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    with pytest.raises(bi_torch.BatchVarianceRisk, match="float64"):
+        with bi_torch.set_batch_invariant_mode(strict=True):
+            torch.mm(x.double(), x.double().t())
+    # Lenient: the op runs, and the mode lists it.
+    with bi_torch.set_batch_invariant_mode() as mode:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert out.shape == q.shape
+    assert any("scaled_dot_product" in op for op in mode.unhandled)
+
+
+@torch.no_grad()
+def test_leaving_restores_pytorch_dispatch_even_after_an_exception():
+    x, w, _ = _data()
+    default = torch.mm(x, w.t())
+    with pytest.raises(ZeroDivisionError):
+        with bi_torch.set_batch_invariant_mode():
+            assert bi_torch.is_batch_invariant_mode_enabled()
+            1 / 0
+    assert not bi_torch.is_batch_invariant_mode_enabled()
+    assert torch.equal(torch.mm(x, w.t()), default)
+    # The switch form.
+    bi_torch.set_batch_invariant_mode(True)
+    try:
+        assert bi_torch.is_batch_invariant_mode_enabled()
+        assert torch.equal(_bits(torch.mm(x, w.t())), _bits(bi_torch.matmul(x, w.t())))
+        with bi_torch.set_batch_invariant_mode(False):
+            assert not bi_torch.is_batch_invariant_mode_enabled()
+        assert bi_torch.is_batch_invariant_mode_enabled()  # the with restored the switch's state
+    finally:
+        bi_torch.set_batch_invariant_mode(False)
+    assert not bi_torch.is_batch_invariant_mode_enabled()
+    assert torch.equal(torch.mm(x, w.t()), default)
+
+
+@torch.no_grad()
+def test_torch_compile_runs_eagerly_inside_the_mode():
+    """Compiled functions run eagerly through the mode (stance force_eager), so
+    they give the eager bits; outside, the previous stance is back."""
+    x, w, _ = _data()
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda a, b: torch.softmax(torch.mm(a, b), -1), backend=backend)
+    with bi_torch.set_batch_invariant_mode() as mode:
+        got = compiled(x, w.t())
+    assert not calls, "torch.compile traced a graph inside the mode"
+    assert mode.handled["aten.mm.default"] == 1
+    assert torch.equal(_bits(got), _bits(bi_torch.softmax(bi_torch.matmul(x, w.t()), -1)))
+    compiled(x, w.t())
+    assert len(calls) == 1, "the compiler stance was not restored"
