@@ -7,6 +7,18 @@ the same bits on the GPU.
 from bi_jax.ops.matmul import dot_general, linear, matmul
 from bi_jax.ops.rms_norm import rms_norm
 from bi_jax.ops.rows import log_softmax, mean, softmax, sum
+from bi_jax.transform import BatchVarianceRisk, batch_invariant
 
-__all__ = ["dot_general", "linear", "log_softmax", "matmul", "mean", "rms_norm", "softmax", "sum"]
+__all__ = [
+    "BatchVarianceRisk",
+    "batch_invariant",
+    "dot_general",
+    "linear",
+    "log_softmax",
+    "matmul",
+    "mean",
+    "rms_norm",
+    "softmax",
+    "sum",
+]
 __version__ = "0.1.0"

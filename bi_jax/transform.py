@@ -1,0 +1,168 @@
+"""``bi_jax.batch_invariant(fn)``: run a JAX function through the bi_ kernels.
+
+The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
+
+* ``dot_general`` on float32 / bfloat16 / float16 operands runs
+  :func:`bi_jax.dot_general`;
+* ``reduce_sum`` on those dtypes runs :func:`bi_jax.sum` (so ``jnp.mean``,
+  ``jax.nn.softmax`` and ``jax.nn.log_softmax``, which XLA builds from
+  ``reduce_max``, ``exp`` and ``reduce_sum``, reduce in the kernels' fixed order);
+* everything else runs as it is: exact reductions (``reduce_max``,
+  ``reduce_min``, ``argmax``, integer sums) and elementwise ops;
+* nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` functions and
+  rematerialised blocks are evaluated the same way, inside.
+
+Other primitives that reduce floating-point values in an order XLA may pick
+per shape (``reduce_prod``, cumulative sums, convolutions, a product or a sum
+in float64, and reductions inside ``cond`` / ``while`` / ``scan`` bodies, which
+the transform does not rewrite) are refused with ``BatchVarianceRisk`` when
+``strict=True``, else run as they are and counted in ``wrapped.unhandled``.
+
+The result composes with ``jax.jit``; it is a forward-only transform (the
+kernels have no derivative rules).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jex_core
+
+from bi_jax._checks import SUPPORTED_DTYPES
+from bi_jax.ops.matmul import dot_general as _bi_dot_general
+from bi_jax.ops.rows import sum as _bi_sum
+
+__all__ = ["BatchVarianceRisk", "batch_invariant"]
+
+_FLOATS = {np.dtype(d) for d in SUPPORTED_DTYPES}
+
+# Primitives that reduce floating-point values in an order the transform does
+# not control.
+_RISKY = {"reduce_prod", "cumsum", "cumprod", "cumlogsumexp", "conv_general_dilated", "psum",
+          "dot_general", "reduce_sum"}
+_CONTROL_FLOW = {"cond", "while", "scan"}
+
+
+class BatchVarianceRisk(RuntimeError):
+    """A strict :func:`batch_invariant` transform met a reduction it cannot make invariant."""
+
+
+def _is_float(x) -> bool:
+    return np.dtype(x.dtype) in _FLOATS
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jex_core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jex_core.Jaxpr):
+                yield v
+
+
+def _reduces_floats(jaxpr) -> bool:
+    """Whether a jaxpr (or one nested in it) sums or multiplies floats."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _RISKY and any(
+            np.dtype(v.aval.dtype).kind == "f" for v in eqn.invars if hasattr(v.aval, "dtype")
+        ):
+            return True
+        if any(_reduces_floats(j) for j in _sub_jaxprs(eqn.params)):
+            return True
+    return False
+
+
+class _Evaluator:
+    def __init__(self, strict: bool, unhandled: Counter) -> None:
+        self.strict = strict
+        self.unhandled = unhandled
+
+    def risky(self, name: str, why: str) -> None:
+        if self.strict:
+            raise BatchVarianceRisk(
+                f"batch_invariant: {name} ({why}) has no batch-invariant kernel; XLA may change its reduction "
+                "order with the shape. Use strict=False to run it anyway (it is then counted in .unhandled)."
+            )
+        self.unhandled[name] += 1
+
+    def run(self, jaxpr, consts, args):
+        env = {}
+
+        def read(v):
+            return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+        for v, c in zip(jaxpr.constvars, consts):
+            env[v] = c
+        for v, a in zip(jaxpr.invars, args):
+            env[v] = a
+        for eqn in jaxpr.eqns:
+            outs = self.apply(eqn, [read(v) for v in eqn.invars])
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+            for v, o in zip(eqn.outvars, outs):
+                env[v] = o
+        return [read(v) for v in jaxpr.outvars]
+
+    def apply(self, eqn, invals):
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            lhs, rhs = invals
+            if _is_float(lhs) and _is_float(rhs) and lhs.dtype == rhs.dtype:
+                pet = params.get("preferred_element_type")
+                if pet is not None and np.dtype(pet) not in (np.dtype(lhs.dtype), np.dtype(jnp.float32)):
+                    self.risky(name, f"preferred_element_type {pet}")
+                else:
+                    return _bi_dot_general(lhs, rhs, params["dimension_numbers"], precision=params.get("precision"),
+                                           preferred_element_type=pet)
+            elif np.dtype(lhs.dtype).kind == "f" or np.dtype(rhs.dtype).kind == "f":
+                self.risky(name, f"dtypes {lhs.dtype} x {rhs.dtype}")
+        elif name == "reduce_sum":
+            (x,) = invals
+            if _is_float(x):
+                return _bi_sum(x, axis=tuple(params["axes"]))
+            if np.dtype(x.dtype).kind == "f":
+                self.risky(name, f"dtype {x.dtype}")
+        elif name in ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"):
+            sub = params.get("jaxpr") or params.get("call_jaxpr")
+            if isinstance(sub, jex_core.ClosedJaxpr):
+                return self.run(sub.jaxpr, sub.consts, invals)
+            return self.run(sub, (), invals)
+        elif name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
+            sub = params.get("call_jaxpr") or params.get("fun_jaxpr")
+            if isinstance(sub, jex_core.ClosedJaxpr):
+                return self.run(sub.jaxpr, sub.consts, invals)
+            return self.run(sub, (), invals)
+        elif name in _CONTROL_FLOW:
+            if any(_reduces_floats(j) for j in _sub_jaxprs(params)):
+                self.risky(name, "a floating-point product or sum inside its body")
+        elif name in _RISKY and any(np.dtype(x.dtype).kind == "f" for x in invals if hasattr(x, "dtype")):
+            self.risky(name, "floating-point reduction")
+        return eqn.primitive.bind(*invals, **params)
+
+
+def batch_invariant(fn=None, *, strict: bool = False):
+    """Transform ``fn`` so that its products and sums run the bi_ kernels.
+
+    Usable as ``batch_invariant(fn)``, ``batch_invariant(fn, strict=True)`` or
+    as a decorator (``@batch_invariant`` / ``@batch_invariant(strict=True)``).
+    Keyword arguments of the wrapped function are static (not traced). The
+    returned function has an ``unhandled`` counter: primitives that ran
+    XLA's kernel although they reduce floats (lenient mode).
+    """
+    if fn is None:
+        return functools.partial(batch_invariant, strict=strict)
+
+    unhandled: Counter = Counter()
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        closed, out_shape = jax.make_jaxpr(functools.partial(fn, **kwargs), return_shape=True)(*args)
+        outs = _Evaluator(strict, unhandled).run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    wrapped.unhandled = unhandled
+    return wrapped
