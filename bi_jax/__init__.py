@@ -4,7 +4,7 @@ Same op names and semantics as ``bi_torch``; on the same inputs the two give
 the same bits on the GPU.
 """
 
-from bi_jax.ops.matmul import dot_general, linear, matmul
+from bi_jax.ops.matmul import dot_general, einsum, linear, matmul
 from bi_jax.ops.rms_norm import rms_norm
 from bi_jax.ops.rows import log_softmax, mean, softmax, sum
 from bi_jax.transform import BatchVarianceRisk, batch_invariant
@@ -13,6 +13,7 @@ __all__ = [
     "BatchVarianceRisk",
     "batch_invariant",
     "dot_general",
+    "einsum",
     "linear",
     "log_softmax",
     "matmul",

@@ -155,18 +155,31 @@ def test_jax_block_varies_without_the_transform():
     assert not (np.array_equal(full, alone) and np.array_equal(full, pair))
 
 
-def test_flax_dense_takes_bi_dot_general():
-    flax = pytest.importorskip("flax")  # noqa: F841  (flax is optional: not a dependency)
+def _flax_bits(a):
+    return np.asarray(a).view(np.int32)
+
+
+def test_flax_layers_take_the_bi_products():
+    """``nnx.Linear(dot_general=)``, ``nnx.Einsum(einsum_op=)`` and
+    ``linen.Dense(dot_general=)`` with the bi_ kernels: the products of the
+    kernels, and a row's bits independent of its batch."""
+    pytest.importorskip("flax")  # optional: not a dependency of the package
     import jax
     import jax.numpy as jnp
-    from flax import nnx
+    from flax import linen, nnx
 
     import bi_jax
 
-    layer = nnx.Linear(16, 8, dot_general=bi_jax.dot_general, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(3).standard_normal((5, 16)), jnp.float32)
-    want = bi_jax.matmul(x, layer.kernel.value) + layer.bias.value
-    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
-    full, part = layer(x), layer(x[1:3])
-    assert np.array_equal(np.asarray(full[1:3]).view(np.int32), np.asarray(part).view(np.int32))
-    del jax
+    linear = nnx.Linear(16, 8, dot_general=bi_jax.dot_general, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(_flax_bits(linear(x)),
+                                  _flax_bits(bi_jax.matmul(x, linear.kernel[...]) + linear.bias[...]))
+    einsum = nnx.Einsum("bi,io->bo", (16, 8), (8,), einsum_op=bi_jax.einsum, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(_flax_bits(einsum(x)),
+                                  _flax_bits(bi_jax.matmul(x, einsum.kernel[...]) + einsum.bias[...]))
+    dense = linen.Dense(8, dot_general=bi_jax.dot_general)
+    params = dense.init(jax.random.key(2), x)
+    kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+    np.testing.assert_array_equal(_flax_bits(dense.apply(params, x)), _flax_bits(bi_jax.matmul(x, kernel) + bias))
+    for layer in (linear, einsum, lambda v: dense.apply(params, v)):
+        assert np.array_equal(_flax_bits(layer(x)[1:3]), _flax_bits(layer(x[1:3])))

@@ -413,3 +413,20 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
         b3 = jnp.transpose(rhs, (*rb, *rc, *rf)).reshape(bsz, k, n)
     out = _run(a3, b3, None, out_dtype, prec, b_kmajor)
     return out.reshape(*bshape, *mshape, *nshape)
+
+
+def einsum(subscripts: str, *operands, optimize="auto", precision=None, preferred_element_type=None,
+           out_sharding=None) -> jax.Array:
+    """``jnp.einsum`` whose contractions run :func:`dot_general`, for Flax's
+    ``nnx.Einsum(..., einsum_op=bi_jax.einsum)``.
+
+    jnp.einsum reduces each pairwise contraction with its ``_dot_general``
+    argument (a private hook of ``jnp.einsum``); this passes the batch-invariant
+    one. An index summed within a single operand is reduced by ``jnp.sum``
+    before that, in XLA's order: wrap the caller in ``bi_jax.batch_invariant``
+    to route those sums as well. ``out_sharding`` must be None.
+    """
+    if out_sharding is not None:
+        raise NotImplementedError("einsum: out_sharding is not supported")
+    return jnp.einsum(subscripts, *operands, optimize=optimize, precision=precision,
+                      preferred_element_type=preferred_element_type, _dot_general=dot_general)
