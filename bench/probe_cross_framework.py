@@ -27,7 +27,6 @@ def main() -> None:
     import numpy as np
 
     import bi_jax
-    import bi_torch
     from bi_core.rms_norm import rms_norm_config
     from harness import registry
     from harness.frameworks import adapter

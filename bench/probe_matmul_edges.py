@@ -9,7 +9,6 @@ between the two runs.
 
 from __future__ import annotations
 
-import itertools
 
 from harness.devices import configure
 

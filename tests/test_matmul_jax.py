@@ -13,7 +13,6 @@ import pytest
 from jax import lax
 
 from bi_core import matmul as contract
-from tests_profile import PROFILE
 
 import bi_jax
 from bi_jax.ops import matmul as jm
