@@ -77,8 +77,9 @@ def _reduces_floats(jaxpr) -> bool:
 
 
 class _Evaluator:
-    def __init__(self, strict: bool, unhandled: Counter) -> None:
+    def __init__(self, strict: bool, handled: Counter, unhandled: Counter) -> None:
         self.strict = strict
+        self.handled = handled
         self.unhandled = unhandled
 
     def risky(self, name: str, why: str) -> None:
@@ -116,6 +117,7 @@ class _Evaluator:
                 if pet is not None and np.dtype(pet) not in (np.dtype(lhs.dtype), np.dtype(jnp.float32)):
                     self.risky(name, f"preferred_element_type {pet}")
                 else:
+                    self.handled[name] += 1
                     return _bi_dot_general(lhs, rhs, params["dimension_numbers"], precision=params.get("precision"),
                                            preferred_element_type=pet)
             elif np.dtype(lhs.dtype).kind == "f" or np.dtype(rhs.dtype).kind == "f":
@@ -123,6 +125,7 @@ class _Evaluator:
         elif name == "reduce_sum":
             (x,) = invals
             if _is_float(x):
+                self.handled[name] += 1
                 return _bi_sum(x, axis=tuple(params["axes"]))
             if np.dtype(x.dtype).kind == "f":
                 self.risky(name, f"dtype {x.dtype}")
@@ -150,19 +153,22 @@ def batch_invariant(fn=None, *, strict: bool = False):
     Usable as ``batch_invariant(fn)``, ``batch_invariant(fn, strict=True)`` or
     as a decorator (``@batch_invariant`` / ``@batch_invariant(strict=True)``).
     Keyword arguments of the wrapped function are static (not traced). The
-    returned function has an ``unhandled`` counter: primitives that ran
-    XLA's kernel although they reduce floats (lenient mode).
+    returned function counts, per primitive, the equations the bi_ kernels
+    ran (``handled``) and those that ran XLA's kernel although they reduce
+    floats (``unhandled``, lenient mode); both count every trace.
     """
     if fn is None:
         return functools.partial(batch_invariant, strict=strict)
 
+    handled: Counter = Counter()
     unhandled: Counter = Counter()
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         closed, out_shape = jax.make_jaxpr(functools.partial(fn, **kwargs), return_shape=True)(*args)
-        outs = _Evaluator(strict, unhandled).run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        outs = _Evaluator(strict, handled, unhandled).run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
+    wrapped.handled = handled
     wrapped.unhandled = unhandled
     return wrapped

@@ -41,6 +41,16 @@ def check_launchable(op: str, t: torch.Tensor) -> None:
     )
 
 
+# Within a row, offsets are int32 (chunk index times block plus lane): rows may
+# have at most this many elements, the masked lanes of the last chunk included.
+MAX_ROW_ELEMENTS = 2**31 - 1 - 8192
+
+
+def check_row_length(op: str, n: int) -> None:
+    if n > MAX_ROW_ELEMENTS:
+        raise ValueError(f"{op}: rows of {n} elements are too long (at most {MAX_ROW_ELEMENTS}: int32 offsets)")
+
+
 def check_no_autograd(op: str, *tensors: torch.Tensor | None) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise NotImplementedError(

@@ -98,7 +98,8 @@ def _fused_rms_norm_impl(x, normalized_shape, weight=None, eps=None):
         eps = torch.finfo(x.dtype).eps
     y = _rms.rms_norm(x, weight, eps)
     # The second output (1/rms per row, for the backward pass), in fp32.
-    sq = x.float() * x.float()
+    x32 = x.float()
+    sq = x32 * x32
     rstd = torch.rsqrt(_rows.mean(sq, -1, keepdim=True) + eps)
     return y, rstd
 
@@ -119,17 +120,19 @@ _HANDLED = {
     aten._fused_rms_norm.default: _fused_rms_norm_impl,
 }
 
-# Floating-point reductions with no invariant kernel here (by op packet name
-# prefix): the strict mode refuses them on a target device.
-_RISKY_PREFIXES = (
-    "_scaled_dot_product", "scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention",
-    "native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm", "layer_norm",
-    "var", "std", "norm", "linalg_vector_norm", "_fused_rms_norm", "rms_norm",
-    "mv", "addmv", "dot", "vdot", "baddbmm", "addbmm", "addr",
-    "convolution", "_convolution", "cudnn_convolution", "conv",
-    "logsumexp", "prod", "cumsum", "cumprod", "embedding_bag", "nll_loss", "cross_entropy", "mse_loss",
-    "mm", "addmm", "bmm", "matmul", "_softmax", "_log_softmax", "sum", "mean", "nansum", "nanmean",
-)
+# Floating-point reductions with no invariant kernel here: the strict mode
+# refuses them on a target device. Op packet names, and name prefixes for the
+# attention and convolution families.
+_RISKY_NAMES = frozenset({
+    "native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "var", "var_mean", "std", "std_mean", "norm", "linalg_vector_norm",
+    "_fused_rms_norm", "mv", "addmv", "dot", "vdot", "baddbmm", "addbmm", "addr", "logsumexp", "prod",
+    "cumsum", "cumprod", "_embedding_bag", "nll_loss_forward", "nll_loss2d_forward", "mse_loss",
+    "mm", "addmm", "bmm", "_softmax", "_log_softmax", "sum", "mean", "nansum", "_int_mm",
+})
+_RISKY_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention",
+                   "convolution", "_convolution", "cudnn_convolution", "miopen_convolution", "_slow_conv",
+                   "slow_conv", "_conv_depthwise")
 
 
 def _tensors(args, kwargs):
@@ -180,7 +183,8 @@ class BatchInvariantMode(TorchDispatchMode):
             else:
                 self.handled[str(func)] += 1
                 return out
-        elif target and str(func.overloadpacket.__name__).startswith(_RISKY_PREFIXES):
+        elif target and (func.overloadpacket.__name__ in _RISKY_NAMES
+                         or func.overloadpacket.__name__.startswith(_RISKY_PREFIXES)):
             dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in floating})
             self._risky(func, f"dtypes {', '.join(dtypes)}" if impl is not None else "no invariant kernel")
         return func(*args, **kwargs)

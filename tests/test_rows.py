@@ -117,3 +117,17 @@ def test_errors_name_the_problem(framework):
         ad.kernel("mean")(x, **{key: (1, -1)})
     with pytest.raises(TypeError, match="dtype"):
         ad.kernel("softmax")(ad.to_native(np.ones((2, 3), np.int32)))
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_rows_too_long_for_int32_offsets_are_refused(framework, monkeypatch):
+    # The real limit is 2**31 - 1 - 8192 elements per row; lowered here so that
+    # the check runs on a small array.
+    if framework == "torch":
+        monkeypatch.setattr("bi_torch._checks.MAX_ROW_ELEMENTS", 40)
+    else:
+        monkeypatch.setattr("bi_jax.ops._row_launch.MAX_LAUNCH_ELEMENTS", 40)
+    x = np.ones((2, 50), np.float32)
+    for op in ("sum", "softmax", "rms_norm"):
+        with pytest.raises(ValueError, match="too long"):
+            _call(framework, op, x, -1) if op != "rms_norm" else adapter(framework).kernel(op)(adapter(framework).to_native(x))

@@ -20,11 +20,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rms_norm import SumTree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
+from bi_jax.ops._row_launch import launch_rows
 
 __all__ = ["rms_norm"]
 
-# Pallas computes offsets in int32: launch at most this many elements at once.
-_MAX_LAUNCH_ELEMENTS = 2**31 - 1
 
 
 def _square(x, ptx: bool):
@@ -107,11 +106,6 @@ def _kernel(x_ref, *refs, n, block, num_chunks, tree, inv_n, eps, has_weight, pt
 
 def _launch(x2d, weight, eps, interpret):
     m, n = x2d.shape
-    if interpret and m == 1:
-        # Interpreted, a one-program grid loses its loop and XLA compiles the
-        # body differently: 1-element rows then came out 1 ULP apart from the
-        # same row in a larger launch. Two programs keep the loop.
-        return _launch(jnp.concatenate([x2d, x2d]), weight, eps, interpret)[:1]
     cfg = rms_norm_config(n)
     kernel = functools.partial(
         _kernel,
@@ -169,7 +163,5 @@ def rms_norm(x: jax.Array, weight: jax.Array | None = None, eps: float = 1e-6) -
     if m == 0:
         return x
     # Rows are independent: splitting the launch changes no row's bits.
-    rows = max(1, _MAX_LAUNCH_ELEMENTS // n)
-    parts = [_launch(x2d[s : s + rows], weight, eps, interpret) for s in range(0, m, rows)]
-    y = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    y = launch_rows("rms_norm", lambda part: _launch(part, weight, eps, interpret), x2d, interpret)
     return y.reshape(x.shape)

@@ -8,7 +8,6 @@ frameworks give the same bits.
 
 from __future__ import annotations
 
-import builtins
 import functools
 import math
 
@@ -21,12 +20,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, row_config, sum_tree
 from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
+from bi_jax.ops._row_launch import launch_rows
 from bi_jax.ops.rms_norm import _sum_tree
 
 __all__ = ["sum", "mean", "softmax", "log_softmax"]
 
-# Pallas computes offsets in int32: launch at most this many elements at once.
-_MAX_LAUNCH_ELEMENTS = 2**31 - 1
 
 
 def _asm(asm, *args):
@@ -102,10 +100,6 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
 
 def _launch(mode: str, x2d, interpret: bool):
     m, n = x2d.shape
-    if interpret and m == 1:
-        # As in rms_norm: a one-program interpreted grid loses its loop and XLA
-        # compiles the body differently; two programs keep it.
-        return _launch(mode, jnp.concatenate([x2d, x2d]), interpret)[:1]
     cfg = row_config(n)
     kernel = functools.partial(
         _kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks,
@@ -124,10 +118,7 @@ def _launch(mode: str, x2d, interpret: bool):
 
 def _rows(mode: str, x2d):
     interpret = interpret_mode(mode)
-    m, n = x2d.shape
-    rows = builtins.max(1, _MAX_LAUNCH_ELEMENTS // builtins.max(n, 1))
-    parts = [_launch(mode, x2d[s : s + rows], interpret) for s in range(0, m, rows)]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    return launch_rows(mode, lambda part: _launch(mode, part, interpret), x2d, interpret)
 
 
 def _check_input(op: str, x, dtype):

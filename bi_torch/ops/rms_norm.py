@@ -17,6 +17,7 @@ from bi_torch._checks import (
     check_float_tensor,
     check_launchable,
     check_no_autograd,
+    check_row_length,
     canonical,
     interpreting,
 )
@@ -156,6 +157,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         if weight.device != x.device:
             raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
     eps = check_eps(eps)
+    check_row_length("rms_norm", n)
     check_launchable("rms_norm", x)
     check_no_autograd("rms_norm", x, weight)
 

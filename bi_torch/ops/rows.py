@@ -21,6 +21,7 @@ from bi_torch._checks import (
     check_float_tensor,
     check_launchable,
     check_no_autograd,
+    check_row_length,
     interpreting,
 )
 from bi_torch.ops.rms_norm import _sum_tree
@@ -132,6 +133,7 @@ def _row_kernel(
 
 def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor) -> None:
     m, n = x2d.shape
+    check_row_length(op, n)
     if m == 0:
         return
     cfg = row_config(n)
