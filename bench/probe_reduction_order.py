@@ -52,13 +52,13 @@ def _rms_probe(out: Path) -> None:
     @triton.jit
     def torch_kernel(x_ptr, w_ptr, y_ptr, s_ptr, n_cols, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr,
                      EPS: tl.constexpr, BLOCK: tl.constexpr, REPS: tl.constexpr, THREADS: tl.constexpr,
-                     VEC: tl.constexpr):
+                     VEC: tl.constexpr, EXPLICIT: tl.constexpr, LANES: tl.constexpr, WARPS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        sumsq = tmod._sum_tree(tmod._square(x, True), REPS, THREADS, VEC)
+        sumsq = tmod._sum_tree(tmod._square(x, True), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
         y = x * tmod._rstd(sumsq, RSTD_ASM, INV_N, EPS, True) * w
         tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row + tl.arange(0, 1), sumsq)
@@ -80,7 +80,7 @@ def _rms_probe(out: Path) -> None:
     for dtype in ("float32", "bfloat16"):
         for n in (1024, 4096, 8192):
             cfg = rms_norm_config(n)
-            tree = sum_tree(cfg.block, cfg.num_warps, 4 if dtype == "float32" else 2)
+            tree = sum_tree(cfg.block, cfg.num_warps, 4 if dtype == "float32" else 2, n)
             rng = np.random.default_rng(n)
             x = rng.standard_normal((rows, n), dtype=np.float32)
             w = rng.standard_normal(n, dtype=np.float32)
@@ -91,7 +91,8 @@ def _rms_probe(out: Path) -> None:
             st = torch.empty(rows, device="cuda", dtype=torch.float32)
             compiled = torch_kernel[(rows,)](xt, wt, yt, st, n, RSTD_ASM=rstd_asm(cfg.inv_n, eps), INV_N=cfg.inv_n,
                                              EPS=eps, BLOCK=cfg.block, REPS=tree.reps, THREADS=tree.threads,
-                                             VEC=tree.vec, num_warps=cfg.num_warps)
+                                             VEC=tree.vec, EXPLICIT=tree.explicit_threads, LANES=tree.lanes,
+                                             WARPS=tree.warps, num_warps=cfg.num_warps)
             if n == 4096 and dtype == "bfloat16":
                 (out / f"torch_sums_{dtype}_{n}.ttgir").write_text(compiled.asm["ttgir"])
                 (out / f"torch_sums_{dtype}_{n}.ptx").write_text(compiled.asm["ptx"])

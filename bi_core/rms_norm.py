@@ -55,34 +55,91 @@ class SumTree:
 
     Element ``(r * threads + t) * vec + v`` of the row is ``x[r, t, v]``. The
     ``vec`` values of each ``(r, t)`` are added in adjacent pairs, level by
-    level, then the ``reps`` results of each ``t`` likewise, and the last
-    ``threads`` values are left to the compiler's cross-thread reduction (a
-    lane butterfly, then the warps), which both Triton compilers emit alike.
+    level, then the ``reps`` results of each ``t`` likewise. The last
+    ``threads`` values, ``t = w * lanes + l``, are added as a warp butterfly
+    does it: pairs ``l, l ^ lanes/2`` first, down to ``l, l ^ 1``, then the
+    warps' sums, pairs ``w, w ^ warps/2`` first.
 
     Written out with reductions of size 2 only (``a + b == b + a``), so that no
     compiler can associate it differently. ``tl.sum`` over a thread's
     registers is not such an order: triton 3.6 adds them in sequence and the
     Triton inside jaxlib 0.11 in pairs, which is why the two frameworks'
     sums differed in about 20 % of rows before this tree was written out
-    (``bench/probe_reduction_order.py``). The shape follows the blocked layout
-    that both compilers give a row (one 16-byte vector per thread, repeated),
-    so every level is register arithmetic.
+    (``bench/probe_reduction_order.py``).
+
+    The last ``threads`` values are written out only where the compilers'
+    register layout can vary (``explicit_threads``). A row whose length is a
+    multiple of 16 is loaded in 16-byte vectors by both compilers whatever the
+    number of rows, so ``threads`` is the layout's thread count and the
+    compilers' own cross-thread reduction (a lane butterfly, then the warps)
+    adds in the order above. Shorter alignments change the layout with facts
+    outside the row: Pallas folds the row index of a one-program grid to the
+    constant 0, which makes the row look 16-byte aligned, so a one-row batch
+    was loaded in vectors and its sums left the butterfly's order (2 ULP in
+    fp32 softmax at 1869 columns on an H100). Such rows take the slower,
+    layout-free tree.
     """
 
     reps: int
     threads: int
     vec: int
+    explicit_threads: bool = False
+
+    @property
+    def lanes(self) -> int:
+        return min(self.threads, 32)
+
+    @property
+    def warps(self) -> int:
+        return self.threads // self.lanes
+
+
+# Row lengths with this many elements as a factor are loaded in 16-byte vectors
+# by both Triton compilers (torch's specialises integer arguments divisible by 16).
+ALIGNED_ROW = 16
 
 
 @lru_cache(maxsize=None)
-def sum_tree(block: int, num_warps: int, itemsize: int) -> SumTree:
-    """The reduction tree of a ``block``-element row loaded from ``itemsize``-byte values."""
+def sum_tree(block: int, num_warps: int, itemsize: int, n: int) -> SumTree:
+    """The reduction tree of an ``n``-element row held in ``block`` lanes,
+    loaded from ``itemsize``-byte values."""
     threads = min(32 * num_warps, block)
     vec = max(1, min(16 // itemsize, block // threads))
     reps = block // (threads * vec)
-    # The kernels write out up to 4 pair levels for each of vec and reps.
+    # The kernels write out up to 4 pair levels for each of vec, reps and the
+    # warps, 5 for the lanes.
     assert reps * threads * vec == block and reps <= 16 and vec <= 16, (block, num_warps, itemsize)
-    return SumTree(reps=reps, threads=threads, vec=vec)
+    assert threads <= 32 or threads % 32 == 0 and threads // 32 <= 16, (block, num_warps)
+    return SumTree(reps=reps, threads=threads, vec=vec, explicit_threads=n % ALIGNED_ROW != 0)
+
+
+def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None):
+    """The sum of a ``tree.block``-element fp32 vector ``v`` in the tree's order,
+    as a 1-element array, with array module ``xp`` (``jax.numpy`` inside the
+    Pallas kernel, ``numpy`` to replay the kernels' sums on the host).
+
+    Every level sums an axis of size 2. The cross-thread levels are written
+    out when ``explicit_threads`` (default: ``tree.explicit_threads``), else
+    left to ``xp.sum`` (the compiler's cross-thread reduction in a kernel).
+    """
+    explicit = tree.explicit_threads if explicit_threads is None else explicit_threads
+    reps, threads = tree.reps, tree.threads
+    x = v.reshape(reps * threads, tree.vec)
+    while x.shape[1] > 1:
+        x = xp.sum(x.reshape(reps * threads, x.shape[1] // 2, 2), axis=2)
+    x = x.reshape(reps, threads)
+    while x.shape[0] > 1:
+        x = xp.sum(x.reshape(x.shape[0] // 2, 2, threads), axis=1)
+    if not explicit:
+        return xp.sum(x.reshape(threads), axis=0, keepdims=True)
+    warps, lanes = tree.warps, tree.lanes
+    x = x.reshape(warps, lanes)
+    while x.shape[1] > 1:  # x[w, l] + x[w, l + half]: one butterfly level
+        x = xp.sum(x.reshape(warps, 2, x.shape[1] // 2), axis=1)
+    x = x.reshape(warps)
+    while x.shape[0] > 1:
+        x = xp.sum(x.reshape(2, x.shape[0] // 2), axis=0)
+    return x.reshape(1)
 
 
 @lru_cache(maxsize=None)

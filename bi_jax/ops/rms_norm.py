@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import SumTree, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import SumTree, reduce_tree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 
@@ -40,17 +40,9 @@ def _square(x, ptx: bool):
 
 
 def _sum_tree(v, tree: SumTree):
-    """Sum of a row in the order of ``bi_core.rms_norm.SumTree`` (the same
-    levels as bi_torch's ``_sum_tree``): pairs, then the compiler's
-    cross-thread reduction."""
-    reps, threads, vec = tree.reps, tree.threads, tree.vec
-    x = v.reshape(reps * threads, vec)
-    while x.shape[-1] > 1:
-        x = jnp.sum(x.reshape(reps * threads, x.shape[-1] // 2, 2), axis=2)
-    x = x.reshape(reps, threads)
-    while x.shape[0] > 1:
-        x = jnp.sum(x.reshape(x.shape[0] // 2, 2, threads), axis=1)
-    return jnp.sum(x.reshape(threads), axis=0, keepdims=True)
+    """Sum of a row in the order of ``bi_core.rms_norm.SumTree``: the same
+    levels as bi_torch's ``_sum_tree``."""
+    return reduce_tree(v, tree, jnp)
 
 
 def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
@@ -112,7 +104,7 @@ def _launch(x2d, weight, eps, interpret):
         n=n,
         block=cfg.block,
         num_chunks=cfg.num_chunks,
-        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize),
+        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n),
         inv_n=cfg.inv_n,
         eps=eps,
         has_weight=weight is not None,

@@ -103,7 +103,7 @@ def _launch(mode: str, x2d, interpret: bool):
     cfg = row_config(n)
     kernel = functools.partial(
         _kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks,
-        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize), ptx=not interpret,
+        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n), ptx=not interpret,
     )
     out_shape = (m,) if mode in ("sum", "mean") else (m, n)
     return pl.pallas_call(

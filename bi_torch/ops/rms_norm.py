@@ -39,9 +39,30 @@ def _square(x, PTX: tl.constexpr):
 
 
 @triton.jit
-def _sum_tree(v, REPS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
+def _pair_lanes(x, WARPS: tl.constexpr, HALF: tl.constexpr):
+    """``x[w, l] + x[w, l + HALF]``: one level of a warp butterfly."""
+    return tl.sum(tl.reshape(x, (WARPS, 2, HALF)), axis=1)
+
+
+@triton.jit
+def _pair_warps(x, HALF: tl.constexpr):
+    """``x[w] + x[w + HALF]``."""
+    return tl.reshape(tl.sum(tl.reshape(x, (2, HALF)), axis=0), (HALF,))
+
+
+@triton.jit
+def _sum_tree(
+    v,
+    REPS: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
+    EXPLICIT: tl.constexpr,
+    LANES: tl.constexpr,
+    WARPS: tl.constexpr,
+):
     """Sum of a row in the order of ``bi_core.rms_norm.SumTree``: every level
-    before the last reduces pairs, which no compiler can reassociate."""
+    is a sum of pairs, which no compiler can reassociate; the cross-thread
+    levels are left to ``tl.sum`` unless ``EXPLICIT``."""
     x = tl.reshape(v, (REPS * THREADS, VEC))
     if VEC >= 2:
         x = tl.sum(tl.reshape(x, (REPS * THREADS, VEC // 2, 2)), axis=2)
@@ -60,7 +81,29 @@ def _sum_tree(v, REPS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
         x = tl.sum(tl.reshape(x, (REPS // 8, 2, THREADS)), axis=1)
     if REPS >= 16:
         x = tl.sum(tl.reshape(x, (REPS // 16, 2, THREADS)), axis=1)
-    return tl.sum(tl.reshape(x, (THREADS,)), axis=0, keep_dims=True)
+    if not EXPLICIT:
+        return tl.sum(tl.reshape(x, (THREADS,)), axis=0, keep_dims=True)
+    x = tl.reshape(x, (WARPS, LANES))
+    if LANES >= 32:
+        x = _pair_lanes(x, WARPS, LANES // 2)
+    if LANES >= 16:
+        x = _pair_lanes(x, WARPS, 8)
+    if LANES >= 8:
+        x = _pair_lanes(x, WARPS, 4)
+    if LANES >= 4:
+        x = _pair_lanes(x, WARPS, 2)
+    if LANES >= 2:
+        x = _pair_lanes(x, WARPS, 1)
+    x = tl.reshape(x, (WARPS,))
+    if WARPS >= 16:
+        x = _pair_warps(x, 8)
+    if WARPS >= 8:
+        x = _pair_warps(x, 4)
+    if WARPS >= 4:
+        x = _pair_warps(x, 2)
+    if WARPS >= 2:
+        x = _pair_warps(x, 1)
+    return x
 
 
 @triton.jit
@@ -90,6 +133,9 @@ def _rms_norm_kernel(
     REPS: tl.constexpr,
     THREADS: tl.constexpr,
     VEC: tl.constexpr,
+    EXPLICIT: tl.constexpr,
+    LANES: tl.constexpr,
+    WARPS: tl.constexpr,
     PTX: tl.constexpr,
 ):
     # 64-bit row offset: tensors past 2**31 elements.
@@ -104,7 +150,7 @@ def _rms_norm_kernel(
         if HAS_WEIGHT:
             # Issued before the reduction so that its latency overlaps it.
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC)
+        sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
         y = x * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if HAS_WEIGHT:
             y = y * w
@@ -117,7 +163,7 @@ def _rms_norm_kernel(
             offs = c * BLOCK + cols
             x = tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
             acc += _square(x, PTX)
-        rstd = _rstd(_sum_tree(acc, REPS, THREADS, VEC), RSTD_ASM, INV_N, EPS, PTX)
+        rstd = _rstd(_sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), RSTD_ASM, INV_N, EPS, PTX)
         for c in tl.static_range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             mask = offs < n_cols
@@ -168,7 +214,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     if m == 0:
         return y.view(x.shape)
     cfg = rms_norm_config(n)
-    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size())
+    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
     _rms_norm_kernel[(m,)](
         x2d,
         w if w is not None else x2d,
@@ -183,6 +229,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         REPS=tree.reps,
         THREADS=tree.threads,
         VEC=tree.vec,
+        EXPLICIT=tree.explicit_threads,
+        LANES=tree.lanes,
+        WARPS=tree.warps,
         PTX=not interpreting(),
         num_warps=cfg.num_warps,
     )

@@ -71,6 +71,9 @@ def _row_kernel(
     REPS: tl.constexpr,
     THREADS: tl.constexpr,
     VEC: tl.constexpr,
+    EXPLICIT: tl.constexpr,
+    LANES: tl.constexpr,
+    WARPS: tl.constexpr,
     PTX: tl.constexpr,
 ):
     # 64-bit row offset: tensors past 2**31 elements.
@@ -86,7 +89,7 @@ def _row_kernel(
             for c in range(NUM_CHUNKS):
                 offs = c * BLOCK + cols
                 acc += tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
-        total = _sum_tree(acc, REPS, THREADS, VEC)
+        total = _sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
         if MODE == "mean":
             total = _div(total, tl.full([1], N_F32, tl.float32), PTX)
         tl.store(y_ptr + row + tl.arange(0, 1), total.to(y_ptr.dtype.element_ty))
@@ -97,7 +100,7 @@ def _row_kernel(
             x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m = tl.broadcast_to(tl.max(x, axis=0, keep_dims=True), [BLOCK])
             e = _exp(x, m, PTX)
-            s = tl.broadcast_to(_sum_tree(e, REPS, THREADS, VEC), [BLOCK])
+            s = tl.broadcast_to(_sum_tree(e, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), [BLOCK])
             if MODE == "softmax":
                 y = _div(e, s, PTX)
             else:
@@ -117,7 +120,7 @@ def _row_kernel(
                 offs = c * BLOCK + cols
                 x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
                 acc += _exp(x, m, PTX)
-            s = tl.broadcast_to(_sum_tree(acc, REPS, THREADS, VEC), [BLOCK])
+            s = tl.broadcast_to(_sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), [BLOCK])
             if MODE == "log_softmax":
                 log_s = _log(s, PTX)
             for c in range(NUM_CHUNKS):
@@ -137,11 +140,12 @@ def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor) -> None:
     if m == 0:
         return
     cfg = row_config(n)
-    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size())
+    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
     _row_kernel[(m,)](
         x2d, out, n,
         MODE=op, N_F32=float(n), BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks,
-        REPS=tree.reps, THREADS=tree.threads, VEC=tree.vec, PTX=not interpreting(),
+        REPS=tree.reps, THREADS=tree.threads, VEC=tree.vec,
+        EXPLICIT=tree.explicit_threads, LANES=tree.lanes, WARPS=tree.warps, PTX=not interpreting(),
         num_warps=cfg.num_warps,
     )
 
