@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.devices import configure
+from harness.devices import configure, release_device_memory
 
 
 def _csv(kind):
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(task, description=job.key)
             if native:
                 rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
-                sweep.release_device_memory()
+                release_device_memory()
                 continue
             try:
                 rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))

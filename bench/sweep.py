@@ -143,22 +143,6 @@ def run_job(
     return rows
 
 
-def release_device_memory() -> None:
-    """Hand back what one job cached on the GPU before the next one starts.
-
-    Both frameworks share the device in one process: torch's caching allocator
-    keeps freed blocks, and a JAX job after a large torch job (the 8192x28672
-    matmul) could otherwise run out of memory.
-    """
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _input_sets(job: Job, m: int, rng: np.random.Generator) -> list[dict]:
     """Enough independent input sets (weights included) that cycling through
     them does not run out of L2: each call reads its inputs from memory."""

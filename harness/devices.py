@@ -74,3 +74,19 @@ def configure() -> Profile:
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     return CPU
+
+
+def release_device_memory() -> None:
+    """Hand back what the last job cached on the GPU.
+
+    torch's caching allocator keeps freed blocks; a JAX job after a large torch
+    job in the same process, or in another process on the same GPU (parallel
+    test workers), could otherwise run out of memory.
+    """
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

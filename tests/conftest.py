@@ -101,3 +101,15 @@ def _release_gpu_memory():
         import torch
 
         torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory_after_each_test():
+    """Several test processes share one GPU: each returns torch's cached
+    blocks after every test, so that a JAX test in another process can
+    allocate (a 4-worker GPU run ran out of memory without it)."""
+    yield
+    if PROFILE.native:
+        from harness.devices import release_device_memory
+
+        release_device_memory()
