@@ -112,8 +112,13 @@ def time_jax(fn: Callable[..., Any], arg_sets: list[dict], calls: int = 200) -> 
     calls = max(len(arg_sets), calls - calls % len(arg_sets))
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
-        outs = [jitted(**arg_sets[i % len(arg_sets)]) for i in range(calls)]
-        jax.block_until_ready(outs)
+        # Only the last output is kept: holding all of them (200 outputs of up
+        # to 2 GB) ran the device out of memory. Freed buffers are reused in
+        # stream order, so dropping them does not wait for the device.
+        out = None
+        for i in range(calls):
+            out = jitted(**arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
         jax.profiler.stop_trace()
         paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         events = _device_kernel_events(paths[0]) if paths else []

@@ -68,16 +68,18 @@ class SumTree:
     (``bench/probe_reduction_order.py``).
 
     The last ``threads`` values are written out only where the compilers'
-    register layout can vary (``explicit_threads``). A row whose length is a
-    multiple of 16 is loaded in 16-byte vectors by both compilers whatever the
-    number of rows, so ``threads`` is the layout's thread count and the
-    compilers' own cross-thread reduction (a lane butterfly, then the warps)
-    adds in the order above. Shorter alignments change the layout with facts
-    outside the row: Pallas folds the row index of a one-program grid to the
-    constant 0, which makes the row look 16-byte aligned, so a one-row batch
-    was loaded in vectors and its sums left the butterfly's order (2 ULP in
-    fp32 softmax at 1869 columns on an H100). Such rows take the slower,
-    layout-free tree.
+    register layout can vary (``explicit_threads``). Rows whose length in
+    bytes is a multiple of 16 are loaded in 16-byte vectors by both compilers
+    whatever the number of rows (both kernels take the row length as a
+    compile-time constant), so ``threads`` is the layout's thread count and
+    the compilers' own cross-thread reduction (a lane butterfly, then the
+    warps) adds in the order above: on an H100 both frameworks' sums equal
+    the tree replayed in numpy (``bench/probe_row_alignment.py``). Other rows
+    get a layout that depends on facts outside the row: Pallas folds the row
+    index of a one-program grid to the constant 0, which makes the row look
+    aligned, so a one-row batch was loaded in vectors and its sums left the
+    butterfly's order (2 ULP in fp32 softmax at 1869 columns on an H100).
+    Such rows take the written-out levels, which no layout can change.
     """
 
     reps: int
@@ -94,9 +96,9 @@ class SumTree:
         return self.threads // self.lanes
 
 
-# Row lengths with this many elements as a factor are loaded in 16-byte vectors
-# by both Triton compilers (torch's specialises integer arguments divisible by 16).
-ALIGNED_ROW = 16
+# Rows whose length in bytes is a multiple of this are loaded in vectors of this
+# many bytes by both Triton compilers, for any number of rows.
+VECTOR_BYTES = 16
 
 
 @lru_cache(maxsize=None)
@@ -110,7 +112,7 @@ def sum_tree(block: int, num_warps: int, itemsize: int, n: int) -> SumTree:
     # warps, 5 for the lanes.
     assert reps * threads * vec == block and reps <= 16 and vec <= 16, (block, num_warps, itemsize)
     assert threads <= 32 or threads % 32 == 0 and threads // 32 <= 16, (block, num_warps)
-    return SumTree(reps=reps, threads=threads, vec=vec, explicit_threads=n % ALIGNED_ROW != 0)
+    return SumTree(reps=reps, threads=threads, vec=vec, explicit_threads=(n * itemsize) % VECTOR_BYTES != 0)
 
 
 def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None):

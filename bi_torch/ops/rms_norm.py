@@ -123,7 +123,9 @@ def _rms_norm_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
-    n_cols,
+    # A constant, as in the Pallas kernel: the compiler then knows the
+    # alignment of every row (see bi_core.rms_norm.SumTree).
+    n_cols: tl.constexpr,
     RSTD_ASM: tl.constexpr,
     INV_N: tl.constexpr,
     EPS: tl.constexpr,

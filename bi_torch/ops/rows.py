@@ -63,7 +63,9 @@ def _div(a, b, PTX: tl.constexpr):
 def _row_kernel(
     x_ptr,
     y_ptr,
-    n_cols,
+    # A constant, as in the Pallas kernel: the compiler then knows the
+    # alignment of every row (see bi_core.rms_norm.SumTree).
+    n_cols: tl.constexpr,
     MODE: tl.constexpr,
     N_F32: tl.constexpr,
     BLOCK: tl.constexpr,
