@@ -1,16 +1,19 @@
-"""Tuning probe: rms_norm speed against the number of warps per row.
+"""Tuning probe: speed of a one-row-per-program op against the number of warps per row.
 
 Runs the benchmark's own job (bi_ kernel and framework default, same timing)
-with ``bi_core.rms_norm.rms_norm_config`` overridden to each warp count, and
-checks that bi_torch and bi_jax still give the same bits with it.
+for rms_norm or a row op (``--op softmax``) with the row config overridden to
+each warp count, and checks that bi_torch and bi_jax still give the same bits
+with it.
 
     BI_DEVICE=gpu python -m bench.probe_rms_norm_warps --features 8192 --warps 8,16,32
+    BI_DEVICE=gpu python -m bench.probe_rms_norm_warps --op softmax --features 5120,32000 --warps 8,16
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 
 from harness.devices import configure
 
@@ -18,6 +21,7 @@ from harness.devices import configure
 def main() -> None:
     configure()
     p = argparse.ArgumentParser()
+    p.add_argument("--op", default="rms_norm")
     p.add_argument("--features", default="4096,8192")
     p.add_argument("--warps", default="4,8,16,32")
     p.add_argument("--m", default="1,2,4,8,16,32,64,512,4096,8192")
@@ -26,23 +30,25 @@ def main() -> None:
 
     import numpy as np
 
-    import bi_jax.ops.rms_norm as jmod
-    import bi_torch.ops.rms_norm as tmod
     from bench import sweep, timing
     from bi_core.rms_norm import rms_norm_config
     from harness import registry
     from harness.frameworks import adapter
 
-    spec = registry.get("rms_norm")
+    module, attr = ("rms_norm", "rms_norm_config") if args.op == "rms_norm" else ("rows", "row_config")
+    jmod = importlib.import_module(f"bi_jax.ops.{module}")
+    tmod = importlib.import_module(f"bi_torch.ops.{module}")
+    spec = registry.get(args.op)
     copy = timing.copy_bandwidth_gbs()
     ms = [int(m) for m in args.m.split(",")]
     for n in (int(f) for f in args.features.split(",")):
         base = rms_norm_config(n)
         for warps in (int(w) for w in args.warps.split(",")):
             cfg = dataclasses.replace(base, num_warps=warps)
-            tmod.rms_norm_config = jmod.rms_norm_config = lambda _n, cfg=cfg: cfg
+            setattr(tmod, attr, lambda _n, cfg=cfg: cfg)
+            setattr(jmod, attr, lambda _n, cfg=cfg: cfg)
             inputs = spec.make_inputs(np.random.default_rng(n), 256, n, "bfloat16")
-            outs = [adapter(fw).call(adapter(fw).kernel("rms_norm"), spec, adapter(fw).natives(inputs))
+            outs = [adapter(fw).call(adapter(fw).kernel(args.op), spec, adapter(fw).natives(inputs))
                     for fw in ("torch", "jax")]
             same = np.array_equal(outs[0].view(np.uint16), outs[1].view(np.uint16))
             for fw in args.frameworks.split(","):
@@ -50,7 +56,8 @@ def main() -> None:
                 bi = [r for r in rows if r.impl == "bi"]
                 line = " ".join(f"{r.m}:{r.median_us:.2f}us/{r.ratio_to_default:.2f}x" for r in bi)
                 print(f"N={n} warps={warps} {fw} (torch==jax bits: {same}): {line}", flush=True)
-            tmod.rms_norm_config = jmod.rms_norm_config = rms_norm_config
+            setattr(tmod, attr, rms_norm_config)
+            setattr(jmod, attr, rms_norm_config)
 
 
 if __name__ == "__main__":

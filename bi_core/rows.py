@@ -9,8 +9,10 @@ summed with the same tree. Maxima are exact in any order.
 
 The transcendental steps are written as PTX so that both Triton compilers
 emit the same instructions: ``exp(x - m)`` as ``ex2.approx`` of an IEEE-rounded
-``(x - m) * log2(e)``, ``log(s)`` as ``lg2.approx`` times ``ln 2`` and the
-divisions as ``div.rn``.
+``(x - m) * log2(e)``, ``log(s)`` as ``lg2.approx`` times ``ln 2``, the mean's
+division as ``div.rn`` and softmax's ``1 / s`` as ``rcp.rn`` (each output is
+``exp(x - m)`` times that reciprocal: one multiply per element instead of a
+division, at most one more rounding in fp32).
 """
 
 from __future__ import annotations
@@ -31,5 +33,7 @@ EXP_ASM = (
 LOG_ASM = f"{{ .reg .f32 t; lg2.approx.f32 t, $1; mul.rn.f32 $0, t, {LN2_HEX}; }}"
 # $0 = $1 / $2, correctly rounded
 DIV_ASM = "div.rn.f32 $0, $1, $2;"
+# $0 = 1 / $1, correctly rounded
+RCP_ASM = "rcp.rn.f32 $0, $1;"
 
 row_config = rms_norm_config

@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, row_config, sum_tree
+from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, RCP_ASM, row_config, sum_tree
 from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 from bi_jax.ops.rms_norm import _sum_tree
@@ -49,6 +49,10 @@ def _div(a, b, ptx):
     return _asm(DIV_ASM, a, b) if ptx else a / b
 
 
+def _rcp(s, ptx):
+    return _asm(RCP_ASM, s) if ptx else 1.0 / s
+
+
 def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
     row = pl.program_id(0)
     cols = jnp.arange(block)
@@ -73,8 +77,11 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
         x = load(cols, neg_inf)
         m = jnp.broadcast_to(jnp.max(x, axis=0, keepdims=True), (block,))
         e = _exp(x, m, ptx)
-        s = jnp.broadcast_to(_sum_tree(e, tree), (block,))
-        y = _div(e, s, ptx) if mode == "softmax" else (x - m) - _log(s, ptx)
+        s = _sum_tree(e, tree)
+        if mode == "softmax":
+            y = e * jnp.broadcast_to(_rcp(s, ptx), (block,))
+        else:
+            y = (x - m) - jnp.broadcast_to(_log(s, ptx), (block,))
         pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=cols < n)
         return
 
@@ -85,13 +92,16 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
     m = jnp.broadcast_to(jnp.max(mvec, axis=0, keepdims=True), (block,))
     acc = lax.fori_loop(0, num_chunks, lambda c, a: a + _exp(load(c * block + cols, neg_inf), m, ptx),
                         jnp.zeros((block,), jnp.float32))
-    s = jnp.broadcast_to(_sum_tree(acc, tree), (block,))
-    log_s = _log(s, ptx) if mode == "log_softmax" else None
+    s = _sum_tree(acc, tree)
+    if mode == "softmax":
+        r = jnp.broadcast_to(_rcp(s, ptx), (block,))
+    else:
+        log_s = jnp.broadcast_to(_log(s, ptx), (block,))
 
     def write(c, carry):
         offs = c * block + cols
         x = load(offs, neg_inf)
-        y = _div(_exp(x, m, ptx), s, ptx) if mode == "softmax" else (x - m) - log_s
+        y = _exp(x, m, ptx) * r if mode == "softmax" else (x - m) - log_s
         pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=offs < n)
         return carry
 
@@ -199,8 +209,9 @@ def mean(x: jax.Array, axis=None, dtype=None, keepdims: bool = False) -> jax.Arr
 def softmax(x: jax.Array, axis=-1) -> jax.Array:
     """Batch-invariant ``jax.nn.softmax(x, axis)``; ``axis`` an int or a tuple.
 
-    fp32 math: the maximum, ``exp(x - max)``, their sum in a fixed order, one
-    division and one rounding to ``x.dtype``.
+    fp32 math: the maximum, ``exp(x - max)``, their sum in a fixed order, each
+    exponential times the correctly rounded ``1 / sum``, and one rounding to
+    ``x.dtype``.
     """
     return _normalise("softmax", x, axis)
 

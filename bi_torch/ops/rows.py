@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, row_config, sum_tree
+from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, RCP_ASM, row_config, sum_tree
 from bi_torch._checks import (
     SUPPORTED_DTYPES,
     canonical,
@@ -32,6 +32,7 @@ __all__ = ["sum", "mean", "softmax", "log_softmax"]
 _EXP_ASM = tl.constexpr(EXP_ASM)
 _LOG_ASM = tl.constexpr(LOG_ASM)
 _DIV_ASM = tl.constexpr(DIV_ASM)
+_RCP_ASM = tl.constexpr(RCP_ASM)
 
 
 @triton.jit
@@ -57,6 +58,14 @@ def _div(a, b, PTX: tl.constexpr):
         return tl.inline_asm_elementwise(_DIV_ASM, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return a / b
+
+
+@triton.jit
+def _rcp(s, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(_RCP_ASM, "=r,r", [s], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / s
 
 
 @triton.jit
@@ -102,11 +111,11 @@ def _row_kernel(
             x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m = tl.broadcast_to(tl.max(x, axis=0, keep_dims=True), [BLOCK])
             e = _exp(x, m, PTX)
-            s = tl.broadcast_to(_sum_tree(e, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), [BLOCK])
+            s = _sum_tree(e, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
             if MODE == "softmax":
-                y = _div(e, s, PTX)
+                y = e * tl.broadcast_to(_rcp(s, PTX), [BLOCK])
             else:
-                y = (x - m) - _log(s, PTX)
+                y = (x - m) - tl.broadcast_to(_log(s, PTX), [BLOCK])
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
         else:
             # Three passes over the row: maximum (exact in any order), the sum
@@ -122,15 +131,17 @@ def _row_kernel(
                 offs = c * BLOCK + cols
                 x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
                 acc += _exp(x, m, PTX)
-            s = tl.broadcast_to(_sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), [BLOCK])
-            if MODE == "log_softmax":
-                log_s = _log(s, PTX)
+            s = _sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
+            if MODE == "softmax":
+                r = tl.broadcast_to(_rcp(s, PTX), [BLOCK])
+            else:
+                log_s = tl.broadcast_to(_log(s, PTX), [BLOCK])
             for c in range(NUM_CHUNKS):
                 offs = c * BLOCK + cols
                 mask = offs < n_cols
                 x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 if MODE == "softmax":
-                    y = _div(_exp(x, m, PTX), s, PTX)
+                    y = _exp(x, m, PTX) * r
                 else:
                     y = (x - m) - log_s
                 tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -239,7 +250,8 @@ def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) ->
     """Batch-invariant ``torch.softmax(x, dim, dtype=dtype)``.
 
     fp32 math: the row maximum, ``exp(x - max)``, their sum in a fixed order,
-    one division and one rounding to the output dtype.
+    each exponential times the correctly rounded ``1 / sum``, and one rounding
+    to the output dtype.
     """
     return _normalise("softmax", x, dim, dtype)
 
