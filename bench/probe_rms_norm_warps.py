@@ -31,7 +31,6 @@ def main() -> None:
     import numpy as np
 
     from bench import sweep, timing
-    from bi_core.rms_norm import rms_norm_config
     from harness import registry
     from harness.frameworks import adapter
 
@@ -39,10 +38,11 @@ def main() -> None:
     jmod = importlib.import_module(f"bi_jax.ops.{module}")
     tmod = importlib.import_module(f"bi_torch.ops.{module}")
     spec = registry.get(args.op)
+    original = getattr(tmod, attr)
     copy = timing.copy_bandwidth_gbs()
     ms = [int(m) for m in args.m.split(",")]
     for n in (int(f) for f in args.features.split(",")):
-        base = rms_norm_config(n)
+        base = original(n)
         for warps in (int(w) for w in args.warps.split(",")):
             cfg = dataclasses.replace(base, num_warps=warps)
             setattr(tmod, attr, lambda _n, cfg=cfg: cfg)
@@ -56,8 +56,8 @@ def main() -> None:
                 bi = [r for r in rows if r.impl == "bi"]
                 line = " ".join(f"{r.m}:{r.median_us:.2f}us/{r.ratio_to_default:.2f}x" for r in bi)
                 print(f"N={n} warps={warps} {fw} (torch==jax bits: {same}): {line}", flush=True)
-            setattr(tmod, attr, rms_norm_config)
-            setattr(jmod, attr, rms_norm_config)
+            setattr(tmod, attr, original)
+            setattr(jmod, attr, original)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,12 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
     from bench import sweep, timing
-    from bi_core.rms_norm import reduce_tree, rms_norm_config, sum_tree
+    from bi_core.rms_norm import reduce_tree, sum_tree
+    from bi_core.rows import row_config
     from harness import registry
 
     for n in (int(f) for f in args.features.split(",")):
-        cfg = rms_norm_config(n)
+        cfg = row_config(n)
         tree = sum_tree(cfg.block, cfg.num_warps, 4, n)
         x = np.random.default_rng(n).standard_normal((4, n)).astype(np.float32)
         xt = torch.from_numpy(x).cuda()

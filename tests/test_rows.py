@@ -168,9 +168,10 @@ def test_sums_follow_the_documented_tree(framework, n):
     (lane butterfly, then warps). The JAX interpreter runs the kernel through
     XLA:CPU, which merges the chained size-2 sums into one reduction, so it is
     checked on a GPU only."""
-    from bi_core.rms_norm import reduce_tree, rms_norm_config, sum_tree
+    from bi_core.rms_norm import reduce_tree, sum_tree
+    from bi_core.rows import row_config
 
-    cfg = rms_norm_config(n)
+    cfg = row_config(n)
     tree = sum_tree(cfg.block, cfg.num_warps, 4, n)
     assert tree.explicit_threads == (n in UNALIGNED)
     if not PROFILE.native and (framework == "jax" or not tree.explicit_threads):
