@@ -51,7 +51,8 @@ def rms_norm_config(n: int) -> RmsNormConfig:
 
 @dataclass(frozen=True)
 class SumTree:
-    """The order in which a row's ``block`` squares are added.
+    """The order in which a row's ``block`` fp32 values are added (RMSNorm's
+    squares, the row ops' elements or exponentials).
 
     Element ``(r * threads + t) * vec + v`` of the row is ``x[r, t, v]``. The
     ``vec`` values of each ``(r, t)`` are added in adjacent pairs, level by
@@ -116,7 +117,7 @@ def sum_tree(block: int, num_warps: int, itemsize: int, n: int) -> SumTree:
 
 
 def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None):
-    """The sum of a ``tree.block``-element fp32 vector ``v`` in the tree's order,
+    """The sum of a ``reps * threads * vec``-element fp32 vector ``v`` in the tree's order,
     as a 1-element array, with array module ``xp`` (``jax.numpy`` inside the
     Pallas kernel, ``numpy`` to replay the kernels' sums on the host).
 
