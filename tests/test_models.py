@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests_profile import PROFILE
 
@@ -67,15 +69,22 @@ def _torch_inputs(dtype):
     return w, torch.from_numpy(_tokens()).to(device)
 
 
-def _torch_run(dtype, mode: bool, batches=BATCHES):
-    """The probe sequence's log-probs from each batch."""
+def _orders(batches):
+    """(first, stop) slices as lists of sequence indices."""
+    return [list(range(a, b)) for a, b in batches]
+
+
+def _torch_run(dtype, mode: bool, batches=BATCHES, orders=None):
+    """The probe sequence's log-probs from each batch (slices, or explicit
+    orders of sequence indices)."""
     import torch
 
     import bi_torch
 
     w, tokens = _torch_inputs(dtype)
     with torch.no_grad(), bi_torch.set_batch_invariant_mode(mode, strict=mode):
-        return [_torch_block(w, tokens[a:b])[POSITION - a] for a, b in batches]
+        return [_torch_block(w, tokens[torch.tensor(o, device=tokens.device)])[o.index(POSITION)]
+                for o in orders or _orders(batches)]
 
 
 def _same(a, b) -> bool:
@@ -134,7 +143,7 @@ def _jax_block(w, tokens):
     return jax.nn.log_softmax(x @ w["out"].T, axis=-1)
 
 
-def _jax_run(dtype, transform: bool, batches=BATCHES):
+def _jax_run(dtype, transform: bool, batches=BATCHES, orders=None):
     import jax.numpy as jnp
 
     import bi_jax
@@ -142,7 +151,7 @@ def _jax_run(dtype, transform: bool, batches=BATCHES):
     w = {k: jnp.asarray(v, dtype) for k, v in _weights().items()}
     tokens = jnp.asarray(_tokens())
     f = bi_jax.batch_invariant(_jax_block, strict=True) if transform else _jax_block
-    rows = [np.asarray(f(w, tokens[a:b])[POSITION - a]) for a, b in batches]
+    rows = [np.asarray(f(w, tokens[jnp.asarray(o)])[o.index(POSITION)]) for o in orders or _orders(batches)]
     return [r.view(np.int32 if r.dtype.itemsize == 4 else np.int16) for r in rows]
 
 
@@ -156,6 +165,31 @@ def test_jax_block_is_batch_invariant_under_the_transform(dtype):
 def test_jax_block_varies_without_the_transform():
     full, *others = _jax_run("bfloat16", transform=False, batches=CONTROL_BATCHES)
     assert not all(np.array_equal(full, o) for o in others)
+
+
+@st.composite
+def _compositions(draw):
+    """A batch that holds the probe sequence: other sequences, any number up to
+    BATCH + 2 in any order, with the probe at any position."""
+    others = draw(st.lists(st.sampled_from([i for i in range(SEQUENCES) if i != POSITION]), unique=True,
+                           max_size=BATCH + 2))
+    at = draw(st.integers(0, len(others)))
+    return others[:at] + [POSITION] + others[at:]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@settings(max_examples=8 if PROFILE.native else 2, database=None)
+@given(order=_compositions())
+def test_block_is_batch_invariant_for_random_compositions(framework, order):
+    """fp32, where a changed order shows: the probe's log-probs in a random
+    batch have the bits they have alone."""
+    if framework == "torch":
+        import torch
+
+        alone, other = (r.cpu().numpy().view(np.int32) for r in _torch_run(torch.float32, True, orders=[[POSITION], order]))
+    else:
+        alone, other = _jax_run("float32", transform=True, orders=[[POSITION], order])
+    assert np.array_equal(alone, other), f"the probe's log-probs changed in the batch {order}"
 
 
 def _flax_bits(a):
