@@ -21,7 +21,7 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import SumTree, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm"]
 
@@ -104,6 +104,12 @@ def _sum_tree(
     if WARPS >= 2:
         x = _pair_warps(x, 1)
     return x
+
+
+def _tree_args(tree: SumTree) -> dict:
+    """The constexpr arguments of ``_sum_tree`` that a kernel passes through."""
+    return dict(REPS=tree.reps, THREADS=tree.threads, VEC=tree.vec, EXPLICIT=tree.explicit_threads,
+                LANES=tree.lanes, WARPS=tree.warps)
 
 
 @triton.jit
@@ -228,12 +234,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         HAS_WEIGHT=w is not None,
         BLOCK=cfg.block,
         NUM_CHUNKS=cfg.num_chunks,
-        REPS=tree.reps,
-        THREADS=tree.threads,
-        VEC=tree.vec,
-        EXPLICIT=tree.explicit_threads,
-        LANES=tree.lanes,
-        WARPS=tree.warps,
+        **_tree_args(tree),
         PTX=not interpreting(),
         num_warps=cfg.num_warps,
     )

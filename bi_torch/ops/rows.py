@@ -24,7 +24,7 @@ from bi_torch._checks import (
     check_row_length,
     interpreting,
 )
-from bi_torch.ops.rms_norm import _sum_tree
+from bi_torch.ops.rms_norm import _sum_tree, _tree_args
 
 __all__ = ["sum", "mean", "softmax", "log_softmax"]
 
@@ -157,8 +157,7 @@ def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor) -> None:
     _row_kernel[(m,)](
         x2d, out, n,
         MODE=op, N_F32=float(n), BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks,
-        REPS=tree.reps, THREADS=tree.threads, VEC=tree.vec,
-        EXPLICIT=tree.explicit_threads, LANES=tree.lanes, WARPS=tree.warps, PTX=not interpreting(),
+        **_tree_args(tree), PTX=not interpreting(),
         num_warps=cfg.num_warps,
     )
 
