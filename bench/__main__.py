@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_gbs = copy_bandwidth_gbs()
         console.print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
 
+    info = report.provenance(native, copy_gbs)
     rows = []
     total = sum(len(ms) * len(sweep.implementations(j)) for j in jobs)
     with Progress(console=console, transient=True) as progress:
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             if native:
                 rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
                 release_device_memory()
+                # The results so far, after every job: a long sweep that is cut
+                # off keeps what it measured.
+                report.write_results(rows, info, args.out)
                 continue
             try:
                 rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
@@ -99,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[yellow]skipped {job.key}: the Triton interpreter failed ({err}); "
                               "known interpreter defect triton-lang/triton#9171, GPU runs are unaffected[/yellow]")
 
-    info = report.provenance(native, copy_gbs)
     report.print_table(rows, info, console)
     for path in report.write_results(rows, info, args.out):
         console.print(f"wrote {path}")

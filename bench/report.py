@@ -99,16 +99,19 @@ def print_table(rows: list[Row], info: dict, console: Console) -> None:
         console.print(f"timing {m}")
 
 
-def write_results(rows: list[Row], info: dict, out: Path) -> list[Path]:
+def write_results(rows: list[Row] | list[dict], info: dict, out: Path) -> list[Path]:
+    """``results.json`` and ``results.csv`` under ``out``. Rows are ``Row``s or
+    their dicts; a dict may carry its own ``commit`` and ``date`` (merged runs)."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"provenance": info, "rows": [r.as_dict() for r in rows]}
+    dicts = [r if isinstance(r, dict) else r.as_dict() for r in rows]
+    payload = {"provenance": info, "rows": dicts}
     json_path = out / "results.json"
     json_path.write_text(json.dumps(payload, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
     csv_path = out / "results.csv"
     with csv_path.open("w", newline="") as f:
         fields = list(Row.__dataclass_fields__) + ["device", "commit", "date"]
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for r in rows:
-            writer.writerow({**r.as_dict(), "device": info["device"], "commit": info["commit"], "date": info["date"]})
+        for r in dicts:
+            writer.writerow({"device": info["device"], "commit": info["commit"], "date": info["date"], **r})
     return [json_path, csv_path]

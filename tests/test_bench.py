@@ -73,3 +73,37 @@ def test_default_cpu_run_covers_every_registered_op(tmp_path):
     assert {r["op"] for r in rows if r["framework"] == "jax"} == benched
     assert all(r["rows_differing"] == 0 for r in rows if r["impl"] == "bi")
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_merge_of_partial_runs(tmp_path):
+    """Parts of a sweep merge into one table: a later run replaces the points it
+    remeasures, rows keep their run's commit, other devices are refused."""
+    import csv
+
+    import pytest
+
+    from bench.merge import main as merge_main
+    from bench.merge import merge
+
+    info = {"device": "gpu", "driver": "1", "cuda": "13", "torch": "2.11", "triton": "3.6", "jax": "0.11.2",
+            "jaxlib": "0.11.2", "mode": "gpu", "copy_bandwidth_gbs": 3000.0}
+    old = [_row("rms_norm", "torch", impl, "4096", m, 5.0, "GB/s") for impl in ("default", "bi") for m in (1, 2)]
+    new = [_row("rms_norm", "torch", "bi", "4096", 2, 4.0, "GB/s"), _row("matmul", "jax", "bi", "64x96", 1, 3.0, "TFLOP/s")]
+    a = {"provenance": {**info, "commit": "aaa", "date": "2026-01-01"}, "rows": old}
+    b = {"provenance": {**info, "commit": "bbb", "date": "2026-01-02"}, "rows": new}
+    rows, merged = merge([a, b])
+    assert len(rows) == 5
+    by_key = {(r["op"], r["impl"], r["m"]): r for r in rows}
+    assert by_key[("rms_norm", "bi", 2)]["median_us"] == 4.0 and by_key[("rms_norm", "bi", 2)]["commit"] == "bbb"
+    assert by_key[("rms_norm", "bi", 1)]["commit"] == "aaa"
+    assert merged["commit"] == "aaa,bbb" and [r["rows"] for r in merged["runs"]] == [4, 2]
+    with pytest.raises(ValueError, match="different device"):
+        merge([a, {**b, "provenance": {**b["provenance"], "device": "other"}}])
+
+    for name, payload in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(payload))
+    out = tmp_path / "merged"
+    assert merge_main(["--out", str(out), str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["commit"] for r in table) == ["aaa", "aaa", "aaa", "bbb", "bbb"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["matmul_bfloat16.png", "rms_norm_bfloat16.png"]
