@@ -107,3 +107,18 @@ def test_merge_of_partial_runs(tmp_path):
     table = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["commit"] for r in table) == ["aaa", "aaa", "aaa", "bbb", "bbb"]
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["matmul_bfloat16.png", "rms_norm_bfloat16.png"]
+
+
+def test_markdown_tables_name_times_ratios_and_varying_defaults():
+    from bench.tables import op_tables
+
+    rows = [
+        {**_row("sum", fw, impl, "4096", m, 2.0 if impl == "bi" else 3.0, "GB/s"),
+         "ratio_to_default": 1.5 if impl == "bi" else 1.0, "rows_differing": int(impl == "default" and m == 4)}
+        for fw in ("torch", "jax") for impl in ("default", "bi") for m in (1, 4, 16)
+    ]
+    text = op_tables(rows, ms=[1, 4])
+    lines = text.splitlines()
+    assert lines[2] == "| M | bi_torch 4096 | bi_jax 4096 |"
+    assert lines[4] == "| 1 | 2 (1.50x) | 2 (1.50x) |" and not any(line.startswith("| 16 |") for line in lines)
+    assert "- jax default 4096: rows changed at M = 4 (1)" in lines
