@@ -5,7 +5,18 @@ the block, warps and chunk count of ``row_config`` (a function of the row
 length only) and the sum order of
 ``bi_core.rms_norm.SumTree``. Rows longer than ``MAX_FUSED`` are read in
 chunks of ``CHUNK`` elements, accumulated per element in chunk order, then
-summed with the same tree. Maxima are exact in any order.
+summed with the same tree (sum, mean). Maxima are exact in any order.
+
+softmax and log_softmax over such rows work in segments of ``CHUNK``
+elements: segment ``c`` has its maximum ``m_c`` and ``s_c``, the tree's sum of
+``exp(x - m_c)``; the segments are then folded in order, ``c = 0, 1, ...``,
+into the row's maximum ``M`` and ``S = sum exp(x - M)``
+(``M' = max(M, m_c)``, ``S' = S * exp(M - M') + s_c * exp(m_c - M')``, as
+``FOLD_ASM``), and every output is computed from ``x``, ``M`` and ``S``. The
+segment statistics and the fold can run in one program per row, or in one
+program per segment with the fold in a second kernel; the arithmetic is the
+same, so the choice (``split_segments``, from the number of rows) is for
+speed only.
 
 The transcendental steps are written as PTX so that both Triton compilers
 emit the same instructions: ``exp(x - m)`` as ``ex2.approx`` of an IEEE-rounded
@@ -38,6 +49,9 @@ LOG_ASM = f"{{ .reg .f32 t; lg2.approx.f32 t, $1; mul.rn.f32 $0, t, {LN2_HEX}; }
 DIV_ASM = "div.rn.f32 $0, $1, $2;"
 # $0 = 1 / $1, correctly rounded
 RCP_ASM = "rcp.rn.f32 $0, $1;"
+# $0 = $1 * $2 + $3 * $4: the product of $3 and $4 rounded, then one fused
+# multiply-add (the fold of a segment's sum into the running sum).
+FOLD_ASM = "{ .reg .f32 t; mul.rn.f32 t, $3, $4; fma.rn.f32 $0, $1, $2, t; }"
 
 # Warps for rows read in chunks: on an H100, softmax at 32000 columns took
 # 6.2 us at M = 1 and 207 us at M = 4096 with 16 warps, against 7.5 and 242 us
@@ -51,3 +65,18 @@ def row_config(n: int) -> RmsNormConfig:
     RMSNorm's, with ``CHUNKED_WARPS`` warps for rows read in chunks."""
     cfg = rms_norm_config(n)
     return replace(cfg, num_warps=CHUNKED_WARPS) if cfg.num_chunks > 1 else cfg
+
+
+# One program per segment (and a second kernel for the fold) below this many
+# rows: one program per row would leave most of the GPU's SMs idle there.
+SPLIT_BELOW_ROWS = 128
+# Above this many segments a row is always one program: the second kernel's
+# programs each fold every segment of their row.
+MAX_SPLIT_SEGMENTS = 64
+
+
+def split_segments(rows: int, n: int) -> bool:
+    """Whether softmax/log_softmax of ``rows`` rows of ``n`` elements runs one
+    program per segment. Either way gives the same bits (see above)."""
+    segments = row_config(n).num_chunks
+    return 1 < segments <= MAX_SPLIT_SEGMENTS and rows < SPLIT_BELOW_ROWS

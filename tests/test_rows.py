@@ -186,3 +186,64 @@ def test_sums_follow_the_documented_tree(framework, n):
             acc = acc + chunks[c]
         want = reduce_tree(acc, tree, np, explicit_threads=True)
         np.testing.assert_array_equal(want.view(np.int32), got[row : row + 1].view(np.int32))
+
+
+def _launch_rows(framework, op, x, split):
+    """softmax/log_softmax of a (rows, n) array with the segment strategy forced."""
+    ad = adapter(framework)
+    if framework == "torch":
+        import torch
+
+        from bi_torch.ops import rows
+
+        xt = ad.to_native(x)
+        out = torch.empty_like(xt)
+        rows._launch(op, xt, out, split=split)
+        return ad.to_numpy(out)
+    from bi_jax._checks import interpret_mode
+    from bi_jax.ops import rows
+
+    return ad.to_numpy(rows._launch(op, ad.to_native(x), interpret_mode(op), split=split))
+
+
+# Rows read in segments: 16411 elements (not a 16-byte multiple in any dtype),
+# 20000, and on a GPU a Llama-3 vocabulary and the longest rows that split.
+SEGMENTED = [16411, 20000] + ([128256, 64 * 8192] if PROFILE.native else [])
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", SEGMENTED)
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_invariance_segments_split_or_not(framework, op, n, dtype):
+    """Long rows run one program per segment at small batches and one per row
+    at large ones (bi_core.rows.split_segments). Both give the same bits, with
+    an all -inf segment (masked logits) in one row."""
+    from bi_core.rows import split_segments
+
+    assert split_segments(1, n) and not split_segments(4096, n)
+    x = 4.0 * np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
+    x[1, : n // 2] = -np.inf
+    x = x.astype(np_dtype(dtype))
+    per_row, per_segment = (_launch_rows(framework, op, x, split) for split in (False, True))
+    bits = np.int32 if dtype == "float32" else np.int16
+    np.testing.assert_array_equal(per_row.view(bits), per_segment.view(bits))
+    want = _np_log_softmax(x, -1)
+    want = np.exp(want) if op == "softmax" else want
+    tol = 1e-5 if dtype == "float32" else 1.6e-2
+    np.testing.assert_allclose(per_row.astype(np.float64), want, rtol=tol, atol=tol if op == "log_softmax" else 1e-8)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("n", [37, 20000])
+def test_softmax_of_masked_logits(framework, n):
+    """-inf logits get probability 0 (log-probability -inf); a row of -inf
+    only is nan, as in torch and JAX."""
+    x = np.random.default_rng(6).standard_normal((3, n)).astype(np.float32)
+    x[0, ::3] = -np.inf
+    x[2] = -np.inf
+    sm, ls = _call(framework, "softmax", x, -1), _call(framework, "log_softmax", x, -1)
+    want = _np_log_softmax(x[:2], -1)
+    np.testing.assert_allclose(sm[:2], np.exp(want), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(ls[:2], want, rtol=1e-5, atol=1e-5)
+    assert np.isnan(sm[2]).all() and np.isnan(ls[2]).all()

@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, RCP_ASM, row_config, sum_tree
+from bi_core.rows import DIV_ASM, EXP_ASM, FOLD_ASM, LOG_ASM, RCP_ASM, row_config, split_segments, sum_tree
 from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 from bi_jax.ops.rms_norm import _sum_tree
@@ -53,6 +53,68 @@ def _rcp(s, ptx):
     return _asm(RCP_ASM, s) if ptx else 1.0 / s
 
 
+def _fold_term(run, scale, s, scale_s, ptx):
+    """run * scale + s * scale_s (see bi_core.rows.FOLD_ASM)."""
+    return _asm(FOLD_ASM, run, scale, s, scale_s) if ptx else run * scale + s * scale_s
+
+
+_NEG_INF = float("-inf")
+
+
+def _segment_stats(x_ref, row, c, *, n, block, tree, ptx):
+    """Segment ``c`` of a row: its maximum and the tree's sum of exp(x - max),
+    as 1-element arrays (an all -inf segment: -inf and 0); as bi_torch's."""
+    offs = c * block + jnp.arange(block)
+    x = pltriton.load(x_ref.at[row, offs], mask=offs < n, other=_NEG_INF).astype(jnp.float32)
+    m = jnp.max(x, axis=0, keepdims=True)
+    base = jnp.where(m == _NEG_INF, 0.0, m)
+    return m, _sum_tree(_exp(x, jnp.broadcast_to(base, (block,)), ptx), tree)
+
+
+def _fold(run_m, run_s, m, s, ptx):
+    """The running maximum and sum of exponentials after one more segment."""
+    new_m = jnp.maximum(run_m, m)
+    base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
+    return new_m, _fold_term(run_s, _exp(run_m, base, ptx), s, _exp(m, base, ptx), ptx)
+
+
+def _write_segment(x_ref, y_ref, row, c, big_m, big_s, *, mode, n, block, ptx):
+    offs = c * block + jnp.arange(block)
+    mask = offs < n
+    x = pltriton.load(x_ref.at[row, offs], mask=mask, other=_NEG_INF).astype(jnp.float32)
+    m = jnp.broadcast_to(big_m, (block,))
+    if mode == "softmax":
+        y = _exp(x, m, ptx) * jnp.broadcast_to(_rcp(big_s, ptx), (block,))
+    else:
+        y = (x - m) - jnp.broadcast_to(_log(big_s, ptx), (block,))
+    pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=mask)
+
+
+def _start():
+    return jnp.full((1,), _NEG_INF, jnp.float32), jnp.zeros((1,), jnp.float32)
+
+
+def _segment_stats_kernel(x_ref, m_ref, s_ref, *, n, block, tree, ptx):
+    """One program per segment: its statistics, to ``m_ref``/``s_ref[row, c]``."""
+    row, c = pl.program_id(0), pl.program_id(1)
+    m, s = _segment_stats(x_ref, row, c, n=n, block=block, tree=tree, ptx=ptx)
+    pltriton.store(m_ref.at[row, pl.ds(c, 1)], m)
+    pltriton.store(s_ref.at[row, pl.ds(c, 1)], s)
+
+
+def _segment_write_kernel(x_ref, m_ref, s_ref, y_ref, *, mode, n, block, num_chunks, ptx):
+    """One program per segment: the fold of its row's segments, then its outputs."""
+    row = pl.program_id(0)
+
+    def step(c, carry):
+        m = pltriton.load(m_ref.at[row, pl.ds(c, 1)])
+        s = pltriton.load(s_ref.at[row, pl.ds(c, 1)])
+        return _fold(*carry, m, s, ptx)
+
+    big_m, big_s = lax.fori_loop(0, num_chunks, step, _start())
+    _write_segment(x_ref, y_ref, row, pl.program_id(1), big_m, big_s, mode=mode, n=n, block=block, ptx=ptx)
+
+
 def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
     row = pl.program_id(0)
     cols = jnp.arange(block)
@@ -85,42 +147,55 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
         pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=cols < n)
         return
 
-    # Three passes: maximum (exact in any order), the sum of exponentials
-    # (per-element partials in chunk order, then the tree), the output.
-    mvec = lax.fori_loop(0, num_chunks, lambda c, mv: jnp.maximum(mv, load(c * block + cols, neg_inf)),
-                         jnp.full((block,), neg_inf, jnp.float32))
-    m = jnp.broadcast_to(jnp.max(mvec, axis=0, keepdims=True), (block,))
-    acc = lax.fori_loop(0, num_chunks, lambda c, a: a + _exp(load(c * block + cols, neg_inf), m, ptx),
-                        jnp.zeros((block,), jnp.float32))
-    s = _sum_tree(acc, tree)
-    if mode == "softmax":
-        r = jnp.broadcast_to(_rcp(s, ptx), (block,))
-    else:
-        log_s = jnp.broadcast_to(_log(s, ptx), (block,))
+    # Segments (bi_core.rows): their statistics folded in order, then a
+    # second pass over the row for the outputs.
+    def stats(c, carry):
+        return _fold(*carry, *_segment_stats(x_ref, row, c, n=n, block=block, tree=tree, ptx=ptx), ptx)
+
+    big_m, big_s = lax.fori_loop(0, num_chunks, stats, _start())
 
     def write(c, carry):
-        offs = c * block + cols
-        x = load(offs, neg_inf)
-        y = _exp(x, m, ptx) * r if mode == "softmax" else (x - m) - log_s
-        pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=offs < n)
+        _write_segment(x_ref, y_ref, row, c, big_m, big_s, mode=mode, n=n, block=block, ptx=ptx)
         return carry
 
     lax.fori_loop(0, num_chunks, write, 0)
 
 
-def _launch(mode: str, x2d, interpret: bool):
+def _launch(mode: str, x2d, interpret: bool, split: bool | None = None):
+    """``mode`` over the rows of ``x2d``. ``split`` forces one program per
+    segment (True) or per row (False) for softmax/log_softmax over long rows;
+    by default ``bi_core.rows.split_segments`` picks. Both give the same bits."""
     m, n = x2d.shape
     cfg = row_config(n)
+    tree = sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n)
+    params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+    ptx = not interpret
+    if split is None:
+        split = mode in ("softmax", "log_softmax") and split_segments(m, n)
+    if split:
+        if mode not in ("softmax", "log_softmax") or cfg.num_chunks == 1:
+            raise ValueError(f"{mode}: only softmax and log_softmax over rows of more than {cfg.block} elements run in segments")
+        grid = (m, cfg.num_chunks)
+        stats = jax.ShapeDtypeStruct((m, cfg.num_chunks), jnp.float32)
+        seg_m, seg_s = pl.pallas_call(
+            functools.partial(_segment_stats_kernel, n=n, block=cfg.block, tree=tree, ptx=ptx),
+            grid=grid, out_shape=(stats, stats), compiler_params=params, interpret=interpret,
+            name=f"bi_{mode}_segment_stats",
+        )(x2d)
+        return pl.pallas_call(
+            functools.partial(_segment_write_kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks, ptx=ptx),
+            grid=grid, out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype), compiler_params=params,
+            interpret=interpret, name=f"bi_{mode}_segment_write",
+        )(x2d, seg_m, seg_s)
     kernel = functools.partial(
-        _kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks,
-        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n), ptx=not interpret,
+        _kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks, tree=tree, ptx=ptx,
     )
     out_shape = (m,) if mode in ("sum", "mean") else (m, n)
     return pl.pallas_call(
         kernel,
         grid=(m,),
         out_shape=jax.ShapeDtypeStruct(out_shape, x2d.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=params,
         interpret=interpret,
         name=f"bi_{mode}",
     )(x2d)

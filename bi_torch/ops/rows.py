@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bi_core.rows import DIV_ASM, EXP_ASM, LOG_ASM, RCP_ASM, row_config, sum_tree
+from bi_core.rows import DIV_ASM, EXP_ASM, FOLD_ASM, LOG_ASM, RCP_ASM, row_config, split_segments, sum_tree
 from bi_torch._checks import (
     SUPPORTED_DTYPES,
     canonical,
@@ -33,6 +33,7 @@ _EXP_ASM = tl.constexpr(EXP_ASM)
 _LOG_ASM = tl.constexpr(LOG_ASM)
 _DIV_ASM = tl.constexpr(DIV_ASM)
 _RCP_ASM = tl.constexpr(RCP_ASM)
+_FOLD_ASM = tl.constexpr(FOLD_ASM)
 
 
 @triton.jit
@@ -66,6 +67,85 @@ def _rcp(s, PTX: tl.constexpr):
         return tl.inline_asm_elementwise(_RCP_ASM, "=r,r", [s], dtype=tl.float32, is_pure=True, pack=1)
     else:
         return 1.0 / s
+
+
+@triton.jit
+def _fold_term(run, scale, s, scale_s, PTX: tl.constexpr):
+    """run * scale + s * scale_s (see bi_core.rows.FOLD_ASM)."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            _FOLD_ASM, "=r,r,r,r,r", [run, scale, s, scale_s], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return run * scale + s * scale_s
+
+
+@triton.jit
+def _segment_stats(
+    x_row, c, n_cols, BLOCK: tl.constexpr,
+    REPS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr, EXPLICIT: tl.constexpr,
+    LANES: tl.constexpr, WARPS: tl.constexpr, PTX: tl.constexpr,
+):
+    """Segment ``c`` of a row: its maximum and the tree's sum of exp(x - max),
+    as 1-element tensors (an all -inf segment: -inf and 0)."""
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+    m = tl.max(x, axis=0, keep_dims=True)
+    base = tl.where(m == float("-inf"), 0.0, m)
+    s = _sum_tree(_exp(x, tl.broadcast_to(base, [BLOCK]), PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
+    return m, s
+
+
+@triton.jit
+def _fold(run_m, run_s, m, s, PTX: tl.constexpr):
+    """The running maximum and sum of exponentials after one more segment."""
+    new_m = tl.maximum(run_m, m)
+    base = tl.where(new_m == float("-inf"), 0.0, new_m)
+    return new_m, _fold_term(run_s, _exp(run_m, base, PTX), s, _exp(m, base, PTX), PTX)
+
+
+@triton.jit
+def _write_segment(x_row, y_row, c, n_cols, M, S, MODE: tl.constexpr, BLOCK: tl.constexpr, PTX: tl.constexpr):
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    m = tl.broadcast_to(M, [BLOCK])
+    if MODE == "softmax":
+        y = _exp(x, m, PTX) * tl.broadcast_to(_rcp(S, PTX), [BLOCK])
+    else:
+        y = (x - m) - tl.broadcast_to(_log(S, PTX), [BLOCK])
+    tl.store(y_row + offs, y.to(y_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _segment_stats_kernel(
+    x_ptr, m_ptr, s_ptr,
+    n_cols: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    REPS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr, EXPLICIT: tl.constexpr,
+    LANES: tl.constexpr, WARPS: tl.constexpr, PTX: tl.constexpr,
+):
+    """One program per segment: its statistics, to ``m_ptr``/``s_ptr[row, c]``."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    m, s = _segment_stats(x_ptr + row * n_cols, c, n_cols, BLOCK, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS, PTX)
+    at = row * NUM_CHUNKS + c + tl.arange(0, 1)
+    tl.store(m_ptr + at, m)
+    tl.store(s_ptr + at, s)
+
+
+@triton.jit
+def _segment_write_kernel(
+    x_ptr, m_ptr, s_ptr, y_ptr,
+    n_cols: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, PTX: tl.constexpr,
+):
+    """One program per segment: the fold of its row's segments, then its outputs."""
+    row = tl.program_id(0).to(tl.int64)
+    run_m = tl.full([1], float("-inf"), tl.float32)
+    run_s = tl.zeros([1], tl.float32)
+    for c in range(NUM_CHUNKS):
+        at = row * NUM_CHUNKS + c + tl.arange(0, 1)
+        run_m, run_s = _fold(run_m, run_s, tl.load(m_ptr + at), tl.load(s_ptr + at), PTX)
+    _write_segment(x_ptr + row * n_cols, y_ptr + row * n_cols, tl.program_id(1), n_cols, run_m, run_s, MODE, BLOCK, PTX)
 
 
 @triton.jit
@@ -118,46 +198,49 @@ def _row_kernel(
                 y = (x - m) - tl.broadcast_to(_log(s, PTX), [BLOCK])
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
         else:
-            # Three passes over the row: maximum (exact in any order), the sum
-            # of exponentials (per-element partials, then the tree), the output.
-            mvec = tl.full([BLOCK], float("-inf"), tl.float32)
+            # Segments (bi_core.rows): their statistics folded in order, then
+            # a second pass over the row for the outputs.
+            run_m = tl.full([1], float("-inf"), tl.float32)
+            run_s = tl.zeros([1], tl.float32)
             for c in range(NUM_CHUNKS):
-                offs = c * BLOCK + cols
-                x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-                mvec = tl.maximum(mvec, x)
-            m = tl.broadcast_to(tl.max(mvec, axis=0, keep_dims=True), [BLOCK])
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
+                m, s = _segment_stats(x_row, c, n_cols, BLOCK, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS, PTX)
+                run_m, run_s = _fold(run_m, run_s, m, s, PTX)
             for c in range(NUM_CHUNKS):
-                offs = c * BLOCK + cols
-                x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-                acc += _exp(x, m, PTX)
-            s = _sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
-            if MODE == "softmax":
-                r = tl.broadcast_to(_rcp(s, PTX), [BLOCK])
-            else:
-                log_s = tl.broadcast_to(_log(s, PTX), [BLOCK])
-            for c in range(NUM_CHUNKS):
-                offs = c * BLOCK + cols
-                mask = offs < n_cols
-                x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                if MODE == "softmax":
-                    y = _exp(x, m, PTX) * r
-                else:
-                    y = (x - m) - log_s
-                tl.store(y_row + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+                _write_segment(x_row, y_row, c, n_cols, run_m, run_s, MODE, BLOCK, PTX)
 
 
-def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor) -> None:
+def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor, split: bool | None = None) -> None:
+    """Run ``op`` over the rows of ``x2d`` into ``out``. ``split`` forces one
+    program per segment (True) or per row (False) for softmax/log_softmax over
+    long rows; by default ``bi_core.rows.split_segments`` picks. Both give the
+    same bits."""
     m, n = x2d.shape
     check_row_length(op, n)
     if m == 0:
         return
     cfg = row_config(n)
-    tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
+    tree = _tree_args(sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n))
+    ptx = not interpreting()
+    if split is None:
+        split = op in ("softmax", "log_softmax") and split_segments(m, n)
+    if split:
+        if op not in ("softmax", "log_softmax") or cfg.num_chunks == 1:
+            raise ValueError(f"{op}: only softmax and log_softmax over rows of more than {cfg.block} elements run in segments")
+        stats = torch.empty((2, m, cfg.num_chunks), dtype=torch.float32, device=x2d.device)
+        grid = (m, cfg.num_chunks)
+        _segment_stats_kernel[grid](
+            x2d, stats[0], stats[1], n, BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **tree, PTX=ptx,
+            num_warps=cfg.num_warps,
+        )
+        _segment_write_kernel[grid](
+            x2d, stats[0], stats[1], out, n, MODE=op, BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, PTX=ptx,
+            num_warps=cfg.num_warps,
+        )
+        return
     _row_kernel[(m,)](
         x2d, out, n,
         MODE=op, N_F32=float(n), BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks,
-        **_tree_args(tree), PTX=not interpreting(),
+        **tree, PTX=ptx,
         num_warps=cfg.num_warps,
     )
 
