@@ -61,11 +61,15 @@ def _fold_term(run, scale, s, scale_s, ptx):
 _NEG_INF = float("-inf")
 
 
-def _segment_stats(x_ref, row, c, *, n, block, tree, ptx):
-    """Segment ``c`` of a row: its maximum and the tree's sum of exp(x - max),
-    as 1-element arrays (an all -inf segment: -inf and 0); as bi_torch's."""
+def _load_segment(x_ref, row, c, *, n, block):
+    """Segment ``c`` of a row in fp32, -inf past the end."""
     offs = c * block + jnp.arange(block)
-    x = pltriton.load(x_ref.at[row, offs], mask=offs < n, other=_NEG_INF).astype(jnp.float32)
+    return pltriton.load(x_ref.at[row, offs], mask=offs < n, other=_NEG_INF).astype(jnp.float32)
+
+
+def _segment_stats(x, *, block, tree, ptx):
+    """A loaded segment's maximum and the tree's sum of exp(x - max), as
+    1-element arrays (an all -inf segment: -inf and 0); as bi_torch's."""
     m = jnp.max(x, axis=0, keepdims=True)
     base = jnp.where(m == _NEG_INF, 0.0, m)
     return m, _sum_tree(_exp(x, jnp.broadcast_to(base, (block,)), ptx), tree)
@@ -97,7 +101,8 @@ def _start():
 def _segment_stats_kernel(x_ref, m_ref, s_ref, *, n, block, tree, ptx):
     """One program per segment: its statistics, to ``m_ref``/``s_ref[row, c]``."""
     row, c = pl.program_id(0), pl.program_id(1)
-    m, s = _segment_stats(x_ref, row, c, n=n, block=block, tree=tree, ptx=ptx)
+    x = _load_segment(x_ref, row, c, n=n, block=block)
+    m, s = _segment_stats(x, block=block, tree=tree, ptx=ptx)
     pltriton.store(m_ref.at[row, pl.ds(c, 1)], m)
     pltriton.store(s_ref.at[row, pl.ds(c, 1)], s)
 
@@ -148,11 +153,15 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
         return
 
     # Segments (bi_core.rows): their statistics folded in order, then a
-    # second pass over the row for the outputs.
+    # second pass over the row for the outputs. Segment c + 1 is loaded before
+    # segment c is reduced, so that its loads are in flight during the reduction.
     def stats(c, carry):
-        return _fold(*carry, *_segment_stats(x_ref, row, c, n=n, block=block, tree=tree, ptx=ptx), ptx)
+        x, run_m, run_s = carry
+        ahead = _load_segment(x_ref, row, c + 1, n=n, block=block)
+        return (ahead, *_fold(run_m, run_s, *_segment_stats(x, block=block, tree=tree, ptx=ptx), ptx))
 
-    big_m, big_s = lax.fori_loop(0, num_chunks, stats, _start())
+    first = _load_segment(x_ref, row, 0, n=n, block=block)
+    _, big_m, big_s = lax.fori_loop(0, num_chunks, stats, (first, *_start()))
 
     def write(c, carry):
         _write_segment(x_ref, y_ref, row, c, big_m, big_s, mode=mode, n=n, block=block, ptx=ptx)

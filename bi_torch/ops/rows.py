@@ -81,15 +81,21 @@ def _fold_term(run, scale, s, scale_s, PTX: tl.constexpr):
 
 
 @triton.jit
+def _load_segment(x_row, c, n_cols, BLOCK: tl.constexpr):
+    """Segment ``c`` of a row in fp32, -inf past the end (no access at all
+    for a segment wholly past it)."""
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    return tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
 def _segment_stats(
-    x_row, c, n_cols, BLOCK: tl.constexpr,
+    x, BLOCK: tl.constexpr,
     REPS: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr, EXPLICIT: tl.constexpr,
     LANES: tl.constexpr, WARPS: tl.constexpr, PTX: tl.constexpr,
 ):
-    """Segment ``c`` of a row: its maximum and the tree's sum of exp(x - max),
-    as 1-element tensors (an all -inf segment: -inf and 0)."""
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_row + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+    """A loaded segment's maximum and the tree's sum of exp(x - max), as
+    1-element tensors (an all -inf segment: -inf and 0)."""
     m = tl.max(x, axis=0, keep_dims=True)
     base = tl.where(m == float("-inf"), 0.0, m)
     s = _sum_tree(_exp(x, tl.broadcast_to(base, [BLOCK]), PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
@@ -127,7 +133,8 @@ def _segment_stats_kernel(
     """One program per segment: its statistics, to ``m_ptr``/``s_ptr[row, c]``."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    m, s = _segment_stats(x_ptr + row * n_cols, c, n_cols, BLOCK, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS, PTX)
+    x = _load_segment(x_ptr + row * n_cols, c, n_cols, BLOCK)
+    m, s = _segment_stats(x, BLOCK, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS, PTX)
     at = row * NUM_CHUNKS + c + tl.arange(0, 1)
     tl.store(m_ptr + at, m)
     tl.store(s_ptr + at, s)
@@ -200,11 +207,16 @@ def _row_kernel(
         else:
             # Segments (bi_core.rows): their statistics folded in order, then
             # a second pass over the row for the outputs.
+            # Segment c + 1 is loaded before segment c is reduced, so that
+            # its loads are in flight during the reduction.
             run_m = tl.full([1], float("-inf"), tl.float32)
             run_s = tl.zeros([1], tl.float32)
+            x = _load_segment(x_row, 0, n_cols, BLOCK)
             for c in range(NUM_CHUNKS):
-                m, s = _segment_stats(x_row, c, n_cols, BLOCK, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS, PTX)
+                ahead = _load_segment(x_row, c + 1, n_cols, BLOCK)
+                m, s = _segment_stats(x, BLOCK, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS, PTX)
                 run_m, run_s = _fold(run_m, run_s, m, s, PTX)
+                x = ahead
             for c in range(NUM_CHUNKS):
                 _write_segment(x_row, y_row, c, n_cols, run_m, run_s, MODE, BLOCK, PTX)
 
