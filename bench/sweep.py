@@ -152,18 +152,11 @@ def _input_sets(job: Job, first: dict, m: int, rng: np.random.Generator) -> list
     from bench import timing
 
     spec, ad = job.spec, adapter(job.framework)
-    footprint = sum(_nbytes(v) for v in first.values()) * 2  # inputs and an output of similar size
+    footprint = sum(v.nbytes for v in first.values()) * 2  # inputs and an output of similar size
     sets = [first]
     for _ in range(timing.buffer_sets(footprint) - 1):
         sets.append(ad.natives(spec.make_inputs(rng, m, job.features, job.dtype)))
     return sets
-
-
-def _nbytes(array: Any) -> int:
-    """Bytes of a torch tensor or a JAX array."""
-    if hasattr(array, "element_size"):  # torch
-        return array.numel() * array.element_size()
-    return int(array.nbytes)
 
 
 def _time(job: Job, fn: Callable[..., Any], sets: list[dict]):
