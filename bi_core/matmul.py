@@ -171,6 +171,25 @@ WGMMA_TABLE: tuple[tuple[int, WgmmaConfig, WgmmaConfig], ...] = (
 INTERPRET_WGMMA_CONFIG = WgmmaConfig(64, 32, 32, 2, 2, 2)
 
 
+# bf16/fp16 in JAX up to this many rows run bi_torch's own thin-tile Triton
+# program (through Pallas's Triton backend) instead of the Mosaic GPU kernel:
+# at small M the product streams the weight, and wgmma's 64-row tiles leave a
+# 4096-wide weight only 64 CTAs (bench/NOTES.md, "JAX matmul").
+JAX_TRITON_MAX_M = 32
+
+
+def jax_triton_configs() -> tuple[TileConfig, ...]:
+    """The bi_torch configs that the JAX bf16/fp16 dispatch can pick for
+    ``m <= JAX_TRITON_MAX_M`` (pointer kernels only)."""
+    seen: dict[TileConfig, None] = {}
+    for bound, narrow, wide in MMA_TABLE:
+        if bound <= JAX_TRITON_MAX_M:
+            seen.setdefault(narrow)
+            seen.setdefault(wide)
+    assert not any(c.tma for c in seen), "the Pallas Triton kernel has pointer loads only"
+    return tuple(seen)
+
+
 def wgmma_configs() -> tuple[WgmmaConfig, ...]:
     """Every config the JAX bf16/fp16 dispatch can pick."""
     seen: dict[WgmmaConfig, None] = {}

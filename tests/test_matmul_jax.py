@@ -188,6 +188,23 @@ def test_wgmma_tables_are_well_formed():
         assert cfg.compute_wgs in (1, 2) and cfg.stages >= 2
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_small_m_takes_the_triton_tiles(dtype, monkeypatch):
+    """bf16/fp16 up to JAX_TRITON_MAX_M rows run the Triton-lowered kernel,
+    more rows the Mosaic GPU one; fp32 always the Triton one."""
+    calls = []
+    triton_matmul, wgmma = jm._triton_matmul, jm.wgmma_product
+    monkeypatch.setattr(jm, "_triton_matmul", lambda *a, **k: calls.append("triton") or triton_matmul(*a, **k))
+    monkeypatch.setattr(jm, "wgmma_product", lambda *a, **k: calls.append("mosaic") or wgmma(*a, **k))
+    w = _rand(64, 48, dtype=jnp.dtype(dtype), seed=1)
+    for m in (1, contract.JAX_TRITON_MAX_M, contract.JAX_TRITON_MAX_M + 1):
+        calls.clear()
+        jm._product(_rand(m, 64, dtype=jnp.dtype(dtype), seed=m)[None], w[None], None, jnp.dtype(jnp.float32),
+                    "ieee", False)
+        small = m <= contract.JAX_TRITON_MAX_M
+        assert calls == ["triton" if small or dtype == "float32" else "mosaic"], (m, calls)
+
+
 # --- GPU: every config gives bi_torch's bits -------------------------------------
 
 # (K, N, weight stored K-major, output in the input dtype rather than fp32):
@@ -210,13 +227,17 @@ def _proof_cases():
 @pytest.mark.parametrize("dtype,precision", _proof_cases())
 def test_every_jax_config_gives_bi_torch_bits(dtype, precision):
     """For every config the JAX dispatch can pick (Mosaic GPU for bf16/fp16,
-    the fp32 Triton tables otherwise), rows of M = 1, 33, 300 and 2000 at
-    moving offsets equal the same rows of one 2000-row bi_torch launch."""
+    bi_torch's small-M Triton tiles for them up to 32 rows, the fp32 Triton
+    tables), rows of M = 1, 33, 300 and 2000 at moving offsets equal the same
+    rows of one 2000-row bi_torch launch."""
     import torch
 
     import bi_torch
 
-    configs = contract.wgmma_configs() if dtype != "float32" else contract.configs(dtype, precision)
+    if dtype == "float32":
+        configs = contract.configs(dtype, precision)
+    else:
+        configs = contract.wgmma_configs() + contract.jax_triton_configs()
     jdt, tdt = jnp.dtype(dtype), getattr(torch, dtype)
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"

@@ -5,15 +5,20 @@ in increasing order (the contract in ``bi_core.matmul``, shared with
 ``bi_torch``), then the bias in fp32, then one rounding. Nothing about that
 order depends on M, so a row's bits do not depend on the batch.
 
-* bf16 / fp16: a Pallas Mosaic GPU kernel (wgmma + TMA, ``_wgmma_matmul``).
-* fp32: a Pallas kernel lowered through Triton (``_fp32_kernel`` below). This
-  path is deliberate and kept to fp32: wgmma has no full-precision fp32 mode
-  (only tf32) and needs both tf32 operands K-major, while the contract's
-  full-precision product is one FMA per k on the CUDA cores, which Triton
-  emits from ``jnp.dot(..., precision=HIGHEST)``. It runs the same tiles
-  (``bi_core.matmul.FMA_TABLE`` / ``TF32_TABLE``) as the bi_torch kernel, so
-  both frameworks give the same bits. JAX marks the Triton backend as
-  deprecated; it lowers with a DeprecationWarning.
+* bf16 / fp16: a Pallas Mosaic GPU kernel (wgmma + TMA, ``_wgmma_matmul``),
+  except up to ``bi_core.matmul.JAX_TRITON_MAX_M`` rows (below).
+* fp32, and bf16 / fp16 up to ``JAX_TRITON_MAX_M`` rows: a Pallas kernel
+  lowered through Triton (``_triton_kernel`` below). This path is deliberate
+  and kept to those cases. wgmma has no full-precision fp32 mode (only tf32)
+  and needs both tf32 operands K-major, while the contract's full-precision
+  product is one FMA per k on the CUDA cores, which Triton emits from
+  ``jnp.dot(..., precision=HIGHEST)``. At small M a 16-bit product is a
+  weight stream, and wgmma's 64-row tiles leave a 4096-wide weight only 64
+  CTAs (the Mosaic kernel streamed it at 53-76 % of copy bandwidth on an
+  H100), while bi_torch's 16-row Triton tiles reach 80-95 %. The kernel runs
+  the same tiles (``bi_core.matmul`` tables) as the bi_torch kernel, so both
+  frameworks give the same bits. JAX marks the Triton backend as deprecated;
+  it lowers with a DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.matmul import INTERPRET_CONFIG, INTERPRET_WGMMA_CONFIG, TileConfig, WgmmaConfig, tile_config, wgmma_config
+from bi_core.matmul import (
+    INTERPRET_CONFIG,
+    INTERPRET_WGMMA_CONFIG,
+    JAX_TRITON_MAX_M,
+    TileConfig,
+    WgmmaConfig,
+    tile_config,
+    wgmma_config,
+)
 from bi_jax._checks import check_float_array, interpret_mode
 from bi_jax.ops._wgmma_matmul import wgmma_matmul
 
@@ -84,10 +97,10 @@ def resolve_precision(dtype, precision) -> str:
     )
 
 
-# --- fp32 kernel (Pallas, Triton backend) ----------------------------------
+# --- Triton-lowered kernel (Pallas, Triton backend): fp32, small-M 16-bit ----
 
 
-def _fp32_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias: bool, b_kmajor: bool):
+def _triton_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias: bool, b_kmajor: bool):
     """One (batch, row tile, column tile) per program; K from 0 upwards into one
     fp32 accumulator, masked edges loading zeros (same loop as bi_torch)."""
     if has_bias:
@@ -136,11 +149,11 @@ def _fp32_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias:
     )
 
 
-def _fp32_matmul(a3, b3, bias, out_dtype, cfg: TileConfig, *, precision, b_kmajor, interpret):
+def _triton_matmul(a3, b3, bias, out_dtype, cfg: TileConfig, *, precision, b_kmajor, interpret):
     batch, m, _ = a3.shape
     n = b3.shape[1] if b_kmajor else b3.shape[2]
     kernel = functools.partial(
-        _fp32_kernel, cfg=cfg, precision=precision, has_bias=bias is not None, b_kmajor=b_kmajor
+        _triton_kernel, cfg=cfg, precision=precision, has_bias=bias is not None, b_kmajor=b_kmajor
     )
     args = (a3, b3) if bias is None else (a3, b3, bias)
     return pl.pallas_call(
@@ -149,7 +162,7 @@ def _fp32_matmul(a3, b3, bias, out_dtype, cfg: TileConfig, *, precision, b_kmajo
         out_shape=jax.ShapeDtypeStruct((batch, m, n), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name="bi_matmul_fp32",
+        name="bi_matmul_triton",
     )(*args)
 
 
@@ -183,19 +196,25 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
     interpret = interpret_mode("matmul")
     dtype_name = np.dtype(a3.dtype).name
 
-    if dtype_name == "float32":
+    # The Triton kernel computes offsets in int32: a 16-bit weight past 2**31
+    # elements takes the Mosaic kernel instead (the same bits, see above).
+    fits_triton = b3.size <= _MAX_TRITON_ELEMENTS and batch * k <= _MAX_TRITON_ELEMENTS
+    if config is None and dtype_name != "float32" and m <= JAX_TRITON_MAX_M and fits_triton:
+        config = INTERPRET_CONFIG if interpret else tile_config(m, n, dtype_name, precision)
+    if dtype_name == "float32" or isinstance(config, TileConfig):
         if config is None:
             config = INTERPRET_CONFIG if interpret else tile_config(m, n, "float32", precision)
         # int32 offsets in Triton-lowered Pallas: rows are independent, so M
         # may be split; the operands themselves must fit.
-        if b3.size > _MAX_TRITON_ELEMENTS or batch * k > _MAX_TRITON_ELEMENTS:
+        if not fits_triton:
             raise ValueError(
-                f"matmul: fp32 operands past 2**31 elements per launch are not supported (b has {b3.size})"
+                f"matmul: {dtype_name} operands past 2**31 elements per launch are not supported "
+                f"by the Triton kernel (b has {b3.size})"
             )
         rows = max(1, _MAX_TRITON_ELEMENTS // max(batch * max(k, n), 1))
         parts = [
-            _fp32_matmul(a3[:, s : s + rows], b3, bias32, out_dtype, config,
-                         precision=precision, b_kmajor=b_kmajor, interpret=interpret)
+            _triton_matmul(a3[:, s : s + rows], b3, bias32, out_dtype, config,
+                           precision=precision, b_kmajor=b_kmajor, interpret=interpret)
             for s in range(0, m, rows)
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
