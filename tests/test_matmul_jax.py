@@ -188,31 +188,46 @@ def test_wgmma_tables_are_well_formed():
         assert cfg.compute_wgs in (1, 2) and cfg.stages >= 2
 
 
+def test_dispatch_by_m():
+    """On the GPU, bf16/fp16 up to JAX_TRITON_MAX_M rows run the Triton-lowered
+    kernel and more rows the Mosaic GPU one; fp32 always the Triton one.
+    Interpreted, 16-bit products take the Mosaic kernel at every M."""
+    small, big = contract.JAX_TRITON_MAX_M, contract.JAX_TRITON_MAX_M + 1
+    for dtype in ("bfloat16", "float16"):
+        assert [jm.kernel_for(dtype, m, True, False) for m in (1, small, big)] == ["triton", "triton", "mosaic"]
+        assert jm.kernel_for(dtype, 1, False, False) == "mosaic"  # past int32 offsets
+        assert {jm.kernel_for(dtype, m, True, True) for m in (1, small, big)} == {"mosaic"}
+    assert {jm.kernel_for("float32", m, f, i) for m in (1, big) for f in (True, False) for i in (True, False)} == {
+        "triton"}
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_small_m_takes_the_triton_tiles(dtype, monkeypatch):
-    """bf16/fp16 up to JAX_TRITON_MAX_M rows run the Triton-lowered kernel,
-    more rows the Mosaic GPU one; fp32 always the Triton one."""
+def test_product_runs_the_dispatched_kernel(dtype, monkeypatch):
+    """``_product`` launches the kernel that ``kernel_for`` names."""
     calls = []
     triton_matmul, wgmma = jm._triton_matmul, jm.wgmma_product
     monkeypatch.setattr(jm, "_triton_matmul", lambda *a, **k: calls.append("triton") or triton_matmul(*a, **k))
     monkeypatch.setattr(jm, "wgmma_product", lambda *a, **k: calls.append("mosaic") or wgmma(*a, **k))
     w = _rand(64, 48, dtype=jnp.dtype(dtype), seed=1)
+    interpret = jm.interpret_mode("matmul")
     for m in (1, contract.JAX_TRITON_MAX_M, contract.JAX_TRITON_MAX_M + 1):
         calls.clear()
         jm._product(_rand(m, 64, dtype=jnp.dtype(dtype), seed=m)[None], w[None], None, jnp.dtype(jnp.float32),
                     "ieee", False)
-        small = m <= contract.JAX_TRITON_MAX_M
-        assert calls == ["triton" if small or dtype == "float32" else "mosaic"], (m, calls)
+        assert calls == [jm.kernel_for(dtype, m, True, interpret)], (m, calls)
 
 
 # --- GPU: every config gives bi_torch's bits -------------------------------------
 
-# (K, N, weight stored K-major, output in the input dtype rather than fp32):
-# aligned; K and N off-tile (padded for TMA); odd; both layouts; fp32 output
-# (no rounding hides an order change) and the narrow one.
+# (K, N, weight stored K-major, output in the input dtype rather than fp32,
+# bias): aligned; K and N off-tile (padded for TMA); odd; both layouts; fp32
+# output (no rounding hides an order change) and the narrow one; a bias with a
+# K that fits one K tile of some configs and not of others (a Triton pass
+# once folded the bias into the product there, for some tiles only).
 _PROOF_CASES = (
-    (4096, 4096, False, False), (4096, 4096, True, False), (4096, 4096, False, True),
-    (1000, 3000, False, False), (1001, 77, False, False), (1001, 77, True, True),
+    (4096, 4096, False, False, False), (4096, 4096, True, False, False), (4096, 4096, False, True, False),
+    (1000, 3000, False, False, False), (1001, 77, False, False, False), (1001, 77, True, True, False),
+    (165, 128, True, True, True), (200, 300, False, False, True),
 )
 
 
@@ -243,21 +258,24 @@ def test_every_jax_config_gives_bi_torch_bits(dtype, precision):
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     bad = []
     try:
-        for k, n, kmajor, narrow in _PROOF_CASES:
+        for k, n, kmajor, narrow, with_bias in _PROOF_CASES:
             a = _rand(2000, k, dtype=jdt, seed=k)
             w = _rand(k, n, dtype=jdt, seed=n, scale=k**-0.5)
+            bias = _rand(n, dtype=jdt, seed=n + 1) if with_bias else None
             at = torch.from_numpy(np.asarray(a.astype(jnp.float32))).to("cuda", tdt)
             wt = torch.from_numpy(np.asarray(w.astype(jnp.float32))).to("cuda", tdt)
+            bt = None if bias is None else torch.from_numpy(np.asarray(bias.astype(jnp.float32))).to("cuda", tdt)
             b3 = jnp.asarray(w.T)[None] if kmajor else w[None]
+            bias32 = None if bias is None else bias.astype(jnp.float32)
             out_dtype = jdt if narrow else jnp.dtype(jnp.float32)
-            ref = bi_torch.matmul(at, wt, out_dtype=getattr(torch, out_dtype.name))
+            ref = bi_torch.matmul(at, wt, bt, out_dtype=getattr(torch, out_dtype.name))
             ref = ref.view({2: torch.int16, 4: torch.int32}[ref.element_size()]).cpu().numpy()
             for cfg in configs:
                 for m in (1, 33, 300, 2000):
                     start = (m * 37) % (2000 - m + 1)
-                    got = jm._product(a[start:start + m][None], b3, None, out_dtype, precision, kmajor, cfg)[0]
+                    got = jm._product(a[start:start + m][None], b3, bias32, out_dtype, precision, kmajor, cfg)[0]
                     if not np.array_equal(_bits(got), ref[start:start + m]):
-                        bad.append(f"{cfg} K={k} N={n} M={m} kmajor={kmajor} out={out_dtype.name}")
+                        bad.append(f"{cfg} K={k} N={n} M={m} kmajor={kmajor} out={out_dtype.name} bias={with_bias}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert not bad, f"{len(bad)} launches differ from bi_torch: " + "; ".join(bad[:10])

@@ -100,7 +100,20 @@ def resolve_precision(dtype, precision) -> str:
 # --- Triton-lowered kernel (Pallas, Triton backend): fp32, small-M 16-bit ----
 
 
-def _triton_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias: bool, b_kmajor: bool):
+def _add_rn(x, y):
+    """``x + y`` in fp32 as one IEEE add that no compiler pass can fold into a
+    preceding product (see the bias in ``_triton_kernel``)."""
+    return pltriton.elementwise_inline_asm(
+        "add.rn.f32 $0, $1, $2;",
+        args=[x, y],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )[0]
+
+
+def _triton_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias: bool, b_kmajor: bool,
+                   ptx: bool):
     """One (batch, row tile, column tile) per program; K from 0 upwards into one
     fp32 accumulator, masked edges loading zeros (same loop as bi_torch)."""
     if has_bias:
@@ -141,7 +154,14 @@ def _triton_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bia
 
     acc = lax.fori_loop(0, pl.cdiv(k, bk), step, jnp.zeros((bm, bn), jnp.float32))
     if has_bias:
-        acc = acc + pltriton.load(bias_ref.at[pl.ds(pid_n * bn, bn)], mask=col_ok, other=0.0)[None, :]
+        bias = jnp.broadcast_to(pltriton.load(bias_ref.at[pl.ds(pid_n * bn, bn)], mask=col_ok, other=0.0)[None, :],
+                                acc.shape)
+        # When K fits one K tile the loop above has one step and disappears;
+        # Triton then folds a plain ``dot + bias`` into a product that
+        # accumulates onto the bias (bias first, then the k terms): other bits
+        # than bi_torch's and than this kernel's with a smaller K tile. Seen on
+        # an H100 as a 1-ULP batch dependence of fp16 ``linear`` at K = 165.
+        acc = _add_rn(acc, bias) if ptx else acc + bias
     pltriton.store(
         o_ref.at[bi, pl.ds(pid_m * bm, bm), pl.ds(pid_n * bn, bn)],
         acc.astype(o_ref.dtype),
@@ -153,7 +173,8 @@ def _triton_matmul(a3, b3, bias, out_dtype, cfg: TileConfig, *, precision, b_kma
     batch, m, _ = a3.shape
     n = b3.shape[1] if b_kmajor else b3.shape[2]
     kernel = functools.partial(
-        _triton_kernel, cfg=cfg, precision=precision, has_bias=bias is not None, b_kmajor=b_kmajor
+        _triton_kernel, cfg=cfg, precision=precision, has_bias=bias is not None, b_kmajor=b_kmajor,
+        ptx=not interpret,
     )
     args = (a3, b3) if bias is None else (a3, b3, bias)
     return pl.pallas_call(
@@ -182,6 +203,21 @@ def _pad_to(x, shape):
     return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)])
 
 
+def kernel_for(dtype_name: str, m: int, fits_triton: bool, interpret: bool) -> str:
+    """Which kernel computes an ``m``-row product: ``"triton"`` or ``"mosaic"``.
+
+    Interpreted on a CPU, 16-bit products take the Mosaic kernel at every M:
+    the two kernels' interpreted products are different XLA contractions on
+    the CPU, with bits of their own, so switching on M there would break
+    invariance that holds on the GPU (where both give bi_torch's bits).
+    """
+    if dtype_name == "float32":
+        return "triton"
+    if not interpret and m <= JAX_TRITON_MAX_M and fits_triton:
+        return "triton"
+    return "mosaic"
+
+
 def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
     """``a3[i] @ b3[i] (+ bias)``: a3 (B, M, K); b3 (B, K, N), or (B, N, K) when
     ``b_kmajor``; bias (N,) or None. All checked by the callers."""
@@ -199,8 +235,8 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
     # The Triton kernel computes offsets in int32: a 16-bit weight past 2**31
     # elements takes the Mosaic kernel instead (the same bits, see above).
     fits_triton = b3.size <= _MAX_TRITON_ELEMENTS and batch * k <= _MAX_TRITON_ELEMENTS
-    if config is None and dtype_name != "float32" and m <= JAX_TRITON_MAX_M and fits_triton:
-        config = INTERPRET_CONFIG if interpret else tile_config(m, n, dtype_name, precision)
+    if config is None and kernel_for(dtype_name, m, fits_triton, interpret) == "triton" and dtype_name != "float32":
+        config = tile_config(m, n, dtype_name, precision)
     if dtype_name == "float32" or isinstance(config, TileConfig):
         if config is None:
             config = INTERPRET_CONFIG if interpret else tile_config(m, n, "float32", precision)
