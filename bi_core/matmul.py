@@ -174,8 +174,12 @@ INTERPRET_WGMMA_CONFIG = WgmmaConfig(64, 32, 32, 2, 2, 2)
 # bf16/fp16 in JAX up to this many rows run bi_torch's own thin-tile Triton
 # program (through Pallas's Triton backend) instead of the Mosaic GPU kernel:
 # at small M the product streams the weight, and wgmma's 64-row tiles leave a
-# 4096-wide weight only 64 CTAs (bench/NOTES.md, "JAX matmul").
+# 4096-wide weight only 64 CTAs (bench/NOTES.md, "JAX matmul"). Up to this many
+# columns: on an H100 the Triton tiles were faster at N = 4096 and 14336
+# (1.05-1.19x against 0.67-0.88x of jnp.dot at 4096x4096), the Mosaic kernel at
+# N = 28672 (160-165 us against 168-173 us). Both kernels give the same bits.
 JAX_TRITON_MAX_M = 32
+JAX_TRITON_MAX_N = 16384
 
 
 def jax_triton_configs() -> tuple[TileConfig, ...]:

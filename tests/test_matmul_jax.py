@@ -189,16 +189,19 @@ def test_wgmma_tables_are_well_formed():
 
 
 def test_dispatch_by_m():
-    """On the GPU, bf16/fp16 up to JAX_TRITON_MAX_M rows run the Triton-lowered
-    kernel and more rows the Mosaic GPU one; fp32 always the Triton one.
-    Interpreted, 16-bit products take the Mosaic kernel at every M."""
+    """On the GPU, bf16/fp16 products of up to JAX_TRITON_MAX_M rows and
+    JAX_TRITON_MAX_N columns run the Triton-lowered kernel, others the Mosaic
+    GPU one; fp32 always the Triton one. Interpreted, 16-bit products take the
+    Mosaic kernel at every M."""
     small, big = contract.JAX_TRITON_MAX_M, contract.JAX_TRITON_MAX_M + 1
+    n, wide = contract.JAX_TRITON_MAX_N, contract.JAX_TRITON_MAX_N + 1
     for dtype in ("bfloat16", "float16"):
-        assert [jm.kernel_for(dtype, m, True, False) for m in (1, small, big)] == ["triton", "triton", "mosaic"]
-        assert jm.kernel_for(dtype, 1, False, False) == "mosaic"  # past int32 offsets
-        assert {jm.kernel_for(dtype, m, True, True) for m in (1, small, big)} == {"mosaic"}
-    assert {jm.kernel_for("float32", m, f, i) for m in (1, big) for f in (True, False) for i in (True, False)} == {
-        "triton"}
+        assert [jm.kernel_for(dtype, m, n, True, False) for m in (1, small, big)] == ["triton", "triton", "mosaic"]
+        assert jm.kernel_for(dtype, 1, wide, True, False) == "mosaic"
+        assert jm.kernel_for(dtype, 1, n, False, False) == "mosaic"  # past int32 offsets
+        assert {jm.kernel_for(dtype, m, n, True, True) for m in (1, small, big)} == {"mosaic"}
+    assert {jm.kernel_for("float32", m, c, f, i) for m in (1, big) for c in (n, wide) for f in (True, False)
+            for i in (True, False)} == {"triton"}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -214,7 +217,7 @@ def test_product_runs_the_dispatched_kernel(dtype, monkeypatch):
         calls.clear()
         jm._product(_rand(m, 64, dtype=jnp.dtype(dtype), seed=m)[None], w[None], None, jnp.dtype(jnp.float32),
                     "ieee", False)
-        assert calls == [jm.kernel_for(dtype, m, True, interpret)], (m, calls)
+        assert calls == [jm.kernel_for(dtype, m, 48, True, interpret)], (m, calls)
 
 
 # --- GPU: every config gives bi_torch's bits -------------------------------------

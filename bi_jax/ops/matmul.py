@@ -6,8 +6,9 @@ in increasing order (the contract in ``bi_core.matmul``, shared with
 order depends on M, so a row's bits do not depend on the batch.
 
 * bf16 / fp16: a Pallas Mosaic GPU kernel (wgmma + TMA, ``_wgmma_matmul``),
-  except up to ``bi_core.matmul.JAX_TRITON_MAX_M`` rows (below).
-* fp32, and bf16 / fp16 up to ``JAX_TRITON_MAX_M`` rows: a Pallas kernel
+  except up to ``bi_core.matmul.JAX_TRITON_MAX_M`` rows and
+  ``JAX_TRITON_MAX_N`` columns (below).
+* fp32, and those small 16-bit products: a Pallas kernel
   lowered through Triton (``_triton_kernel`` below). This path is deliberate
   and kept to those cases. wgmma has no full-precision fp32 mode (only tf32)
   and needs both tf32 operands K-major, while the contract's full-precision
@@ -37,6 +38,7 @@ from bi_core.matmul import (
     INTERPRET_CONFIG,
     INTERPRET_WGMMA_CONFIG,
     JAX_TRITON_MAX_M,
+    JAX_TRITON_MAX_N,
     TileConfig,
     WgmmaConfig,
     tile_config,
@@ -203,8 +205,8 @@ def _pad_to(x, shape):
     return jnp.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)])
 
 
-def kernel_for(dtype_name: str, m: int, fits_triton: bool, interpret: bool) -> str:
-    """Which kernel computes an ``m``-row product: ``"triton"`` or ``"mosaic"``.
+def kernel_for(dtype_name: str, m: int, n: int, fits_triton: bool, interpret: bool) -> str:
+    """Which kernel computes an ``m`` x ``n`` product: ``"triton"`` or ``"mosaic"``.
 
     Interpreted on a CPU, 16-bit products take the Mosaic kernel at every M:
     the two kernels' interpreted products are different XLA contractions on
@@ -213,7 +215,7 @@ def kernel_for(dtype_name: str, m: int, fits_triton: bool, interpret: bool) -> s
     """
     if dtype_name == "float32":
         return "triton"
-    if not interpret and m <= JAX_TRITON_MAX_M and fits_triton:
+    if not interpret and m <= JAX_TRITON_MAX_M and n <= JAX_TRITON_MAX_N and fits_triton:
         return "triton"
     return "mosaic"
 
@@ -235,7 +237,7 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
     # The Triton kernel computes offsets in int32: a 16-bit weight past 2**31
     # elements takes the Mosaic kernel instead (the same bits, see above).
     fits_triton = b3.size <= _MAX_TRITON_ELEMENTS and batch * k <= _MAX_TRITON_ELEMENTS
-    if config is None and kernel_for(dtype_name, m, fits_triton, interpret) == "triton" and dtype_name != "float32":
+    if config is None and kernel_for(dtype_name, m, n, fits_triton, interpret) == "triton" and dtype_name != "float32":
         config = tile_config(m, n, dtype_name, precision)
     if dtype_name == "float32" or isinstance(config, TileConfig):
         if config is None:
