@@ -49,6 +49,27 @@ def rms_norm_config(n: int) -> RmsNormConfig:
     return RmsNormConfig(block=block, num_chunks=chunks, num_warps=num_warps, inv_n=f32(1.0 / n))
 
 
+# Column slices (``column_split``): few rows would leave most multiprocessors
+# idle while one program per row reads, scales and writes its whole row. A row
+# is then written by several programs, one column slice of at least MIN_SLICE
+# elements each; every one of them reduces the whole row with the same tree
+# (the extra reads hit L2), so the row's sum, and with it every output bit, is
+# the same as with one program per row.
+MIN_SLICE = 128
+SPLIT_TARGET_PROGRAMS = 128
+
+
+@lru_cache(maxsize=None)
+def column_split(rows: int, n: int) -> int:
+    """Programs per row (a power of two, 1 for no split) for ``rows`` rows of
+    ``n`` elements: about SPLIT_TARGET_PROGRAMS programs in all. A speed choice
+    only: any split gives the same bits."""
+    if rows >= SPLIT_TARGET_PROGRAMS:
+        return 1
+    most = max(1, rms_norm_config(n).block // MIN_SLICE)
+    return min(most, _next_pow2(-(-SPLIT_TARGET_PROGRAMS // rows)))
+
+
 @dataclass(frozen=True)
 class SumTree:
     """The order in which a row's ``block`` fp32 values are added (RMSNorm's

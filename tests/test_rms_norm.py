@@ -8,6 +8,7 @@ import pytest
 from harness import registry
 from harness.bits import np_dtype
 from harness.frameworks import adapter
+from tests_profile import PROFILE
 
 FRAMEWORKS = ["torch", "jax"]
 
@@ -125,3 +126,54 @@ def test_jax_jit_and_vmap_give_the_same_bits():
     jitted = ad.to_numpy(jax.jit(bi_jax.rms_norm)(x, w))
     mapped = ad.to_numpy(jax.vmap(lambda r: bi_jax.rms_norm(r, w), in_axes=1, out_axes=1)(x))
     assert plain.tobytes() == jitted.tobytes() == mapped.tobytes()
+
+
+def _launch_split(framework, x, w, split):
+    """rms_norm of a (rows, n) array with ``split`` programs per row."""
+    ad = adapter(framework)
+    wn = None if w is None else ad.to_native(w)
+    if framework == "torch":
+        import torch
+
+        from bi_torch.ops import rms_norm
+
+        xt = ad.to_native(x)
+        out = torch.empty_like(xt)
+        rms_norm._launch(xt, wn, out, 1e-6, split=split)
+        return ad.to_numpy(out)
+    from bi_jax._checks import interpret_mode
+    from bi_jax.ops import rms_norm
+
+    return ad.to_numpy(rms_norm._launch(ad.to_native(x), wn, 1e-6, interpret_mode("rms_norm"), split=split))
+
+
+# Rows held in registers (aligned and not: 100 and 1869 elements are not
+# 16-byte multiples in bf16) and, on a GPU, rows read in chunks.
+SPLIT_LENGTHS = [100, 257] + ([1869, 4096, 8192, 16384, 20000, 32000] if PROFILE.native else [])
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n", SPLIT_LENGTHS)
+def test_invariance_column_split_or_not(framework, n, dtype):
+    """A few rows are written by several programs per row, one column slice
+    each (bi_core.rms_norm.column_split); every split gives the bits of one
+    program per row."""
+    from bi_core.rms_norm import column_split, rms_norm_config
+
+    most = max(1, rms_norm_config(n).block // 128)
+    assert column_split(1, n) == most and column_split(4096, n) == 1
+    rng = np.random.default_rng(n)
+    x = (3.0 * rng.standard_normal((3, n))).astype(np.float32).astype(np_dtype(dtype))
+    w = rng.standard_normal(n).astype(np.float32).astype(np_dtype(dtype))
+    bits = np.int32 if dtype == "float32" else np.int16
+    for weight in (w, None):
+        one = _launch_split(framework, x, weight, 1)
+        for split in sorted({2, most}):
+            if split > most:
+                continue
+            got = _launch_split(framework, x, weight, split)
+            np.testing.assert_array_equal(one.view(bits), got.view(bits), err_msg=f"split={split}")
+        tol = 1e-5 if dtype == "float32" else 1.6e-2
+        want = _np_rms_norm(x.astype(np.float32), None if weight is None else weight.astype(np.float32), 1e-6)
+        np.testing.assert_allclose(one.astype(np.float64), want, rtol=tol, atol=tol)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import SumTree, reduce_tree, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import SumTree, column_split, reduce_tree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 
@@ -57,13 +57,17 @@ def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
     return 1.0 / jnp.sqrt(sumsq * inv_n + eps)
 
 
-def _kernel(x_ref, *refs, n, block, num_chunks, tree, inv_n, eps, has_weight, ptx):
+def _kernel(x_ref, *refs, n, block, num_chunks, split, tree, inv_n, eps, has_weight, ptx):
     if has_weight:
         w_ref, y_ref = refs
     else:
         (y_ref,) = refs
     row = pl.program_id(0)
     cols = jnp.arange(block)
+    # With split > 1 this program writes one column slice of each chunk, and
+    # still reduces the whole row (bi_core.rms_norm.column_split).
+    width = block // split
+    slice_cols = pl.program_id(1) * width + jnp.arange(width)
 
     def load(ref, offs, mask):
         if ref is x_ref:
@@ -71,15 +75,22 @@ def _kernel(x_ref, *refs, n, block, num_chunks, tree, inv_n, eps, has_weight, pt
         return pltriton.load(ref.at[offs], mask=mask, other=0.0).astype(jnp.float32)
 
     if num_chunks == 1:
-        mask = cols < n
-        x = load(x_ref, cols, mask)
+        x = load(x_ref, cols, cols < n)
+        if split > 1:
+            # The slice is loaded again (an L1/L2 hit) rather than taken out of
+            # the row's registers; both loads are issued before the reduction.
+            out_cols = slice_cols
+            x_out = load(x_ref, out_cols, out_cols < n)
+        else:
+            out_cols, x_out = cols, x
+        mask = out_cols < n
         # The weight is loaded before the reduction so that its latency overlaps it.
-        w = load(w_ref, cols, mask) if has_weight else None
+        w = load(w_ref, out_cols, mask) if has_weight else None
         sumsq = _sum_tree(_square(x, ptx), tree)
-        y = x * _rstd(sumsq, inv_n, eps, ptx)
+        y = x_out * _rstd(sumsq, inv_n, eps, ptx)
         if has_weight:
             y = y * w
-        pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=mask)
+        pltriton.store(y_ref.at[row, out_cols], y.astype(y_ref.dtype), mask=mask)
         return
 
     acc = jnp.zeros((block,), jnp.float32)
@@ -88,7 +99,7 @@ def _kernel(x_ref, *refs, n, block, num_chunks, tree, inv_n, eps, has_weight, pt
         acc = acc + _square(load(x_ref, offs, offs < n), ptx)
     rstd = _rstd(_sum_tree(acc, tree), inv_n, eps, ptx)
     for c in range(num_chunks):
-        offs = c * block + cols
+        offs = c * block + slice_cols
         mask = offs < n
         y = load(x_ref, offs, mask) * rstd
         if has_weight:
@@ -96,14 +107,18 @@ def _kernel(x_ref, *refs, n, block, num_chunks, tree, inv_n, eps, has_weight, pt
         pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=mask)
 
 
-def _launch(x2d, weight, eps, interpret):
+def _launch(x2d, weight, eps, interpret, split=None):
+    """The kernel over the rows of ``x2d``; ``split`` programs per row
+    (default ``column_split``; any value gives the same bits)."""
     m, n = x2d.shape
     cfg = rms_norm_config(n)
+    split = column_split(m, n) if split is None else split
     kernel = functools.partial(
         _kernel,
         n=n,
         block=cfg.block,
         num_chunks=cfg.num_chunks,
+        split=split,
         tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n),
         inv_n=cfg.inv_n,
         eps=eps,
@@ -113,7 +128,7 @@ def _launch(x2d, weight, eps, interpret):
     args = (x2d,) if weight is None else (x2d, weight)
     return pl.pallas_call(
         kernel,
-        grid=(m,),
+        grid=(m, split),
         out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,

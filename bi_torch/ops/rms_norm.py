@@ -1,9 +1,12 @@
 """RMSNorm over the last axis: Triton kernel and launcher.
 
-One program normalises one row. The block size, the number of warps and the
-number of column chunks depend only on the row length (and so does the Triton
-specialisation, because inputs are made contiguous and aligned first), never on
-the number of rows, so the reduction order of every row is fixed by its length.
+One program normalises one row, or, for few rows, one column slice of a row
+after reducing the whole row (``bi_core.rms_norm.column_split``). The block
+size, the number of warps and the number of column chunks depend only on the
+row length (and so does the Triton specialisation, because inputs are made
+contiguous and aligned first), never on the number of rows, so the reduction
+order of every row is fixed by its length; the slices change only which
+program writes an output, not how it is computed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import SumTree, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import SumTree, column_split, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm"]
 
@@ -145,24 +148,38 @@ def _rms_norm_kernel(
     LANES: tl.constexpr,
     WARPS: tl.constexpr,
     PTX: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # 64-bit row offset: tensors past 2**31 elements.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * n_cols
     y_row = y_ptr + row * n_cols
     cols = tl.arange(0, BLOCK)
+    # With SPLIT > 1 this program writes one column slice of each chunk, and
+    # still reduces the whole row (bi_core.rms_norm.column_split).
+    SLICE: tl.constexpr = BLOCK // SPLIT
+    slice_cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
     if NUM_CHUNKS == 1:
         # The whole row stays in registers: one read of x.
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if SPLIT > 1:
+            # The slice is loaded again (an L1/L2 hit) rather than taken out of
+            # the row's registers; both loads are issued before the reduction.
+            mask = slice_cols < n_cols
+            x_out = tl.load(x_row + slice_cols, mask=mask, other=0.0).to(tl.float32)
+            out_cols = slice_cols
+        else:
+            x_out = x
+            out_cols = cols
         if HAS_WEIGHT:
             # Issued before the reduction so that its latency overlaps it.
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
         sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
-        y = x * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
+        y = x_out * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if HAS_WEIGHT:
             y = y * w
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + out_cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # Long rows: fp32 partial sums per element over fixed-size chunks, then
         # the tree; the chunk count is a function of the row length.
@@ -173,7 +190,7 @@ def _rms_norm_kernel(
             acc += _square(x, PTX)
         rstd = _rstd(_sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), RSTD_ASM, INV_N, EPS, PTX)
         for c in tl.static_range(NUM_CHUNKS):
-            offs = c * BLOCK + cols
+            offs = c * BLOCK + slice_cols
             mask = offs < n_cols
             y = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) * rstd
             if HAS_WEIGHT:
@@ -221,9 +238,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     m = x2d.shape[0]
     if m == 0:
         return y.view(x.shape)
+    _launch(x2d, w, y, eps)
+    return y.view(x.shape)
+
+
+def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: float, split: int | None = None) -> None:
+    """The kernel over the rows of ``x2d`` into ``y``; ``split`` programs per
+    row (default ``column_split``; any value gives the same bits)."""
+    m, n = x2d.shape
     cfg = rms_norm_config(n)
+    split = column_split(m, n) if split is None else split
     tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
-    _rms_norm_kernel[(m,)](
+    _rms_norm_kernel[(m, split)](
         x2d,
         w if w is not None else x2d,
         y,
@@ -236,6 +262,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
         NUM_CHUNKS=cfg.num_chunks,
         **_tree_args(tree),
         PTX=not interpreting(),
+        SPLIT=split,
         num_warps=cfg.num_warps,
     )
-    return y.view(x.shape)
