@@ -56,17 +56,21 @@ def rms_norm_config(n: int) -> RmsNormConfig:
 # (the extra reads hit L2), so the row's sum, and with it every output bit, is
 # the same as with one program per row.
 MIN_SLICE = 128
-SPLIT_TARGET_PROGRAMS = 128
+# On an H100 (bench/probe_rms_norm_split.py, bf16, N = 4096 and 8192), 4 slices
+# per row were the fastest at M <= 16 and 2 to 4 at M = 32; more slices lost
+# to the extra reads of the row (64 slices: 2.2 against 1.6 us at M = 8), and
+# any split lost from M = 64 on.
+SPLIT_TARGET_PROGRAMS = 64
+MAX_SPLIT = 4
 
 
 @lru_cache(maxsize=None)
 def column_split(rows: int, n: int) -> int:
     """Programs per row (a power of two, 1 for no split) for ``rows`` rows of
-    ``n`` elements: about SPLIT_TARGET_PROGRAMS programs in all. A speed choice
-    only: any split gives the same bits."""
+    ``n`` elements. A speed choice only: any split gives the same bits."""
     if rows >= SPLIT_TARGET_PROGRAMS:
         return 1
-    most = max(1, rms_norm_config(n).block // MIN_SLICE)
+    most = max(1, min(MAX_SPLIT, rms_norm_config(n).block // MIN_SLICE))
     return min(most, _next_pow2(-(-SPLIT_TARGET_PROGRAMS // rows)))
 
 
