@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import SumTree, column_split, reduce_tree, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import SumTree, column_split, early_weight, reduce_tree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 
@@ -57,7 +57,7 @@ def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
     return 1.0 / jnp.sqrt(sumsq * inv_n + eps)
 
 
-def _kernel(x_ref, *refs, n, block, num_chunks, split, tree, inv_n, eps, has_weight, ptx):
+def _kernel(x_ref, *refs, n, block, num_chunks, split, early, tree, inv_n, eps, has_weight, ptx):
     if has_weight:
         w_ref, y_ref = refs
     else:
@@ -84,12 +84,12 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, tree, inv_n, eps, has_wei
         else:
             out_cols, x_out = cols, x
         mask = out_cols < n
-        # The weight is loaded before the reduction so that its latency overlaps it.
-        w = load(w_ref, out_cols, mask) if has_weight else None
+        # Loaded before the reduction, the weight's latency overlaps it.
+        w = load(w_ref, out_cols, mask) if has_weight and early else None
         sumsq = _sum_tree(_square(x, ptx), tree)
         y = x_out * _rstd(sumsq, inv_n, eps, ptx)
         if has_weight:
-            y = y * w
+            y = y * (w if early else load(w_ref, out_cols, mask))
         pltriton.store(y_ref.at[row, out_cols], y.astype(y_ref.dtype), mask=mask)
         return
 
@@ -119,6 +119,7 @@ def _launch(x2d, weight, eps, interpret, split=None):
         block=cfg.block,
         num_chunks=cfg.num_chunks,
         split=split,
+        early=early_weight(m),
         tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n),
         inv_n=cfg.inv_n,
         eps=eps,

@@ -24,7 +24,7 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import SumTree, column_split, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import SumTree, column_split, early_weight, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm"]
 
@@ -149,6 +149,7 @@ def _rms_norm_kernel(
     WARPS: tl.constexpr,
     PTX: tl.constexpr,
     SPLIT: tl.constexpr,
+    EARLY_WEIGHT: tl.constexpr,
 ):
     # 64-bit row offset: tensors past 2**31 elements.
     row = tl.program_id(0).to(tl.int64)
@@ -172,12 +173,14 @@ def _rms_norm_kernel(
         else:
             x_out = x
             out_cols = cols
-        if HAS_WEIGHT:
+        if HAS_WEIGHT and EARLY_WEIGHT:
             # Issued before the reduction so that its latency overlaps it.
             w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
         sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
         y = x_out * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if HAS_WEIGHT:
+            if not EARLY_WEIGHT:
+                w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
             y = y * w
         tl.store(y_row + out_cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
@@ -249,6 +252,7 @@ def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: flo
     cfg = rms_norm_config(n)
     split = column_split(m, n) if split is None else split
     tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
+    early = early_weight(m)
     _rms_norm_kernel[(m, split)](
         x2d,
         w if w is not None else x2d,
@@ -263,5 +267,6 @@ def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: flo
         **_tree_args(tree),
         PTX=not interpreting(),
         SPLIT=split,
+        EARLY_WEIGHT=early,
         num_warps=cfg.num_warps,
     )
