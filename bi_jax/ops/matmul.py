@@ -237,11 +237,12 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
     # The Triton kernel computes offsets in int32: a 16-bit weight past 2**31
     # elements takes the Mosaic kernel instead (the same bits, see above).
     fits_triton = b3.size <= _MAX_TRITON_ELEMENTS and batch * k <= _MAX_TRITON_ELEMENTS
-    if config is None and kernel_for(dtype_name, m, n, fits_triton, interpret) == "triton" and dtype_name != "float32":
-        config = tile_config(m, n, dtype_name, precision)
-    if dtype_name == "float32" or isinstance(config, TileConfig):
-        if config is None:
-            config = INTERPRET_CONFIG if interpret else tile_config(m, n, "float32", precision)
+    if config is None:
+        if kernel_for(dtype_name, m, n, fits_triton, interpret) == "triton":
+            config = INTERPRET_CONFIG if interpret else tile_config(m, n, dtype_name, precision)
+        else:
+            config = INTERPRET_WGMMA_CONFIG if interpret else wgmma_config(m, n)
+    if isinstance(config, TileConfig):
         # int32 offsets in Triton-lowered Pallas: rows are independent, so M
         # may be split; the operands themselves must fit.
         if not fits_triton:
@@ -256,9 +257,6 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
             for s in range(0, m, rows)
         ]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-
-    if config is None:
-        config = INTERPRET_WGMMA_CONFIG if interpret else wgmma_config(m, n)
     return wgmma_product(a3, b3, bias32, out_dtype, config, b_kmajor=b_kmajor, interpret=interpret)
 
 
