@@ -23,7 +23,9 @@ def main() -> None:
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     p.add_argument("--m", default="1,16,64,128,256,512,2048,8192")
     p.add_argument("--all-configs", action="store_true", help="time every config of the table at every M")
-    p.add_argument("--configs", default="", help="candidate configs to time instead, 'bm,bn,bk,stages,wgs,group;...'")
+    p.add_argument("--configs", default="",
+                   help="candidate configs to time instead, 'bm,bn,bk,stages,wgs,group;...' (Mosaic GPU), "
+                        "or 't:bm,bn,bk,warps,stages,group' for the Triton-lowered kernel")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -34,7 +36,7 @@ def main() -> None:
 
     import bi_torch
     from bench.timing import buffer_sets, time_jax, time_torch
-    from bi_core.matmul import WgmmaConfig, wgmma_config, wgmma_configs
+    from bi_core.matmul import TileConfig, WgmmaConfig, wgmma_config, wgmma_configs
     from bi_jax.ops import matmul as jm
 
     rows = []
@@ -57,7 +59,7 @@ def main() -> None:
         ref_j = np.asarray(jm._product(aj[None], bj[None], None, jnp.float32, "ieee", False)[0])
         for m in ms:
             if args.configs:
-                cfgs = tuple(WgmmaConfig(*map(int, c.split(","))) for c in args.configs.split(";"))
+                cfgs = tuple(_parse_config(c, TileConfig, WgmmaConfig) for c in args.configs.split(";"))
             else:
                 cfgs = wgmma_configs() if args.all_configs else (wgmma_config(m, n),)
             a_m = aj[:m]
@@ -86,6 +88,12 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "probe_matmul.json").write_text(json.dumps(rows, indent=1))
+
+
+def _parse_config(text: str, tile_cls, wgmma_cls):
+    if text.startswith("t:"):
+        return tile_cls(*map(int, text[2:].split(",")))
+    return wgmma_cls(*map(int, text.split(",")))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ with ``bi_core.rms_norm.column_split`` forced to each value (capped at the
 row's most), then with the shipped policy. Any split gives the same bits
 (``tests/test_rms_norm.py::test_invariance_column_split_or_not``).
 
+``--rstd`` also times other epilogues in place of ``bi_core.rms_norm.rstd_asm``
+(a speed probe: ``approx`` changes the bits, so it is not what ships unless the
+epilogue itself is changed): ``ieee`` is the shipped one, ``approx`` is
+``mul.rn``, ``add.rn`` and one ``rsqrt.approx.f32``.
+
     BI_DEVICE=gpu python -m bench.probe_rms_norm_split --features 4096,8192 --splits 1,4,16,64
+    BI_DEVICE=gpu python -m bench.probe_rms_norm_split --splits '' --rstd ieee,approx
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ def main() -> None:
     p.add_argument("--splits", default="1,2,4,8,16,32,64")
     p.add_argument("--m", default="1,2,4,8,16,32,64,128,256,512")
     p.add_argument("--frameworks", default="torch,jax")
+    p.add_argument("--rstd", default="ieee", help="epilogues to time: ieee (shipped), approx")
     args = p.parse_args()
 
     import jax
@@ -34,17 +41,22 @@ def main() -> None:
 
     spec = registry.get("rms_norm")
     shipped = contract.column_split
+    shipped_rstd = contract.rstd_asm
+    epilogues = {"ieee": shipped_rstd, "approx": _approx_rstd_asm}
     copy = timing.copy_bandwidth_gbs()
     ms = [int(m) for m in args.m.split(",")]
-    variants = [(s, f"split={s}") for s in (int(v) for v in args.splits.split(","))] + [(None, "policy")]
+    splits = [int(v) for v in args.splits.split(",") if v]
+    variants = [(s, f"split={s}", r) for r in args.rstd.split(",") for s in splits]
+    variants += [(None, f"policy rstd={r}", r) for r in args.rstd.split(",")]
     for n in (int(f) for f in args.features.split(",")):
-        for split, label in variants:
+        for split, label, rstd in variants:
             if split is None:
                 choose = shipped
             else:
                 most = max(1, contract.rms_norm_config(n).block // contract.MIN_SLICE)
                 choose = lambda rows, cols, s=min(split, most): s  # noqa: E731
             tmod.column_split = jmod.column_split = choose
+            tmod.rstd_asm = jmod.rstd_asm = epilogues[rstd]
             jax.clear_caches()  # a cached trace would keep the previous split
             for fw in args.frameworks.split(","):
                 rows = sweep.run_job(sweep.Job(spec, fw, n, "bfloat16"), ms, True, copy, lambda: None)
@@ -52,6 +64,18 @@ def main() -> None:
                 line = " ".join(f"{r.m}:{r.median_us:.2f}us/{r.ratio_to_default:.2f}x" for r in bi)
                 print(f"N={n} {label} {fw}: {line}", flush=True)
         tmod.column_split = jmod.column_split = shipped
+        tmod.rstd_asm = jmod.rstd_asm = shipped_rstd
+
+
+def _approx_rstd_asm(inv_n: float, eps: float) -> str:
+    from bi_core.rms_norm import f32_hex
+
+    return (
+        "{ .reg .f32 t; "
+        f"mul.rn.f32 t, $1, {f32_hex(inv_n)}; "
+        f"add.rn.f32 t, t, {f32_hex(eps)}; "
+        "rsqrt.approx.f32 $0, t; }"
+    )
 
 
 if __name__ == "__main__":
