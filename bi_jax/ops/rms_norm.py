@@ -67,8 +67,7 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, early, tree, inv_n, eps, 
     # With split > 1 this program writes one column slice of each chunk, and
     # still reduces the whole row (bi_core.rms_norm.column_split).
     width = block // split
-    slice_start = pl.program_id(1) * width
-    slice_cols = slice_start + jnp.arange(width)
+    slice_cols = pl.program_id(1) * width + jnp.arange(width)
 
     def load(ref, offs, mask):
         if ref is x_ref:
@@ -77,19 +76,21 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, early, tree, inv_n, eps, 
 
     if num_chunks == 1:
         x = load(x_ref, cols, cols < n)
-        # With split > 1 the slice's outputs come from the row's registers:
-        # the whole row is scaled and only the slice is stored (and only its
-        # weights are loaded).
-        mask = cols < n
         if split > 1:
-            mask = mask & (cols >= slice_start) & (cols < slice_start + width)
+            # The slice is loaded again (an L1/L2 hit) rather than taken out of
+            # the row's registers; both loads are issued before the reduction.
+            out_cols = slice_cols
+            x_out = load(x_ref, out_cols, out_cols < n)
+        else:
+            out_cols, x_out = cols, x
+        mask = out_cols < n
         # Loaded before the reduction, the weight's latency overlaps it.
-        w = load(w_ref, cols, mask) if has_weight and early else None
+        w = load(w_ref, out_cols, mask) if has_weight and early else None
         sumsq = _sum_tree(_square(x, ptx), tree)
-        y = x * _rstd(sumsq, inv_n, eps, ptx)
+        y = x_out * _rstd(sumsq, inv_n, eps, ptx)
         if has_weight:
-            y = y * (w if early else load(w_ref, cols, mask))
-        pltriton.store(y_ref.at[row, cols], y.astype(y_ref.dtype), mask=mask)
+            y = y * (w if early else load(w_ref, out_cols, mask))
+        pltriton.store(y_ref.at[row, out_cols], y.astype(y_ref.dtype), mask=mask)
         return
 
     acc = jnp.zeros((block,), jnp.float32)

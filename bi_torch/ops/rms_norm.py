@@ -159,28 +159,30 @@ def _rms_norm_kernel(
     # With SPLIT > 1 this program writes one column slice of each chunk, and
     # still reduces the whole row (bi_core.rms_norm.column_split).
     SLICE: tl.constexpr = BLOCK // SPLIT
-    slice_start = tl.program_id(1) * SLICE
-    slice_cols = slice_start + tl.arange(0, SLICE)
+    slice_cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
     if NUM_CHUNKS == 1:
         # The whole row stays in registers: one read of x.
-        x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        # With SPLIT > 1 the slice's outputs come from the row's registers:
-        # the whole row is scaled and only the slice is stored (and only its
-        # weights are loaded).
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if SPLIT > 1:
-            mask = (cols >= slice_start) & (cols < slice_start + SLICE) & (cols < n_cols)
+            # The slice is loaded again (an L1/L2 hit) rather than taken out of
+            # the row's registers; both loads are issued before the reduction.
+            mask = slice_cols < n_cols
+            x_out = tl.load(x_row + slice_cols, mask=mask, other=0.0).to(tl.float32)
+            out_cols = slice_cols
         else:
-            mask = cols < n_cols
+            x_out = x
+            out_cols = cols
         if HAS_WEIGHT and EARLY_WEIGHT:
             # Issued before the reduction so that its latency overlaps it.
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
         sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
-        y = x * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
+        y = x_out * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if HAS_WEIGHT:
             if not EARLY_WEIGHT:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
             y = y * w
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + out_cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # Long rows: fp32 partial sums per element over fixed-size chunks, then
         # the tree; the chunk count is a function of the row length.
