@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     p.add_argument("--m", default=",".join(map(str, MS)))
+    p.add_argument("--configs", default="",
+                   help="candidates instead of the built-in lists: 'bm,bn,bk,warps,stages,group[,tma][,ws];...'")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.m.split(",")]
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
                          "gbs": wbytes / t.median_us / 1e3, "same_bits": None})
             print(f"K={k} N={n} M={m:5d} torch.matmul {t.median_us:9.2f} us {tflops:7.1f} TF/s", flush=True)
             best = None
-            for cfg in candidates(m):
+            for cfg in (_parse_configs(args.configs) if args.configs else candidates(m)):
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
                 try:
                     _launch(a[None], weights[0][None], None, out[None], cfg)
@@ -102,6 +104,15 @@ def main(argv=None) -> int:
         (args.out / "tune_matmul.json").write_text(json.dumps(rows, indent=1))
     (args.out / "tune_matmul.json").write_text(json.dumps({"time": time.time(), "rows": rows}, indent=1))
     return 0
+
+
+def _parse_configs(text: str) -> list[TileConfig]:
+    out = []
+    for item in text.split(";"):
+        fields = item.split(",")
+        nums = [int(f) for f in fields if f not in ("tma", "ws")]
+        out.append(TileConfig(*nums, tma="tma" in fields, warp_specialize="ws" in fields))
+    return out
 
 
 if __name__ == "__main__":

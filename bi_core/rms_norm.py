@@ -185,16 +185,20 @@ def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None):
 
 @lru_cache(maxsize=None)
 def rstd_asm(inv_n: float, eps: float) -> str:
-    """PTX for ``1 / sqrt(sumsq * inv_n + eps)`` with every step IEEE-rounded.
+    """PTX for ``rsqrt(sumsq * inv_n + eps)``.
 
-    ``$1`` is the fp32 sum of squares and ``$0`` the result. The ``.rn``
-    suffixes forbid contraction into an FMA and approximate square roots, so
-    every compiler that emits this string computes the same bits.
+    ``$1`` is the fp32 sum of squares and ``$0`` the result. The mean and the
+    ``eps`` are IEEE-rounded (``.rn`` also forbids contracting them into an
+    FMA); the reciprocal square root is one ``rsqrt.approx.f32``, the hardware
+    instruction (relative error below 2**-22, the same bits on every run and
+    from every compiler that emits this string). A correctly rounded
+    ``rcp.rn(sqrt.rn(.))`` gives other bits and took about 0.05 us longer per
+    launch on an H100 (bench/NOTES.md, "RMSNorm v6"): at small M this epilogue
+    is on the critical path of the whole kernel.
     """
     return (
         "{ .reg .f32 t; "
         f"mul.rn.f32 t, $1, {f32_hex(inv_n)}; "
         f"add.rn.f32 t, t, {f32_hex(eps)}; "
-        "sqrt.rn.f32 t, t; "
-        "rcp.rn.f32 $0, t; }"
+        "rsqrt.approx.f32 $0, t; }"
     )

@@ -118,8 +118,10 @@ def _tree_args(tree: SumTree) -> dict:
 @triton.jit
 def _rstd(sumsq, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr, EPS: tl.constexpr, PTX: tl.constexpr):
     if PTX:
-        # IEEE-rounded mul, add, sqrt and reciprocal, written out so that the
-        # bits do not depend on the compiler's choice of rsqrt approximation.
+        # IEEE-rounded mul and add, then the hardware rsqrt, written out so
+        # that the bits do not depend on the compiler's choice of rsqrt
+        # (bi_core.rms_norm.rstd_asm). The interpreter path below is the
+        # correctly rounded 1 / sqrt: CPU runs have bits of their own.
         return tl.inline_asm_elementwise(
             RSTD_ASM, "=r,r", [sumsq], dtype=tl.float32, is_pure=True, pack=1
         )
