@@ -2,7 +2,8 @@
 
 * torch: a CUDA graph of many calls, rotating among enough input sets that
   they do not all fit in L2, replayed between CUDA events; per-call time is
-  the replay time over the number of calls.
+  the replay time over the number of calls. The benchmark interleaves the
+  replays of the default and the bi_ kernel (``time_torch_interleaved``).
 * jax: the JAX profiler (CUPTI) records every kernel of many jitted calls,
   again on rotating inputs; per-call time is the sum of that call's kernel
   durations, so Python dispatch is excluded.
@@ -40,6 +41,12 @@ def _summary(samples_us: list[float], method: str) -> Timing:
 
 
 def time_torch(fn: Callable[..., Any], arg_sets: list[dict], target_ms: float = 2.0, reps: int = 25) -> Timing:
+    """Device time per call of ``fn`` (see ``time_torch_interleaved``)."""
+    return time_torch_interleaved({"fn": fn}, arg_sets, target_ms, reps)["fn"]
+
+
+def _torch_graph(fn: Callable[..., Any], arg_sets: list[dict], target_ms: float):
+    """A CUDA graph of about ``target_ms`` of calls of ``fn`` over ``arg_sets``, and its call count."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -58,27 +65,56 @@ def time_torch(fn: Callable[..., Any], arg_sets: list[dict], target_ms: float = 
                 fn(**arg_sets[i % len(arg_sets)])
         return graph
 
-    def replay_us(graph: torch.cuda.CUDAGraph, calls: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3 / calls
-
     probe_calls = len(arg_sets)
     probe = capture(probe_calls)
     probe.replay()
-    est = replay_us(probe, probe_calls)
+    est = _replay_us(probe, probe_calls)
     del probe
     calls = int(min(2000, max(len(arg_sets), target_ms * 1e3 / max(est, 1e-3))))
     calls = max(len(arg_sets), calls - calls % len(arg_sets))
     graph = capture(calls)
     graph.replay()
     torch.cuda.synchronize()
-    samples = [replay_us(graph, calls) for _ in range(reps)]
-    del graph
-    return _summary(samples, f"CUDA graph of {calls} calls over {len(arg_sets)} input sets, CUDA events")
+    return graph, calls
+
+
+def _replay_us(graph, calls: int) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def time_torch_interleaved(
+    fns: dict[str, Callable[..., Any]], arg_sets: list[dict], target_ms: float = 2.0, reps: int = 25
+) -> dict[str, Timing]:
+    """Device time per call of each of ``fns`` on the same inputs.
+
+    Each function's calls are captured in a CUDA graph, rotating among
+    ``arg_sets``; the graphs are then replayed in turn, ``reps`` rounds in
+    ABBA order, each replay timed with CUDA events. Interleaving matters for
+    long compute-bound launches: on an H100 the clock drifts with power and
+    temperature over a measurement, and timing one implementation's block
+    after the other's gave ratios from 0.88x to 1.10x over three runs of one
+    point (bi_torch against cuBLAS, 8192x28672 at M = 8192).
+    """
+    graphs = {name: _torch_graph(fn, arg_sets, target_ms) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            graph, calls = graphs[name]
+            samples[name].append(_replay_us(graph, calls))
+    out = {}
+    for name, (graph, calls) in graphs.items():
+        turn = "" if len(fns) == 1 else f", replays interleaved with {len(fns) - 1} other implementation(s)"
+        out[name] = _summary(samples[name], f"CUDA graph of {calls} calls over {len(arg_sets)} input sets, CUDA events{turn}")
+    del graphs
+    return out
 
 
 def _device_kernel_events(path: str) -> list[tuple[int, int]]:
