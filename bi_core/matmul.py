@@ -53,7 +53,11 @@ _NARROW_N = 8192  # weights up to this many output columns use the narrow tiles
 MMA_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
     # (largest M, config for N <= _NARROW_N, config for wider N)
     (16, T(16, 32, 128, 4, 6, 1), T(16, 64, 128, 4, 6, 1)),
-    (32, T(64, 32, 256, 4, 4, 1), T(64, 64, 256, 4, 3, 1)),
+    # Wide weights at M = 17-32: 64x64x128 with 5 stages was 175.4 against 179.7 us
+    # (64x64x256, 3 stages) at 8192x28672 on an H100 (bench/NOTES.md, "Matmul mid M").
+    # A TMA tile (64x128x128) was faster still, 171 us, but the JAX Triton path
+    # that shares this row has pointer loads only.
+    (32, T(64, 32, 256, 4, 4, 1), T(64, 64, 128, 4, 5, 1)),
     (64, T(64, 32, 256, 4, 4, 1, tma=True), T(64, 128, 128, 4, 4, 1, tma=True)),
     # 6 stages at M <= 128 (bench/NOTES.md, "Matmul mid M"): 4096x4096 at M = 128
     # 16.6 -> 15.1 us on an H100, 0.90x -> 0.99x of cuBLAS.
