@@ -36,7 +36,7 @@ def main() -> None:
 
     import bi_torch
     from bench.timing import buffer_sets, time_jax, time_torch
-    from bi_core.matmul import TileConfig, WgmmaConfig, wgmma_config, wgmma_configs
+    from bi_core.matmul import wgmma_config, wgmma_configs
     from bi_jax.ops import matmul as jm
 
     rows = []
@@ -59,7 +59,7 @@ def main() -> None:
         ref_j = np.asarray(jm._product(aj[None], bj[None], None, jnp.float32, "ieee", False)[0])
         for m in ms:
             if args.configs:
-                cfgs = tuple(_parse_config(c, TileConfig, WgmmaConfig) for c in args.configs.split(";"))
+                cfgs = tuple(_parse_config(c) for c in args.configs.split(";"))
             else:
                 cfgs = wgmma_configs() if args.all_configs else (wgmma_config(m, n),)
             a_m = aj[:m]
@@ -90,10 +90,13 @@ def main() -> None:
         (args.out / "probe_matmul.json").write_text(json.dumps(rows, indent=1))
 
 
-def _parse_config(text: str, tile_cls, wgmma_cls):
+def _parse_config(text: str):
+    """A Mosaic GPU config, or with a ``t:`` prefix a Triton-kernel one."""
+    from bi_core.matmul import TileConfig, WgmmaConfig
+
     if text.startswith("t:"):
-        return tile_cls(*map(int, text[2:].split(",")))
-    return wgmma_cls(*map(int, text.split(",")))
+        return TileConfig(*map(int, text[2:].split(",")))
+    return WgmmaConfig(*map(int, text.split(",")))
 
 
 if __name__ == "__main__":
