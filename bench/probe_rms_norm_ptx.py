@@ -5,7 +5,7 @@ shared memory) and its Triton GPU IR (layout conversions).
 Pointers are declared 16-byte aligned, as torch's launcher specialises them
 for aligned tensors; without that hint every load would be scalar.
 
-    python -m bench.probe_rms_norm_ptx --features 8192 --splits 1,2,4 [--slices reload] [--dump DIR]
+    python -m bench.probe_rms_norm_ptx --features 8192 --splits 1,2,4 [--dump DIR]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ def main() -> None:
     p.add_argument("--features", default="4096,8192")
     p.add_argument("--splits", default="1,2,4")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--slices", default="policy", help="policy (bi_core.rms_norm.slice_from_row) or reload")
     p.add_argument("--dump", type=Path, default=None, help="write the TTGIR and PTX of each variant here")
     args = p.parse_args()
 
@@ -28,7 +27,7 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bi_core.rms_norm import early_weight, rms_norm_config, rstd_asm, slice_from_row, sum_tree
+    from bi_core.rms_norm import early_weight, rms_norm_config, rstd_asm, sum_tree
     from bi_torch.ops.rms_norm import _rms_norm_kernel, _tree_args
 
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
@@ -41,7 +40,6 @@ def main() -> None:
                 n_cols=n, RSTD_ASM=rstd_asm(cfg.inv_n, 1e-6), INV_N=cfg.inv_n, EPS=1e-6, HAS_WEIGHT=True,
                 BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **_tree_args(tree), PTX=True, SPLIT=split,
                 EARLY_WEIGHT=early_weight(1),
-                SLICE_FROM_ROW=args.slices == "policy" and slice_from_row(split, tree),
             )
             signature = {name: f"*{args.dtype}" for name in ("x_ptr", "w_ptr", "y_ptr")}
             signature.update({name: "constexpr" for name in consts})
@@ -59,7 +57,7 @@ def main() -> None:
                 "layout conversions": ttgir.count("ttg.convert_layout"),
                 "shared bytes": compiled.metadata.shared,
             }
-            print(f"N={n} split={split} {args.dtype} slices={args.slices}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+            print(f"N={n} split={split} {args.dtype}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
             if args.dump:
                 args.dump.mkdir(parents=True, exist_ok=True)
                 (args.dump / f"rms_norm_{n}_split{split}.ttgir").write_text(ttgir)

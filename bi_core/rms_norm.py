@@ -74,15 +74,6 @@ def column_split(rows: int, n: int) -> int:
     return min(most, _next_pow2(-(-SPLIT_TARGET_PROGRAMS // rows)))
 
 
-# A split program writes its slice from the registers that hold the row when
-# the slice is made of whole register repetitions of the row's layout (each
-# thread then holds its part of every slice), and otherwise loads the slice
-# again. A speed choice only: the values are the same.
-def slice_from_row(split: int, tree: "SumTree") -> bool:
-    """Whether a program of a ``split``-way launch takes its slice out of the row's registers."""
-    return split > 1 and tree.reps % split == 0
-
-
 # Loading the weight before the reduction hides its latency, which matters
 # when a launch is one wave of short programs, but keeps it live across the
 # reduction: 78 registers per thread at N = 8192 on an H100, 3 programs per

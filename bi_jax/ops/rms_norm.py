@@ -18,16 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import (
-    SumTree,
-    column_split,
-    early_weight,
-    reduce_tree,
-    rms_norm_config,
-    rstd_asm,
-    slice_from_row,
-    sum_tree,
-)
+from bi_core.rms_norm import SumTree, column_split, early_weight, reduce_tree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 
@@ -66,20 +57,7 @@ def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
     return 1.0 / jnp.sqrt(sumsq * inv_n + eps)
 
 
-def _row_slice(x, part, split: int):
-    """Column slice ``part`` of ``split`` of the row held in ``x``, selected
-    among the registers (bi_torch's ``_row_slice``)."""
-    parts = jnp.split(x, split)
-    if split == 2:
-        return jnp.where(part == 0, parts[0], parts[1])
-    if split != 4:
-        raise ValueError(f"row slices are halves or quarters, not 1/{split}")
-    return jnp.where(
-        part < 2, jnp.where(part == 0, parts[0], parts[1]), jnp.where(part == 2, parts[2], parts[3])
-    )
-
-
-def _kernel(x_ref, *refs, n, block, num_chunks, split, from_row, early, tree, inv_n, eps, has_weight, ptx):
+def _kernel(x_ref, *refs, n, block, num_chunks, split, early, tree, inv_n, eps, has_weight, ptx):
     if has_weight:
         w_ref, y_ref = refs
     else:
@@ -99,12 +77,10 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, from_row, early, tree, in
     if num_chunks == 1:
         x = load(x_ref, cols, cols < n)
         if split > 1:
+            # The slice is loaded again (an L1/L2 hit) rather than taken out of
+            # the row's registers; both loads are issued before the reduction.
             out_cols = slice_cols
-            if from_row:
-                x_out = _row_slice(x, pl.program_id(1), split)
-            else:
-                # Loaded again (an L1/L2 hit), issued before the reduction.
-                x_out = load(x_ref, out_cols, out_cols < n)
+            x_out = load(x_ref, out_cols, out_cols < n)
         else:
             out_cols, x_out = cols, x
         mask = out_cols < n
@@ -137,16 +113,14 @@ def _launch(x2d, weight, eps, interpret, split=None):
     m, n = x2d.shape
     cfg = rms_norm_config(n)
     split = column_split(m, n) if split is None else split
-    tree = sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n)
     kernel = functools.partial(
         _kernel,
         n=n,
         block=cfg.block,
         num_chunks=cfg.num_chunks,
         split=split,
-        from_row=slice_from_row(split, tree),
         early=early_weight(m),
-        tree=tree,
+        tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n),
         inv_n=cfg.inv_n,
         eps=eps,
         has_weight=weight is not None,

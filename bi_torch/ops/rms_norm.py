@@ -24,15 +24,7 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import (
-    SumTree,
-    column_split,
-    early_weight,
-    rms_norm_config,
-    rstd_asm,
-    slice_from_row,
-    sum_tree,
-)
+from bi_core.rms_norm import SumTree, column_split, early_weight, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm"]
 
@@ -124,26 +116,6 @@ def _tree_args(tree: SumTree) -> dict:
 
 
 @triton.jit
-def _halves(x, N: tl.constexpr):
-    """``x[:N // 2], x[N // 2:]`` of a 1-d block."""
-    return tl.split(tl.permute(tl.reshape(x, (2, N // 2)), (1, 0)))
-
-
-@triton.jit
-def _row_slice(x, part, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-    """``x[part * BLOCK // SPLIT:][:BLOCK // SPLIT]`` for SPLIT 2 or 4, taken out of
-    the registers that hold the row (no memory traffic)."""
-    a, b = _halves(x, BLOCK)
-    if SPLIT == 2:
-        return tl.where(part == 0, a, b)
-    else:
-        tl.static_assert(SPLIT == 4, "row slices are halves or quarters")
-        a0, a1 = _halves(a, BLOCK // 2)
-        b0, b1 = _halves(b, BLOCK // 2)
-        return tl.where(part < 2, tl.where(part == 0, a0, a1), tl.where(part == 2, b0, b1))
-
-
-@triton.jit
 def _rstd(sumsq, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr, EPS: tl.constexpr, PTX: tl.constexpr):
     if PTX:
         # IEEE-rounded mul and add, then the hardware rsqrt, written out so
@@ -180,7 +152,6 @@ def _rms_norm_kernel(
     PTX: tl.constexpr,
     SPLIT: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,
-    SLICE_FROM_ROW: tl.constexpr,
 ):
     # 64-bit row offset: tensors past 2**31 elements.
     row = tl.program_id(0).to(tl.int64)
@@ -196,13 +167,11 @@ def _rms_norm_kernel(
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if SPLIT > 1:
+            # The slice is loaded again (an L1/L2 hit) rather than taken out of
+            # the row's registers; both loads are issued before the reduction.
             mask = slice_cols < n_cols
+            x_out = tl.load(x_row + slice_cols, mask=mask, other=0.0).to(tl.float32)
             out_cols = slice_cols
-            if SLICE_FROM_ROW:
-                x_out = _row_slice(x, tl.program_id(1), BLOCK, SPLIT)
-            else:
-                # Loaded again (an L1/L2 hit), issued before the reduction.
-                x_out = tl.load(x_row + slice_cols, mask=mask, other=0.0).to(tl.float32)
         else:
             x_out = x
             out_cols = cols
@@ -301,6 +270,5 @@ def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: flo
         PTX=not interpreting(),
         SPLIT=split,
         EARLY_WEIGHT=early,
-        SLICE_FROM_ROW=slice_from_row(split, tree),
         num_warps=cfg.num_warps,
     )
