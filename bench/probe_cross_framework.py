@@ -47,15 +47,17 @@ def main() -> None:
     # IR of both kernels for N=4096 bf16.
     import torch
 
-    from bi_core.rms_norm import rstd_asm
+    from bi_core.rms_norm import early_weight, rstd_asm, sum_tree
     from bi_torch.ops import rms_norm as tmod
 
     cfg = rms_norm_config(4096)
+    tree = sum_tree(cfg.block, cfg.num_warps, 2, 4096)
     xt = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     wt = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     compiled = tmod._rms_norm_kernel[(8,)](
         xt, wt, torch.empty_like(xt), 4096, RSTD_ASM=rstd_asm(cfg.inv_n, 1e-6), INV_N=cfg.inv_n, EPS=1e-6,
-        HAS_WEIGHT=True, BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, PTX=True, num_warps=cfg.num_warps,
+        HAS_WEIGHT=True, BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **tmod._tree_args(tree), PTX=True,
+        SPLIT=1, ADJACENT=False, EARLY_WEIGHT=early_weight(8), num_warps=cfg.num_warps,
     )
     (args.out / "torch_4096_bf16.ptx").write_text(compiled.asm["ptx"])
     (args.out / "torch_4096_bf16.ttgir").write_text(compiled.asm["ttgir"])

@@ -27,7 +27,7 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bi_core.rms_norm import early_weight, rms_norm_config, rstd_asm, sum_tree
+    from bi_core.rms_norm import early_weight, rms_norm_config, rstd_asm, slices_adjacent, sum_tree
     from bi_torch.ops.rms_norm import _rms_norm_kernel, _tree_args
 
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
@@ -38,7 +38,7 @@ def main() -> None:
         for split in (int(s) for s in args.splits.split(",")):
             consts = dict(
                 n_cols=n, RSTD_ASM=rstd_asm(cfg.inv_n, 1e-6), INV_N=cfg.inv_n, EPS=1e-6, HAS_WEIGHT=True,
-                BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **_tree_args(tree), PTX=True, SPLIT=split,
+                BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **_tree_args(tree), PTX=True, SPLIT=split, ADJACENT=slices_adjacent(split),
                 EARLY_WEIGHT=early_weight(1),
             )
             signature = {name: f"*{args.dtype}" for name in ("x_ptr", "w_ptr", "y_ptr")}

@@ -74,6 +74,16 @@ def column_split(rows: int, n: int) -> int:
     return min(most, _next_pow2(-(-SPLIT_TARGET_PROGRAMS // rows)))
 
 
+# The programs of a split launch are numbered slice first (grid (split, rows)),
+# so that the programs of one row are launched next to each other. On an H100
+# (bench/NOTES.md, "RMSNorm v7") that made a bf16 launch of 8192 columns
+# 0.03-0.16 us faster at 8-48 rows than numbering rows first. A speed choice
+# only: each program computes the same values either way.
+def slices_adjacent(split: int) -> bool:
+    """Whether a ``split``-way launch numbers a row's slices consecutively."""
+    return split > 1
+
+
 # Loading the weight before the reduction hides its latency, which matters
 # when a launch is one wave of short programs, but keeps it live across the
 # reduction: 78 registers per thread at N = 8192 on an H100, 3 programs per

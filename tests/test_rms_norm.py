@@ -128,8 +128,20 @@ def test_jax_jit_and_vmap_give_the_same_bits():
     assert plain.tobytes() == jitted.tobytes() == mapped.tobytes()
 
 
-def _launch_split(framework, x, w, split):
-    """rms_norm of a (rows, n) array with ``split`` programs per row."""
+def _launch_split(framework, x, w, split, order="policy"):
+    """rms_norm of a (rows, n) array with ``split`` programs per row, launched
+    in the policy's order or (``order="rows"``) rows first."""
+    if order == "rows":
+        from bi_jax.ops import rms_norm as jmod
+        from bi_torch.ops import rms_norm as tmod
+
+        mod = tmod if framework == "torch" else jmod
+        policy = mod.slices_adjacent
+        mod.slices_adjacent = lambda split: False
+        try:
+            return _launch_split(framework, x, w, split)
+        finally:
+            mod.slices_adjacent = policy
     ad = adapter(framework)
     wn = None if w is None else ad.to_native(w)
     if framework == "torch":
@@ -158,7 +170,7 @@ SPLIT_LENGTHS = [100, 257] + ([1869, 4096, 8192, 16384, 20000, 32000] if PROFILE
 def test_invariance_column_split_or_not(framework, n, dtype):
     """A few rows are written by several programs per row, one column slice
     each (bi_core.rms_norm.column_split); every split gives the bits of one
-    program per row."""
+    program per row, in either launch order (bi_core.rms_norm.slices_adjacent)."""
     from bi_core.rms_norm import column_split, rms_norm_config
 
     most = max(1, rms_norm_config(n).block // 128)  # slices of at least 128 elements
@@ -172,8 +184,9 @@ def test_invariance_column_split_or_not(framework, n, dtype):
         for split in sorted({2, most}):
             if split > most:
                 continue
-            got = _launch_split(framework, x, weight, split)
-            np.testing.assert_array_equal(one.view(bits), got.view(bits), err_msg=f"split={split}")
+            for order in ("policy", "rows"):
+                got = _launch_split(framework, x, weight, split, order)
+                np.testing.assert_array_equal(one.view(bits), got.view(bits), err_msg=f"split={split}, order={order}")
         tol = 1e-5 if dtype == "float32" else 1.6e-2
         want = _np_rms_norm(x.astype(np.float32), None if weight is None else weight.astype(np.float32), 1e-6)
         np.testing.assert_allclose(one.astype(np.float64), want, rtol=tol, atol=tol)

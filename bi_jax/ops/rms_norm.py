@@ -18,7 +18,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import SumTree, column_split, early_weight, reduce_tree, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import (
+    SumTree,
+    column_split,
+    early_weight,
+    reduce_tree,
+    rms_norm_config,
+    rstd_asm,
+    slices_adjacent,
+    sum_tree,
+)
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 
@@ -57,17 +66,19 @@ def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
     return 1.0 / jnp.sqrt(sumsq * inv_n + eps)
 
 
-def _kernel(x_ref, *refs, n, block, num_chunks, split, early, tree, inv_n, eps, has_weight, ptx):
+def _kernel(x_ref, *refs, n, block, num_chunks, split, adjacent, early, tree, inv_n, eps, has_weight, ptx):
     if has_weight:
         w_ref, y_ref = refs
     else:
         (y_ref,) = refs
-    row = pl.program_id(0)
+    # Grid (split, rows) when a row's slices are launched together, else (rows, split).
+    row = pl.program_id(1 if adjacent else 0)
+    part = pl.program_id(0 if adjacent else 1)
     cols = jnp.arange(block)
     # With split > 1 this program writes one column slice of each chunk, and
     # still reduces the whole row (bi_core.rms_norm.column_split).
     width = block // split
-    slice_cols = pl.program_id(1) * width + jnp.arange(width)
+    slice_cols = part * width + jnp.arange(width)
 
     def load(ref, offs, mask):
         if ref is x_ref:
@@ -113,12 +124,14 @@ def _launch(x2d, weight, eps, interpret, split=None):
     m, n = x2d.shape
     cfg = rms_norm_config(n)
     split = column_split(m, n) if split is None else split
+    adjacent = slices_adjacent(split)
     kernel = functools.partial(
         _kernel,
         n=n,
         block=cfg.block,
         num_chunks=cfg.num_chunks,
         split=split,
+        adjacent=adjacent,
         early=early_weight(m),
         tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n),
         inv_n=cfg.inv_n,
@@ -129,7 +142,7 @@ def _launch(x2d, weight, eps, interpret, split=None):
     args = (x2d,) if weight is None else (x2d, weight)
     return pl.pallas_call(
         kernel,
-        grid=(m, split),
+        grid=(split, m) if adjacent else (m, split),
         out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,

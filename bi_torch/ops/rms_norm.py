@@ -24,7 +24,15 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import SumTree, column_split, early_weight, rms_norm_config, rstd_asm, sum_tree
+from bi_core.rms_norm import (
+    SumTree,
+    column_split,
+    early_weight,
+    rms_norm_config,
+    rstd_asm,
+    slices_adjacent,
+    sum_tree,
+)
 
 __all__ = ["rms_norm"]
 
@@ -151,17 +159,24 @@ def _rms_norm_kernel(
     WARPS: tl.constexpr,
     PTX: tl.constexpr,
     SPLIT: tl.constexpr,
+    ADJACENT: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,
 ):
-    # 64-bit row offset: tensors past 2**31 elements.
-    row = tl.program_id(0).to(tl.int64)
+    # Grid (SPLIT, rows) when a row's slices are launched together, else
+    # (rows, SPLIT). 64-bit row offset: tensors past 2**31 elements.
+    if ADJACENT:
+        row = tl.program_id(1).to(tl.int64)
+        part = tl.program_id(0)
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
     x_row = x_ptr + row * n_cols
     y_row = y_ptr + row * n_cols
     cols = tl.arange(0, BLOCK)
     # With SPLIT > 1 this program writes one column slice of each chunk, and
     # still reduces the whole row (bi_core.rms_norm.column_split).
     SLICE: tl.constexpr = BLOCK // SPLIT
-    slice_cols = tl.program_id(1) * SLICE + tl.arange(0, SLICE)
+    slice_cols = part * SLICE + tl.arange(0, SLICE)
     if NUM_CHUNKS == 1:
         # The whole row stays in registers: one read of x.
         mask = cols < n_cols
@@ -255,7 +270,8 @@ def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: flo
     split = column_split(m, n) if split is None else split
     tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
     early = early_weight(m)
-    _rms_norm_kernel[(m, split)](
+    adjacent = slices_adjacent(split)
+    _rms_norm_kernel[(split, m) if adjacent else (m, split)](
         x2d,
         w if w is not None else x2d,
         y,
@@ -269,6 +285,7 @@ def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: flo
         **_tree_args(tree),
         PTX=not interpreting(),
         SPLIT=split,
+        ADJACENT=adjacent,
         EARLY_WEIGHT=early,
         num_warps=cfg.num_warps,
     )
