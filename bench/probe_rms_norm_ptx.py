@@ -38,8 +38,8 @@ def main() -> None:
         for split in (int(s) for s in args.splits.split(",")):
             consts = dict(
                 n_cols=n, RSTD_ASM=rstd_asm(cfg.inv_n, 1e-6), INV_N=cfg.inv_n, EPS=1e-6, HAS_WEIGHT=True,
-                BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **_tree_args(tree), PTX=True, SPLIT=split, ADJACENT=slices_adjacent(split),
-                EARLY_WEIGHT=early_weight(1),
+                BLOCK=cfg.block, NUM_CHUNKS=cfg.num_chunks, **_tree_args(tree), PTX=True, SPLIT=split,
+                ADJACENT=slices_adjacent(split), EARLY_WEIGHT=early_weight(1),
             )
             signature = {name: f"*{args.dtype}" for name in ("x_ptr", "w_ptr", "y_ptr")}
             signature.update({name: "constexpr" for name in consts})

@@ -120,4 +120,3 @@ def _share_the_gpu():
 
         torch.cuda.set_per_process_memory_fraction(0.6 / workers)
     yield
-

@@ -128,20 +128,8 @@ def test_jax_jit_and_vmap_give_the_same_bits():
     assert plain.tobytes() == jitted.tobytes() == mapped.tobytes()
 
 
-def _launch_split(framework, x, w, split, order="policy"):
-    """rms_norm of a (rows, n) array with ``split`` programs per row, launched
-    in the policy's order or (``order="rows"``) rows first."""
-    if order == "rows":
-        from bi_jax.ops import rms_norm as jmod
-        from bi_torch.ops import rms_norm as tmod
-
-        mod = tmod if framework == "torch" else jmod
-        policy = mod.slices_adjacent
-        mod.slices_adjacent = lambda split: False
-        try:
-            return _launch_split(framework, x, w, split)
-        finally:
-            mod.slices_adjacent = policy
+def _launch_split(framework, x, w, split):
+    """rms_norm of a (rows, n) array with ``split`` programs per row."""
     ad = adapter(framework)
     wn = None if w is None else ad.to_native(w)
     if framework == "torch":
@@ -159,6 +147,13 @@ def _launch_split(framework, x, w, split, order="policy"):
     return ad.to_numpy(rms_norm._launch(ad.to_native(x), wn, 1e-6, interpret_mode("rms_norm"), split=split))
 
 
+def _rms_norm_module(framework):
+    from bi_jax.ops import rms_norm as jmod
+    from bi_torch.ops import rms_norm as tmod
+
+    return tmod if framework == "torch" else jmod
+
+
 # Rows held in registers (aligned and not: 100 and 1869 elements are not
 # 16-byte multiples in bf16) and, on a GPU, rows read in chunks.
 SPLIT_LENGTHS = [100, 257] + ([1869, 4096, 8192, 16384, 20000, 32000] if PROFILE.native else [])
@@ -167,7 +162,7 @@ SPLIT_LENGTHS = [100, 257] + ([1869, 4096, 8192, 16384, 20000, 32000] if PROFILE
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n", SPLIT_LENGTHS)
-def test_invariance_column_split_or_not(framework, n, dtype):
+def test_invariance_column_split_or_not(framework, n, dtype, monkeypatch):
     """A few rows are written by several programs per row, one column slice
     each (bi_core.rms_norm.column_split); every split gives the bits of one
     program per row, in either launch order (bi_core.rms_norm.slices_adjacent)."""
@@ -185,7 +180,10 @@ def test_invariance_column_split_or_not(framework, n, dtype):
             if split > most:
                 continue
             for order in ("policy", "rows"):
-                got = _launch_split(framework, x, weight, split, order)
+                with monkeypatch.context() as mp:
+                    if order == "rows":  # a row's slices not launched together
+                        mp.setattr(_rms_norm_module(framework), "slices_adjacent", lambda split: False)
+                    got = _launch_split(framework, x, weight, split)
                 np.testing.assert_array_equal(one.view(bits), got.view(bits), err_msg=f"split={split}, order={order}")
         tol = 1e-5 if dtype == "float32" else 1.6e-2
         want = _np_rms_norm(x.astype(np.float32), None if weight is None else weight.astype(np.float32), 1e-6)
