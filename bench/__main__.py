@@ -10,33 +10,86 @@ from pathlib import Path
 from harness.devices import configure, release_device_memory
 
 
-def _csv(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def _feature(text: str):
     """``4096`` (a hidden size) or ``4096x14336`` (a K x N weight shape)."""
-    parts = tuple(int(v) for v in text.lower().split("x"))
+    try:
+        parts = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if not parts or len(parts) > 2 or any(v < 1 for v in parts):
+        raise argparse.ArgumentTypeError(f"a feature size is N or KxN with positive integers, got {text!r}")
     return parts[0] if len(parts) == 1 else parts
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _features(text: str):
+    return [_feature(v) for v in text.split(",") if v.strip()]
+
+
+def _choices(kind: str, allowed: list[str], hint: str = ""):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}{hint}"
+            )
+        return values
+
+    return parse
+
+
+def _prog() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m bench" if name in ("", "__main__.py", "-c") else name
+
+
+def parser() -> argparse.ArgumentParser:
+    from bench.sweep import CPU_FEATURES, CPU_M, CPU_QUICK_M, DEFAULT_M, QUICK_M
+    from harness import registry
+    from harness.frameworks import FRAMEWORKS, installed
+
+    benched = [s.name for s in registry.all_specs() if s.bench is not None]
+    others = [s.name for s in registry.all_specs() if s.bench is None]
+    hint = f" ({', '.join(others)} run the kernels of the ops above and are not benchmarked)" if others else ""
+    frameworks = list(installed()) or list(FRAMEWORKS)
     p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Throughput and batch invariance of the bi_ kernels against the PyTorch and XLA defaults.",
+        prog=_prog(),
+        description="Throughput and batch invariance of the bi_ kernels against the PyTorch and XLA defaults. "
+        "On a machine without a GPU the kernels run in the Triton and Pallas interpreters at small sizes: "
+        "that run checks invariance only and measures no time.",
     )
-    p.add_argument("--ops", type=_csv(str), help="comma-separated op names (default: every registered op)")
-    p.add_argument("--frameworks", type=_csv(str), default=["torch", "jax"], help="torch,jax")
-    p.add_argument("--dtypes", type=_csv(str), default=["bfloat16"], help="float32,bfloat16,float16")
-    p.add_argument("--m", type=_csv(int), help="token counts M (default 1,2,4,...,8192)")
-    p.add_argument(
-        "--features",
-        type=_csv(_feature),
-        help="feature sizes, or KxN weight shapes for the matmul (default: each op's realistic shapes)",
-    )
-    p.add_argument("--quick", action="store_true", help="a short sweep (M = 1, 16, 256, 4096)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for results.json, results.csv and the PNG plots")
-    return p.parse_args(argv)
+    p.add_argument("--ops", type=_choices("op", benched, hint), default=benched,
+                   help=f"comma-separated ops, of {_csv(benched)} (default: all)")
+    p.add_argument("--frameworks", type=_choices("framework", list(FRAMEWORKS)), default=frameworks,
+                   help=f"comma-separated frameworks, of {_csv(FRAMEWORKS)} (default: the installed ones, "
+                        f"here {_csv(frameworks)})")
+    p.add_argument("--dtypes", type=_choices("dtype", ["float32", "bfloat16", "float16"]), default=["bfloat16"],
+                   help="comma-separated dtypes, of float32,bfloat16,float16 (default: bfloat16)")
+    p.add_argument("--m", type=_positive_ints, default=None,
+                   help=f"comma-separated token counts M (default: {_csv(DEFAULT_M)} on a GPU, "
+                        f"{_csv(CPU_M)} without)")
+    p.add_argument("--features", type=_features, default=None,
+                   help="comma-separated feature sizes, or KxN weight shapes for matrix products (default: each "
+                        f"op's benchmark shapes on a GPU, {_csv(CPU_FEATURES)} without)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short sweep: M = {_csv(QUICK_M)} on a GPU, {_csv(CPU_QUICK_M)} without (--m wins)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="directory for results.json, results.csv and plots/ (default: bench-results)")
+    return p
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,39 +97,45 @@ def main(argv: list[str] | None = None) -> int:
     # torch and JAX share the GPU in this process: JAX grows its pool as it
     # needs instead of taking 75 % of the memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    args = parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
 
     from rich.console import Console
     from rich.progress import Progress
 
     from bench import report, sweep
     from harness import registry
+    from harness.frameworks import installed
+
+    missing = [fw for fw in args.frameworks if fw not in installed()]
+    if missing:
+        p.error(f"framework {', '.join(missing)} is not installed (pip install -e '.[{missing[0]}]')")
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)
-    specs = registry.all_specs() if not args.ops else [registry.get(o) for o in args.ops]
+    specs = [registry.get(o) for o in args.ops]
     native = profile.native
     if native:
-        ms = args.m or ([1, 16, 256, 4096] if args.quick else list(sweep.DEFAULT_M))
+        ms = args.m or list(sweep.QUICK_M if args.quick else sweep.DEFAULT_M)
         features = args.features
     else:
         console.print(
             "[yellow]No GPU: kernels run in the Triton and Pallas interpreters. This run checks "
             "invariance only; it measures no meaningful time.[/yellow]"
         )
-        ms = args.m or [1, 2, 5, 8]
-        features = args.features or [64]
+        ms = args.m or list(sweep.CPU_QUICK_M if args.quick else sweep.CPU_M)
+        features = args.features or list(sweep.CPU_FEATURES)
     jobs = list(sweep.jobs(specs, args.frameworks, args.dtypes, features))
     if not jobs:
-        console.print("[red]nothing to run: no op matches the filters[/red]")
-        return 2
+        p.error(f"no benchmark matches: {', '.join(args.ops)} in {', '.join(args.dtypes)} "
+                f"with {', '.join(args.frameworks)}")
 
     copy_gbs = None
     if native:
         from bench.timing import copy_bandwidth_gbs
 
-        copy_gbs = copy_bandwidth_gbs()
+        copy_gbs = copy_bandwidth_gbs(args.frameworks[0])
         console.print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
 
     info = report.provenance(native, copy_gbs)
@@ -86,22 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("sweeping", total=total)
         for job in jobs:
             progress.update(task, description=job.key)
+            rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
             if native:
-                rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
                 release_device_memory()
                 # The results so far, after every job: a long sweep that is cut
                 # off keeps what it measured.
                 report.write_results(rows, info, args.out)
-                continue
-            try:
-                rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
-            except Exception as err:  # the CPU interpreters only; GPU errors propagate
-                if type(err).__name__ != "InterpreterError":
-                    raise
-                # Triton 3.6's interpreter cannot take a runtime loop bound with
-                # numpy >= 2.4 (triton-lang/triton#9171); the matmul's K loop has one.
-                console.print(f"[yellow]skipped {job.key}: the Triton interpreter failed ({err}); "
-                              "known interpreter defect triton-lang/triton#9171, GPU runs are unaffected[/yellow]")
 
     report.print_table(rows, info, console)
     for path in report.write_results(rows, info, args.out):
@@ -109,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if native:
         from bench.plots import plot_rows
 
-        for path in plot_rows([r.as_dict() for r in rows], info, args.out):
+        for path in plot_rows([r.as_dict() for r in rows], info, args.out / "plots"):
             console.print(f"wrote {path}")
     else:
         console.print("no plots: the interpreters measure no time")

@@ -14,11 +14,10 @@ their timings do not compare.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from bench.plots import plot_rows
-from bench.report import write_results
+from bench.report import read_results, write_results
 
 # Provenance that must agree for rows to share one table.
 _SAME = ("device", "driver", "cuda", "torch", "triton", "jax", "jaxlib", "mode")
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+", type=Path, help="results.json files, earliest first")
     p.add_argument("--out", type=Path, required=True, help="directory for the merged results.json, results.csv and PNGs")
     args = p.parse_args(argv)
-    rows, info = merge([json.loads(path.read_text()) for path in args.results])
+    rows, info = merge([read_results(path) for path in args.results])
     for path in write_results(rows, info, args.out) + plot_rows(rows, info, args.out / "plots"):
         print(f"wrote {path}")
     return 0

@@ -15,9 +15,10 @@ JAX runs)::
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
+
+from bench.report import read_results
 
 # framework, impl -> legend label and style: defaults dashed, bi_ solid.
 _LABELS = {
@@ -26,13 +27,16 @@ _LABELS = {
     ("jax", "default"): ("XLA default", "tab:red", "--"),
     ("jax", "bi"): ("bi_jax", "tab:orange", "-"),
 }
-_DEFAULT_NAMES = {("matmul", "torch"): "cuBLAS (torch.matmul)", ("matmul", "jax"): "XLA (jnp.dot)"}
 
 
 def _label(op: str, framework: str, impl: str) -> tuple[str, str, str]:
+    """Legend text, colour and line style; a default is named by its op's spec."""
+    from harness import registry
+
     text, color, style = _LABELS.get((framework, impl), (f"{framework} {impl}", None, "-"))
-    if impl == "default":
-        text = _DEFAULT_NAMES.get((op, framework), text)
+    if impl == "default" and op in registry.names():
+        spec_impl = registry.get(op).impl(framework)
+        text = spec_impl.label if spec_impl is not None and spec_impl.label else text
     return text, color, style
 
 
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = set(args.ops.split(",")) if args.ops else None
     rows, provenance = [], {}
     for path in args.results:
-        data = json.loads(path.read_text())
+        data = read_results(path)
         rows += [r for r in data["rows"] if ops is None or r["op"] in ops]
         provenance = provenance or data["provenance"]
     written = plot_rows(rows, provenance, args.out)

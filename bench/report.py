@@ -55,10 +55,18 @@ def provenance(native: bool, copy_gbs: float | None) -> dict:
         "copy_bandwidth_gbs": copy_gbs,
     }
     if native:
-        import torch
+        from harness.frameworks import installed
 
-        info["device"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
+        if "torch" in installed():
+            import torch
+
+            info["device"] = torch.cuda.get_device_name()
+            info["cuda"] = torch.version.cuda
+        else:
+            import jax
+
+            info["device"] = jax.devices()[0].device_kind
+            info["cuda"] = "unknown"
         try:
             info["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -71,7 +79,7 @@ def provenance(native: bool, copy_gbs: float | None) -> dict:
     return info
 
 
-def _fmt(v: float, spec: str) -> str:
+def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
@@ -81,7 +89,7 @@ def print_table(rows: list[Row], info: dict, console: Console) -> None:
     for col in ("op", "fw", "impl", "N", "dtype", "M", "median us", "p20-p80 us", "throughput", "% copy BW", "x default", "rows differing"):
         table.add_column(col, justify="right" if col not in ("op", "fw", "impl", "dtype") else "left")
     for r in rows:
-        spread = f"{_fmt(r.p20_us, '.2f')}-{_fmt(r.p80_us, '.2f')}" if not math.isnan(r.p20_us) else "-"
+        spread = f"{_fmt(r.p20_us, '.2f')}-{_fmt(r.p80_us, '.2f')}" if r.p20_us is not None else "-"
         differ = f"{r.rows_differing}/{r.m}"
         table.add_row(
             r.op, r.framework, r.impl, str(r.features), r.dtype, str(r.m),
@@ -99,14 +107,27 @@ def print_table(rows: list[Row], info: dict, console: Console) -> None:
         console.print(f"timing {m}")
 
 
+def strict(value):
+    """``value`` with every NaN float replaced by None, so that it serialises
+    as strict JSON (``null``); parsers that follow RFC 8259 reject ``NaN``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
 def write_results(rows: list[Row] | list[dict], info: dict, out: Path) -> list[Path]:
-    """``results.json`` and ``results.csv`` under ``out``. Rows are ``Row``s or
-    their dicts; a dict may carry its own ``commit`` and ``date`` (merged runs)."""
+    """``results.json`` (strict JSON: no NaN) and ``results.csv`` under
+    ``out``. Rows are ``Row``s or their dicts; a dict may carry its own
+    ``commit`` and ``date`` (merged runs)."""
     out.mkdir(parents=True, exist_ok=True)
-    dicts = [r if isinstance(r, dict) else r.as_dict() for r in rows]
-    payload = {"provenance": info, "rows": dicts}
+    dicts = [strict(r if isinstance(r, dict) else r.as_dict()) for r in rows]
+    payload = {"provenance": strict(info), "rows": dicts}
     json_path = out / "results.json"
-    json_path.write_text(json.dumps(payload, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    json_path.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
     csv_path = out / "results.csv"
     with csv_path.open("w", newline="") as f:
         fields = list(Row.__dataclass_fields__) + ["device", "commit", "date"]
@@ -115,3 +136,9 @@ def write_results(rows: list[Row] | list[dict], info: dict, out: Path) -> list[P
         for r in dicts:
             writer.writerow({"device": info["device"], "commit": info["commit"], "date": info["date"], **r})
     return [json_path, csv_path]
+
+
+def read_results(path: Path) -> dict:
+    """A ``results.json``; runs written before results were strict JSON may
+    hold bare ``NaN`` tokens, which are read as None."""
+    return strict(json.loads(path.read_text()))

@@ -1,17 +1,26 @@
-"""The sweep: every registered op x framework x implementation x shape x M."""
+"""The sweep: every benchmarked op x framework x implementation x shape x M.
+
+Nothing here names an op or branches on a framework: each op's spec
+(``harness.specs``) gives its inputs, implementations, shapes and bound, and
+``bench.timing`` times each framework its own way.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from harness.frameworks import adapter
-from harness.registry import OpSpec
+from harness.opspec import OpSpec, feature_label
 
 DEFAULT_M = tuple(2**i for i in range(14))  # 1 .. 8192
+QUICK_M = (1, 16, 256, 4096)
+# Without a GPU the interpreters run the kernels: small sizes, invariance only.
+CPU_M = (1, 2, 5, 8)
+CPU_QUICK_M = (1, 3)
+CPU_FEATURES = (64,)
 
 
 @dataclass
@@ -22,23 +31,18 @@ class Row:
     features: str  # hidden size, or "KxN" for a weight shape
     dtype: str
     m: int
-    median_us: float
-    p20_us: float
-    p80_us: float
-    throughput: float  # GB/s or TFLOP/s
+    median_us: float | None
+    p20_us: float | None
+    p80_us: float | None
+    throughput: float | None  # GB/s or TFLOP/s
     unit: str
-    pct_of_ceiling: float  # % of measured copy bandwidth (memory-bound ops)
-    ratio_to_default: float  # default time / this time (>1: faster than the default)
+    pct_of_ceiling: float | None  # % of measured copy bandwidth (memory-bound ops)
+    ratio_to_default: float | None  # default time / this time (>1: faster than the default)
     rows_differing: int  # rows of the M-row result that differ from the same rows in the largest batch
     timing: str
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def feature_label(features) -> str:
-    """``4096`` or ``"4096x14336"`` for a (K, N) weight shape."""
-    return "x".join(map(str, features)) if isinstance(features, tuple) else str(features)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ def jobs(specs: list[OpSpec], frameworks: list[str], dtypes: list[str], features
         if spec.bench is None:
             continue
         for fw in frameworks:
+            if spec.impl(fw) is None:
+                continue
             for dtype in dtypes:
                 if dtype not in spec.dtypes:
                     continue
@@ -66,20 +72,30 @@ def jobs(specs: list[OpSpec], frameworks: list[str], dtypes: list[str], features
 
 
 def implementations(job: Job) -> dict[str, Callable[..., Any]]:
+    """The framework default (if the spec has one) and the bi_ kernel, with
+    the op's keyword arguments bound."""
     ad = adapter(job.framework)
+    kwargs = job.spec.call_kwargs(job.framework)
     impls = {}
-    default = ad.default(job.spec.name)
-    if default is not None:
-        impls["default"] = default
-    kernel = ad.kernel(job.spec.name)
-    if kernel is not None:
-        impls["bi"] = kernel
+    for name, fn in (("default", ad.default(job.spec)), ("bi", ad.kernel(job.spec))):
+        if fn is not None:
+            impls[name] = _bind(fn, kwargs)
     return impls
 
 
-def _bind(fn: Callable[..., Any], spec: OpSpec, framework: str) -> Callable[..., Any]:
-    kwargs = spec.call_kwargs(framework)
+def _bind(fn: Callable[..., Any], kwargs: dict) -> Callable[..., Any]:
     return lambda **inputs: fn(**inputs, **kwargs)
+
+
+def _throughput(job: Job, m: int, median_us: float | None, copy_gbs: float | None):
+    """(throughput, % of the copy ceiling) of one timed point."""
+    if median_us is None:
+        return None, None
+    work = job.spec.bench.work(m, job.features, job.dtype)
+    if job.spec.bench.bound == "memory":
+        gbs = work / (median_us * 1e-6) / 1e9
+        return gbs, (100.0 * gbs / copy_gbs if copy_gbs else None)
+    return work / (median_us * 1e-6) / 1e12, None
 
 
 def run_job(
@@ -90,32 +106,28 @@ def run_job(
     advance: Callable[[], None],
     seed: int = 0,
 ) -> list[Row]:
-    """Time (on a GPU) and check invariance of every implementation for each M."""
+    """Time (on a GPU) and check invariance of every implementation for each M:
+    each M-row call is compared, row by row, with the same rows computed in
+    the largest batch."""
+    from bench import timing
+
     spec, ad = job.spec, adapter(job.framework)
-    impls = {name: _bind(fn, spec, job.framework) for name, fn in implementations(job).items()}
+    impls = implementations(job)
     largest = max(ms)
     rng = np.random.default_rng(seed)
     base = ad.natives(spec.make_inputs(rng, largest, job.features, job.dtype))
     reference = {name: fn(**base) for name, fn in impls.items()}
 
-    from harness.properties import take_batch_rows
-
     rows: list[Row] = []
     for m in ms:
-        sub = take_batch_rows(spec, ad, base, 0, m)
-        sets = _input_sets(job, sub, m, rng) if native else None
-        times = _time_all(job, impls, sets) if native else {name: None for name in impls}
+        sub = ad.take_batch_rows(spec, base, 0, m)
+        times = timing.time_interleaved(job.framework, impls, _input_sets(job, sub, m, rng)) if native else {}
+        default = times.get("default")
         for name, fn in impls.items():
             differing = ad.count_differing_rows(fn(**sub), ad.take_rows(reference[name], 0, m))
-            timing = times[name]
-            work = spec.bench.work(m, job.features, job.dtype)
-            if timing is None:
-                thr, pct = math.nan, math.nan
-            elif spec.bench.bound == "memory":
-                thr = work / (timing.median_us * 1e-6) / 1e9
-                pct = 100.0 * thr / copy_gbs if copy_gbs else math.nan
-            else:
-                thr, pct = work / (timing.median_us * 1e-6) / 1e12, math.nan
+            t = times.get(name)
+            median = t.median_us if t else None
+            throughput, pct = _throughput(job, m, median, copy_gbs)
             rows.append(
                 Row(
                     op=spec.name,
@@ -124,21 +136,18 @@ def run_job(
                     features=feature_label(job.features),
                     dtype=job.dtype,
                     m=m,
-                    median_us=timing.median_us if timing else math.nan,
-                    p20_us=timing.p20_us if timing else math.nan,
-                    p80_us=timing.p80_us if timing else math.nan,
-                    throughput=thr,
+                    median_us=median,
+                    p20_us=t.p20_us if t else None,
+                    p80_us=t.p80_us if t else None,
+                    throughput=throughput,
                     unit="GB/s" if spec.bench.bound == "memory" else "TFLOP/s",
                     pct_of_ceiling=pct,
-                    ratio_to_default=math.nan,
+                    ratio_to_default=default.median_us / median if default and median else None,
                     rows_differing=differing,
-                    timing=timing.method if timing else "none (interpreter: invariance only)",
+                    timing=t.method if t else "none (interpreter: invariance only)",
                 )
             )
             advance()
-        if times.get("default") is not None:
-            for row in rows[-len(impls):]:
-                row.ratio_to_default = times["default"].median_us / row.median_us
     return rows
 
 
@@ -156,15 +165,3 @@ def _input_sets(job: Job, first: dict, m: int, rng: np.random.Generator) -> list
     for _ in range(timing.buffer_sets(footprint) - 1):
         sets.append(ad.natives(spec.make_inputs(rng, m, job.features, job.dtype)))
     return sets
-
-
-def _time_all(job: Job, impls: dict[str, Callable[..., Any]], sets: list[dict]) -> dict:
-    """Timing of every implementation on the same input sets. torch's are
-    interleaved replay by replay, so that clock drift during the job affects
-    the default and the bi_ kernel alike; JAX's are timed one after the other
-    (the profiler attributes kernels to calls by their order)."""
-    from bench import timing
-
-    if job.framework == "torch":
-        return timing.time_torch_interleaved(impls, sets)
-    return {name: timing.time_jax(fn, sets) for name, fn in impls.items()}

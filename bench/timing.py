@@ -1,19 +1,22 @@
-"""Device-side timing for each framework.
+"""Device-side timing for each framework, interleaved across implementations.
 
 * torch: a CUDA graph of many calls, rotating among enough input sets that
-  they do not all fit in L2, replayed between CUDA events; per-call time is
-  the replay time over the number of calls. The benchmark interleaves the
-  replays of the default and the bi_ kernel (``time_torch_interleaved``).
-* jax: the JAX profiler (CUPTI) records every kernel of many jitted calls,
-  again on rotating inputs; per-call time is the sum of that call's kernel
-  durations, so Python dispatch is excluded.
+  they do not all fit in L2, replayed between CUDA events; a sample is the
+  replay time over the number of calls.
+* jax: JAX's own CUPTI timer (``jax.experimental.mosaic.gpu.profiler.measure``)
+  around one jitted program that calls the function once per input set, each
+  call ordered after the previous one (``lax.optimization_barrier``, so that
+  XLA cannot fuse the calls together); a sample is the summed kernel time
+  over the number of calls, so Python dispatch and launch gaps are excluded.
+
+Either way the implementations of one point (the framework default and the
+bi_ kernel) are sampled in turn, ``rounds`` times in ABBA order, so that
+clock drift during a measurement affects them alike (``interleave``).
 """
 
 from __future__ import annotations
 
-import glob
 import math
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,9 +43,22 @@ def _summary(samples_us: list[float], method: str) -> Timing:
     return Timing(float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80)), method)
 
 
-def time_torch(fn: Callable[..., Any], arg_sets: list[dict], target_ms: float = 2.0, reps: int = 25) -> Timing:
-    """Device time per call of ``fn`` (see ``time_torch_interleaved``)."""
-    return time_torch_interleaved({"fn": fn}, arg_sets, target_ms, reps)["fn"]
+def interleave(samplers: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+    """Call each sampler in turn, ``rounds`` times, in ABBA order; every call
+    returns one or more samples in us."""
+    samples: dict[str, list[float]] = {name: [] for name in samplers}
+    names = list(samplers)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            samples[name] += samplers[name]()
+    return samples
+
+
+def _turns(n: int) -> str:
+    return "" if n == 1 else f", interleaved (ABBA) with {n - 1} other implementation(s)"
+
+
+# --- torch -------------------------------------------------------------------
 
 
 def _torch_graph(fn: Callable[..., Any], arg_sets: list[dict], target_ms: float):
@@ -89,96 +105,103 @@ def _replay_us(graph, calls: int) -> float:
     return start.elapsed_time(end) * 1e3 / calls
 
 
-def time_torch_interleaved(
-    fns: dict[str, Callable[..., Any]], arg_sets: list[dict], target_ms: float = 2.0, reps: int = 25
-) -> dict[str, Timing]:
-    """Device time per call of each of ``fns`` on the same inputs.
-
-    Each function's calls are captured in a CUDA graph, rotating among
-    ``arg_sets``; the graphs are then replayed in turn, ``reps`` rounds in
-    ABBA order, each replay timed with CUDA events. Interleaving matters for
-    long compute-bound launches: on an H100 the clock drifts with power and
-    temperature over a measurement, and timing one implementation's block
-    after the other's gave ratios from 0.88x to 1.10x over three runs of one
-    point (bi_torch against cuBLAS, 8192x28672 at M = 8192).
-    """
+def time_torch(fns: dict[str, Callable[..., Any]], arg_sets: list[dict], target_ms: float = 2.0,
+               rounds: int = 25) -> dict[str, Timing]:
+    """Device time per call of each of ``fns`` on the same inputs: CUDA graph
+    replays between CUDA events, interleaved. On an H100 the clock drifts with
+    power and temperature over a measurement, and timing one implementation's
+    block after the other's gave ratios from 0.88x to 1.10x over three runs of
+    one point (bi_torch against cuBLAS, 8192x28672 at M = 8192)."""
     graphs = {name: _torch_graph(fn, arg_sets, target_ms) for name, fn in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in names if r % 2 == 0 else names[::-1]:
-            graph, calls = graphs[name]
-            samples[name].append(_replay_us(graph, calls))
-    out = {}
-    for name, (graph, calls) in graphs.items():
-        turn = "" if len(fns) == 1 else f", replays interleaved with {len(fns) - 1} other implementation(s)"
-        out[name] = _summary(samples[name], f"CUDA graph of {calls} calls over {len(arg_sets)} input sets, CUDA events{turn}")
+    samplers = {name: (lambda g=graph, c=calls: [_replay_us(g, c)]) for name, (graph, calls) in graphs.items()}
+    samples = interleave(samplers, rounds)
+    out = {
+        name: _summary(samples[name], f"CUDA graph of {calls} calls over {len(arg_sets)} input sets, "
+                                      f"CUDA events{_turns(len(fns))}")
+        for name, (_, calls) in graphs.items()
+    }
     del graphs
     return out
 
 
-def _device_kernel_events(path: str) -> list[tuple[int, int]]:
-    """(start_ns, duration_ns) of every GPU kernel in a profile, in time order."""
-    from jax.profiler import ProfileData
-
-    data = ProfileData.from_file(path)
-    events = []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            lname = line.name.lower()
-            if "stream" not in lname or "memcpy" in lname:
-                continue
-            for ev in line.events:
-                name = ev.name.lower()
-                if "memcpy" in name or "memset" in name:
-                    continue
-                events.append((int(ev.start_ns), int(ev.duration_ns)))
-    events.sort()
-    return events
+# --- jax ---------------------------------------------------------------------
 
 
-def time_jax(fn: Callable[..., Any], arg_sets: list[dict], calls: int = 200) -> Timing:
+def _chained(fn: Callable[..., Any]):
+    """One program that calls ``fn`` once per input set, each call after the
+    previous one's output exists (so XLA neither fuses nor overlaps them)."""
     import jax
 
-    jitted = jax.jit(fn)
-    for args in arg_sets * 2:
-        jax.block_until_ready(jitted(**args))
-    calls = max(len(arg_sets), calls - calls % len(arg_sets))
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        # Only the last output is kept: holding all of them (200 outputs of up
-        # to 2 GB) ran the device out of memory. Freed buffers are reused in
-        # stream order, so dropping them does not wait for the device.
+    def run(arg_sets: list[dict]):
         out = None
-        for i in range(calls):
-            out = jitted(**arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-        events = _device_kernel_events(paths[0]) if paths else []
-    if not events or len(events) % calls:
-        raise RuntimeError(
-            f"the JAX profiler recorded {len(events)} GPU kernels for {calls} calls; cannot attribute them to calls"
-        )
-    per_call = len(events) // calls
-    durations = np.asarray([d for _, d in events], dtype=np.float64).reshape(calls, per_call).sum(axis=1) / 1e3
-    # Every call's kernels, grouped in launch order; summarise over groups of calls.
-    groups = durations[: calls - calls % 8].reshape(8, -1).mean(axis=1) if calls >= 8 else durations
-    return _summary(list(groups), f"JAX profiler kernel time, {calls} jitted calls over {len(arg_sets)} input sets, {per_call} kernel(s) per call")
+        for args in arg_sets:
+            if out is not None:
+                args, _ = jax.lax.optimization_barrier((args, out))
+            out = fn(**args)
+        return out
+
+    return jax.jit(run)
 
 
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy bandwidth (bytes read + written) measured now, in GB/s."""
-    import torch
+def time_jax(fns: dict[str, Callable[..., Any]], arg_sets: list[dict], rounds: int = 10,
+             target_ms: float = 2.0, max_iterations: int = 10) -> dict[str, Timing]:
+    """Device time per call of each of ``fns`` on the same inputs, with JAX's
+    CUPTI timer, interleaved. A sample is one run of the chained program over
+    ``arg_sets``; each turn takes enough runs for about ``target_ms``."""
+    import jax
+    from jax.experimental.mosaic.gpu.profiler import measure
 
+    calls = len(arg_sets)
+
+    def sampler(fn):
+        program = _chained(fn)
+        _, ms = measure(program)(arg_sets)  # compiles, warms up, and sizes the turns
+        if ms is None:
+            raise RuntimeError("JAX's CUPTI timer recorded no kernel")
+        iterations = int(min(max_iterations, max(1, math.ceil(target_ms / max(ms, 1e-6)))))
+        timed = measure(program, iterations=iterations)
+
+        def sample() -> list[float]:
+            out, times = timed(arg_sets)
+            jax.block_until_ready(out)
+            times = times if isinstance(times, list) else [times]
+            return [t * 1e3 / calls for t in times]
+
+        return sample
+
+    samples = interleave({name: sampler(fn) for name, fn in fns.items()}, rounds)
+    method = (f"JAX CUPTI kernel time (mosaic.gpu.profiler.measure), {calls} chained call(s) over "
+              f"{calls} input set(s){_turns(len(fns))}")
+    return {name: _summary(samples[name], method) for name in fns}
+
+
+TIMERS = {"torch": time_torch, "jax": time_jax}
+
+
+def time_interleaved(framework: str, fns: dict[str, Callable[..., Any]], arg_sets: list[dict]) -> dict[str, Timing]:
+    """Device time per call of each of ``fns`` in ``framework``, interleaved."""
+    return TIMERS[framework](fns, arg_sets)
+
+
+# --- the copy ceiling ---------------------------------------------------------
+
+
+def copy_bandwidth_gbs(framework: str) -> float:
+    """Device-to-device copy bandwidth (bytes read + written) measured now, in
+    GB/s, with ``framework``'s own copy and timer."""
     n = 1 << 30  # 1 GiB each way
-    src = torch.randn(n // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    # The better of a cudaMemcpy-style copy and an elementwise copy kernel.
-    best = 0.0
-    for fn in (lambda s, d: d.copy_(s), lambda s, d: torch.mul(s, 1.0, out=d)):
-        t = time_torch(fn, [{"s": src, "d": dst}], target_ms=20, reps=10)
-        best = max(best, 2 * n / (t.median_us * 1e-6) / 1e9)
-    return best
+    if framework == "torch":
+        import torch
+
+        src = torch.randn(n // 4, dtype=torch.float32, device="cuda")
+        dst = torch.empty_like(src)
+        # The better of a cudaMemcpy-style copy and an elementwise copy kernel.
+        fns = {"copy": lambda s, d: d.copy_(s), "mul": lambda s, d: torch.mul(s, 1.0, out=d)}
+        times = time_torch(fns, [{"s": src, "d": dst}], target_ms=20, rounds=10)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        src = jax.random.normal(jax.random.key(0), (n // 4,), jnp.float32)
+        times = time_jax({"negate": lambda s: -s}, [{"s": src}], rounds=4, target_ms=20)
+    return max(2 * n / (t.median_us * 1e-6) / 1e9 for t in times.values())

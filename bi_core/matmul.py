@@ -47,7 +47,7 @@ T = TileConfig
 
 # bf16/fp16 tensor-core configs: (largest M, {largest N: config}). Thin tiles
 # at small M spread the weight stream over every SM; the persistent TMA kernel
-# takes over from M = 33. Chosen from the H100 sweep of bench/tune_matmul.py
+# takes over from M = 33. Chosen from the H100 sweep of bench/probes/tune_matmul.py
 # (bench/NOTES.md, "Matmul").
 _NARROW_N = 8192  # weights up to this many output columns use the narrow tiles
 MMA_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
@@ -161,7 +161,7 @@ class WgmmaConfig:
 
 W = WgmmaConfig
 
-# From the H100 sweeps of ``python -m bench.probe_matmul --configs ...``
+# From the H100 sweeps of ``python -m bench.probes.jax_matmul_configs --configs ...``
 # (bench/NOTES.md, "JAX matmul" and "Matmul mid M"; data in
 # bench/results/h100/matmul_jax/). Mid M wants every SM busy: at 14336 columns
 # and M = 128, 128x256 CTAs make 56 tiles for 132 SMs and 128x128 CTAs 112; and

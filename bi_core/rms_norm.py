@@ -56,7 +56,7 @@ def rms_norm_config(n: int) -> RmsNormConfig:
 # (the extra reads hit L2), so the row's sum, and with it every output bit, is
 # the same as with one program per row.
 MIN_SLICE = 128
-# On an H100 (bench/probe_rms_norm_split.py, bf16, N = 4096 and 8192), 4 slices
+# On an H100 (bench/NOTES.md, "RMSNorm v5"; bf16, N = 4096 and 8192), 4 slices
 # per row were the fastest at M <= 16 and 2 to 4 at M = 32; more slices lost
 # to the extra reads of the row (64 slices: 2.2 against 1.6 us at M = 8), and
 # any split lost from M = 64 on.
@@ -98,6 +98,31 @@ def early_weight(rows: int) -> bool:
 
 
 @dataclass(frozen=True)
+class RmsNormLaunch:
+    """How a launch over a batch spreads its rows over programs: a speed
+    choice only, the arithmetic of every row is the same whatever it is.
+
+    ``split`` programs per row (``column_split``), numbered slice first when
+    ``adjacent`` (``slices_adjacent``), loading the weight before the
+    reduction when ``early_weight`` (``early_weight``).
+    """
+
+    split: int = 1
+    adjacent: bool = False
+    early_weight: bool = True
+
+    def __post_init__(self) -> None:
+        if self.split < 1 or self.split & (self.split - 1):
+            raise ValueError(f"split must be a power of two, got {self.split}")
+
+
+def launch_config(rows: int, n: int) -> RmsNormLaunch:
+    """The shipped launch policy for ``rows`` rows of ``n`` elements."""
+    split = column_split(rows, n)
+    return RmsNormLaunch(split=split, adjacent=slices_adjacent(split), early_weight=early_weight(rows))
+
+
+@dataclass(frozen=True)
 class SumTree:
     """The order in which a row's ``block`` fp32 values are added (RMSNorm's
     squares, the row ops' elements or exponentials).
@@ -114,7 +139,7 @@ class SumTree:
     registers is not such an order: triton 3.6 adds them in sequence and the
     Triton inside jaxlib 0.11 in pairs, which is why the two frameworks'
     sums differed in about 20 % of rows before this tree was written out
-    (``bench/probe_reduction_order.py``).
+    (bench/NOTES.md, "Cross-framework bits").
 
     The last ``threads`` values are written out only where the compilers'
     register layout can vary (``explicit_threads``). Rows whose length in
@@ -123,7 +148,7 @@ class SumTree:
     compile-time constant), so ``threads`` is the layout's thread count and
     the compilers' own cross-thread reduction (a lane butterfly, then the
     warps) adds in the order above: on an H100 both frameworks' sums equal
-    the tree replayed in numpy (``bench/probe_row_alignment.py``). Other rows
+    the tree replayed in numpy (bench/NOTES.md, "Row alignment and the one-row JAX launch"). Other rows
     get a layout that depends on facts outside the row: Pallas folds the row
     index of a one-program grid to the constant 0, which makes the row look
     aligned, so a one-row batch was loaded in vectors and its sums left the
@@ -164,7 +189,7 @@ def sum_tree(block: int, num_warps: int, itemsize: int, n: int) -> SumTree:
     return SumTree(reps=reps, threads=threads, vec=vec, explicit_threads=(n * itemsize) % VECTOR_BYTES != 0)
 
 
-def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None):
+def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None, elementwise: bool = False):
     """The sum of a ``reps * threads * vec``-element fp32 vector ``v`` in the tree's order,
     as a 1-element array, with array module ``xp`` (``jax.numpy`` inside the
     Pallas kernel, ``numpy`` to replay the kernels' sums on the host).
@@ -172,24 +197,40 @@ def reduce_tree(v, tree: SumTree, xp, explicit_threads: bool | None = None):
     Every level sums an axis of size 2. The cross-thread levels are written
     out when ``explicit_threads`` (default: ``tree.explicit_threads``), else
     left to ``xp.sum`` (the compiler's cross-thread reduction in a kernel).
+
+    ``elementwise`` writes each level as an add of two slices instead of a sum
+    over a size-2 axis. The Pallas interpreter needs it: XLA:CPU merges chained
+    reductions into one reduction over several axes, whose order it picks per
+    fusion, and its fusions change with the shape of the array the kernel reads
+    (one row's fp32 ``sum`` at 65 columns had other bits alone than in a batch
+    of 4). Elementwise IEEE adds cannot be merged or reassociated.
     """
     explicit = tree.explicit_threads if explicit_threads is None else explicit_threads
+
+    def pairs(x, axis):
+        if not elementwise:
+            return xp.sum(x, axis=axis)
+        first = [slice(None)] * x.ndim
+        second = list(first)
+        first[axis], second[axis] = 0, 1
+        return x[tuple(first)] + x[tuple(second)]
+
     reps, threads = tree.reps, tree.threads
     x = v.reshape(reps * threads, tree.vec)
     while x.shape[1] > 1:
-        x = xp.sum(x.reshape(reps * threads, x.shape[1] // 2, 2), axis=2)
+        x = pairs(x.reshape(reps * threads, x.shape[1] // 2, 2), 2)
     x = x.reshape(reps, threads)
     while x.shape[0] > 1:
-        x = xp.sum(x.reshape(x.shape[0] // 2, 2, threads), axis=1)
+        x = pairs(x.reshape(x.shape[0] // 2, 2, threads), 1)
     if not explicit:
         return xp.sum(x.reshape(threads), axis=0, keepdims=True)
     warps, lanes = tree.warps, tree.lanes
     x = x.reshape(warps, lanes)
     while x.shape[1] > 1:  # x[w, l] + x[w, l + half]: one butterfly level
-        x = xp.sum(x.reshape(warps, 2, x.shape[1] // 2), axis=1)
+        x = pairs(x.reshape(warps, 2, x.shape[1] // 2), 1)
     x = x.reshape(warps)
     while x.shape[0] > 1:
-        x = xp.sum(x.reshape(2, x.shape[0] // 2), axis=0)
+        x = pairs(x.reshape(2, x.shape[0] // 2), 0)
     return x.reshape(1)
 
 

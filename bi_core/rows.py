@@ -55,7 +55,7 @@ FOLD_ASM = "{ .reg .f32 t; mul.rn.f32 t, $3, $4; fma.rn.f32 $0, $1, $2, t; }"
 
 # Warps for rows read in chunks: on an H100, softmax at 32000 columns took
 # 6.2 us at M = 1 and 207 us at M = 4096 with 16 warps, against 7.5 and 242 us
-# with 8 (bench/probe_rms_norm_warps.py --op softmax).
+# with 8 (bench/NOTES.md, row ops v3).
 CHUNKED_WARPS = 16
 
 

@@ -8,7 +8,13 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
   ``jax.nn.softmax`` and ``jax.nn.log_softmax``, which XLA builds from
   ``reduce_max``, ``exp`` and ``reduce_sum``, reduce in the kernels' fixed order);
 * everything else runs as it is: exact reductions (``reduce_max``,
-  ``reduce_min``, ``argmax``, integer sums) and elementwise ops;
+  ``reduce_min``, ``argmax``, integer sums) and elementwise ops, except that
+  on the CPU backend (where the kernels run in the Pallas interpreter)
+  transcendental functions (``exp``, ``log``, ``rsqrt``, ``tanh``, ...) are
+  computed one element at a time: XLA:CPU's vectorised and scalar code for
+  them can round differently (openxla/xla#41122 reports it for ``erf``; seen
+  here for ``log`` inside ``jax.nn.log_softmax``), which would make an
+  element's bits depend on its position in the array, and so on the batch;
 * nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` functions and
   rematerialised blocks are evaluated the same way, inside.
 
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from bi_jax._checks import SUPPORTED_DTYPES
+from bi_jax._checks import SUPPORTED_DTYPES, interpret_mode
 from bi_jax.ops.matmul import dot_general as _bi_dot_general
 from bi_jax.ops.rows import sum as _bi_sum
 
@@ -45,6 +51,12 @@ _FLOATS = {np.dtype(d) for d in SUPPORTED_DTYPES}
 _RISKY = {"reduce_prod", "cumsum", "cumprod", "cumlogsumexp", "conv_general_dilated", "psum",
           "dot_general", "reduce_sum"}
 _CONTROL_FLOW = {"cond", "while", "scan"}
+# Elementwise functions that XLA:CPU approximates, in vector code and scalar
+# code that need not agree bit for bit (IEEE ops such as add, mul, div and
+# sqrt are exact in both).
+_TRANSCENDENTAL = {"exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin",
+                   "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "pow", "rsqrt", "cbrt",
+                   "erf", "erfc", "erf_inv", "lgamma", "digamma"}
 
 
 class BatchVarianceRisk(RuntimeError):
@@ -76,11 +88,23 @@ def _reduces_floats(jaxpr) -> bool:
     return False
 
 
+def _one_element_at_a_time(primitive, invals, params):
+    """``primitive`` applied to every element on its own (a loop whose body
+    is scalar code), so that no element takes XLA:CPU's vector path."""
+    shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in invals))
+    flat = tuple(jnp.broadcast_to(v, shape).reshape(-1) for v in invals)
+    if not flat[0].size:
+        return primitive.bind(*invals, **params)
+    out = jax.lax.map(lambda xs: primitive.bind(*xs, **params), flat)
+    return out.reshape(shape)
+
+
 class _Evaluator:
     def __init__(self, strict: bool, handled: Counter, unhandled: Counter) -> None:
         self.strict = strict
         self.handled = handled
         self.unhandled = unhandled
+        self.cpu = interpret_mode("batch_invariant")
 
     def risky(self, name: str, why: str) -> None:
         if self.strict:
@@ -144,6 +168,8 @@ class _Evaluator:
                 self.risky(name, "a floating-point product or sum inside its body")
         elif name in _RISKY and any(np.dtype(x.dtype).kind == "f" for x in invals if hasattr(x, "dtype")):
             self.risky(name, "floating-point reduction")
+        elif self.cpu and name in _TRANSCENDENTAL and not eqn.primitive.multiple_results:
+            return _one_element_at_a_time(eqn.primitive, invals, params)
         return eqn.primitive.bind(*invals, **params)
 
 

@@ -11,9 +11,20 @@ from bi_core.validation import check_eps  # noqa: F401  (re-exported for the ops
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton picks its CPU interpreter when a kernel is defined, that is when
+# bi_torch is imported: that choice, not the variable's value now, decides
+# where the kernels run.
+_INTERPRETING = _interpret_requested()
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``
+    was set when bi_torch was imported)."""
+    return _INTERPRETING
 
 
 def check_float_tensor(name: str, t: object) -> None:
@@ -27,17 +38,25 @@ def check_float_tensor(name: str, t: object) -> None:
 
 def check_launchable(op: str, t: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter."""
+    if _interpret_requested() != _INTERPRETING:
+        now = "set" if _interpret_requested() else "unset"
+        raise RuntimeError(
+            f"{op}: TRITON_INTERPRET was {now} after bi_torch was imported; Triton chooses between the GPU "
+            "and its CPU interpreter when the kernels are defined, at import. Set TRITON_INTERPRET=1 "
+            "before importing bi_torch to run on the CPU, and leave it unset to run on a GPU."
+        )
     if t.device.type == "cuda":
-        if interpreting():
+        if _INTERPRETING:
             raise RuntimeError(
-                f"{op}: TRITON_INTERPRET=1 is set but the input is on {t.device}; unset it to run on the GPU"
+                f"{op}: bi_torch was imported with TRITON_INTERPRET=1 (the CPU interpreter) but the input is "
+                f"on {t.device}; pass CPU tensors, or import bi_torch without TRITON_INTERPRET to use the GPU"
             )
         return
-    if t.device.type == "cpu" and interpreting():
+    if t.device.type == "cpu" and _INTERPRETING:
         return
     raise ValueError(
         f"{op}: input is on device '{t.device}'; bi_torch kernels need a CUDA tensor "
-        "(CPU tensors run only under the Triton interpreter, TRITON_INTERPRET=1 set before import)"
+        "(CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 before importing bi_torch)"
     )
 
 

@@ -135,6 +135,30 @@ _RISKY_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_attent
                    "slow_conv", "_conv_depthwise")
 
 
+# Under the Triton interpreter (a CPU run), unary functions whose ATen CPU
+# kernels have a vectorised loop and a scalar loop that need not agree bit for
+# bit (measured with torch 2.11: silu and sigmoid of a row alone and inside a
+# batch of 6 differed in the last bit; pytorch/pytorch#48641 is the same split
+# for sinh). The element's position in the tensor, and so the batch, would
+# pick its code path. GPU kernels compute every element with the same code.
+_CPU_TRANSCENDENTAL = frozenset({
+    aten.exp.default, aten.exp2.default, aten.expm1.default, aten.log.default, aten.log1p.default,
+    aten.log2.default, aten.sigmoid.default, aten.silu.default, aten.tanh.default, aten.gelu.default,
+    aten.erf.default, aten.rsqrt.default, aten.sin.default, aten.cos.default, aten.tan.default,
+    aten.sinh.default, aten.cosh.default, aten.softplus.default, aten.mish.default, aten.elu.default,
+})
+
+
+def _one_element_at_a_time(func, args, kwargs):
+    """``func`` on a strided copy of its input: ATen's CPU kernels take the
+    scalar loop for every element of a non-contiguous input, whatever its
+    position, so no element takes the vector path."""
+    x = args[0]
+    spread = torch.empty((x.numel(), 2), dtype=x.dtype, device=x.device)[:, 0]
+    spread.copy_(x.reshape(-1))
+    return func(spread, *args[1:], **kwargs).reshape(x.shape)
+
+
 def _tensors(args, kwargs):
     for a in list(args) + list((kwargs or {}).values()):
         if isinstance(a, torch.Tensor):
@@ -187,6 +211,9 @@ class BatchInvariantMode(TorchDispatchMode):
                          or func.overloadpacket.__name__.startswith(_RISKY_PREFIXES)):
             dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in floating})
             self._risky(func, f"dtypes {', '.join(dtypes)}" if impl is not None else "no invariant kernel")
+        elif func in _CPU_TRANSCENDENTAL and interpreting() and args and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "cpu" and args[0].is_floating_point():
+            return _one_element_at_a_time(func, args, kwargs)
         return func(*args, **kwargs)
 
     def _risky(self, func, why: str) -> None:

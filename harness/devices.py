@@ -7,9 +7,12 @@ imported, because the Triton interpreter is chosen at import time.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+
+from bi_core.devices import nvidia_gpu_present, requested_device
 
 
 @dataclass(frozen=True)
@@ -48,26 +51,35 @@ CPU = Profile(
 
 
 def _cuda_available() -> bool:
-    try:
+    """Whether the installed frameworks can run on a CUDA GPU: torch's CUDA
+    build sees one, or (without torch) the driver sees one and JAX's CUDA
+    plugin is installed."""
+    if importlib.util.find_spec("torch") is not None:
         import torch
-    except ImportError:
+
+        return bool(torch.cuda.is_available())
+    plugins = ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12")
+    return nvidia_gpu_present() and any(_find(p) for p in plugins)
+
+
+def _find(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
         return False
-    return bool(torch.cuda.is_available())
 
 
 @lru_cache(maxsize=1)
 def configure() -> Profile:
     """Resolve ``BI_DEVICE`` and set the interpreter switches for a CPU run."""
-    choice = os.environ.get("BI_DEVICE", "auto").lower()
-    if choice not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"BI_DEVICE must be auto, gpu or cpu, got {choice!r}")
+    choice = requested_device()
     # JAX would otherwise reserve most of the GPU memory that torch needs too.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if choice == "auto":
         choice = "gpu" if _cuda_available() else "cpu"
     if choice == "gpu":
         if not _cuda_available():
-            raise RuntimeError("BI_DEVICE=gpu but torch sees no CUDA device")
+            raise RuntimeError("BI_DEVICE=gpu but no framework here can use a CUDA GPU")
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             raise RuntimeError("BI_DEVICE=gpu conflicts with TRITON_INTERPRET=1")
         return GPU

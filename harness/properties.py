@@ -13,8 +13,8 @@ import numpy as np
 
 from harness.bits import differing_rows, np_dtype, ulp_distance
 from harness.frameworks.base import Adapter
-from harness.registry import Inputs, OpSpec
-from harness.strategies import BatchPlan
+from harness.opspec import Inputs, OpSpec
+from harness.plans import BatchPlan
 
 Fn = Callable[..., Any]
 
@@ -62,14 +62,6 @@ def make_batch(spec: OpSpec, inputs: Inputs, plan: BatchPlan, rng: np.random.Gen
     return batch
 
 
-def take_batch_rows(spec: OpSpec, adapter: Adapter, native: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
-    """The inputs restricted to batch rows ``start:stop`` (views where the framework has them)."""
-    out = dict(native)
-    for name in spec.batch_args:
-        out[name] = adapter.take_rows(native[name], start, stop)
-    return out
-
-
 def check_batch_invariance(
     spec: OpSpec,
     adapter: Adapter,
@@ -86,7 +78,7 @@ def check_batch_invariance(
     if plan.mode == "slice":
         # A view of the reference input: also checks that layout and pointer
         # offsets do not change the bits.
-        second_inputs = take_batch_rows(spec, adapter, native, plan.start, plan.start + plan.size)
+        second_inputs = adapter.take_batch_rows(spec, native, plan.start, plan.start + plan.size)
     else:
         second_inputs = adapter.natives(make_batch(spec, inputs, plan, rng, dtype))
     second = adapter.call(fn, spec, second_inputs)
@@ -174,7 +166,7 @@ def check_every_batch_size(
         if m > total:
             raise ValueError(f"size {m} exceeds the {total} rows of the input")
         start = (i * 7919) % (total - m + 1)
-        out = fn(**take_batch_rows(spec, adapter, native, start, start + m), **kwargs)
+        out = fn(**adapter.take_batch_rows(spec, native, start, start + m), **kwargs)
         if not adapter.bitwise_equal(out, adapter.take_rows(full, start, start + m)):
             bad.append((m, start))
     adapter.synchronize(full)

@@ -31,11 +31,16 @@ def cross_framework_cases():
 
 
 def control_cases():
-    """Every negative control of every op, in every framework that has it."""
+    """Every negative control of every op, in every framework that has the op;
+    ``default`` (the framework's own kernel, GPU only) where the spec says
+    where it varies."""
     out = []
     for spec in registry.all_specs():
         for fw in FRAMEWORKS:
+            if spec.impl(fw) is None:
+                continue
             for name in spec.controls:
-                marks = [pytest.mark.gpu] if name == "default" else []
-                out.append(pytest.param(spec.name, fw, name, id=f"{spec.name}-{fw}-{name}", marks=marks))
+                out.append(pytest.param(spec.name, fw, name, id=f"{spec.name}-{fw}-{name}"))
+            if spec.default_varies is not None:
+                out.append(pytest.param(spec.name, fw, "default", id=f"{spec.name}-{fw}-default", marks=[pytest.mark.gpu]))
     return out

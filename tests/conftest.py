@@ -17,46 +17,6 @@ from harness.devices import configure
 os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
 PROFILE = configure()
 
-
-def _patch_triton_interpreter() -> None:
-    """Test-only fixes for two defects of the Triton 3.6 CPU interpreter.
-
-    * triton-lang/triton#9171: with numpy >= 2.4 a runtime loop bound
-      (``range(0, K, BLOCK_K)``) fails with "only 0-dimensional arrays can be
-      converted to Python scalars", because scalars are 1-element arrays.
-    * triton-lang/triton#11584: ``tl.dot`` on bf16 operands multiplies their raw
-      uint16 storage. The operands are widened to fp32 first (exact for bf16).
-    Neither touches GPU runs: the interpreter is only active on CPU.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
-
-    interpreter._patch_lang_tensor = _patch_lang_tensor
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def _widen(h):
-        if h.dtype == tl.bfloat16:
-            data = (h.data.astype(np.uint32) << 16).view(np.float32)
-            return interpreter.TensorHandle(data, tl.float32)
-        return h
-
-    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, _widen(a), _widen(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = _create_dot
-
-
-if not PROFILE.native:
-    _patch_triton_interpreter()
-
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 

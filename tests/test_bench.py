@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.__main__ import main
 from tests_profile import PROFILE
 
@@ -15,7 +17,7 @@ def test_bench_writes_results_with_invariance_column(tmp_path):
     else:
         args += ["--features", "4096"]
     assert main(args) == 0
-    data = json.loads((tmp_path / "results.json").read_text())
+    data = _strict_json(tmp_path / "results.json")
     rows = data["rows"]
     assert {(r["framework"], r["impl"]) for r in rows} == {
         ("torch", "bi"), ("torch", "default"), ("jax", "bi"), ("jax", "default")
@@ -58,19 +60,18 @@ def test_plots_one_png_per_op_and_dtype(tmp_path):
 
 def test_default_cpu_run_covers_every_registered_op(tmp_path):
     """The Quickstart's ``python -m bench`` on a machine without a GPU: a small
-    interpreter sweep over every benchmarked op of the registry, invariance only."""
-    import pytest
-
+    interpreter sweep over every benchmarked op of the registry, in both
+    frameworks, invariance only."""
     from harness import registry
 
     if PROFILE.native:
         pytest.skip("on a GPU the default run is the full timed sweep")
     assert main(["--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    # The torch matmul is skipped under Triton 3.6's interpreter (triton-lang/triton#9171).
+    rows = _strict_json(tmp_path / "results.json")["rows"]
     benched = {s.name for s in registry.all_specs() if s.bench is not None}
     assert benched >= {"rms_norm", "matmul"}
-    assert {r["op"] for r in rows if r["framework"] == "jax"} == benched
+    for framework in ("torch", "jax"):
+        assert {r["op"] for r in rows if r["framework"] == framework} == benched
     assert all(r["rows_differing"] == 0 for r in rows if r["impl"] == "bi")
     assert not list(tmp_path.glob("*.png"))
 
@@ -79,8 +80,6 @@ def test_merge_of_partial_runs(tmp_path):
     """Parts of a sweep merge into one table: a later run replaces the points it
     remeasures, rows keep their run's commit, other devices are refused."""
     import csv
-
-    import pytest
 
     from bench.merge import main as merge_main
     from bench.merge import merge
@@ -122,3 +121,101 @@ def test_markdown_tables_name_times_ratios_and_varying_defaults():
     assert lines[2] == "| M | bi_torch 4096 | bi_jax 4096 |"
     assert lines[4] == "| 1 | 2 (1.50x) | 2 (1.50x) |" and not any(line.startswith("| 16 |") for line in lines)
     assert "- jax default 4096: rows changed at M = 4 (1)" in lines
+
+
+# --- the command line and its outputs --------------------------------------------
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise ValueError(f"{path} is not strict JSON: bare {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_results_json_is_strict(tmp_path):
+    """Untimed values are null, not NaN: a parser that refuses NaN reads the file."""
+    args = ["--ops", "sum", "--m", "1,2", "--frameworks", "jax", "--out", str(tmp_path)]
+    if not PROFILE.native:
+        args += ["--features", "64"]
+    assert main(args) == 0
+    data = _strict_json(tmp_path / "results.json")
+    if not PROFILE.native:
+        assert all(r["median_us"] is None and r["ratio_to_default"] is None for r in data["rows"])
+
+
+def test_committed_results_are_strict_json():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    files = sorted(root.rglob("*.json"))
+    assert files
+    for path in files:
+        _strict_json(path)
+
+
+def test_bench_needs_nothing_from_the_test_extra(tmp_path):
+    """``python -m bench`` with hypothesis and pytest made unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['hypothesis'] = None; sys.modules['pytest'] = None\n"
+        "from bench.__main__ import main\n"
+        f"sys.exit(main(['--ops', 'rms_norm', '--m', '1,2', '--out', {str(tmp_path)!r}]"
+        f" + ([] if {PROFILE.native} else ['--features', '64'])))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ops", "bogus"], "argument --ops: unknown op bogus; choose from rms_norm"),
+        (["--ops", "linear,bmm"], "linear, bmm run the kernels of the ops above and are not benchmarked"),
+        (["--frameworks", "tf"], "argument --frameworks: unknown framework tf; choose from torch, jax"),
+        (["--m", "0"], "argument --m: expected comma-separated positive integers, got '0'"),
+        (["--m", "1,x"], "argument --m: expected comma-separated positive integers"),
+        (["--features", "64x0"], "argument --features: a feature size is N or KxN"),
+        (["--dtypes", "float64"], "argument --dtypes: unknown dtype float64"),
+    ],
+    ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype"],
+)
+def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_help_shows_ops_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "rms_norm,matmul,sum,mean,softmax,log_softmax" in out
+    assert "default: bfloat16" in out and "1,2,4,8" in out and "1,16,256,4096" in out
+
+
+def test_console_script_names_itself():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("bi-bench")  # installed beside the interpreter
+    if not script.exists():
+        pytest.skip("the package is not installed (pip install -e .)")
+    run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("usage: bi-bench"), run.stdout[:200]
+
+
+def test_quick_is_honoured_without_a_gpu(tmp_path):
+    if PROFILE.native:
+        pytest.skip("on a GPU --quick is the timed M = 1, 16, 256, 4096")
+    from bench.sweep import CPU_QUICK_M
+
+    assert main(["--quick", "--ops", "sum", "--frameworks", "torch", "--out", str(tmp_path)]) == 0
+    rows = _strict_json(tmp_path / "results.json")["rows"]
+    assert sorted({r["m"] for r in rows}) == list(CPU_QUICK_M)

@@ -20,25 +20,21 @@ def _control_problems():
     return problems(PROFILE, min_features=16)
 
 
-def _control_dtype(name: str) -> str:
-    # Synthetic controls are compared in fp32, where a changed summation order
-    # shows; rounding to bf16 hides most such changes. The native defaults are
-    # caught in the dtype inference uses.
-    return "bfloat16" if name == "default" else "float32"
-
-
 @pytest.mark.parametrize("op,framework,name", control_cases())
 def test_invariance_catches_control(op, framework, name):
     spec, ad = registry.get(op), adapter(framework)
     fn = ad.control(op, name)
-    dtype = _control_dtype(name)
+    # Synthetic controls are compared in fp32, where a changed summation order
+    # shows; rounding to bf16 hides most such changes.
+    dtype = "float32"
     if name == "default":
-        # cuBLAS changes algorithm at a few batch sizes only (on an H100, bf16
-        # 4096x4096, M = 16 among the powers of two), which random draws can
-        # miss: sweep every decode-sized batch against a batch of 8192 instead.
-        inputs = spec.make_inputs(np.random.default_rng(0), 8192, 4096, dtype)
+        # The spec says where the default varies (a sweep of every batch size,
+        # which random draws of a few batch sizes can miss).
+        where = spec.default_varies
+        inputs = spec.make_inputs(np.random.default_rng(0), where.batch, where.features, where.dtype)
+        sizes = list(range(1, where.sizes + 1))
         with pytest.raises(properties.BatchVarianceError, match="batch sizes differ"):
-            properties.check_every_batch_size(spec, ad, fn, inputs, list(range(1, 65)), label=f"{op}[{framework} default]")
+            properties.check_every_batch_size(spec, ad, fn, inputs, sizes, label=f"{op}[{framework} default]")
         return
 
     @settings(max_examples=max(PROFILE.max_examples, 30), phases=[Phase.generate], database=None)

@@ -137,10 +137,23 @@ def test_errors_name_the_problem():
         bi_jax.matmul(_rand(2, 4, 8), _rand(3, 8, 3))
     with pytest.raises(ValueError, match="in_features"):
         bi_jax.linear(a, _rand(3, 7))
-    with pytest.raises(ValueError, match="does not match"):
+    # dimension_numbers are checked as lax.dot_general checks them (TypeError).
+    with pytest.raises(TypeError, match="does not match"):
         bi_jax.dot_general(a, _rand(7, 3), (((1,), (0,)), ((), ())))
-    with pytest.raises(ValueError, match="malformed"):
+    with pytest.raises(TypeError, match="dimension_numbers must be"):
         bi_jax.dot_general(a, b, ((1,), (0,)))
+    for bad in ((((5,), (0,)), ((), ())), (((-1,), (0,)), ((), ())), (((1,), (-2,)), ((), ()))):
+        with pytest.raises(TypeError, match="non-negative and less than its rank"):
+            bi_jax.dot_general(a, b, bad)
+        with pytest.raises(TypeError):  # what lax does with them
+            jax.lax.dot_general(a, b, bad)
+    with pytest.raises(TypeError, match="repeat"):
+        bi_jax.dot_general(_rand(4, 4), _rand(4, 4), (((1, 1), (0, 1)), ((), ())))
+    np.testing.assert_array_equal(  # numpy integers are dimensions too
+        np.asarray(bi_jax.dot_general(a, b, (((np.int64(1),), (np.int64(0),)), ((), ())))),
+        np.asarray(bi_jax.matmul(a, b)))
+    with pytest.raises(ValueError, match="not a precision"):
+        bi_jax.matmul(a, b, precision="bogus")
     with pytest.raises(NotImplementedError, match="out_sharding"):
         bi_jax.dot_general(a, b, (((1,), (0,)), ((), ())), out_sharding=object())
 
@@ -180,6 +193,18 @@ def test_every_wgmma_config_lowers_for_hopper(cfg):
     assert not failures, "\n".join(failures[:5])
 
 
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_mosaic_kernel_runs_in_its_interpreter(kmajor):
+    """The Mosaic GPU kernel, interpreted on the CPU (``launch`` with its
+    interpreter config): the values of the product, with a bias and padded
+    shapes. Its bits are proven on the GPU only: interpreted, ``wgmma`` is
+    XLA:CPU's dot, which the CPU dispatch avoids (``kernel_for``)."""
+    a, w, bias = _rand(9, 70, dtype=jnp.bfloat16, seed=14), _rand(70, 40, dtype=jnp.bfloat16, seed=15), _rand(40, seed=16)
+    b3 = jnp.asarray(w.T)[None] if kmajor else w[None]
+    got = jm.launch(a[None], b3, bias, jnp.dtype(jnp.float32), "ieee", kmajor, contract.INTERPRET_WGMMA_CONFIG)[0]
+    np.testing.assert_allclose(np.asarray(got), _f64(a) @ _f64(w) + _f64(bias), rtol=1e-5, atol=1e-4)
+
+
 def test_wgmma_tables_are_well_formed():
     bounds = [b for b, _, _ in contract.WGMMA_TABLE]
     assert bounds == sorted(bounds) and bounds[-1] >= 1 << 40
@@ -199,25 +224,24 @@ def test_dispatch_by_m():
         assert [jm.kernel_for(dtype, m, n, True, False) for m in (1, small, big)] == ["triton", "triton", "mosaic"]
         assert jm.kernel_for(dtype, 1, wide, True, False) == "mosaic"
         assert jm.kernel_for(dtype, 1, n, False, False) == "mosaic"  # past int32 offsets
-        assert {jm.kernel_for(dtype, m, n, True, True) for m in (1, small, big)} == {"mosaic"}
+        # Interpreted, every product takes the Triton kernel (see kernel_for).
+        assert {jm.kernel_for(dtype, m, n, True, True) for m in (1, small, big)} == {"triton"}
     assert {jm.kernel_for("float32", m, c, f, i) for m in (1, big) for c in (n, wide) for f in (True, False)
             for i in (True, False)} == {"triton"}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_product_runs_the_dispatched_kernel(dtype, monkeypatch):
-    """``_product`` launches the kernel that ``kernel_for`` names."""
-    calls = []
-    triton_matmul, wgmma = jm._triton_matmul, jm.wgmma_product
-    monkeypatch.setattr(jm, "_triton_matmul", lambda *a, **k: calls.append("triton") or triton_matmul(*a, **k))
-    monkeypatch.setattr(jm, "wgmma_product", lambda *a, **k: calls.append("mosaic") or wgmma(*a, **k))
+def test_launch_runs_the_dispatched_kernel(dtype):
+    """``launch`` runs the kernel that ``kernel_for`` names: the Triton-lowered
+    Pallas call is named ``bi_matmul_triton`` in the traced program, and no
+    other kernel is."""
     w = _rand(64, 48, dtype=jnp.dtype(dtype), seed=1)
     interpret = jm.interpret_mode("matmul")
     for m in (1, contract.JAX_TRITON_MAX_M, contract.JAX_TRITON_MAX_M + 1):
-        calls.clear()
-        jm._product(_rand(m, 64, dtype=jnp.dtype(dtype), seed=m)[None], w[None], None, jnp.dtype(jnp.float32),
-                    "ieee", False)
-        assert calls == [jm.kernel_for(dtype, m, 48, True, interpret)], (m, calls)
+        a = _rand(m, 64, dtype=jnp.dtype(dtype), seed=m)
+        program = str(jax.make_jaxpr(lambda a, b: jm.launch(a[None], b[None], None, jnp.float32, "ieee", False))(a, w))
+        ran = "triton" if "bi_matmul_triton" in program else "mosaic"
+        assert ran == jm.kernel_for(dtype, m, 48, True, interpret), (m, ran)
 
 
 # --- GPU: every config gives bi_torch's bits -------------------------------------
@@ -236,7 +260,7 @@ _PROOF_CASES = (
 
 def _proof_cases():
     # tf32 agrees since bi_torch rounds its operands to nearest like jaxlib's
-    # Triton does (bench/probe_reduction_order.py showed truncation before).
+    # Triton does (bench/NOTES.md, "tf32 across frameworks": truncation before).
     return [pytest.param(d, p, id=f"{d}-{p}") for d, p in
             [("bfloat16", "ieee"), ("float16", "ieee"), ("float32", "ieee"), ("float32", "tf32")]]
 
@@ -276,7 +300,7 @@ def test_every_jax_config_gives_bi_torch_bits(dtype, precision):
             for cfg in configs:
                 for m in (1, 33, 300, 2000):
                     start = (m * 37) % (2000 - m + 1)
-                    got = jm._product(a[start:start + m][None], b3, bias32, out_dtype, precision, kmajor, cfg)[0]
+                    got = jm.launch(a[start:start + m][None], b3, bias32, out_dtype, precision, kmajor, cfg)[0]
                     if not np.array_equal(_bits(got), ref[start:start + m]):
                         bad.append(f"{cfg} K={k} N={n} M={m} kmajor={kmajor} out={out_dtype.name} bias={with_bias}")
     finally:

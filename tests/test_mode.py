@@ -120,3 +120,18 @@ def test_torch_compile_runs_eagerly_inside_the_mode():
     assert torch.equal(_bits(got), _bits(bi_torch.softmax(bi_torch.matmul(x, w.t()), -1)))
     compiled(x, w.t())
     assert len(calls) == 1, "the compiler stance was not restored"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fn", [torch.nn.functional.silu, torch.sigmoid, torch.exp, torch.tanh], ids=lambda f: f.__name__)
+def test_elementwise_rows_alone_and_in_a_batch(fn):
+    """Inside the mode a row of an elementwise function has the bits it has
+    in a batch. Regression for the CPU: ATen's vector and scalar silu and
+    sigmoid round differently (see bi_torch/mode.py)."""
+    g = torch.Generator().manual_seed(1)
+    for n in (7, 13, 33, 65, 100):
+        x = torch.randn(6, n, generator=g).to(DEVICE)
+        with bi_torch.set_batch_invariant_mode():
+            full = fn(x)
+            for r in range(6):
+                assert torch.equal(_bits(fn(x[r : r + 1])), _bits(full[r : r + 1])), (n, r)

@@ -120,15 +120,7 @@ def _jax_block(w, tokens):
     import jax.numpy as jnp
 
     def rms(x, g):
-        ms = jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6
-        if PROFILE.native:
-            return x * jax.lax.rsqrt(ms) * g
-        # Test-only: XLA:CPU's rsqrt is not elementwise-deterministic across
-        # shapes (measured with jax 0.11.2: rsqrt of a (6, 6, 1) array and of
-        # its (1, 6, 1) slice differ in the last bit, its vector and scalar
-        # code paths round differently); no upstream issue found. The CPU run
-        # uses the correctly rounded 1 / sqrt instead.
-        return x / jnp.sqrt(ms) * g
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
 
     b, t = tokens.shape
     x = w["embed"][tokens]

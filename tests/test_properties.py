@@ -73,22 +73,10 @@ def test_accuracy(op, framework, dtype):
     _run(op, framework, dtype, check)
 
 
-# Row lengths per op: the matrix products at two model widths; the row ops over
-# every path of their kernels (one warp, masked tails, 16 warps, chunked rows,
-# a 256k vocabulary).
-_CROSS_FEATURES = {
-    "rms_norm": (100, 1024, 4096, 5120, 8192, 16384, 24576),
-    "sum": (100, 4096, 24576),
-    "mean": (100, 4096, 24576),
-    "softmax": (100, 4096, 32000, 262144),
-    "log_softmax": (100, 4096, 32000, 262144),
-}
-
-
 def _cross_cases():
     return [pytest.param(*p.values, features, id=f"{p.id}-{features}")
             for p in cross_framework_cases()
-            for features in _CROSS_FEATURES.get(p.values[0], (4096, 8192))]
+            for features in registry.get(p.values[0]).cross_features]
 
 
 @pytest.mark.gpu

@@ -128,8 +128,9 @@ def test_jax_jit_and_vmap_give_the_same_bits():
     assert plain.tobytes() == jitted.tobytes() == mapped.tobytes()
 
 
-def _launch_split(framework, x, w, split):
-    """rms_norm of a (rows, n) array with ``split`` programs per row."""
+def _launch_split(framework, x, w, config):
+    """rms_norm of a (rows, n) array with the launch ``config`` (programs per
+    row, their order, when the weight is loaded)."""
     ad = adapter(framework)
     wn = None if w is None else ad.to_native(w)
     if framework == "torch":
@@ -139,19 +140,11 @@ def _launch_split(framework, x, w, split):
 
         xt = ad.to_native(x)
         out = torch.empty_like(xt)
-        rms_norm._launch(xt, wn, out, 1e-6, split=split)
+        rms_norm.launch(xt, wn, out, 1e-6, config)
         return ad.to_numpy(out)
-    from bi_jax._checks import interpret_mode
     from bi_jax.ops import rms_norm
 
-    return ad.to_numpy(rms_norm._launch(ad.to_native(x), wn, 1e-6, interpret_mode("rms_norm"), split=split))
-
-
-def _rms_norm_module(framework):
-    from bi_jax.ops import rms_norm as jmod
-    from bi_torch.ops import rms_norm as tmod
-
-    return tmod if framework == "torch" else jmod
+    return ad.to_numpy(rms_norm.launch(ad.to_native(x), wn, 1e-6, config))
 
 
 # Rows held in registers (aligned and not: 100 and 1869 elements are not
@@ -162,29 +155,30 @@ SPLIT_LENGTHS = [100, 257] + ([1869, 4096, 8192, 16384, 20000, 32000] if PROFILE
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n", SPLIT_LENGTHS)
-def test_invariance_column_split_or_not(framework, n, dtype, monkeypatch):
+def test_invariance_column_split_or_not(framework, n, dtype):
     """A few rows are written by several programs per row, one column slice
     each (bi_core.rms_norm.column_split); every split gives the bits of one
-    program per row, in either launch order (bi_core.rms_norm.slices_adjacent)."""
-    from bi_core.rms_norm import column_split, rms_norm_config
+    program per row, in either launch order (bi_core.rms_norm.slices_adjacent)
+    and with the weight loaded before or after the reduction."""
+    from bi_core.rms_norm import RmsNormLaunch, column_split, launch_config, rms_norm_config
 
     most = max(1, rms_norm_config(n).block // 128)  # slices of at least 128 elements
     assert column_split(1, n) == min(most, 4) and column_split(4096, n) == 1
+    assert launch_config(1, n) == RmsNormLaunch(min(most, 4), min(most, 4) > 1, True)
     rng = np.random.default_rng(n)
     x = (3.0 * rng.standard_normal((3, n))).astype(np.float32).astype(np_dtype(dtype))
     w = rng.standard_normal(n).astype(np.float32).astype(np_dtype(dtype))
     bits = np.int32 if dtype == "float32" else np.int16
     for weight in (w, None):
-        one = _launch_split(framework, x, weight, 1)
+        one = _launch_split(framework, x, weight, RmsNormLaunch())
         for split in sorted({2, most}):
             if split > most:
                 continue
-            for order in ("policy", "rows"):
-                with monkeypatch.context() as mp:
-                    if order == "rows":  # a row's slices not launched together
-                        mp.setattr(_rms_norm_module(framework), "slices_adjacent", lambda split: False)
-                    got = _launch_split(framework, x, weight, split)
-                np.testing.assert_array_equal(one.view(bits), got.view(bits), err_msg=f"split={split}, order={order}")
+            for adjacent in (True, False):  # a row's slices launched together or not
+                for early in (True, False):
+                    config = RmsNormLaunch(split, adjacent, early)
+                    got = _launch_split(framework, x, weight, config)
+                    np.testing.assert_array_equal(one.view(bits), got.view(bits), err_msg=str(config))
         tol = 1e-5 if dtype == "float32" else 1.6e-2
         want = _np_rms_norm(x.astype(np.float32), None if weight is None else weight.astype(np.float32), 1e-6)
         np.testing.assert_allclose(one.astype(np.float64), want, rtol=tol, atol=tol)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -44,16 +45,17 @@ from bi_core.matmul import (
     tile_config,
     wgmma_config,
 )
-from bi_jax._checks import check_float_array, interpret_mode
+from bi_jax._checks import check_float_array, forward_only, interpret_mode
 from bi_jax.ops._wgmma_matmul import wgmma_matmul
 
-__all__ = ["matmul", "linear", "dot_general"]
+__all__ = ["matmul", "linear", "dot_general", "einsum", "launch"]
 
 # Triton-lowered Pallas computes offsets in int32.
 _MAX_TRITON_ELEMENTS = 2**31 - 1
 
 _IEEE_NAMES = {"highest", "float32", "f32"}
 _TF32_NAMES = {"default", "fastest", "tensorfloat32", "tf32"}
+_BF16_PASS_NAMES = {"high", "bfloat16", "bfloat16_3x"}  # known to lax, no invariant kernel here
 
 
 # --- precision -------------------------------------------------------------
@@ -65,7 +67,11 @@ def _precision_name(p) -> str | None:
     if isinstance(p, lax.Precision):
         return {lax.Precision.DEFAULT: "default", lax.Precision.HIGH: "high", lax.Precision.HIGHEST: "highest"}[p]
     if isinstance(p, str):
-        return p.lower()
+        name = p.lower()
+        if name not in _IEEE_NAMES | _TF32_NAMES | _BF16_PASS_NAMES:
+            known = ", ".join(sorted(_IEEE_NAMES | _TF32_NAMES | _BF16_PASS_NAMES))
+            raise ValueError(f"precision {p!r} is not a precision that jax.lax knows; expected one of {known}")
+        return name
     raise TypeError(f"precision must be None, a jax.lax.Precision or a string, got {p!r}")
 
 
@@ -114,6 +120,21 @@ def _add_rn(x, y):
     )[0]
 
 
+def _tile_dot(a, b, precision, interpreted: bool):
+    """The product of two tiles in fp32. Interpreted, it is written out as
+    the contract states it, ``k = 0, 1, 2, ...`` one product and one addition
+    at a time: XLA:CPU's dot rounds a row by its position in the tile (as
+    numpy's BLAS does, see ``bi_torch/_interpreter.py``), and a row's
+    position follows the batch."""
+    if not interpreted:
+        return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+    a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    out = a32[:, 0:1] * b32[0:1, :]
+    for k in range(1, a32.shape[1]):
+        out = out + a32[:, k : k + 1] * b32[k : k + 1, :]
+    return out
+
+
 def _triton_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bias: bool, b_kmajor: bool,
                    ptx: bool):
     """One (batch, row tile, column tile) per program; K from 0 upwards into one
@@ -152,7 +173,7 @@ def _triton_kernel(a_ref, b_ref, *refs, cfg: TileConfig, precision: str, has_bia
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-        return acc + jnp.dot(a, b, precision=dot_precision, preferred_element_type=jnp.float32)
+        return acc + _tile_dot(a, b, dot_precision, interpreted=not ptx)
 
     acc = lax.fori_loop(0, pl.cdiv(k, bk), step, jnp.zeros((bm, bn), jnp.float32))
     if has_bias:
@@ -208,21 +229,30 @@ def _pad_to(x, shape):
 def kernel_for(dtype_name: str, m: int, n: int, fits_triton: bool, interpret: bool) -> str:
     """Which kernel computes an ``m`` x ``n`` product: ``"triton"`` or ``"mosaic"``.
 
-    Interpreted on a CPU, 16-bit products take the Mosaic kernel at every M:
-    the two kernels' interpreted products are different XLA contractions on
-    the CPU, with bits of their own, so switching on M there would break
-    invariance that holds on the GPU (where both give bi_torch's bits).
+    Interpreted on a CPU, every product takes the Triton-lowered kernel,
+    whose interpreted tile product adds K in a fixed order (``_tile_dot``).
+    The Mosaic GPU interpreter computes ``wgmma`` with XLA:CPU's dot, which
+    rounds a row by its position in the 64-row tile (15 of 36 bf16 rows of a
+    32 x 32 product changed when computed alone), so it would not be
+    invariant there; on the GPU both kernels give bi_torch's bits.
     """
-    if dtype_name == "float32":
+    if dtype_name == "float32" or interpret:
         return "triton"
     if not interpret and m <= JAX_TRITON_MAX_M and n <= JAX_TRITON_MAX_N and fits_triton:
         return "triton"
     return "mosaic"
 
 
-def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
+def launch(a3, b3, bias, out_dtype, precision: str, b_kmajor: bool, config: TileConfig | WgmmaConfig | None = None):
     """``a3[i] @ b3[i] (+ bias)``: a3 (B, M, K); b3 (B, K, N), or (B, N, K) when
-    ``b_kmajor``; bias (N,) or None. All checked by the callers."""
+    ``b_kmajor``; bias (N,) or None; ``precision`` from :func:`resolve_precision`.
+
+    ``config`` picks the kernel and its tiles: a ``TileConfig`` runs the
+    Triton-lowered kernel, a ``WgmmaConfig`` the Mosaic GPU one; by default
+    :func:`kernel_for` and the ``bi_core.matmul`` tables choose. The launcher
+    under :func:`matmul`, and the one entry point for probes and tests that
+    need a given config (operands are checked by the public functions only).
+    """
     batch, m, k = a3.shape
     n = b3.shape[1] if b_kmajor else b3.shape[2]
     if batch == 0 or m == 0 or n == 0:
@@ -262,7 +292,7 @@ def _product(a3, b3, bias, out_dtype, precision, b_kmajor, config=None):
 
 def wgmma_product(a3, b3, bias32, out_dtype, config: WgmmaConfig, *, b_kmajor: bool, interpret: bool,
                   num_sms: int | None = None):
-    """The bf16/fp16 Mosaic GPU product for any shape (``_product``'s operands;
+    """The bf16/fp16 Mosaic GPU product for any shape (``launch``'s operands;
     bias already fp32)."""
     batch, m, k = a3.shape
     n = b3.shape[1] if b_kmajor else b3.shape[2]
@@ -291,13 +321,13 @@ def wgmma_product(a3, b3, bias32, out_dtype, config: WgmmaConfig, *, b_kmajor: b
 
 
 def _batched_product(out_dtype: str, precision: str, b_kmajor: bool):
-    """``_product`` with a vmap rule that folds the mapped axis into the
+    """``launch`` with a vmap rule that folds the mapped axis into the
     kernel's own batch (or into M when only the activations are mapped), so
     that a vmapped call runs the same kernel on the same rows."""
 
     @jax.custom_batching.custom_vmap
     def f(a3, b3, bias):
-        return _product(a3, b3, bias, jnp.dtype(out_dtype), precision, b_kmajor)
+        return launch(a3, b3, bias, jnp.dtype(out_dtype), precision, b_kmajor)
 
     @f.def_vmap
     def _rule(axis_size, in_batched, a3, b3, bias):
@@ -321,12 +351,12 @@ def _batched_product(out_dtype: str, precision: str, b_kmajor: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched(out_dtype: str, precision: str, b_kmajor: bool):
-    return _batched_product(out_dtype, precision, b_kmajor)
+def _batched(out_dtype: str, precision: str, b_kmajor: bool, op: str):
+    return forward_only(op, _batched_product(out_dtype, precision, b_kmajor))
 
 
-def _run(a3, b3, bias, out_dtype, precision, b_kmajor):
-    return _batched(jnp.dtype(out_dtype).name, precision, b_kmajor)(a3, b3, bias)
+def _run(a3, b3, bias, out_dtype, precision, b_kmajor, op="matmul"):
+    return _batched(jnp.dtype(out_dtype).name, precision, b_kmajor, op)(a3, b3, bias)
 
 
 # --- public API --------------------------------------------------------------
@@ -416,8 +446,40 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, preci
     _check_bias("linear", bias, weight.shape[0])
     prec = resolve_precision(x.dtype, precision)
     lead, k = x.shape[:-1], x.shape[-1]
-    out = _run(x.reshape(1, math.prod(lead), k), weight[None], bias, out_dtype, prec, True)
+    out = _run(x.reshape(1, math.prod(lead), k), weight[None], bias, out_dtype, prec, True, "linear")
     return out.reshape(*lead, weight.shape[0])
+
+
+def _dimension_numbers(dimension_numbers, lhs, rhs):
+    """``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))`` as tuples of
+    ints, checked as ``lax.dot_general`` checks them: every dimension
+    non-negative and below its operand's rank (TypeError otherwise), distinct,
+    paired with one of the same size."""
+    try:
+        (lc, rc), (lb, rb) = dimension_numbers
+        lc, rc, lb, rb = (tuple(operator.index(d) for d in ds) for ds in (lc, rc, lb, rb))
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"dot_general: dimension_numbers must be ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)) "
+            f"of integer dimensions, got {dimension_numbers!r}"
+        ) from None
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise TypeError(f"dot_general: dimension_numbers {dimension_numbers!r} pair unequal numbers of dimensions")
+    for name, x, contract, batch in (("lhs", lhs, lc, lb), ("rhs", rhs, rc, rb)):
+        dims = contract + batch
+        if any(d < 0 or d >= x.ndim for d in dims):
+            raise TypeError(
+                f"dot_general: {name} dimension numbers must be non-negative and less than its rank {x.ndim} "
+                f"(shape {tuple(x.shape)}), got contracting {contract} and batch {batch}"
+            )
+        if len(set(dims)) != len(dims):
+            raise TypeError(f"dot_general: {name} dimension numbers repeat a dimension: contracting {contract}, batch {batch}")
+    for i, j in zip(lc + lb, rc + rb):
+        if lhs.shape[i] != rhs.shape[j]:
+            raise TypeError(
+                f"dot_general: lhs dim {i} (size {lhs.shape[i]}) does not match rhs dim {j} (size {rhs.shape[j]})"
+            )
+    return lc, rc, lb, rb
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
@@ -435,22 +497,7 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
     if out_sharding is not None:
         raise NotImplementedError("dot_general: out_sharding is not supported")
     out_dtype = _check_pair("dot_general", lhs, rhs, None, preferred_element_type)
-    try:
-        (lc, rc), (lb, rb) = dimension_numbers
-        lc, rc, lb, rb = (tuple(int(d) % x.ndim if x.ndim else int(d) for d in ds)
-                          for ds, x in ((lc, lhs), (rc, rhs), (lb, lhs), (rb, rhs)))
-    except (TypeError, ValueError):
-        raise ValueError(f"dot_general: malformed dimension_numbers {dimension_numbers!r}") from None
-    if len(lc) != len(rc) or len(lb) != len(rb):
-        raise ValueError(f"dot_general: dimension_numbers {dimension_numbers!r} pair unequal numbers of dims")
-    for name, x, dims in (("lhs", lhs, lc + lb), ("rhs", rhs, rc + rb)):
-        if len(set(dims)) != len(dims) or any(d >= x.ndim for d in dims):
-            raise ValueError(f"dot_general: invalid dimensions {dims} for {name} of shape {x.shape}")
-    for i, j in zip(lc + lb, rc + rb):
-        if lhs.shape[i] != rhs.shape[j]:
-            raise ValueError(
-                f"dot_general: lhs dim {i} (size {lhs.shape[i]}) does not match rhs dim {j} (size {rhs.shape[j]})"
-            )
+    lc, rc, lb, rb = _dimension_numbers(dimension_numbers, lhs, rhs)
     prec = resolve_precision(lhs.dtype, precision)
     lf = [d for d in range(lhs.ndim) if d not in lc + lb]
     rf = [d for d in range(rhs.ndim) if d not in rc + rb]
@@ -466,7 +513,7 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
         b3 = jnp.transpose(rhs, (*rb, *rf, *rc)).reshape(bsz, n, k)
     else:
         b3 = jnp.transpose(rhs, (*rb, *rc, *rf)).reshape(bsz, k, n)
-    out = _run(a3, b3, None, out_dtype, prec, b_kmajor)
+    out = _run(a3, b3, None, out_dtype, prec, b_kmajor, "dot_general")
     return out.reshape(*bshape, *mshape, *nshape)
 
 

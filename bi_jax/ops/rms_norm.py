@@ -18,20 +18,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from bi_core.rms_norm import (
-    SumTree,
-    column_split,
-    early_weight,
-    reduce_tree,
-    rms_norm_config,
-    rstd_asm,
-    slices_adjacent,
-    sum_tree,
-)
-from bi_jax._checks import check_eps, check_float_array, interpret_mode
+from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, reduce_tree, rms_norm_config, rstd_asm, sum_tree
+from bi_jax._checks import check_eps, check_float_array, forward_only, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 
-__all__ = ["rms_norm"]
+__all__ = ["rms_norm", "launch"]
 
 
 
@@ -48,10 +39,14 @@ def _square(x, ptx: bool):
     return x * x
 
 
-def _sum_tree(v, tree: SumTree):
+def _sum_tree(v, tree: SumTree, ptx: bool):
     """Sum of a row in the order of ``bi_core.rms_norm.SumTree``: the same
-    levels as bi_torch's ``_sum_tree``."""
-    return reduce_tree(v, tree, jnp)
+    levels as bi_torch's ``_sum_tree``. Interpreted (``ptx`` False), every
+    level is written out as elementwise adds, which XLA:CPU cannot reorder
+    (see ``bi_core.rms_norm.reduce_tree``)."""
+    if ptx:
+        return reduce_tree(v, tree, jnp)
+    return reduce_tree(v, tree, jnp, explicit_threads=True, elementwise=True)
 
 
 def _rstd(sumsq, inv_n: float, eps: float, ptx: bool):
@@ -97,7 +92,7 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, adjacent, early, tree, in
         mask = out_cols < n
         # Loaded before the reduction, the weight's latency overlaps it.
         w = load(w_ref, out_cols, mask) if has_weight and early else None
-        sumsq = _sum_tree(_square(x, ptx), tree)
+        sumsq = _sum_tree(_square(x, ptx), tree, ptx)
         y = x_out * _rstd(sumsq, inv_n, eps, ptx)
         if has_weight:
             y = y * (w if early else load(w_ref, out_cols, mask))
@@ -108,7 +103,7 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, adjacent, early, tree, in
     for c in range(num_chunks):
         offs = c * block + cols
         acc = acc + _square(load(x_ref, offs, offs < n), ptx)
-    rstd = _rstd(_sum_tree(acc, tree), inv_n, eps, ptx)
+    rstd = _rstd(_sum_tree(acc, tree, ptx), inv_n, eps, ptx)
     for c in range(num_chunks):
         offs = c * block + slice_cols
         mask = offs < n
@@ -118,21 +113,26 @@ def _kernel(x_ref, *refs, n, block, num_chunks, split, adjacent, early, tree, in
         pltriton.store(y_ref.at[row, offs], y.astype(y_ref.dtype), mask=mask)
 
 
-def _launch(x2d, weight, eps, interpret, split=None):
-    """The kernel over the rows of ``x2d``; ``split`` programs per row
-    (default ``column_split``; any value gives the same bits)."""
+def launch(x2d, weight, eps: float, config: RmsNormLaunch | None = None, interpret: bool | None = None):
+    """The kernel over the rows of ``x2d``, with the launch ``config``
+    (default: ``bi_core.rms_norm.launch_config``); interpreted by default on
+    the CPU backend (``bi_jax._checks.interpret_mode``).
+
+    The launcher under :func:`rms_norm`, and the one entry point for probes
+    and tests that need a given launch; any config gives the same bits.
+    """
     m, n = x2d.shape
     cfg = rms_norm_config(n)
-    split = column_split(m, n) if split is None else split
-    adjacent = slices_adjacent(split)
+    config = launch_config(m, n) if config is None else config
+    interpret = interpret_mode("rms_norm") if interpret is None else interpret
     kernel = functools.partial(
         _kernel,
         n=n,
         block=cfg.block,
         num_chunks=cfg.num_chunks,
-        split=split,
-        adjacent=adjacent,
-        early=early_weight(m),
+        split=config.split,
+        adjacent=config.adjacent,
+        early=config.early_weight,
         tree=sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n),
         inv_n=cfg.inv_n,
         eps=eps,
@@ -142,7 +142,7 @@ def _launch(x2d, weight, eps, interpret, split=None):
     args = (x2d,) if weight is None else (x2d, weight)
     return pl.pallas_call(
         kernel,
-        grid=(split, m) if adjacent else (m, split),
+        grid=(config.split, m) if config.adjacent else (m, config.split),
         out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,
@@ -184,5 +184,8 @@ def rms_norm(x: jax.Array, weight: jax.Array | None = None, eps: float = 1e-6) -
     if m == 0:
         return x
     # Rows are independent: splitting the launch changes no row's bits.
-    y = launch_rows("rms_norm", lambda part: _launch(part, weight, eps, interpret), x2d, interpret)
+    def run(x2d, weight):
+        return launch_rows("rms_norm", lambda part: launch(part, weight, eps, interpret=interpret), x2d, interpret)
+
+    y = forward_only("rms_norm", run)(x2d, weight)
     return y.reshape(x.shape)

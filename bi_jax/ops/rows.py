@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rows import DIV_ASM, EXP_ASM, FOLD_ASM, LOG_ASM, RCP_ASM, row_config, split_segments, sum_tree
-from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
+from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, forward_only, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
 from bi_jax.ops.rms_norm import _sum_tree
 
-__all__ = ["sum", "mean", "softmax", "log_softmax"]
+__all__ = ["sum", "mean", "softmax", "log_softmax", "launch"]
 
 
 
@@ -72,7 +73,7 @@ def _segment_stats(x, *, block, tree, ptx):
     1-element arrays (an all -inf segment: -inf and 0); as bi_torch's."""
     m = jnp.max(x, axis=0, keepdims=True)
     base = jnp.where(m == _NEG_INF, 0.0, m)
-    return m, _sum_tree(_exp(x, jnp.broadcast_to(base, (block,)), ptx), tree)
+    return m, _sum_tree(_exp(x, jnp.broadcast_to(base, (block,)), ptx), tree, ptx)
 
 
 def _fold(run_m, run_s, m, s, ptx):
@@ -133,7 +134,7 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
         else:
             acc = lax.fori_loop(0, num_chunks, lambda c, a: a + load(c * block + cols, 0.0),
                                 jnp.zeros((block,), jnp.float32))
-        total = _sum_tree(acc, tree)
+        total = _sum_tree(acc, tree, ptx)
         if mode == "mean":
             total = _div(total, jnp.full((1,), n, jnp.float32), ptx)
         pltriton.store(y_ref.at[pl.ds(row, 1)], total.astype(y_ref.dtype))
@@ -144,7 +145,7 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
         x = load(cols, neg_inf)
         m = jnp.broadcast_to(jnp.max(x, axis=0, keepdims=True), (block,))
         e = _exp(x, m, ptx)
-        s = _sum_tree(e, tree)
+        s = _sum_tree(e, tree, ptx)
         if mode == "softmax":
             y = e * jnp.broadcast_to(_rcp(s, ptx), (block,))
         else:
@@ -170,10 +171,15 @@ def _kernel(x_ref, y_ref, *, mode, n, block, num_chunks, tree, ptx):
     lax.fori_loop(0, num_chunks, write, 0)
 
 
-def _launch(mode: str, x2d, interpret: bool, split: bool | None = None):
-    """``mode`` over the rows of ``x2d``. ``split`` forces one program per
-    segment (True) or per row (False) for softmax/log_softmax over long rows;
-    by default ``bi_core.rows.split_segments`` picks. Both give the same bits."""
+def launch(mode: str, x2d, split: bool | None = None, interpret: bool | None = None):
+    """``mode`` (one of ``bi_core.rows.MODES``) over the rows of ``x2d``.
+    ``split`` forces one program per segment (True) or per row (False) for
+    softmax/log_softmax over long rows; by default
+    ``bi_core.rows.split_segments`` picks. Both give the same bits.
+
+    The launcher under the row ops, and the one entry point for probes and
+    tests that need a given strategy."""
+    interpret = interpret_mode(mode) if interpret is None else interpret
     m, n = x2d.shape
     cfg = row_config(n)
     tree = sum_tree(cfg.block, cfg.num_warps, x2d.dtype.itemsize, n)
@@ -212,7 +218,8 @@ def _launch(mode: str, x2d, interpret: bool, split: bool | None = None):
 
 def _rows(mode: str, x2d):
     interpret = interpret_mode(mode)
-    return launch_rows(mode, lambda part: _launch(mode, part, interpret), x2d, interpret)
+    run = forward_only(mode, lambda x: launch_rows(mode, lambda part: launch(mode, part, interpret=interpret), x, interpret))
+    return run(x2d)
 
 
 def _check_input(op: str, x, dtype):
@@ -225,14 +232,20 @@ def _check_input(op: str, x, dtype):
 
 
 def _axes(op: str, x, axis) -> tuple[int, ...]:
-    """Normalised, sorted, distinct axes; None means every axis."""
+    """Normalised, sorted, distinct axes; None means every axis. An axis is
+    anything ``operator.index`` takes (ints, numpy integers, as jax.vmap
+    writes them)."""
     if axis is None:
         return tuple(range(x.ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     out = []
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool):
+        if isinstance(a, bool):
             raise TypeError(f"{op}: axis must be an int or a tuple of ints, got {axis!r}")
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(f"{op}: axis must be an int or a tuple of ints, got {axis!r}") from None
         if not -x.ndim <= a < x.ndim:
             raise ValueError(f"{op}: axis {a} is out of bounds for an array of {x.ndim} dimensions")
         out.append(a % x.ndim)
@@ -264,13 +277,13 @@ def _normalise(op: str, x, axis):
     axes = _axes(op, x, axis)
     if not axes:
         raise ValueError(f"{op}: at least one axis is needed")
+    if x.size == 0:
+        return x  # as jax.nn.softmax: an empty result of the same shape
     kept = [d for d in range(x.ndim) if d not in axes]
     perm = kept + list(axes)
     moved = jnp.transpose(x, perm)
     n = math.prod(x.shape[d] for d in axes)
     x2d = moved.reshape(-1, n)
-    if x2d.size == 0:
-        return x
     out = _rows(op, x2d).reshape(moved.shape)
     return jnp.transpose(out, np.argsort(perm))
 

@@ -16,8 +16,9 @@ import triton.language as tl
 
 from bi_core.matmul import INTERPRET_CONFIG, TileConfig, precision_of, tile_config
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
+from bi_torch._interpreter import interpreter_ready
 
-__all__ = ["matmul", "linear"]
+__all__ = ["matmul", "linear", "launch"]
 
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (batches per launch)
 _SMEM_BYTES = 220 * 1024  # Hopper: 227 KB of shared memory per block, less Triton's barriers
@@ -36,7 +37,7 @@ def _round_tf32(x):
 
 # M is not specialised: Triton would compile a separate M == 1 variant, and
 # on the H100 that variant of some configs (64x128x128 TMA, 64x64x256 pointer)
-# stayed in LLVM's O3 pipeline for minutes (bench/probe_matmul_compile.py).
+# stayed in LLVM's O3 pipeline for minutes (bench/NOTES.md, "A Triton compile that did not finish").
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
@@ -178,9 +179,17 @@ def _usable(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _launch(a3: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None, c3: torch.Tensor,
-            config: TileConfig | None = None) -> None:
-    """``c3[i] = a3[i] @ b3[i] (+ bias)`` for 3-D operands (batch, rows, cols)."""
+def launch(a3: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None, c3: torch.Tensor,
+           config: TileConfig | None = None) -> None:
+    """``c3[i] = a3[i] @ b3[i] (+ bias)`` for 3-D operands (batch, rows, cols),
+    with the tile config ``config`` (default: ``bi_core.matmul.tile_config``'s
+    pick for the shape).
+
+    The launcher under :func:`matmul`, and the one entry point for probes and
+    tests that need a given config: operands are not checked here beyond what
+    the kernel needs (same dtype, CUDA or interpreted CPU tensors, ``c3``
+    preallocated in the output dtype). Any config gives the same bits.
+    """
     nb, m, k = a3.shape
     n = b3.shape[2]
     if m == 0 or n == 0 or nb == 0:
@@ -188,6 +197,8 @@ def _launch(a3: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None, c3: t
     if k == 0:
         c3.copy_((bias.float() if bias is not None else torch.zeros((), device=c3.device)).expand_as(c3))
         return
+    if interpreting() and interpreter_ready() is not None:
+        raise RuntimeError(f"matmul: cannot run in Triton's CPU interpreter: {interpreter_ready()}")
     precision = _precision(a3.dtype)
     if config is None:
         config = INTERPRET_CONFIG if interpreting() else tile_config(m, n, _dtype_name(a3.dtype), precision)
@@ -345,7 +356,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
         a3 = _usable(a2.reshape(math.prod(lead), k)).unsqueeze(0)
         b3 = _usable(b2).unsqueeze(0)
         c3 = torch.empty((1, a3.shape[1], n), dtype=out_dtype, device=a.device)
-        _launch(a3, b3, bias, c3)
+        launch(a3, b3, bias, c3)
         out = c3.reshape(*lead, n)
     else:
         try:
@@ -358,7 +369,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
         a3 = _usable(a2.expand(*batch, m, k).reshape(-1, m, k))
         b3 = _usable(b2.expand(*batch, k, n).reshape(-1, k, n))
         c3 = torch.empty((a3.shape[0], m, n), dtype=out_dtype, device=a.device)
-        _launch(a3, b3, bias, c3)
+        launch(a3, b3, bias, c3)
         out = c3.reshape(*batch, m, n)
     if a.ndim == 1:
         out = out.squeeze(-2)
@@ -374,6 +385,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dims. Same arithmetic as :func:`matmul` (it is ``matmul(x, weight.T, bias)``,
     with the transposed weight read in place).
     """
+    check_float_tensor("x", x)
     check_float_tensor("weight", weight)
     if weight.ndim != 2:
         raise ValueError(f"linear: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")

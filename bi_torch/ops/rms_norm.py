@@ -24,17 +24,9 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_core.rms_norm import (
-    SumTree,
-    column_split,
-    early_weight,
-    rms_norm_config,
-    rstd_asm,
-    slices_adjacent,
-    sum_tree,
-)
+from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, rms_norm_config, rstd_asm, sum_tree
 
-__all__ = ["rms_norm"]
+__all__ = ["rms_norm", "launch"]
 
 
 @triton.jit
@@ -258,20 +250,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     m = x2d.shape[0]
     if m == 0:
         return y.view(x.shape)
-    _launch(x2d, w, y, eps)
+    launch(x2d, w, y, eps)
     return y.view(x.shape)
 
 
-def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: float, split: int | None = None) -> None:
-    """The kernel over the rows of ``x2d`` into ``y``; ``split`` programs per
-    row (default ``column_split``; any value gives the same bits)."""
+def launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: float,
+           config: RmsNormLaunch | None = None) -> None:
+    """The kernel over the rows of ``x2d`` (contiguous, aligned) into ``y``,
+    with the launch ``config`` (default: ``bi_core.rms_norm.launch_config``).
+
+    The launcher under :func:`rms_norm`, and the one entry point for probes
+    and tests that need a given launch; any config gives the same bits.
+    """
     m, n = x2d.shape
     cfg = rms_norm_config(n)
-    split = column_split(m, n) if split is None else split
+    config = launch_config(m, n) if config is None else config
     tree = sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n)
-    early = early_weight(m)
-    adjacent = slices_adjacent(split)
-    _rms_norm_kernel[(split, m) if adjacent else (m, split)](
+    _rms_norm_kernel[(config.split, m) if config.adjacent else (m, config.split)](
         x2d,
         w if w is not None else x2d,
         y,
@@ -284,8 +279,8 @@ def _launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: flo
         NUM_CHUNKS=cfg.num_chunks,
         **_tree_args(tree),
         PTX=not interpreting(),
-        SPLIT=split,
-        ADJACENT=adjacent,
-        EARLY_WEIGHT=early,
+        SPLIT=config.split,
+        ADJACENT=config.adjacent,
+        EARLY_WEIGHT=config.early_weight,
         num_warps=cfg.num_warps,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import operator
 
 import torch
 import triton
@@ -26,7 +27,7 @@ from bi_torch._checks import (
 )
 from bi_torch.ops.rms_norm import _sum_tree, _tree_args
 
-__all__ = ["sum", "mean", "softmax", "log_softmax"]
+__all__ = ["sum", "mean", "softmax", "log_softmax", "launch"]
 
 # The PTX strings as compile-time constants of the kernels.
 _EXP_ASM = tl.constexpr(EXP_ASM)
@@ -221,11 +222,14 @@ def _row_kernel(
                 _write_segment(x_row, y_row, c, n_cols, run_m, run_s, MODE, BLOCK, PTX)
 
 
-def _launch(op: str, x2d: torch.Tensor, out: torch.Tensor, split: bool | None = None) -> None:
-    """Run ``op`` over the rows of ``x2d`` into ``out``. ``split`` forces one
-    program per segment (True) or per row (False) for softmax/log_softmax over
-    long rows; by default ``bi_core.rows.split_segments`` picks. Both give the
-    same bits."""
+def launch(op: str, x2d: torch.Tensor, out: torch.Tensor, split: bool | None = None) -> None:
+    """Run ``op`` (one of ``bi_core.rows.MODES``) over the rows of ``x2d``
+    (contiguous, aligned) into ``out``. ``split`` forces one program per
+    segment (True) or per row (False) for softmax/log_softmax over long rows;
+    by default ``bi_core.rows.split_segments`` picks. Both give the same bits.
+
+    The launcher under the row ops, and the one entry point for probes and
+    tests that need a given strategy."""
     m, n = x2d.shape
     check_row_length(op, n)
     if m == 0:
@@ -269,20 +273,27 @@ def _check_input(op: str, x, dtype) -> torch.Tensor:
 
 
 def _dims(op: str, x: torch.Tensor, dim) -> tuple[int, ...]:
-    """Normalised, sorted, distinct dims; None or () means every dim."""
+    """Normalised, sorted, distinct dims; None or () means every dim. A dim is
+    anything ``operator.index`` takes (ints, numpy integers, 0-d integer
+    tensors), as torch accepts."""
     if dim is None:
         dims = tuple(range(x.ndim))
-    elif isinstance(dim, int):
-        dims = (dim,)
-    else:
+    elif isinstance(dim, (tuple, list)):
         dims = tuple(dim) or tuple(range(x.ndim))
+    else:
+        dims = (dim,)
+    rank = builtins.max(x.ndim, 1)
     out = []
     for d in dims:
-        if not isinstance(d, int) or isinstance(d, bool):
+        if isinstance(d, bool):
             raise TypeError(f"{op}: dim must be an int or a tuple of ints, got {dim!r}")
-        if not -builtins.max(x.ndim, 1) <= d < builtins.max(x.ndim, 1):
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(f"{op}: dim must be an int or a tuple of ints, got {dim!r}") from None
+        if not -rank <= d < rank:
             raise IndexError(f"{op}: dim {d} is out of range for a tensor of {x.ndim} dimensions")
-        out.append(d % builtins.max(x.ndim, 1))
+        out.append(d % rank)
     if len(set(out)) != len(out):
         raise ValueError(f"{op}: dim {dim!r} repeats a dimension")
     return tuple(sorted(out)) if x.ndim else ()
@@ -301,7 +312,7 @@ def _reduce(op: str, x: torch.Tensor, dim, keepdim: bool, dtype) -> torch.Tensor
         out = torch.full((x2d.shape[0],), 0.0 if op == "sum" else math.nan, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((x2d.shape[0],), dtype=x.dtype, device=x.device)
-        _launch(op, x2d, out)
+        launch(op, x2d, out)
     if keepdim:
         return out.reshape([1 if d in dims else s for d, s in enumerate(x.shape)])
     return out.reshape(out_shape)
@@ -312,15 +323,16 @@ def _normalise(op: str, x: torch.Tensor, dim: int, dtype) -> torch.Tensor:
     if x.ndim == 0:
         x1 = x.reshape(1, 1)
         return _normalise(op, x1, -1, None).reshape(())
-    (d,) = _dims(op, x, dim) if isinstance(dim, int) else (None,)
-    if d is None:
+    if dim is None or isinstance(dim, (tuple, list)):
         raise TypeError(f"{op}: dim must be an int, got {dim!r}")
+    (d,) = _dims(op, x, dim)
+    if x.numel() == 0:
+        return torch.empty_like(x)  # as torch.softmax: an empty result of the same shape
     moved = x.movedim(d, -1)
     n = moved.shape[-1]
     x2d = canonical(moved.reshape(-1, n))
     out = torch.empty_like(x2d)
-    if n > 0:
-        _launch(op, x2d, out)
+    launch(op, x2d, out)
     return out.reshape(moved.shape).movedim(-1, d)
 
 

@@ -1,20 +1,57 @@
-"""The interface every framework adapter implements."""
+"""The interface every framework adapter implements.
+
+An adapter knows a framework, not an op: how to move arrays in and out, slice
+rows, compare bits and synchronise, and a small array namespace
+(``ArrayOps``) from which the specs build their negative controls once for
+every framework. What an op's kernel, default and controls are comes from its
+spec (``harness.opspec.OpSpec``).
+"""
 
 from __future__ import annotations
 
 import abc
+import importlib
 from typing import Any, Callable
 
 import numpy as np
 
-from harness.registry import Inputs, OpSpec
+from harness.opspec import Inputs, OpSpec
 
 Fn = Callable[..., Any]
+
+
+class ArrayOps(abc.ABC):
+    """The array functions the specs' negative controls are written with."""
+
+    @abc.abstractmethod
+    def f32(self, x): """``x`` converted to float32."""
+
+    @abc.abstractmethod
+    def cast(self, y, like): """``y`` converted to the dtype of ``like``."""
+
+    @abc.abstractmethod
+    def split(self, x, sections: int, axis: int) -> list: """``numpy.array_split``."""
+
+    @abc.abstractmethod
+    def sum(self, x, axis: int, keepdims: bool = False): """The framework's own sum."""
+
+    @abc.abstractmethod
+    def amax(self, x, axis: int, keepdims: bool = False): """The maximum along ``axis``."""
+
+    @abc.abstractmethod
+    def exp(self, x): """Elementwise exponential."""
+
+    @abc.abstractmethod
+    def rsqrt(self, x): """Elementwise reciprocal square root."""
+
+    @abc.abstractmethod
+    def matmul_f32(self, a, b): """``a @ b`` of float32 operands in full float32 precision."""
 
 
 class Adapter(abc.ABC):
     name: str
     package: str  # the bi_ package: "bi_torch" or "bi_jax"
+    xp: ArrayOps
 
     @abc.abstractmethod
     def to_native(self, a: np.ndarray) -> Any:
@@ -29,24 +66,6 @@ class Adapter(abc.ABC):
         """Rows ``start:stop`` of ``t`` as the framework slices them (a view in torch)."""
 
     @abc.abstractmethod
-    def default(self, op: str) -> Fn | None:
-        """The framework's own implementation of ``op`` (the benchmark baseline)."""
-
-    controls: dict[tuple[str, str], Fn] = {}
-
-    def control(self, op: str, name: str) -> Fn:
-        """A negative control: an implementation of ``op`` known to vary with the batch.
-
-        ``"default"`` is the framework's own implementation (cuBLAS or XLA on a GPU).
-        """
-        if name == "default":
-            fn = self.default(op)
-            if fn is None:
-                raise KeyError(f"{self.name} has no default {op}")
-            return fn
-        return self.controls[(op, name)]
-
-    @abc.abstractmethod
     def bitwise_equal(self, a: Any, b: Any) -> bool:
         """Whether two arrays on the device have the same dtype, shape and bits."""
 
@@ -58,13 +77,38 @@ class Adapter(abc.ABC):
     def synchronize(self, t: Any) -> None:
         """Block until ``t`` is computed."""
 
-    def kernel(self, op: str) -> Fn | None:
-        """The bi_ implementation of ``op``, or None if this framework has none yet."""
-        import importlib
+    # --- what the spec says, resolved in this framework --------------------
 
-        from harness import registry
+    def kernel(self, op: str | OpSpec) -> Fn | None:
+        """The bi_ implementation of ``op``, or None if this framework has none."""
+        impl = _spec(op).impl(self.name)
+        if impl is None:
+            return None
+        return getattr(importlib.import_module(self.package), impl.kernel)
 
-        return getattr(importlib.import_module(self.package), registry.get(op).function_name, None)
+    def default(self, op: str | OpSpec) -> Fn | None:
+        """The framework's own implementation of ``op`` (the benchmark baseline)."""
+        impl = _spec(op).impl(self.name)
+        return None if impl is None else impl.default
+
+    def control(self, op: str | OpSpec, name: str) -> Fn:
+        """A negative control: an implementation of ``op`` known to vary with the batch.
+
+        ``"default"`` is the framework's own implementation (cuBLAS or XLA on a GPU).
+        """
+        spec = _spec(op)
+        if name == "default":
+            fn = self.default(spec)
+            if fn is None:
+                raise KeyError(f"{self.name} has no default {spec.name}")
+            return fn
+        try:
+            make = spec.controls[name]
+        except KeyError:
+            raise KeyError(f"{spec.name} has no control {name!r}; it has {sorted(spec.controls)}") from None
+        return make(self.xp)
+
+    # --- calls --------------------------------------------------------------
 
     def call(self, fn: Fn, spec: OpSpec, inputs: dict[str, Any]) -> np.ndarray:
         out = fn(**inputs, **spec.call_kwargs(self.name))
@@ -73,3 +117,18 @@ class Adapter(abc.ABC):
 
     def natives(self, inputs: Inputs) -> dict[str, Any]:
         return {k: self.to_native(v) for k, v in inputs.items()}
+
+    def take_batch_rows(self, spec: OpSpec, native: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+        """The inputs restricted to batch rows ``start:stop`` (views where the framework has them)."""
+        out = dict(native)
+        for name in spec.batch_args:
+            out[name] = self.take_rows(native[name], start, stop)
+        return out
+
+
+def _spec(op: str | OpSpec) -> OpSpec:
+    if isinstance(op, OpSpec):
+        return op
+    from harness import registry
+
+    return registry.get(op)

@@ -1,3 +1,19 @@
-"""Op specs. Each module registers one op; importing this package loads all."""
+"""Op specs: one module per op family, each defining its ``OpSpec`` values.
 
-from harness.specs import matmul, rms_norm, rows  # noqa: F401
+``SPECS`` is the explicit list the registry serves, in this order. Adding an
+op: a spec here, a kernel file per framework (``bi_torch/ops``,
+``bi_jax/ops``), and tests only for properties that belong to that op alone.
+"""
+
+from harness.specs import matmul, rms_norm, rows
+
+SPECS = (
+    rms_norm.SPEC,
+    matmul.MATMUL,
+    matmul.LINEAR,
+    matmul.BMM,
+    rows.SUM,
+    rows.MEAN,
+    rows.SOFTMAX,
+    rows.LOG_SOFTMAX,
+)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from harness.bits import np_dtype
-from harness.registry import BenchSpec, OpSpec, Tolerance, register
+from harness.controls import split_product
+from harness.opspec import Bench, DefaultVaries, Impl, OpSpec, Tolerance, lazy_jit
 
 # fp32 accumulation, one rounding to the output dtype: the output's rounding
 # dominates. fp32 runs in full precision (FMA), so K-long sums stay within
@@ -50,6 +51,44 @@ def _f64(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float64)
 
 
+def _torch_matmul(a, b):
+    import torch
+
+    return torch.matmul(a, b)
+
+
+def _torch_linear(x, weight, bias):
+    import torch
+
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@lazy_jit
+def _jax_dot(a, b):
+    import jax.numpy as jnp
+
+    return jnp.dot(a, b)
+
+
+@lazy_jit
+def _jax_matmul(a, b):
+    import jax.numpy as jnp
+
+    return jnp.matmul(a, b)
+
+
+@lazy_jit
+def _jax_linear(x, weight, bias):
+    return x @ weight.T + bias
+
+
+def _split_matmul(xp):
+    def matmul(a, b):
+        return xp.cast(split_product(xp, a, b), a)
+
+    return matmul
+
+
 # --- matmul: a (M, K) @ b (K, N) --------------------------------------------------
 
 
@@ -58,18 +97,26 @@ def make_matmul(rng: np.random.Generator, batch: int, features, dtype: str):
     return {"a": _normal(rng, (batch, k), dtype), "b": _normal(rng, (k, n), dtype, 1 / np.sqrt(k))}
 
 
-MATMUL = register(
-    OpSpec(
-        name="matmul",
-        batch_arg="a",
-        make_inputs=make_matmul,
-        reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
-        tolerances=TOLERANCES,
-        bench=BenchSpec(features=BENCH_SHAPES, bound="compute", work=_flops),
-        controls=("split_by_batch", "default"),
-        max_features=16384,
-        row_elements=lambda k: k,
-    )
+MATMUL = OpSpec(
+    name="matmul",
+    batch_arg="a",
+    make_inputs=make_matmul,
+    reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
+    tolerances=TOLERANCES,
+    impls={
+        "torch": Impl("matmul", _torch_matmul, "cuBLAS (torch.matmul)"),
+        "jax": Impl("matmul", _jax_dot, "XLA (jnp.dot)"),
+    },
+    bench=Bench(features=BENCH_SHAPES, bound="compute", work=_flops),
+    controls={"split_by_batch": _split_matmul},
+    # cuBLAS changes algorithm at a few batch sizes only (on an H100, bf16
+    # 4096x4096, M = 16 among the powers of two), which random draws can miss:
+    # every decode-sized batch against a batch of 8192 instead.
+    default_varies=DefaultVaries(features=4096, batch=8192, sizes=64),
+    max_features=16384,
+    row_elements=lambda k: k,
+    sweeps={"bfloat16": ((4096, 4096), (8192, 28672)), "float32": ((4096, 4096),)},
+    sweep_batch=8192,
 )
 
 
@@ -87,16 +134,18 @@ def make_linear(rng: np.random.Generator, batch: int, features, dtype: str):
     }
 
 
-LINEAR = register(
-    OpSpec(
-        name="linear",
-        batch_arg="x",
-        make_inputs=make_linear,
-        reference=lambda i: _f64(i["x"]) @ _f64(i["weight"]).T + _f64(i["bias"]),
-        tolerances=TOLERANCES,
-        max_features=16384,
-        row_elements=lambda k: LINEAR_SEQ * k,
-    )
+LINEAR = OpSpec(
+    name="linear",
+    batch_arg="x",
+    make_inputs=make_linear,
+    reference=lambda i: _f64(i["x"]) @ _f64(i["weight"]).T + _f64(i["bias"]),
+    tolerances=TOLERANCES,
+    impls={
+        "torch": Impl("linear", _torch_linear, "torch.nn.functional.linear"),
+        "jax": Impl("linear", _jax_linear, "XLA (x @ w.T + b)"),
+    },
+    max_features=16384,
+    row_elements=lambda k: LINEAR_SEQ * k,
 )
 
 
@@ -111,16 +160,17 @@ def make_bmm(rng: np.random.Generator, batch: int, features, dtype: str):
     }
 
 
-BMM = register(
-    OpSpec(
-        name="bmm",
-        batch_arg="a",
-        batched=("b",),
-        function="matmul",
-        make_inputs=make_bmm,
-        reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
-        tolerances=TOLERANCES,
-        max_features=256,
-        row_elements=lambda d: BMM_HEADS * (BMM_QUERIES * d + d * (d + 3)),
-    )
+BMM = OpSpec(
+    name="bmm",
+    batch_arg="a",
+    batched=("b",),
+    make_inputs=make_bmm,
+    reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
+    tolerances=TOLERANCES,
+    impls={
+        "torch": Impl("matmul", _torch_matmul, "torch.matmul"),
+        "jax": Impl("matmul", _jax_matmul, "XLA (jnp.matmul)"),
+    },
+    max_features=256,
+    row_elements=lambda d: BMM_HEADS * (BMM_QUERIES * d + d * (d + 3)),
 )

@@ -1,7 +1,7 @@
 """Row reductions over the last axis: sum, mean, softmax, log_softmax.
 
 The reduced axis is the features axis; torch's keyword is ``dim``, JAX's
-``axis`` (``OpSpec.framework_kwargs``).
+``axis`` (``Impl.kwargs``).
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 from harness.bits import np_dtype
-from harness.registry import BenchSpec, OpSpec, Tolerance, register
+from harness.controls import split_row_sums
+from harness.opspec import Bench, Impl, OpSpec, Tolerance, lazy_jit
 
-_LAST = {"torch": {"dim": -1}, "jax": {"axis": -1}}
+_DIM = {"dim": -1}
+_AXIS = {"axis": -1}
 
 
 def _inputs_offset(rng: np.random.Generator, batch: int, features: int, dtype: str):
@@ -26,22 +28,10 @@ def _inputs_logits(rng: np.random.Generator, batch: int, features: int, dtype: s
     return {"x": x.astype(np_dtype(dtype))}
 
 
-def _ref_sum(inputs):
-    return inputs["x"].astype(np.float64).sum(axis=-1)
-
-
-def _ref_mean(inputs):
-    return inputs["x"].astype(np.float64).mean(axis=-1)
-
-
 def _ref_log_softmax(inputs):
     x = inputs["x"].astype(np.float64)
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def _ref_softmax(inputs):
-    return np.exp(_ref_log_softmax(inputs))
 
 
 def _read_bytes(batch: int, features: int, dtype: str) -> float:
@@ -50,6 +40,45 @@ def _read_bytes(batch: int, features: int, dtype: str) -> float:
 
 def _read_write_bytes(batch: int, features: int, dtype: str) -> float:
     return 2.0 * _read_bytes(batch, features, dtype)
+
+
+def _split_sum(xp):
+    def sum_(x, **_):
+        return xp.cast(split_row_sums(xp, xp.f32(x)), x)
+
+    return sum_
+
+
+def _split_softmax(xp):
+    def softmax(x, **_):
+        rows = xp.f32(x)
+        e = xp.exp(rows - xp.amax(rows, -1, keepdims=True))
+        return xp.cast(e / split_row_sums(xp, e).reshape(-1, 1), x)
+
+    return softmax
+
+
+def _torch(fn_name: str):
+    def default(x, dim=-1):
+        import torch
+
+        return getattr(torch, fn_name)(x, dim)
+
+    default.__name__ = f"torch_{fn_name}"
+    return default
+
+
+def _jax(path: str):
+    """``jnp.sum``, ``jax.nn.softmax``, ...: jitted with a static axis."""
+    module, fn_name = path.rsplit(".", 1)
+
+    def default(x, axis=-1):
+        import importlib
+
+        return getattr(importlib.import_module(module), fn_name)(x, axis=axis)
+
+    default.__name__ = f"jax_{fn_name}"
+    return lazy_jit(default, static_argnames="axis")
 
 
 # fp32 accumulation (sum, mean) or fp32 math with approximate ex2/lg2 (a few
@@ -70,24 +99,44 @@ _LOG_SOFTMAX_TOL = {
     "bfloat16": Tolerance(rtol=1.6e-2, atol=1e-2),
     "float16": Tolerance(rtol=2e-3, atol=2e-3),
 }
+# A hidden size, and vocabularies (the segmented path for long rows) for softmax.
+_SUM_BENCH = Bench(features=(4096, 8192), bound="memory", work=_read_bytes)
+_SOFTMAX_BENCH = Bench(features=(32000, 128256), bound="memory", work=_read_write_bytes)
+# One warp, masked tails, rows read in chunks; for softmax a 256k vocabulary.
+_SUM_CROSS = (100, 4096, 24576)
+_SOFTMAX_CROSS = (100, 4096, 32000, 262144)
 
-for _name, _make, _ref, _tol, _bench in (
-    ("sum", _inputs_offset, _ref_sum, _SUM_TOL, BenchSpec(features=(4096, 8192), bound="memory", work=_read_bytes)),
-    ("mean", _inputs_offset, _ref_mean, _SUM_TOL, BenchSpec(features=(4096, 8192), bound="memory", work=_read_bytes)),
-    ("softmax", _inputs_logits, _ref_softmax, _SOFTMAX_TOL,
-     BenchSpec(features=(32000, 128256), bound="memory", work=_read_write_bytes)),
-    ("log_softmax", _inputs_logits, _ref_log_softmax, _LOG_SOFTMAX_TOL,
-     BenchSpec(features=(32000, 128256), bound="memory", work=_read_write_bytes)),
-):
-    register(
-        OpSpec(
-            name=_name,
-            batch_arg="x",
-            make_inputs=_make,
-            reference=_ref,
-            tolerances=_tol,
-            framework_kwargs=_LAST,
-            bench=_bench,
-            controls=("split_by_batch",) if _name in ("sum", "softmax") else (),
-        )
-    )
+
+def _impls(name: str, jax_path: str) -> dict[str, Impl]:
+    return {
+        "torch": Impl(name, _torch(name), f"torch.{name}", kwargs=_DIM),
+        "jax": Impl(name, _jax(jax_path), jax_path.replace("jax.numpy", "jnp"), kwargs=_AXIS),
+    }
+
+
+SUM = OpSpec(
+    name="sum", batch_arg="x", make_inputs=_inputs_offset,
+    reference=lambda i: i["x"].astype(np.float64).sum(axis=-1),
+    tolerances=_SUM_TOL, impls=_impls("sum", "jax.numpy.sum"), bench=_SUM_BENCH,
+    controls={"split_by_batch": _split_sum}, cross_features=_SUM_CROSS,
+    sweeps={"float32": (4096, 24576)}, sweep_batch=16384,
+)
+MEAN = OpSpec(
+    name="mean", batch_arg="x", make_inputs=_inputs_offset,
+    reference=lambda i: i["x"].astype(np.float64).mean(axis=-1),
+    tolerances=_SUM_TOL, impls=_impls("mean", "jax.numpy.mean"), bench=_SUM_BENCH,
+    cross_features=_SUM_CROSS, sweeps={"bfloat16": (4096,)}, sweep_batch=16384,
+)
+SOFTMAX = OpSpec(
+    name="softmax", batch_arg="x", make_inputs=_inputs_logits,
+    reference=lambda i: np.exp(_ref_log_softmax(i)),
+    tolerances=_SOFTMAX_TOL, impls=_impls("softmax", "jax.nn.softmax"), bench=_SOFTMAX_BENCH,
+    controls={"split_by_batch": _split_softmax}, cross_features=_SOFTMAX_CROSS,
+    sweeps={"bfloat16": (32000, 128256), "float32": (32000,)}, sweep_batch=4096,
+)
+LOG_SOFTMAX = OpSpec(
+    name="log_softmax", batch_arg="x", make_inputs=_inputs_logits,
+    reference=_ref_log_softmax,
+    tolerances=_LOG_SOFTMAX_TOL, impls=_impls("log_softmax", "jax.nn.log_softmax"), bench=_SOFTMAX_BENCH,
+    cross_features=_SOFTMAX_CROSS, sweeps={"float32": (32000, 128256)}, sweep_batch=4096,
+)

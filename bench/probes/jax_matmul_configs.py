@@ -5,7 +5,7 @@ equal bi_torch's on the same inputs (fp32 output, so no rounding hides an
 order change), whether they equal the rows of a large-M launch, and the device
 time of bi_jax next to ``jnp.dot`` and ``torch.matmul``.
 
-    BI_DEVICE=gpu python -m bench.probe_matmul [--shapes 4096x4096] [--m 1,16,128] [--all-configs]
+    BI_DEVICE=gpu python -m bench.probes.jax_matmul_configs [--shapes 4096x4096] [--m 1,16,128] [--all-configs]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from harness.devices import configure
 
 def main() -> None:
     configure()
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m bench.probes.jax_matmul_configs", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     p.add_argument("--m", default="1,16,64,128,256,512,2048,8192")
     p.add_argument("--all-configs", action="store_true", help="time every config of the table at every M")
@@ -56,7 +56,7 @@ def main() -> None:
         bjs = [bj] + [bj + 0 for _ in range(copies - 1)]
         bts = [bt] + [bt.clone() for _ in range(copies - 1)]
         ref_t = bi_torch.matmul(at, bt, out_dtype=torch.float32).cpu().numpy()
-        ref_j = np.asarray(jm._product(aj[None], bj[None], None, jnp.float32, "ieee", False)[0])
+        ref_j = np.asarray(jm.launch(aj[None], bj[None], None, jnp.float32, "ieee", False)[0])
         for m in ms:
             if args.configs:
                 cfgs = tuple(_parse_config(c) for c in args.configs.split(";"))
@@ -64,17 +64,19 @@ def main() -> None:
                 cfgs = wgmma_configs() if args.all_configs else (wgmma_config(m, n),)
             a_m = aj[:m]
             for cfg in cfgs:
-                fn = jax.jit(lambda a, b, cfg=cfg: jm._product(a[None], b[None], None, jnp.float32, "ieee", False, cfg)[0])
+                fn = jax.jit(lambda a, b, cfg=cfg: jm.launch(a[None], b[None], None, jnp.float32, "ieee", False, cfg)[0])
                 out = np.asarray(fn(a_m, bj))
                 vs_torch = int((out.view(np.int32) != ref_t[:m].view(np.int32)).any(1).sum())
                 vs_big = int((out.view(np.int32) != ref_j[:m].view(np.int32)).any(1).sum())
-                fn16 = jax.jit(lambda a, b, cfg=cfg: jm._product(a[None], b[None], None, jnp.bfloat16, "ieee", False, cfg)[0])
-                t = time_jax(fn16, [{"a": a_m, "b": w} for w in bjs], calls=100)
+                fn16 = jax.jit(lambda a, b, cfg=cfg: jm.launch(a[None], b[None], None, jnp.bfloat16, "ieee", False, cfg)[0])
+                t = time_jax({"bi_jax": fn16}, [{"a": a_m, "b": w} for w in bjs])["bi_jax"]
                 rows.append({"k": k, "n": n, "m": m, "config": str(cfg), "rows_vs_torch": vs_torch,
                              "rows_vs_big_m": vs_big, "bi_jax_us": t.median_us})
-            td = time_jax(lambda a, b: jnp.dot(a, b), [{"a": a_m, "b": w} for w in bjs], calls=100)
-            tt = time_torch(lambda a, b: torch.matmul(a, b), [{"a": at[:m], "b": w} for w in bts])
-            tb = time_torch(lambda a, b: bi_torch.matmul(a, b), [{"a": at[:m], "b": w} for w in bts])
+            td = time_jax({"jnp.dot": lambda a, b: jnp.dot(a, b)}, [{"a": a_m, "b": w} for w in bjs])["jnp.dot"]
+            torch_sets = [{"a": at[:m], "b": w} for w in bts]
+            times = time_torch({"cuBLAS": lambda a, b: torch.matmul(a, b), "bi_torch": lambda a, b: bi_torch.matmul(a, b)},
+                               torch_sets)
+            tt, tb = times["cuBLAS"], times["bi_torch"]
             for r in rows:
                 if r["k"] == k and r["n"] == n and r["m"] == m:
                     r.update(jnp_dot_us=td.median_us, torch_us=tt.median_us, bi_torch_us=tb.median_us)

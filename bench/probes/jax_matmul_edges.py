@@ -4,11 +4,10 @@ For every config and a grid of (M, K, N), runs the kernel twice and reports
 launches whose result is wrong (against a float64 reference) or differs
 between the two runs.
 
-    BI_DEVICE=gpu python -m bench.probe_matmul_edges
+    BI_DEVICE=gpu python -m bench.probes.jax_matmul_edges
 """
 
 from __future__ import annotations
-
 
 from harness.devices import configure
 
@@ -33,8 +32,8 @@ def main() -> None:
             bj = jnp.asarray(b.T if kmajor else b).astype(jnp.bfloat16)
             b64 = np.asarray(bj, np.float64)
             ref = np.asarray(aj, np.float64) @ (b64.T if kmajor else b64)
-            outs = [np.asarray(jm.wgmma_product(aj[None], bj[None], None, jnp.float32, cfg, b_kmajor=kmajor,
-                                                interpret=False))[0] for _ in range(2)]
+            outs = [np.asarray(jm.launch(aj[None], bj[None], None, jnp.dtype(jnp.float32), "ieee", kmajor, cfg))[0]
+                    for _ in range(2)]
             err = float(np.abs(outs[0] - ref).max())
             same = bool((outs[0].view(np.int32) == outs[1].view(np.int32)).all())
             total += 1

@@ -4,7 +4,7 @@ For each weight shape and M it times every candidate config and
 ``torch.matmul`` (CUDA graph + events, rotating weights larger than L2), and
 checks that every config gives the bits of the M=8192 reference launch.
 
-    python -m bench.tune_matmul --out DIR [--shapes 4096x4096,...] [--m 1,16,...]
+    python -m bench.probes.tune_matmul --out DIR [--shapes 4096x4096,...] [--m 1,16,...]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from bi_core.matmul import TileConfig
+from harness.devices import configure
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -41,7 +42,8 @@ def candidates(m: int) -> list[TileConfig]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    configure()
+    p = argparse.ArgumentParser(prog="python -m bench.probes.tune_matmul", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
     p.add_argument("--m", default=",".join(map(str, MS)))
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.timing import buffer_sets, time_torch
-    from bi_torch.ops.matmul import _launch
+    from bi_torch.ops.matmul import launch
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -65,11 +67,11 @@ def main(argv=None) -> int:
         weights = [torch.randn(k, n, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(sets)]
         a_full = torch.randn(max(ms), k, device="cuda", dtype=torch.bfloat16)
         ref = torch.empty(max(ms), n, device="cuda", dtype=torch.bfloat16)
-        _launch(a_full[None], weights[0][None], None, ref[None], TileConfig(128, 256, 64, 8, 3, 8))
+        launch(a_full[None], weights[0][None], None, ref[None], TileConfig(128, 256, 64, 8, 3, 8))
         for m in ms:
             a = a_full[:m]
             arg_sets = [{"a": a, "b": w} for w in weights]
-            t = time_torch(lambda a, b: torch.matmul(a, b), arg_sets, target_ms=1.0, reps=10)
+            t = time_torch({"cuBLAS": lambda a, b: torch.matmul(a, b)}, arg_sets, target_ms=1.0, rounds=10)["cuBLAS"]
             tflops = 2 * m * k * n / t.median_us / 1e6
             rows.append({"k": k, "n": n, "m": m, "config": "torch.matmul", "us": t.median_us, "tflops": tflops,
                          "gbs": wbytes / t.median_us / 1e3, "same_bits": None})
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
             for cfg in (_parse_configs(args.configs) if args.configs else candidates(m)):
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
                 try:
-                    _launch(a[None], weights[0][None], None, out[None], cfg)
+                    launch(a[None], weights[0][None], None, out[None], cfg)
                     torch.cuda.synchronize()
                 except Exception as e:  # a config that does not compile (shared memory): record it
                     rows.append({"k": k, "n": n, "m": m, "config": str(cfg), "error": repr(e)[:300]})
@@ -87,9 +89,9 @@ def main(argv=None) -> int:
                 same = bool(torch.equal(out.view(torch.int16), ref[:m].view(torch.int16)))
 
                 def fn(a, b, out=out, cfg=cfg):
-                    _launch(a[None], b[None], None, out[None], cfg)
+                    launch(a[None], b[None], None, out[None], cfg)
 
-                tc = time_torch(fn, arg_sets, target_ms=1.0, reps=10)
+                tc = time_torch({"config": fn}, arg_sets, target_ms=1.0, rounds=10)["config"]
                 tf = 2 * m * k * n / tc.median_us / 1e6
                 rows.append({"k": k, "n": n, "m": m, "config": str(cfg), "us": tc.median_us, "tflops": tf,
                              "gbs": wbytes / tc.median_us / 1e3, "same_bits": same,

@@ -1,0 +1,81 @@
+"""Fixes for Triton's CPU interpreter, applied by ``bi_torch/__init__.py``
+only when the kernels run in that interpreter (``TRITON_INTERPRET=1`` at
+import). GPU runs never reach this module.
+
+* triton-lang/triton#9171: with numpy >= 2.4, a runtime loop bound
+  (``range(0, K, BLOCK_K)``, the matmul's K loop) fails with "only
+  0-dimensional arrays can be converted to Python scalars": the interpreter's
+  scalars are 1-element arrays, and ``range`` needs ``__index__``.
+* triton-lang/triton#11584: ``tl.dot`` on bf16 operands multiplies their raw
+  16-bit storage and returns garbage without an error.
+* ``tl.dot`` is ``numpy.matmul``, and numpy's BLAS rounds a row of a tile by
+  its position in the tile (edge micro-kernels): measured with numpy 2.5, 10
+  of 16 rows of a 16 x 32 @ 32 x 32 fp32 product had other bits when the row
+  sat first in an otherwise zero tile. A row's position in its tile follows
+  the batch, so the CPU matmul was not batch-invariant.
+
+The dot is therefore computed here as the contract states it: the operands
+widened to fp32 (exact for bf16 and fp16), then ``k = 0, 1, 2, ...`` added in
+order onto the accumulator, one product and one addition at a time, the same
+arithmetic for every row. CPU bits differ from the GPU's (whose tensor cores
+add in their own order); the CPU run proves the kernels' structure, not GPU
+numerics.
+
+Both patches replace private parts of ``triton.runtime.interpreter``
+(Triton 3.6). If a Triton release no longer has them, nothing is patched and
+``interpreter_ready()`` says why, so that ``bi_torch.matmul`` refuses to run
+rather than return wrong bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_APPLIED: bool | None = None
+_WHY_NOT = ""
+
+
+def _widen(h, tl) -> np.ndarray:
+    """A dot operand's values in fp32."""
+    if h.dtype == tl.bfloat16:
+        return (h.data.astype(np.uint32) << 16).view(np.float32)
+    return h.data.astype(np.float32)
+
+
+def apply() -> None:
+    """Patch the interpreter once (idempotent)."""
+    global _APPLIED, _WHY_NOT
+    if _APPLIED is not None:
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if builder is None or patch_tensor is None or not hasattr(builder, "create_dot"):
+        _APPLIED = False
+        _WHY_NOT = (
+            "this Triton's interpreter lacks the internals that bi_torch patches for "
+            "triton-lang/triton#9171 and #11584"
+        )
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a32, b32 = _widen(a, tl), _widen(b, tl)
+        acc = np.array(d.data, dtype=np.float32, copy=True)
+        for k in range(a32.shape[-1]):
+            acc += a32[..., :, k : k + 1] * b32[..., k : k + 1, :]
+        return interpreter.TensorHandle(acc.astype(d.data.dtype, copy=False), d.dtype.scalar)
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    builder.create_dot = _create_dot
+    _APPLIED = True
+
+
+def interpreter_ready() -> str | None:
+    """None when the interpreter can run the matmul, else why not."""
+    return None if _APPLIED else (_WHY_NOT or "the interpreter fixes were not applied")
