@@ -1,23 +1,57 @@
 #!/usr/bin/env bash
-# The GPU check: the property suite natively on the GPU, then the benchmark.
-# Usage: bash bench/gpu_check.sh [tests|bench|all] ; logs go to $OUT (default ./gpu-out).
+# The GPU check: the property suite natively on the GPU, and the benchmark.
+#
+#   bash bench/gpu_check.sh tests    # the suite (BI_TEST_K: a pytest -k expression, to run it in parts;
+#                                    #   BI_TEST_WORKERS: pytest-xdist workers, default 4;
+#                                    #   BI_TEST_ARGS: more pytest arguments, e.g. -v)
+#   bash bench/gpu_check.sh bench    # python -m bench (BI_BENCH_ARGS: extra arguments)
+#   bash bench/gpu_check.sh spread DIR [DIR ...]
+#                                    # the JAX timing twice per tree (this one, or another checkout
+#                                    #   DIR such as an older commit), for bench.probes.timing_spread
+#   bash bench/gpu_check.sh all      # tests, then bench
+#
+# Logs go to $OUT (default ./gpu-out); each part also packs its outputs into one
+# $OUT/<part>.tgz, since a lent machine returns a few files only.
 set -o pipefail
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" BI_DEVICE=gpu
+OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
+HERE=$(pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" BI_DEVICE=gpu
 what=${1:-all}
+shift || true
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, jax, jaxlib, hypothesis; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'hypothesis', hypothesis.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 status=0
+
 if [[ $what == tests || $what == all ]]; then
-  # BI_TEST_K: an optional pytest -k expression (to split the suite over runs).
-  python3 -m pytest tests -q -rfExXp -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/junit.xml" \
-    ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -60
+  part=${BI_TEST_PART:-tests}
+  python3 -m pytest tests -q -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
+    ${BI_TEST_ARGS:-} ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/$part.log" | tail -60
   status=$?
 fi
+
 if [[ $what == bench || $what == all ]]; then
   # BI_BENCH_ARGS: optional extra arguments, e.g. "--ops matmul --frameworks jax".
-  python3 -m bench --out "$OUT/bench" ${BI_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  python3 -m bench --out "$OUT/bench" ${BI_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -30
   status=$((status || $?))
+  tar czf "$OUT/bench.tgz" -C "$OUT" bench bench.log && rm -rf "$OUT/bench"
+fi
+
+if [[ $what == spread ]]; then
+  # The same JAX points twice per tree, back to back on one machine.
+  args=${BI_SPREAD_ARGS:---ops rms_norm --frameworks jax --m 1,16,256,4096 --features 4096,8192}
+  mkdir -p "$OUT/spread"
+  for tree in "$HERE" "$@"; do
+    name=$(basename "$tree")
+    for run in 1 2; do
+      (cd "$tree" && PYTHONPATH="$tree" python3 -m bench $args --out "$OUT/spread/$name-$run") \
+        > "$OUT/spread/$name-$run.log" 2>&1 || status=1
+      tail -3 "$OUT/spread/$name-$run.log"
+    done
+    python3 -m bench.probes.timing_spread --label "$name" "$OUT/spread/$name-1/results.json" \
+      "$OUT/spread/$name-2/results.json" 2>&1 | tee "$OUT/spread/$name-spread.txt" | tail -3
+  done
+  find "$OUT/spread" -name '*.png' -delete
+  tar czf "$OUT/spread.tgz" -C "$OUT" spread && rm -rf "$OUT/spread"
 fi
 exit $status

@@ -1,7 +1,7 @@
 """PNG plots of benchmark results: one figure per op, one panel per shape.
 
-Compute-bound ops (matmul) plot TFLOP/s against the number of tokens; the
-others plot time per call. Both axes are logarithmic, with one line per
+Compute-bound ops (a spec whose bound is "compute") plot TFLOP/s against the
+number of tokens; the others plot time per call. Both axes are logarithmic, with one line per
 implementation (framework default and bi_ kernel in each framework), so the
 figures read at a glance: where the bi_ line sits on or above its default, the
 invariance costs nothing. Ops come from the rows, so a new op needs no code.

@@ -1,38 +1,73 @@
-"""The README's example does what it says (on a GPU)."""
+"""The README: its commands are marked for CI, and its examples run as written."""
 
 from __future__ import annotations
 
-import contextlib
-import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests_profile import PROFILE
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def _example() -> str:
-    match = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert match, "README.md has no python example"
-    return match.group(1)
+def _examples() -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 3, "README.md has lost its examples"
+    return blocks
 
 
-def test_readme_test_command_is_marked():
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BI_DEVICE")}
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=environ,
+                          cwd=ROOT)
+
+
+@pytest.mark.parametrize("marker", ["bench-command", "test-command"])
+def test_readme_commands_are_marked(marker):
     text = README.read_text()
-    block = text.split("<!-- test-command -->")[1].split("<!-- /test-command -->")[0]
-    assert "pytest" in block and "pip install" in block
+    block = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    assert "pip install" in block
+    extras = set(re.search(r'-e "\.\[([\w,]+)\]"', block).group(1).split(","))
+    if marker == "bench-command":
+        # The bench needs nothing from the test extra.
+        assert "python3 -m bench" in block and extras == {"torch", "jax"}
+    else:
+        assert "pytest" in block
+
+
+def test_torch_example_runs_as_written():
+    """The torch example, with TRITON_INTERPRET=1 when there is no GPU (as it says)."""
+    code = _examples()[1]
+    assert "import bi_torch" in code
+    run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "aten.addmm.default" in run.stdout and "aten._log_softmax.default" in run.stdout
+
+
+def test_jax_example_runs_as_written():
+    pytest.importorskip("flax")  # the `flax` extra (in `all`)
+    code = _examples()[2]
+    assert "import bi_jax" in code and "from flax import" in code
+    run = _run(code + "\nprint(log_probs.shape, type(layer).__name__, type(projection).__name__, type(dense).__name__)\n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["(8,", "32)", "Linear", "Einsum", "Dense"]
 
 
 @pytest.mark.gpu
-def test_readme_example_default_varies_and_bi_does_not():
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(_example(), str(README), "exec"), {})
-    default_rows, bi_rows = (int(v) for v in out.getvalue().split())
-    print(f"README example: default changed {default_rows} rows, bi_jax {bi_rows}")
-    assert bi_rows == 0
+def test_opening_example_default_varies_and_bi_does_not():
+    run = _run(_examples()[0])
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = dict(line.split(": ") for line in run.stdout.strip().splitlines())
+    print(f"README example: {counts}")
+    assert int(counts["bi_jax"]) == 0
     import jax
 
     if any(name in jax.devices()[0].device_kind for name in ("H100", "H200")):
-        assert default_rows > 0, "the README says XLA's default changes rows on Hopper"
+        assert int(counts["XLA"]) > 0, "the README says XLA's default changes rows on Hopper"
