@@ -27,6 +27,13 @@ variance, matrix-vector products, convolution, or one of the ops above with an
 unsupported dtype or layout) would run on a target device; otherwise such ops
 run and are recorded in ``mode.unhandled``.
 
+Under the Triton interpreter (a CPU run), unary transcendental functions
+(``exp``, ``log``, ``sigmoid``, ``silu``, ``tanh``, ``gelu``, ...) on CPU tensors
+are computed one element at a time: ATen's CPU kernels for them have a
+vectorised and a scalar loop that can round differently, which would tie an
+element's bits to its position in the tensor, and so to the batch. GPU runs
+are not affected.
+
 ``torch.compile`` directives are ignored inside the mode (the compiler stance
 ``force_eager``): a compiled graph would run Inductor's own kernels, which the
 mode cannot route, so compiled functions run eagerly through the mode and give
@@ -149,6 +156,15 @@ _CPU_TRANSCENDENTAL = frozenset({
 })
 
 
+# Their in-place forms (``F.silu(x, inplace=True)``): computed as above, then
+# written back.
+_CPU_TRANSCENDENTAL_INPLACE = {
+    getattr(aten, f"{op.overloadpacket.__name__}_").default: op
+    for op in _CPU_TRANSCENDENTAL
+    if hasattr(aten, f"{op.overloadpacket.__name__}_")
+}
+
+
 def _one_element_at_a_time(func, args, kwargs):
     """``func`` on a strided copy of its input: ATen's CPU kernels take the
     scalar loop for every element of a non-contiguous input, whatever its
@@ -156,7 +172,9 @@ def _one_element_at_a_time(func, args, kwargs):
     x = args[0]
     spread = torch.empty((x.numel(), 2), dtype=x.dtype, device=x.device)[:, 0]
     spread.copy_(x.reshape(-1))
-    return func(spread, *args[1:], **kwargs).reshape(x.shape)
+    inplace = _CPU_TRANSCENDENTAL_INPLACE.get(func)
+    out = (inplace or func)(spread, *args[1:], **kwargs).reshape(x.shape)
+    return x.copy_(out) if inplace else out
 
 
 def _tensors(args, kwargs):
@@ -211,7 +229,8 @@ class BatchInvariantMode(TorchDispatchMode):
                          or func.overloadpacket.__name__.startswith(_RISKY_PREFIXES)):
             dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in floating})
             self._risky(func, f"dtypes {', '.join(dtypes)}" if impl is not None else "no invariant kernel")
-        elif func in _CPU_TRANSCENDENTAL and interpreting() and args and isinstance(args[0], torch.Tensor) \
+        elif (func in _CPU_TRANSCENDENTAL or func in _CPU_TRANSCENDENTAL_INPLACE) and interpreting() and args \
+                and isinstance(args[0], torch.Tensor) \
                 and args[0].device.type == "cpu" and args[0].is_floating_point():
             return _one_element_at_a_time(func, args, kwargs)
         return func(*args, **kwargs)

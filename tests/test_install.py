@@ -15,7 +15,7 @@ from tests_profile import PROFILE
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BI_DEVICE")}
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BI_DEVICE", "JAX_PLATFORMS")}
     environ.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=600, env=environ)
@@ -82,33 +82,49 @@ def test_triton_interpret_set_after_import_is_refused():
     assert "before importing bi_torch" in run.stdout
 
 
-def test_cpu_jaxlib_on_a_gpu_machine_warns_once_and_bi_device_gpu_refuses(monkeypatch):
-    """A CPU backend where the driver sees a GPU (a jaxlib without its CUDA
-    plugin): one warning that names the fix; with BI_DEVICE=gpu an error."""
-    import jax
-
-    if jax.default_backend() != "cpu":
-        pytest.skip("JAX has its GPU backend here")
-    import jax.numpy as jnp
-
-    import bi_jax
-    from bi_jax import _checks
-
-    monkeypatch.setattr(_checks, "nvidia_gpu_present", lambda: True)
-    monkeypatch.setattr(_checks, "_cpu_asked_for", lambda: False)
-    monkeypatch.setattr(_checks, "_warned_cpu_backend", False)
-    monkeypatch.setenv("BI_DEVICE", "auto")
-    x = jnp.ones((2, 4))
-    with pytest.warns(RuntimeWarning, match=r"Pallas interpreter, thousands of times slower.*cuda13"):
-        bi_jax.sum(x, axis=-1)
+_CPU_JAXLIB_ON_A_GPU_MACHINE = """
     import warnings
+    import bi_core.devices
+    bi_core.devices.nvidia_gpu_present = lambda: True  # what the driver says on a GPU machine
+    import jax
+    import jax.numpy as jnp
+    import bi_jax
+    if jax.default_backend() != "cpu":
+        print("skip: JAX has its GPU backend here")
+        raise SystemExit(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            bi_jax.sum(jnp.ones((2, 4)), axis=-1)
+            bi_jax.sum(jnp.ones((2, 4)), axis=-1)
+        except RuntimeError as err:
+            print("error:", err)
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            print("warning:", w.message)
+"""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        bi_jax.sum(x, axis=-1)  # once only
-    monkeypatch.setenv("BI_DEVICE", "gpu")
-    with pytest.raises(RuntimeError, match="BI_DEVICE=gpu, but JAX has no GPU backend"):
-        bi_jax.sum(x, axis=-1)
+
+def test_cpu_jaxlib_on_a_gpu_machine_warns_once():
+    """A CPU backend where the driver sees a GPU (a jaxlib without its CUDA
+    plugin): one warning, at the first use, that names the fix."""
+    run = _python(_CPU_JAXLIB_ON_A_GPU_MACHINE)  # JAX_PLATFORMS unset: the CPU was not asked for
+    assert run.returncode == 0, run.stderr[-2000:]
+    if run.stdout.startswith("skip:"):
+        pytest.skip(run.stdout.strip())
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: bi_jax: this machine has an NVIDIA GPU"), lines
+    assert "thousands of times slower" in lines[0] and "cuda13" in lines[0] and "BI_DEVICE=gpu" in lines[0]
+    quiet = _python(_CPU_JAXLIB_ON_A_GPU_MACHINE, JAX_PLATFORMS="cpu")  # asked for: no warning
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "", quiet.stdout + quiet.stderr[-2000:]
+
+
+def test_cpu_jaxlib_with_bi_device_gpu_is_an_error():
+    run = _python(_CPU_JAXLIB_ON_A_GPU_MACHINE, BI_DEVICE="gpu")
+    assert run.returncode == 0, run.stderr[-2000:]
+    if run.stdout.startswith("skip:"):
+        pytest.skip(run.stdout.strip())
+    assert run.stdout.startswith("error: sum: BI_DEVICE=gpu, but JAX has no GPU backend here"), run.stdout
 
 
 @pytest.mark.skipif(PROFILE.native, reason="the interpreters' own path")
