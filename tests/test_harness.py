@@ -56,3 +56,70 @@ def test_specs_make_inputs_with_a_batch_axis(spec):
         assert inputs[spec.batch_arg].shape[0] == 3
         ref = spec.reference(inputs)
         assert ref.dtype == np.float64 and ref.shape[0] == 3 and np.isfinite(ref).all()
+
+
+def _string_literals(path):
+    """The string literals of a module's code, docstrings left out."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_the_benchmark_and_the_harness_core_name_no_op():
+    """An op is known to its spec alone: the code of ``bench/`` and of the
+    harness outside ``harness/specs`` holds no op name."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    names = registry.names()
+    modules = [p for p in (root / "bench").glob("*.py")] + [
+        p for p in (root / "harness").rglob("*.py") if "specs" not in p.parts]
+    found = []
+    for path in modules:
+        for text in _string_literals(path):
+            found += [f"{path.relative_to(root)}: {text!r}" for name in names if re.search(rf"\b{name}\b", text)]
+    assert not found, found
+
+
+def test_every_spec_is_complete():
+    """Each op's spec says what the tests and the benchmark need."""
+    from harness.frameworks import FRAMEWORKS
+
+    for spec in registry.all_specs():
+        assert set(spec.impls) == set(FRAMEWORKS), spec.name
+        for impl in spec.impls.values():
+            assert impl.kernel and callable(impl.default) and impl.label, spec.name
+        assert set(spec.tolerances) >= set(spec.dtypes), spec.name
+        for dtype, features in spec.sweeps.items():
+            assert dtype in spec.dtypes and features, spec.name
+
+
+def test_interleaving_is_abba():
+    from bench.timing import interleave
+
+    order = []
+    samples = interleave({"a": lambda: order.append("a") or [1.0], "b": lambda: order.append("b") or [2.0]}, 4)
+    assert "".join(order) == "abbaabba" and samples == {"a": [1.0] * 4, "b": [2.0] * 4}
+
+
+def test_probes_run_as_modules():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probes = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "bench" / "probes").glob("*.py")
+                    if p.stem != "__init__")
+    assert probes
+    for name in probes:
+        run = subprocess.run([sys.executable, "-m", f"bench.probes.{name}", "--help"], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0 and "usage: python -m bench.probes." in run.stdout, (name, run.stderr[-1500:])

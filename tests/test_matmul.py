@@ -140,12 +140,28 @@ def test_tma_kernel_matches_the_reference():
         (lambda: bi_torch.matmul(torch.tensor(1.0, device=DEVICE), _rand(3)), ValueError, "at least 1-D"),
         (lambda: bi_torch.linear(_rand(2, 3), _rand(3, 5)), ValueError, "in_features"),
         (lambda: bi_torch.linear(_rand(2, 3), _rand(3)), ValueError, "2-D"),
+        (lambda: bi_torch.linear([[1.0, 2.0, 3.0]], _rand(5, 3)), TypeError, "x must be a torch.Tensor, got list"),
+        (lambda: bi_torch.matmul(_rand(2, 3), [[1.0]]), TypeError, "b must be a torch.Tensor, got list"),
     ],
-    ids=["inner-dim", "mixed-dtype", "int-dtype", "bias-shape", "out-dtype", "batch-broadcast", "0-d", "linear-k", "linear-1d"],
+    ids=["inner-dim", "mixed-dtype", "int-dtype", "bias-shape", "out-dtype", "batch-broadcast", "0-d", "linear-k",
+         "linear-1d", "linear-list", "matmul-list"],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k,n", [(32, 32), (64, 48), (33, 20)])
+def test_invariance_rows_alone_and_in_a_batch(k, n, dtype):
+    """Every row of a 36-row product computed alone has the batch's bits, in
+    fp32 out. Regression for the CPU: the interpreter's tile product was
+    numpy's BLAS, which rounds a row by its position in the tile (20 of 36
+    rows differed at K = N = 32, see bi_torch/_interpreter.py)."""
+    a, b = _rand(36, k, dtype=dtype, seed=k), _rand(k, n, dtype=dtype, seed=n)
+    full = bi_torch.matmul(a, b, out_dtype=torch.float32)
+    for r in range(36):
+        assert torch.equal(_bits(bi_torch.matmul(a[r : r + 1], b, out_dtype=torch.float32)), _bits(full[r : r + 1])), r
 
 
 def test_autograd_is_refused():

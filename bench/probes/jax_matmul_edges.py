@@ -9,11 +9,15 @@ between the two runs.
 
 from __future__ import annotations
 
+import argparse
+
 from harness.devices import configure
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     configure()
+    p = argparse.ArgumentParser(prog="python -m bench.probes.jax_matmul_edges", description=__doc__.splitlines()[0])
+    p.parse_args(argv)
     import jax.numpy as jnp
     import numpy as np
 
