@@ -32,7 +32,10 @@ def _feature(text: str):
 
 
 def _features(text: str):
-    return [_feature(v) for v in text.split(",") if v.strip()]
+    values = [_feature(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated feature sizes, got {text!r}")
+    return values
 
 
 def _choices(kind: str, allowed: list[str], hint: str = ""):
@@ -115,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:
         console = Console(width=170)
     specs = [registry.get(o) for o in args.ops]
+    if args.features:
+        # A KxN shape belongs to ops benchmarked on weight shapes; a size to the rest.
+        for spec in specs:
+            shaped = isinstance(spec.bench.features[0], tuple)
+            wrong = [f for f in args.features if isinstance(f, tuple) and not shaped]
+            if wrong:
+                p.error(f"argument --features: {spec.name} takes feature sizes, not KxN shapes "
+                        f"({', '.join('x'.join(map(str, f)) for f in wrong)}); pick the ops with --ops")
     native = profile.native
     if native:
         ms = args.m or list(sweep.QUICK_M if args.quick else sweep.DEFAULT_M)

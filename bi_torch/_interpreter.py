@@ -8,6 +8,12 @@ import). GPU runs never reach this module.
   scalars are 1-element arrays, and ``range`` needs ``__index__``.
 * triton-lang/triton#11584: ``tl.dot`` on bf16 operands multiplies their raw
   16-bit storage and returns garbage without an error.
+* A cast from fp32 to bf16 (every bf16 output, ``y.to(y_ptr.dtype.element_ty)``)
+  drops the low 16 bits instead of rounding to nearest as the GPU does (the
+  interpreter's conversion, added in triton-lang/triton#3811, is called without
+  a rounding mode): one bf16 step off in about half of all outputs, and other
+  bits than bi_jax's on the CPU. The cast is done with ``ml_dtypes``, which
+  rounds to nearest even and keeps NaN a NaN.
 * ``tl.dot`` is ``numpy.matmul``, and numpy's BLAS rounds a row of a tile by
   its position in the tile (edge micro-kernels): measured with numpy 2.5, 10
   of 16 rows of a 16 x 32 @ 32 x 32 fp32 product had other bits when the row
@@ -21,7 +27,7 @@ arithmetic for every row. CPU bits differ from the GPU's (whose tensor cores
 add in their own order); the CPU run proves the kernels' structure, not GPU
 numerics.
 
-Both patches replace private parts of ``triton.runtime.interpreter``
+The patches replace private parts of ``triton.runtime.interpreter``
 (Triton 3.6). If a Triton release no longer has them, nothing is patched and
 ``interpreter_ready()`` says why, so that ``bi_torch.matmul`` refuses to run
 rather than return wrong bits.
@@ -29,6 +35,7 @@ rather than return wrong bits.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 _APPLIED: bool | None = None
@@ -52,7 +59,7 @@ def apply() -> None:
 
     builder = getattr(interpreter, "InterpreterBuilder", None)
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if builder is None or patch_tensor is None or not hasattr(builder, "create_dot"):
+    if builder is None or patch_tensor is None or not all(hasattr(builder, a) for a in ("create_dot", "cast_impl")):
         _APPLIED = False
         _WHY_NOT = (
             "this Triton's interpreter lacks the internals that bi_torch patches for "
@@ -71,8 +78,17 @@ def apply() -> None:
             acc += a32[..., :, k : k + 1] * b32[..., k : k + 1, :]
         return interpreter.TensorHandle(acc.astype(d.data.dtype, copy=False), d.dtype.scalar)
 
+    cast_impl = builder.cast_impl
+
+    def _cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = np.asarray(src.data, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+            return interpreter.TensorHandle(rounded, dst_type.scalar)
+        return cast_impl(self, src, dst_type)
+
     interpreter._patch_lang_tensor = _patch_lang_tensor
     builder.create_dot = _create_dot
+    builder.cast_impl = _cast_impl
     _APPLIED = True
 
 

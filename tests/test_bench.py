@@ -180,8 +180,11 @@ def test_bench_needs_nothing_from_the_test_extra(tmp_path):
         (["--m", "1,x"], "argument --m: expected comma-separated positive integers"),
         (["--features", "64x0"], "argument --features: a feature size is N or KxN"),
         (["--dtypes", "float64"], "argument --dtypes: unknown dtype float64"),
+        (["--ops", "rms_norm", "--features", "64x32"], "rms_norm takes feature sizes, not KxN shapes (64x32)"),
+        (["--features", ","], "argument --features: expected comma-separated feature sizes"),
     ],
-    ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype"],
+    ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype", "shape-for-a-row-op",
+         "no-features"],
 )
 def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -149,9 +149,8 @@ def test_errors_name_the_problem():
             jax.lax.dot_general(a, b, bad)
     with pytest.raises(TypeError, match="repeat"):
         bi_jax.dot_general(_rand(4, 4), _rand(4, 4), (((1, 1), (0, 1)), ((), ())))
-    np.testing.assert_array_equal(  # numpy integers are dimensions too
-        np.asarray(bi_jax.dot_general(a, b, (((np.int64(1),), (np.int64(0),)), ((), ())))),
-        np.asarray(bi_jax.matmul(a, b)))
+    for dims in ((((np.int64(1),), (np.int64(0),)), ((), ())), ((1, 0), ((), ()))):  # numpy ints, bare ints
+        np.testing.assert_array_equal(np.asarray(bi_jax.dot_general(a, b, dims)), np.asarray(bi_jax.matmul(a, b)))
     with pytest.raises(ValueError, match="not a precision"):
         bi_jax.matmul(a, b, precision="bogus")
     with pytest.raises(NotImplementedError, match="out_sharding"):

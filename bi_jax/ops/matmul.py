@@ -455,9 +455,12 @@ def _dimension_numbers(dimension_numbers, lhs, rhs):
     ints, checked as ``lax.dot_general`` checks them: every dimension
     non-negative and below its operand's rank (TypeError otherwise), distinct,
     paired with one of the same size."""
+    def dims(ds) -> tuple[int, ...]:  # a sequence of dimensions, or one (lax takes both)
+        return (operator.index(ds),) if not isinstance(ds, (tuple, list)) else tuple(operator.index(d) for d in ds)
+
     try:
         (lc, rc), (lb, rb) = dimension_numbers
-        lc, rc, lb, rb = (tuple(operator.index(d) for d in ds) for ds in (lc, rc, lb, rb))
+        lc, rc, lb, rb = (dims(ds) for ds in (lc, rc, lb, rb))
     except (TypeError, ValueError):
         raise TypeError(
             f"dot_general: dimension_numbers must be ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)) "
