@@ -148,8 +148,8 @@ class SumTree:
     compile-time constant), so ``threads`` is the layout's thread count and
     the compilers' own cross-thread reduction (a lane butterfly, then the
     warps) adds in the order above: on an H100 both frameworks' sums equal
-    the tree replayed in numpy (bench/NOTES.md, "Row alignment and the one-row JAX launch"). Other rows
-    get a layout that depends on facts outside the row: Pallas folds the row
+    the tree replayed in numpy (bench/NOTES.md, "Row alignment and the
+    one-row JAX launch"). Other rows get a layout that depends on facts outside the row: Pallas folds the row
     index of a one-program grid to the constant 0, which makes the row look
     aligned, so a one-row batch was loaded in vectors and its sums left the
     butterfly's order (2 ULP in fp32 softmax at 1869 columns on an H100).
