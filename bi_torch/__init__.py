@@ -12,6 +12,7 @@ if _checks.interpreting():
 
     _interpreter.apply()
 
+from bi_torch.ops.attention import attention, paged_attention, scaled_dot_product_attention, varlen_attention
 from bi_torch.ops.matmul import linear, matmul
 from bi_torch.ops.rms_norm import rms_norm
 from bi_torch.ops.rows import log_softmax, mean, softmax, sum
@@ -19,14 +20,18 @@ from bi_torch.mode import BatchVarianceRisk, is_batch_invariant_mode_enabled, se
 
 __all__ = [
     "BatchVarianceRisk",
+    "attention",
     "is_batch_invariant_mode_enabled",
     "linear",
     "log_softmax",
     "matmul",
     "mean",
+    "paged_attention",
     "rms_norm",
+    "scaled_dot_product_attention",
     "set_batch_invariant_mode",
     "softmax",
     "sum",
+    "varlen_attention",
 ]
 __version__ = "0.1.0"

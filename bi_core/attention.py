@@ -1,0 +1,177 @@
+"""Reduction contract for attention, followed by bi_torch and bi_jax.
+
+One output row is one query row ``q[s, p, h]`` (sequence ``s``, absolute
+position ``p``, head ``h``). Its bits depend only on that row and on the keys
+and values of ``s`` at the positions it attends to: not on the batch, on where
+``s`` sits in a packed batch, on whether ``p`` is computed in one prefill, in
+chunks or one token at a time, on the KV-cache page size or page order, nor on
+the longest sequence of the batch. This is how:
+
+* Keys are walked in **blocks of ``BLOCK_N`` keys at absolute positions**
+  ``[b * BLOCK_N, (b + 1) * BLOCK_N)``, from the lowest block up. Block
+  boundaries never follow the query tile, the chunk or the batch.
+* Blocks are grouped into **splits of ``SPLIT`` keys** (also at absolute
+  positions). Within a split, a row's scores are folded block after block
+  with the online softmax (running maximum ``m``, sum ``l`` and fp32
+  accumulator ``acc``, started empty at every split):
+
+      m' = max(m, max_j(qk_j) * c)          c = scale * log2(e), rounded to fp32
+      p_j = 2 ** fma(qk_j, c, -m')          (masked keys: p_j = 0)
+      l' = fma(l, 2 ** (m - m'), sum_j p_j)
+      acc' = acc * 2 ** (m - m') + p @ v    (p rounded to v's dtype; fp32 sum)
+
+* The splits' partial results are then folded **in split order**,
+  ``s = 0, 1, 2, ...`` (``M' = max(M, m_s)``, ``L' = L a + l_s b``,
+  ``ACC' = ACC a + acc_s b`` with ``a = 2 ** (M - M')``, ``b = 2 ** (m_s - M')``;
+  each product rounded, then one fused add, as ``FOLD_ASM``), and the output
+  is ``ACC / L`` (correctly rounded), rounded once to the output dtype. A row
+  with no visible key gives zeros.
+
+The fold in split order is what lets the splits be spread over programs at
+small batch (split-KV decode) or walked inside one program (prefill) with the
+same bits: both run the same arithmetic on the same partials. A block or
+split with no visible key for a row leaves that row's state bit for bit as
+it was (``2 ** 0 = 1``, ``p = 0``), so a program may walk more blocks than a
+given row needs: its tile's range.
+
+Which rows share a program (the query tile, the heads of a GQA group packed
+into it), how many programs the splits are spread over and the pipelining
+depth are chosen for speed and change no bits. The tile shape of a head size
+(``tile_config``) is fixed: the GPU suite proves each config the dispatch can
+pick against the others.
+
+The steps with a transcendental or a rounding that compilers might reorder
+are written as PTX (below), so that the two frameworks' Triton compilers emit
+the same instructions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bi_core.rms_norm import f32_hex
+
+# Keys per block, and per split (a whole number of blocks). Part of the
+# contract: changing either changes the bits.
+BLOCK_N = 64
+SPLIT = 256
+BLOCKS_PER_SPLIT = SPLIT // BLOCK_N
+
+HEAD_DIMS = (64, 128, 256)
+
+# Rows of a program's tile: (query, head of the GQA group) pairs.
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_configs(head_dim: int) -> tuple[TileConfig, ...]:
+    """Every tile config the dispatch may use for ``head_dim`` (the GPU suite
+    proves them bitwise equal)."""
+    check_head_dim(head_dim)
+    if head_dim == 256:
+        return (TileConfig(64, 8, 2),)
+    return (TileConfig(64, 4, 2), TileConfig(128, 8, 2))
+
+
+def tile_config(head_dim: int, rows: int) -> TileConfig:
+    """The tile for ``rows`` query rows per (sequence, KV head): the larger
+    tile for prefill-sized work, the smaller one for decode."""
+    configs = tile_configs(head_dim)
+    return configs[-1] if rows >= 4 * configs[-1].block_m else configs[0]
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"attention: head dim {head_dim} is not supported; supported head dims are "
+                         f"{', '.join(map(str, HEAD_DIMS))}")
+
+
+def qk_scale(scale: float | None, head_dim: int) -> float:
+    """``scale * log2(e)`` rounded to fp32 (the default scale is ``1/sqrt(E)``),
+    computed once on the host in float64, as both frameworks pass it."""
+    s = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"attention: scale must be a positive finite number, got {scale!r}")
+    return float(np.float32(s * math.log2(math.e)))
+
+
+# Effectively unbounded window sides (fit int32 arithmetic in the kernels).
+UNBOUNDED = 1 << 30
+
+
+def window_sides(causal: bool, window) -> tuple[int, int]:
+    """(left, right): a query at position p sees keys in [p - left, p + right].
+
+    ``window`` is None, an int ``w`` (the same as ``(w, w)``, as
+    ``jax.nn.dot_product_attention``'s ``local_window_size``) or a pair
+    ``(left, right)``, where ``-1`` or None means unbounded on that side
+    (flash-attn's ``window_size``). ``causal`` sets ``right`` to 0."""
+    left = right = UNBOUNDED
+    if window is not None:
+        if isinstance(window, (tuple, list)):
+            if len(window) != 2:
+                raise ValueError(f"attention: window must be an int or a (left, right) pair, got {window!r}")
+            sides = [UNBOUNDED if w is None or (_is_int(w) and w == -1) else w for w in window]
+        else:
+            sides = [window, window]
+        for w in sides:
+            if not _is_int(w) or w < 0:
+                raise ValueError(f"attention: window sides must be non-negative ints (-1: unbounded), got {window!r}")
+        left, right = (min(int(w), UNBOUNDED) for w in sides)
+    if causal:
+        right = 0
+    return left, right
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def num_splits(max_kv_len: int) -> int:
+    return max(1, -(-max_kv_len // SPLIT))
+
+
+# Spread the splits over programs when fewer programs than this would run
+# otherwise (about the SM count of an H100/H200): speed only, same bits.
+SPREAD_BELOW_PROGRAMS = 132
+
+
+def spread_splits(programs: int, max_kv_len: int, sm_count: int = SPREAD_BELOW_PROGRAMS) -> bool:
+    return num_splits(max_kv_len) > 1 and programs < sm_count
+
+
+_LOG2E = 1.4426950408889634
+LOG2E_F32 = float(np.float32(_LOG2E))
+
+# $0 = 2 ** fma($1, $2, $3)
+EXP2_FMA_ASM = "{ .reg .f32 t; fma.rn.f32 t, $1, $2, $3; ex2.approx.f32 $0, t; }"
+# $0 = 2 ** ($1 - $2)
+EXP2_DIFF_ASM = "{ .reg .f32 t; sub.rn.f32 t, $1, $2; ex2.approx.f32 $0, t; }"
+# $0 = $1 * $2 + $3 (fused)
+FMA_ASM = "fma.rn.f32 $0, $1, $2, $3;"
+# $0 = $1 * $2 + $3 * $4: the second product rounded, then one fused add.
+FOLD_ASM = "{ .reg .f32 t; mul.rn.f32 t, $3, $4; fma.rn.f32 $0, $1, $2, t; }"
+# $0 = $1 * $2, rounded (never contracted into a following add)
+MUL_ASM = "mul.rn.f32 $0, $1, $2;"
+# $0 = $1 / $2, correctly rounded
+DIV_ASM = "div.rn.f32 $0, $1, $2;"
+
+__all__ = [
+    "BLOCK_N",
+    "SPLIT",
+    "HEAD_DIMS",
+    "TileConfig",
+    "tile_config",
+    "tile_configs",
+    "qk_scale",
+    "window_sides",
+    "num_splits",
+    "spread_splits",
+    "f32_hex",
+]

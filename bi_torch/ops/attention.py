@@ -1,0 +1,699 @@
+"""Attention: Triton kernels and launchers (dense, packed variable-length and
+paged KV cache), following the contract of ``bi_core.attention``.
+
+One kernel serves every form. A program owns a tile of ``block_m`` rows of one
+(sequence, KV head): the rows are (query, head of the GQA group) pairs, so a
+decode step with 4 query heads per KV head fills 4 rows per query. It walks
+the keys of its tile's range in blocks of ``BLOCK_N`` at absolute positions,
+folding each split of ``SPLIT`` keys into the row's result in split order
+(``SPREAD=False``), or computes one split and writes its partial result, which
+a second kernel folds in split order (``SPREAD=True``, split-KV for small
+batches). Both give the same bits; so do both tile configs of a head size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from bi_core import attention as contract
+from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
+
+__all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "paged_attention", "launch"]
+
+_NEG_INF = float("-inf")
+
+
+@triton.jit
+def _bcast(x, like):
+    return tl.broadcast_to(x, like.shape)
+
+
+@triton.jit
+def _exp2_fma(x, c, neg_m, PTX: tl.constexpr):
+    """2 ** fma(x, c, neg_m)."""
+    if PTX:
+        return tl.inline_asm_elementwise(contract_EXP2_FMA, "=r,r,r,r", [x, _bcast(c, x), _bcast(neg_m, x)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.math.exp2(x * c + neg_m)
+
+
+@triton.jit
+def _exp2_diff(a, b, PTX: tl.constexpr):
+    """2 ** (a - b)."""
+    if PTX:
+        return tl.inline_asm_elementwise(contract_EXP2_DIFF, "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.math.exp2(a - b)
+
+
+@triton.jit
+def _fma(a, b, c, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(contract_FMA, "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a * b + c
+
+
+@triton.jit
+def _mul(a, b, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(contract_MUL, "=r,r,r", [a, _bcast(b, a)], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _fold_term(a, sa, b, sb, PTX: tl.constexpr):
+    """a * sa + b * sb (contract FOLD_ASM)."""
+    if PTX:
+        return tl.inline_asm_elementwise(contract_FOLD, "=r,r,r,r,r", [a, sa, b, sb], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * sa + b * sb
+
+
+@triton.jit
+def _div(a, b, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(contract_DIV, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a / b
+
+
+# The PTX strings, as module globals the jitted helpers read as constants.
+contract_EXP2_FMA = tl.constexpr(contract.EXP2_FMA_ASM)
+contract_EXP2_DIFF = tl.constexpr(contract.EXP2_DIFF_ASM)
+contract_FMA = tl.constexpr(contract.FMA_ASM)
+contract_MUL = tl.constexpr(contract.MUL_ASM)
+contract_FOLD = tl.constexpr(contract.FOLD_ASM)
+contract_DIV = tl.constexpr(contract.DIV_ASM)
+
+
+@triton.jit
+def _fold(big_m, big_l, big_acc, m, l, acc, PTX: tl.constexpr):
+    """Fold a split's partial (m, l, acc) into the running result, in split order."""
+    new_m = tl.maximum(big_m, m)
+    base = tl.where(new_m == float("-inf"), 0.0, new_m)
+    a = _exp2_diff(big_m, base, PTX)
+    b = _exp2_diff(m, base, PTX)
+    big_l = _fold_term(big_l, a, l, b, PTX)
+    big_acc = _fold_term(big_acc, _bcast(a[:, None], big_acc), acc, _bcast(b[:, None], acc), PTX)
+    return new_m, big_l, big_acc
+
+
+@triton.jit
+def _finish(big_l, big_acc, PTX: tl.constexpr):
+    """ACC / L, correctly rounded; zeros for a row with no visible key."""
+    l2 = _bcast(big_l[:, None], big_acc)
+    safe = tl.where(l2 > 0.0, l2, 1.0)
+    return tl.where(l2 > 0.0, _div(big_acc, safe, PTX), 0.0)
+
+
+@triton.jit
+def _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed,
+              VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr):
+    """(first query token, query count, first key token, key count) of sequence s."""
+    if VARLEN_Q:
+        q0 = tl.load(CU_Q + s)
+        q_len = tl.load(CU_Q + s + 1) - q0
+    else:
+        q0 = s * 0
+        q_len = q_len_fixed + s * 0
+    if VARLEN_K:
+        k0 = tl.load(CU_K + s)
+        kv_len = tl.load(CU_K + s + 1) - k0
+    else:
+        k0 = s * 0
+        kv_len = kv_len_fixed + s * 0
+    if HAS_KV_LEN:
+        kv_len = tl.load(KV_LEN + s)
+    return q0, q_len, k0, kv_len
+
+
+@triton.jit
+def _rows(tile, q_len, kv_len, win_left, win_right, G: tl.constexpr, BLOCK_M: tl.constexpr,
+          BOTTOM_RIGHT: tl.constexpr):
+    """The tile's rows: query index, head in group, validity and visible key range."""
+    flat = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = flat // G
+    g = flat % G
+    valid = qi < q_len
+    if BOTTOM_RIGHT:
+        pos = kv_len - q_len + qi
+    else:
+        pos = qi
+    lo = tl.maximum(pos - win_left, 0)
+    hi = tl.minimum(pos + win_right, kv_len - 1)
+    lo = tl.where(valid, lo, 1)
+    hi = tl.where(valid, hi, 0)
+    return qi, g, valid, lo, hi
+
+
+@triton.jit
+def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_t, PAGED: tl.constexpr):
+    """Element offsets (int64) of the key rows at absolute positions ``kpos``."""
+    if PAGED:
+        page = tl.load(BT + s * bt_stride + kpos // page_size, mask=in_seq, other=0).to(tl.int64)
+        return page * stride_b + (kpos % page_size).to(tl.int64) * stride_t
+    else:
+        return s.to(tl.int64) * stride_b + (k0 + kpos).to(tl.int64) * stride_t
+
+
+@triton.jit
+def _attn_kernel(
+    Q, K, V, O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN, BT,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, bt_stride,
+    q_len_fixed, kv_len_fixed, qk_scale, win_left, win_right, page_size, ws_rows,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
+    PTX: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    sh = tl.program_id(1)
+    s = sh // HKV
+    hkv = sh % HKV
+    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN)
+    if tile * BLOCK_M >= q_len * G:
+        return
+    qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
+    k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
+    k_hi = tl.max(tl.where(valid, hi, -1), 0)
+    blk_lo = k_lo // BLOCK_N
+    blk_hi = k_hi // BLOCK_N
+    if SPREAD:
+        split = tl.program_id(2)
+        blk_lo = tl.maximum(blk_lo, split * BPS)
+        blk_hi = tl.minimum(blk_hi, split * BPS + BPS - 1)
+        if (blk_lo > blk_hi) | (k_lo > k_hi):
+            return
+    d = tl.arange(0, D)
+    h = hkv * G + g
+    q_off = s.to(tl.int64) * sqb + (q0 + qi).to(tl.int64) * sqt + h.to(tl.int64) * sqh
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+
+    big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    big_l = tl.zeros([BLOCK_M], tl.float32)
+    big_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    for blk in range(blk_lo, blk_hi + 1):
+        kpos = blk * BLOCK_N + cols
+        in_seq = kpos < kv_len
+        k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
+        v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
+        k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+        v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
+        else:
+            qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+        seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+        qk = tl.where(seen, qk, float("-inf"))
+        new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
+        base = tl.where(new_m == float("-inf"), 0.0, new_m)
+        p = _exp2_fma(qk, qk_scale, -base[:, None], PTX)
+        alpha = _exp2_diff(m, base, PTX)
+        l = _fma(l, alpha, tl.sum(p, 1), PTX)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        m = new_m
+        if not SPREAD:
+            if ((blk + 1) % BPS == 0) | (blk == blk_hi):
+                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if SPREAD:
+        row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        base_row = split.to(tl.int64) * (tl.num_programs(1) * ws_rows)
+        tl.store(WS_M + base_row + row, m, mask=valid)
+        tl.store(WS_L + base_row + row, l, mask=valid)
+        tl.store(WS_ACC + (base_row + row)[:, None] * D + d[None, :], acc, mask=valid[:, None])
+    else:
+        out = _finish(big_l, big_acc, PTX)
+        o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
+        tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _merge_kernel(
+    O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN,
+    sob, sot, soh, q_len_fixed, kv_len_fixed, win_left, win_right, ws_rows,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, PTX: tl.constexpr,
+):
+    """Fold the splits' partials of one tile in split order, then the output."""
+    tile = tl.program_id(0)
+    sh = tl.program_id(1)
+    s = sh // HKV
+    hkv = sh % HKV
+    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN)
+    if tile * BLOCK_M >= q_len * G:
+        return
+    qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
+    k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
+    k_hi = tl.max(tl.where(valid, hi, -1), 0)
+    d = tl.arange(0, D)
+    row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    plane = (tl.num_programs(1) * ws_rows).to(tl.int64)
+    big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    big_l = tl.zeros([BLOCK_M], tl.float32)
+    big_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if k_lo <= k_hi:
+        for split in range(k_lo // (BLOCK_N * BPS), k_hi // (BLOCK_N * BPS) + 1):
+            base_row = plane * split
+            m = tl.load(WS_M + base_row + row, mask=valid, other=float("-inf"))
+            l = tl.load(WS_L + base_row + row, mask=valid, other=0.0)
+            acc = tl.load(WS_ACC + (base_row + row)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+            big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+    out = _finish(big_l, big_acc, PTX)
+    h = hkv * G + g
+    o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
+    tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
+
+
+# --- launch ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_limit(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return contract.SPREAD_BELOW_PROGRAMS
+
+
+def _empty_i32(device):
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def launch(
+    q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
+    q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
+    max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
+):
+    """The kernels over every (tile, sequence x KV head[, split]); the one
+    entry point under the public functions, and for tests and probes that
+    need a given tile config (``config``) or split strategy (``split_kv``).
+    Any config and either strategy give the same bits.
+
+    Strides are element strides (batch or page, token or slot, head) of the
+    4-D views ``(B, L, H, D)``; the last dimension must be contiguous."""
+    d = q.shape[-1]
+    cfg = config or contract.tile_config(d, max_q_len * group)
+    tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
+    splits = contract.num_splits(max_kv_len)
+    programs = tiles * batch * hkv
+    spread = contract.spread_splits(programs, max_kv_len, _programs_limit(q.device)) if split_kv is None else (
+        bool(split_kv) and splits > 1)
+    left, right = window
+    dev = q.device
+    ws_rows = tiles * cfg.block_m
+    if spread:
+        ws_m = torch.empty((splits, batch * hkv, ws_rows), dtype=torch.float32, device=dev)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty((splits, batch * hkv, ws_rows, d), dtype=torch.float32, device=dev)
+    else:
+        ws_m = ws_l = ws_acc = torch.empty(1, dtype=torch.float32, device=dev)
+    dummy = _empty_i32(dev)
+    common = dict(
+        HKV=hkv, G=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=contract.BLOCK_N, BPS=contract.BLOCKS_PER_SPLIT,
+        VARLEN_Q=cu_q is not None, VARLEN_K=cu_k is not None, HAS_KV_LEN=kv_lens is not None,
+        BOTTOM_RIGHT=bottom_right, PTX=not interpreting(),
+    )
+    _attn_kernel[(tiles, batch * hkv, splits if spread else 1)](
+        q, k, v, out, ws_acc, ws_m, ws_l,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+        kv_lens if kv_lens is not None else dummy, block_table if block_table is not None else dummy,
+        *q_strides, *k_strides, *v_strides, *o_strides,
+        block_table.stride(0) if block_table is not None else 0,
+        q_len, kv_len, scale_log2, left, right, page_size, ws_rows,
+        PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    if spread:
+        _merge_kernel[(tiles, batch * hkv)](
+            out, ws_acc, ws_m, ws_l,
+            cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+            kv_lens if kv_lens is not None else dummy,
+            *o_strides, q_len, kv_len, left, right, ws_rows,
+            num_warps=4, **common,
+        )
+    return out
+
+
+# --- checks --------------------------------------------------------------------
+
+
+def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
+    for name, t in zip(names, (q, k, v)):
+        check_float_tensor(name, t)
+    if q.ndim != q_dims:
+        raise ValueError(f"{op}: {names[0]} must have {q_dims} dimensions, got shape {tuple(q.shape)}")
+    for name, t in zip(names[1:], (k, v)):
+        if t.ndim != kv_dims:
+            raise ValueError(f"{op}: {name} must have {kv_dims} dimensions, got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: {names[0]}, {names[1]} and {names[2]} must have one dtype, got "
+                        f"{q.dtype}, {k.dtype} and {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: {names[1]} and {names[2]} must have the same shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t in zip(names[1:], (k, v)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: {names[0]} is on {q.device} but {name} is on {t.device}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{op}: head dims differ: {names[0]} has {d}, {names[1]} and {names[2]} have {k.shape[-1]}")
+    contract.check_head_dim(d)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
+    check_launchable(op, q)
+    check_no_autograd(op, q, k, v)
+    return hq // hkv
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _index_tensor(op, name, t, ndim, device, length=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor of int32, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: {name} must be an int32 tensor, got {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have {length} entries, got {t.shape[0]}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {device}")
+    return t.to(torch.int32).contiguous()
+
+
+def _host_sync_ok() -> bool:
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_cu(op, name, cu, total):
+    """cu_seqlens: starts at 0, non-decreasing, ends at the token count (one host read)."""
+    host = cu.cpu()
+    if int(host[0]) != 0 or int(host[-1]) != total or bool((host[1:] < host[:-1]).any()):
+        raise ValueError(f"{op}: {name} must start at 0, not decrease and end at {total} (the packed token "
+                         f"count), got {host.tolist() if host.numel() <= 16 else '...'}")
+    return int((host[1:] - host[:-1]).max()) if host.numel() > 1 else 0
+
+
+# --- public API -------------------------------------------------------------------
+
+
+def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None):
+    """(B, Lq, Hq, D) x (B, Lk, Hkv, D) -> (B, Lq, Hq, D)."""
+    group = _check_qkv(op, q, k, v, 4, 4)
+    b, lq, hq, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"{op}: batch sizes differ: q has {b}, k and v have {k.shape[0]}")
+    lk, hkv = k.shape[1], k.shape[2]
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device)
+    if b == 0 or lq == 0:
+        return out
+    kv_lens = None
+    if kv_lengths is not None:
+        kv_lens = _index_tensor(op, "kv_lengths", kv_lengths, 1, q.device, b)
+        if _host_sync_ok() and bool(((kv_lens < 0) | (kv_lens > lk)).any()):
+            raise ValueError(f"{op}: kv_lengths must lie in [0, {lk}]")
+    if q_lengths is not None:
+        raise NotImplementedError(f"{op}: q_lengths is not supported here")
+    if lk == 0 and kv_lens is None:
+        return out.zero_()
+    launch(
+        q, k, v, out, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), o_strides=_strides(out),
+        batch=b, hkv=hkv, group=group, q_len=lq, kv_len=lk, kv_lens=kv_lens, max_q_len=lq, max_kv_len=lk,
+        scale_log2=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+        bottom_right=bottom_right, split_kv=split_kv,
+    )
+    return out
+
+
+def _strides(t):
+    """(batch, token, head) element strides of a (B, L, H, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None, window=None,
+              kv_lengths=None, split_kv: bool | None = None):
+    """Batch-invariant attention over ``(batch, seq, heads, head_dim)`` tensors
+    (flash-attn's ``flash_attn_func`` layout and semantics).
+
+    Args:
+        q: ``(B, Lq, Hq, D)``; k, v: ``(B, Lk, Hkv, D)``, ``Hq`` a multiple of
+            ``Hkv`` (GQA, MQA). D is 64, 128 or 256; dtypes float16, bfloat16
+            or float32 (fp32 products in IEEE fp32, slow).
+        causal: query ``i`` sits at position ``Lk - Lq + i`` (aligned to the
+            end of the keys, as in flash-attn and a KV cache) and sees keys up
+            to its position.
+        scale: the score scale, ``1/sqrt(D)`` by default.
+        window: None, an int ``w`` (``(w, w)``) or ``(left, right)``: a query at
+            position ``p`` sees keys ``p - left .. p + right`` (-1: unbounded).
+        kv_lengths: optional int32 ``(B,)``: sequence b has its first
+            ``kv_lengths[b]`` keys (the rest are padding), queries aligned to
+            that length.
+        split_kv: spread each query's keys over programs in fixed splits of
+            ``bi_core.attention.SPLIT`` keys (True), walk them in one program
+            (False), or choose by the grid's size (None). Same bits.
+
+    Softmax statistics are fp32 and the output is rounded once; a query row
+    that sees no key gives zeros. A row's bits depend only on that query and
+    the keys and values it attends to (``bi_core.attention``).
+    """
+    return _dense("attention", q, k, v, causal=causal, scale=scale, window=window, bottom_right=True,
+                  split_kv=split_kv, kv_lengths=kv_lengths)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False):
+    """Batch-invariant ``torch.nn.functional.scaled_dot_product_attention`` for
+    ``(B, H, L, E)`` tensors: ``is_causal`` masks as torch does (query ``i``
+    sees keys ``0..i``, aligned at the start), ``enable_gqa`` lets ``Hq`` be a
+    multiple of ``Hkv``.
+
+    Not supported (refused, never approximated): ``attn_mask`` (use
+    ``is_causal`` or :func:`attention`'s ``window`` and ``kv_lengths``),
+    ``dropout_p > 0``, and inputs that are not 4-D.
+    """
+    op = "scaled_dot_product_attention"
+    if attn_mask is not None:
+        raise NotImplementedError(f"{op}: attn_mask is not supported; use is_causal, or bi_torch.attention's "
+                                  "window and kv_lengths for sliding windows and padding")
+    if dropout_p:
+        raise NotImplementedError(f"{op}: dropout_p={dropout_p} is not supported (inference only)")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_float_tensor(name, t)
+        if t.ndim != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"{op}: query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True "
+                         "for grouped-query attention")
+    out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
+                 scale=scale, window=None, bottom_right=False, split_kv=None)
+    return out.transpose(1, 2)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, *, causal: bool = False, scale: float | None = None,
+                     window=None, split_kv: bool | None = None):
+    """Batch-invariant attention over packed sequences (flash-attn's
+    ``flash_attn_varlen_func``): q ``(total_q, Hq, D)``, k and v
+    ``(total_k, Hkv, D)``; sequence b owns query tokens
+    ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and key tokens likewise. Causal
+    queries are aligned to the end of their sequence's keys. ``max_seqlen_*``
+    (host ints) avoid reading the lengths back from the device; without them
+    the offsets are read (and checked) once.
+    """
+    op = "varlen_attention"
+    group = _check_qkv(op, q, k, v, 3, 3)
+    total_q, hq, d = q.shape
+    total_k, hkv = k.shape[0], k.shape[1]
+    cu_q = _index_tensor(op, "cu_seqlens_q", cu_seqlens_q, 1, q.device)
+    cu_k = _index_tensor(op, "cu_seqlens_k", cu_seqlens_k, 1, q.device)
+    if cu_q.shape[0] != cu_k.shape[0] or cu_q.shape[0] < 1:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
+                         f"{cu_q.shape[0]} and {cu_k.shape[0]}")
+    batch = cu_q.shape[0] - 1
+    if max_seqlen_q is None or _host_sync_ok():
+        mq = _check_cu(op, "cu_seqlens_q", cu_q, total_q)
+        mk = _check_cu(op, "cu_seqlens_k", cu_k, total_k)
+        if max_seqlen_q is not None and max_seqlen_q < mq or max_seqlen_k is not None and max_seqlen_k < mk:
+            raise ValueError(f"{op}: max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the "
+                             f"longest sequences ({mq}, {mk})")
+        max_seqlen_q = mq if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = mk if max_seqlen_k is None else max_seqlen_k
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if batch == 0 or total_q == 0:
+        return out
+    launch(
+        q, k, v, out, q_strides=(0, q.stride(0), q.stride(1)), k_strides=(0, k.stride(0), k.stride(1)),
+        v_strides=(0, v.stride(0), v.stride(1)), o_strides=(0, out.stride(0), out.stride(1)),
+        batch=batch, hkv=hkv, group=group, q_len=0, kv_len=0, cu_q=cu_q, cu_k=cu_k,
+        max_q_len=int(max_seqlen_q), max_kv_len=max(int(max_seqlen_k or 0), 1),
+        scale_log2=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+        bottom_right=True, split_kv=split_kv,
+    )
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
+                    max_seqlen_q: int | None = None, k_new=None, v_new=None, causal: bool = True,
+                    scale: float | None = None, window=None, split_kv: bool | None = None,
+                    validate: bool = True):
+    """Batch-invariant attention of new queries against a paged KV cache
+    (flash-attn's ``flash_attn_with_kvcache``): decode, chunked prefill and
+    speculative verification, mixed in one launch.
+
+    Args:
+        q: ``(B, Lq, Hq, D)``, or ``(total_q, Hq, D)`` packed with
+            ``cu_seqlens_q`` (``B + 1`` int32 offsets) for a different number
+            of new queries per sequence.
+        k_cache, v_cache: ``(num_pages, page_size, Hkv, D)``; any page size.
+        block_table: int32 ``(B, pages_per_seq)``: the pages of sequence b, in
+            key order (any page order in the cache).
+        cache_seqlens: int32 ``(B,)``: keys already in the cache.
+        k_new, v_new: optional, laid out as q with Hkv heads: the new queries'
+            keys and values, written into the cache (in place) at positions
+            ``cache_seqlens[b] ..`` before attending. Without them the cache
+            must already hold the queries' keys (``cache_seqlens`` counts them).
+        causal: the new queries are the last positions of their sequence and
+            see keys up to their own (default True).
+        validate: check the lengths and the block table's used entries on the
+            host (one device read); must be False during CUDA graph capture.
+
+    Returns the output, laid out as q.
+    """
+    op = "paged_attention"
+    packed = q.ndim == 3 if isinstance(q, torch.Tensor) else False
+    group = _check_qkv(op, q, k_cache, v_cache, 3 if packed else 4, 4, ("q", "k_cache", "v_cache"))
+    d = q.shape[-1]
+    num_pages, page_size, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in its last dimension (it is written in place)")
+    if page_size < 1:
+        raise ValueError(f"{op}: the cache's page size must be positive, got {page_size}")
+    if packed:
+        if cu_seqlens_q is None:
+            raise ValueError(f"{op}: a 3-D q (total_q, Hq, D) needs cu_seqlens_q; pass q as (B, Lq, Hq, D) otherwise")
+        cu_q = _index_tensor(op, "cu_seqlens_q", cu_seqlens_q, 1, q.device)
+        batch = cu_q.shape[0] - 1
+        if batch < 0:
+            raise ValueError(f"{op}: cu_seqlens_q must have batch + 1 entries")
+    else:
+        if cu_seqlens_q is not None:
+            raise ValueError(f"{op}: cu_seqlens_q is for a packed 3-D q; q has shape {tuple(q.shape)}")
+        cu_q = None
+        batch = q.shape[0]
+    bt = _index_tensor(op, "block_table", block_table, 2, q.device, batch)
+    lens = _index_tensor(op, "cache_seqlens", cache_seqlens, 1, q.device, batch)
+    total_q = q.shape[0] if packed else batch * q.shape[1]
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: pass both k_new and v_new, or neither")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            check_float_tensor(name, t)
+            want = q.shape[:-2] + (hkv, d)
+            if tuple(t.shape) != tuple(want):
+                raise ValueError(f"{op}: {name} must have shape {tuple(want)} (q's layout with the cache's "
+                                 f"{hkv} heads), got {tuple(t.shape)}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{op}: {name} must match q's dtype and device ({q.dtype}, {q.device})")
+    if validate:
+        if not _host_sync_ok():
+            raise RuntimeError(f"{op}: validate=True reads the lengths on the host, which a CUDA graph capture "
+                               "forbids; pass validate=False (and max_seqlen_q for a packed q)")
+        if packed:
+            max_seqlen_q = _check_cu(op, "cu_seqlens_q", cu_q, total_q)
+        q_lens = (cu_q[1:] - cu_q[:-1]) if packed else torch.full_like(lens, q.shape[1])
+        kv_lens_now = lens + q_lens if k_new is not None else lens
+        capacity = bt.shape[1] * page_size
+        if bool((lens < 0).any()) or bool((kv_lens_now > capacity).any()):
+            raise ValueError(f"{op}: cache lengths must lie in [0, {capacity}] (block table width x page size), "
+                             f"new keys included; got {kv_lens_now.tolist() if batch <= 16 else 'more'}")
+        if bool((kv_lens_now < q_lens).any()):
+            raise ValueError(f"{op}: every sequence needs at least as many keys as new queries "
+                             "(cache_seqlens counts the queries' own keys when k_new is not given)")
+        used = torch.arange(bt.shape[1], device=q.device)[None, :] < ((kv_lens_now + page_size - 1) // page_size)[:, None]
+        bad = used & ((bt < 0) | (bt >= num_pages))
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{op}: block_table[{row}, {col}] = {int(bt[row, col])} is not a page of the cache "
+                             f"(0..{num_pages - 1})")
+        max_kv = int(kv_lens_now.max()) if batch else 0
+    else:
+        if packed and max_seqlen_q is None:
+            raise ValueError(f"{op}: validate=False with a packed q needs max_seqlen_q")
+        max_kv = bt.shape[1] * page_size
+    if packed:
+        max_q = int(max_seqlen_q)
+    else:
+        max_q = q.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if total_q == 0 or batch == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    if k_new is not None:
+        _write_cache(k_cache, v_cache, bt, lens, k_new, v_new, cu_q, page_size, batch, total_q)
+        kv_lens = lens + ((cu_q[1:] - cu_q[:-1]) if packed else q.shape[1])
+    else:
+        kv_lens = lens
+    kv_lens = kv_lens.to(torch.int32).contiguous()
+    if packed:
+        q_strides, o_strides = (0, q.stride(0), q.stride(1)), (0, out.stride(0), out.stride(1))
+    else:
+        q_strides, o_strides = _strides(q), _strides(out)
+    launch(
+        q, k_cache, v_cache, out, q_strides=q_strides, k_strides=_strides(k_cache), v_strides=_strides(v_cache),
+        o_strides=o_strides, batch=batch, hkv=hkv, group=group, q_len=max_q, kv_len=0, cu_q=cu_q,
+        kv_lens=kv_lens, block_table=bt, page_size=page_size, max_q_len=max_q, max_kv_len=max(max_kv, 1),
+        scale_log2=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+        bottom_right=True, split_kv=split_kv,
+    )
+    return out
+
+
+def _write_cache(k_cache, v_cache, bt, lens, k_new, v_new, cu_q, page_size, batch, total_q):
+    """Scatter the new keys and values to their pages (a copy: no arithmetic)."""
+    dev = k_cache.device
+    if cu_q is None:
+        lq = k_new.shape[1]
+        seq = torch.arange(batch, device=dev).repeat_interleave(lq)
+        idx = torch.arange(lq, device=dev).repeat(batch)
+        kn, vn = k_new.reshape(total_q, *k_new.shape[2:]), v_new.reshape(total_q, *v_new.shape[2:])
+    else:
+        counts = (cu_q[1:] - cu_q[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(batch, device=dev), counts, output_size=total_q)
+        idx = torch.arange(total_q, device=dev) - cu_q[:-1].long()[seq]
+        kn, vn = k_new, v_new
+    pos = lens.long()[seq] + idx
+    page = bt.long()[seq, pos // page_size]
+    slot = pos % page_size
+    k_cache[page, slot] = kn
+    v_cache[page, slot] = vn
