@@ -167,6 +167,35 @@ def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_
 
 
 @triton.jit
+def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+           IEEE: tl.constexpr, PTX: tl.constexpr):
+    """One block of keys folded into a split's running (m, l, acc)."""
+    kpos = blk * BLOCK_N + cols
+    in_seq = kpos < kv_len
+    k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
+    v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
+    k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+    v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
+    else:
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+    qk = tl.where(seen, qk, float("-inf"))
+    new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
+    base = tl.where(new_m == float("-inf"), 0.0, new_m)
+    p = _exp2_fma(qk, qk_scale, -base[:, None], PTX)
+    alpha = _exp2_diff(m, base, PTX)
+    l = _fma(l, alpha, tl.sum(p, 1), PTX)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+    return new_m, l, acc
+
+
+@triton.jit
 def _attn_kernel(
     Q, K, V, O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN, BT,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, bt_stride,
@@ -174,7 +203,7 @@ def _attn_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
-    PTX: tl.constexpr,
+    PTX: tl.constexpr, MODE: tl.constexpr = 0,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -206,35 +235,36 @@ def _attn_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for blk in range(blk_lo, blk_hi + 1):
-        kpos = blk * BLOCK_N + cols
-        in_seq = kpos < kv_len
-        k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
-        v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
-        k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
-        v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
-        else:
-            qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-        seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-        qk = tl.where(seen, qk, float("-inf"))
-        new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
-        base = tl.where(new_m == float("-inf"), 0.0, new_m)
-        p = _exp2_fma(qk, qk_scale, -base[:, None], PTX)
-        alpha = _exp2_diff(m, base, PTX)
-        l = _fma(l, alpha, tl.sum(p, 1), PTX)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-        m = new_m
-        if not SPREAD:
-            if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if MODE == 1:
+        # Splits, then the blocks of each split: the fold between them.
+        for split in range(blk_lo // BPS, blk_hi // BPS + 1):
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            for blk in range(tl.maximum(blk_lo, split * BPS), tl.minimum(blk_hi, split * BPS + BPS - 1) + 1):
+                m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+                                   skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
+            big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+    else:
+        for blk in range(blk_lo, blk_hi + 1):
+            m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+                               skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
+            if not SPREAD:
+                if MODE == 0:
+                    if ((blk + 1) % BPS == 0) | (blk == blk_hi):
+                        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                        l = tl.zeros([BLOCK_M], tl.float32)
+                        acc = tl.zeros([BLOCK_M, D], tl.float32)
+                else:
+                    end = ((blk + 1) % BPS == 0) | (blk == blk_hi)
+                    f_m, f_l, f_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                    big_m = tl.where(end, f_m, big_m)
+                    big_l = tl.where(end, f_l, big_l)
+                    big_acc = tl.where(end, f_acc, big_acc)
+                    m = tl.where(end, float("-inf"), m)
+                    l = tl.where(end, 0.0, l)
+                    acc = tl.where(end, 0.0, acc)
     if SPREAD:
         row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         base_row = split.to(tl.int64) * (tl.num_programs(1) * ws_rows)
@@ -253,7 +283,7 @@ def _merge_kernel(
     sob, sot, soh, q_len_fixed, kv_len_fixed, win_left, win_right, ws_rows,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, PTX: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, PTX: tl.constexpr, MERGE_STAGES: tl.constexpr = 4,
 ):
     """Fold the splits' partials of one tile in split order, then the output."""
     tile = tl.program_id(0)
@@ -272,13 +302,13 @@ def _merge_kernel(
     big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     big_l = tl.zeros([BLOCK_M], tl.float32)
     big_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if k_lo <= k_hi:
-        for split in range(k_lo // (BLOCK_N * BPS), k_hi // (BLOCK_N * BPS) + 1):
-            base_row = plane * split
-            m = tl.load(WS_M + base_row + row, mask=valid, other=float("-inf"))
-            l = tl.load(WS_L + base_row + row, mask=valid, other=0.0)
-            acc = tl.load(WS_ACC + (base_row + row)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-            big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+    # No visible key: k_lo > k_hi and the range is empty.
+    for split in tl.range(k_lo // (BLOCK_N * BPS), k_hi // (BLOCK_N * BPS) + 1, num_stages=MERGE_STAGES):
+        base_row = plane * split
+        m = tl.load(WS_M + base_row + row, mask=valid, other=float("-inf"))
+        l = tl.load(WS_L + base_row + row, mask=valid, other=0.0)
+        acc = tl.load(WS_ACC + (base_row + row)[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
     out = _finish(big_l, big_acc, PTX)
     h = hkv * G + g
     o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
@@ -307,6 +337,7 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
+    block_n=None, split_keys=None, mode=0, merge_stages=4,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -318,10 +349,14 @@ def launch(
     d = q.shape[-1]
     cfg = config or contract.tile_config(d, max_q_len * group)
     tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
-    splits = contract.num_splits(max_kv_len)
+    block_n = block_n or contract.BLOCK_N
+    split_keys = split_keys or contract.SPLIT
+    splits = -(-max_kv_len // split_keys)
     programs = tiles * batch * hkv
-    spread = contract.spread_splits(programs, max_kv_len, _programs_limit(q.device)) if split_kv is None else (
-        bool(split_kv) and splits > 1)
+    if split_kv is None:
+        spread = splits > 1 and programs < _programs_limit(q.device)
+    else:
+        spread = bool(split_kv) and splits > 1
     left, right = window
     dev = q.device
     ws_rows = tiles * cfg.block_m
@@ -333,7 +368,7 @@ def launch(
         ws_m = ws_l = ws_acc = torch.empty(1, dtype=torch.float32, device=dev)
     dummy = _empty_i32(dev)
     common = dict(
-        HKV=hkv, G=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=contract.BLOCK_N, BPS=contract.BLOCKS_PER_SPLIT,
+        HKV=hkv, G=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BPS=split_keys // block_n,
         VARLEN_Q=cu_q is not None, VARLEN_K=cu_k is not None, HAS_KV_LEN=kv_lens is not None,
         BOTTOM_RIGHT=bottom_right, PTX=not interpreting(),
     )
@@ -345,7 +380,7 @@ def launch(
         block_table.stride(0) if block_table is not None else 0,
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, MODE=mode, **common,
     )
     if spread:
         _merge_kernel[(tiles, batch * hkv)](
@@ -353,7 +388,7 @@ def launch(
             cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
             kv_lens if kv_lens is not None else dummy,
             *o_strides, q_len, kv_len, left, right, ws_rows,
-            num_warps=4, **common,
+            num_warps=4, MERGE_STAGES=merge_stages, **common,
         )
     return out
 
