@@ -1,0 +1,575 @@
+"""Attention for JAX: Pallas kernels (Triton backend) and launchers for the
+dense, packed variable-length and paged-KV-cache forms.
+
+The kernels are the program that ``bi_torch/ops/attention.py`` runs, step for
+step (the contract of ``bi_core.attention``: blocks and splits at absolute
+key positions, the online softmax within a split, the splits folded in
+order, PTX for every step a compiler could reorder), so that the two
+frameworks give the same bits. Pallas's Triton backend computes offsets in
+int32: each array may hold at most 2**31 - 1 elements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from bi_core import attention as contract
+from bi_jax._checks import check_float_array, forward_only, interpret_mode
+from bi_jax.ops.matmul import _tile_dot
+
+__all__ = ["attention", "dot_product_attention", "varlen_attention", "paged_attention", "launch"]
+
+_NEG_INF = float("-inf")
+_MAX_ELEMENTS = 2**31 - 1
+
+
+def _asm(asm, *args):
+    shape = args[0].shape
+    args = [jnp.broadcast_to(a, shape).astype(jnp.float32) for a in args]
+    return pltriton.elementwise_inline_asm(
+        asm, args=args, constraints="=r," + ",".join("r" for _ in args), pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
+    )[0]
+
+
+def _exp2_fma(x, c, neg_m, ptx):
+    return _asm(contract.EXP2_FMA_ASM, x, c, neg_m) if ptx else jnp.exp2(x * c + neg_m)
+
+
+def _exp2_diff(a, b, ptx):
+    return _asm(contract.EXP2_DIFF_ASM, a, b) if ptx else jnp.exp2(a - b)
+
+
+def _fma(a, b, c, ptx):
+    return _asm(contract.FMA_ASM, a, b, c) if ptx else a * b + c
+
+
+def _mul(a, b, ptx):
+    return _asm(contract.MUL_ASM, a, b) if ptx else a * b
+
+
+def _fold_term(a, sa, b, sb, ptx):
+    return _asm(contract.FOLD_ASM, a, sa, b, sb) if ptx else a * sa + b * sb
+
+
+def _div(a, b, ptx):
+    return _asm(contract.DIV_ASM, a, b) if ptx else a / b
+
+
+def _fold(big, part, ptx):
+    """Fold a split's partial (m, l, acc) into the running result (split order)."""
+    big_m, big_l, big_acc = big
+    m, l, acc = part
+    new_m = jnp.maximum(big_m, m)
+    base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
+    a = _exp2_diff(big_m, base, ptx)
+    b = _exp2_diff(m, base, ptx)
+    big_l = _fold_term(big_l, a, l, b, ptx)
+    big_acc = _fold_term(big_acc, jnp.broadcast_to(a[:, None], big_acc.shape), acc,
+                         jnp.broadcast_to(b[:, None], acc.shape), ptx)
+    return new_m, big_l, big_acc
+
+
+def _finish(big_l, big_acc, ptx):
+    l2 = jnp.broadcast_to(big_l[:, None], big_acc.shape)
+    safe = jnp.where(l2 > 0.0, l2, 1.0)
+    return jnp.where(l2 > 0.0, _div(big_acc, safe, ptx), 0.0)
+
+
+def _empty(bm, d):
+    return (jnp.full((bm,), _NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32),
+            jnp.zeros((bm, d), jnp.float32))
+
+
+def _scalar(ref, i):
+    return pltriton.load(ref.at[pl.ds(i, 1)])[0]
+
+
+def _seq_info(s, cu_q_ref, cu_k_ref, kv_len_ref, st):
+    if st["varlen_q"]:
+        q0 = _scalar(cu_q_ref, s)
+        q_len = _scalar(cu_q_ref, s + 1) - q0
+    else:
+        q0, q_len = jnp.int32(0), jnp.int32(st["q_len"])
+    if st["varlen_k"]:
+        k0 = _scalar(cu_k_ref, s)
+        kv_len = _scalar(cu_k_ref, s + 1) - k0
+    else:
+        k0, kv_len = jnp.int32(0), jnp.int32(st["kv_len"])
+    if st["has_kv_len"]:
+        kv_len = _scalar(kv_len_ref, s)
+    return q0, q_len, k0, kv_len
+
+
+def _rows(tile, q_len, kv_len, st):
+    bm, g = st["block_m"], st["group"]
+    flat = tile * bm + jnp.arange(bm, dtype=jnp.int32)
+    qi = flat // g
+    gi = flat % g
+    valid = qi < q_len
+    pos = kv_len - q_len + qi if st["bottom_right"] else qi
+    lo = jnp.maximum(pos - st["left"], 0)
+    hi = jnp.minimum(pos + st["right"], kv_len - 1)
+    return qi, gi, valid, jnp.where(valid, lo, 1), jnp.where(valid, hi, 0)
+
+
+def _kv_offsets(kpos, in_seq, s, k0, bt_ref, strides, st):
+    sb, stt = strides
+    if st["paged"]:
+        page = pltriton.load(bt_ref.at[s * st["bt_stride"] + kpos // st["page_size"]], mask=in_seq, other=0)
+        return page * sb + (kpos % st["page_size"]) * stt
+    return s * sb + (k0 + kpos) * stt
+
+
+def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, st):
+    """One block of keys folded into a split's running (m, l, acc)."""
+    m, l, acc = carry
+    bn, d, ptx = st["block_n"], st["head_dim"], st["ptx"]
+    kpos = blk * bn + jnp.arange(bn, dtype=jnp.int32)
+    in_seq = kpos < kv_len
+    cols = jnp.arange(d, dtype=jnp.int32)
+    k_off = _kv_offsets(kpos, in_seq, s, k0, bt_ref, st["k_strides"][:2], st) + hk * st["k_strides"][2]
+    v_off = _kv_offsets(kpos, in_seq, s, k0, bt_ref, st["v_strides"][:2], st) + hk * st["v_strides"][2]
+    kmask = jnp.broadcast_to(in_seq[:, None], (bn, d))
+    k = pltriton.load(k_ref.at[k_off[:, None] + cols[None, :]], mask=kmask, other=0.0)
+    v = pltriton.load(v_ref.at[v_off[:, None] + cols[None, :]], mask=kmask, other=0.0)
+    precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
+    qk = _tile_dot(q, k.T, precision, interpreted=not ptx)
+    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+    qk = jnp.where(seen, qk, _NEG_INF)
+    new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
+    base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
+    p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx)
+    alpha = _exp2_diff(m, base, ptx)
+    l = _fma(l, alpha, jnp.sum(p, axis=1), ptx)
+    acc = acc * alpha[:, None] + _tile_dot(p.astype(v.dtype), v, precision, interpreted=not ptx)
+    return new_m, l, acc
+
+
+def _tile_range(valid, lo, hi):
+    k_lo = jnp.min(jnp.where(valid, lo, 1 << 30))
+    k_hi = jnp.max(jnp.where(valid, hi, -1))
+    return k_lo, k_hi
+
+
+def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, *out_refs, st):
+    bm, bn, bps, d, g, ptx = st["block_m"], st["block_n"], st["bps"], st["head_dim"], st["group"], st["ptx"]
+    tile, sh = pl.program_id(0), pl.program_id(1)
+    s, hk = sh // st["hkv"], sh % st["hkv"]
+    q0, q_len, k0, kv_len = _seq_info(s, cu_q_ref, cu_k_ref, kv_len_ref, st)
+    qi, gi, valid, lo, hi = _rows(tile, q_len, kv_len, st)
+    k_lo, k_hi = _tile_range(valid, lo, hi)
+    blk_lo, blk_hi = k_lo // bn, k_hi // bn
+    if st["spread"]:
+        split = pl.program_id(2)
+        blk_lo = jnp.maximum(blk_lo, split * bps)
+        blk_hi = jnp.minimum(blk_hi, split * bps + bps - 1)
+    live = (tile * bm < q_len * g) & (k_lo <= k_hi) & (blk_lo <= blk_hi) if st["spread"] else tile * bm < q_len * g
+    cols = jnp.arange(d, dtype=jnp.int32)
+    h = hk * g + gi
+    qs = st["q_strides"]
+    rmask = jnp.broadcast_to(valid[:, None], (bm, d))
+
+    @pl.when(live)
+    def _():
+        q_off = s * qs[0] + (q0 + qi) * qs[1] + h * qs[2]
+        q = pltriton.load(q_ref.at[q_off[:, None] + cols[None, :]], mask=rmask, other=0.0)
+        blk_args = (s, k0, hk, kv_len, lo, hi, st)
+
+        def split_body(split, big):
+            def body(blk, carry):
+                return _block(q, k_ref, v_ref, bt_ref, carry, blk, *blk_args)
+
+            part = lax.fori_loop(jnp.maximum(blk_lo, split * bps), jnp.minimum(blk_hi, split * bps + bps - 1) + 1,
+                                 body, _empty(bm, d))
+            return (*_fold(big[:3], part, ptx), *part)
+
+        state = lax.fori_loop(blk_lo // bps, blk_hi // bps + 1, split_body, _empty(bm, d) + _empty(bm, d))
+        if st["spread"]:
+            ws_m_ref, ws_l_ref, ws_acc_ref = out_refs
+            m, l, acc = state[3:]
+            row = (split * (pl.num_programs(1) * st["ws_rows"]) + sh * st["ws_rows"] + tile * bm
+                   + jnp.arange(bm, dtype=jnp.int32))
+            pltriton.store(ws_m_ref.at[row], m, mask=valid)
+            pltriton.store(ws_l_ref.at[row], l, mask=valid)
+            pltriton.store(ws_acc_ref.at[row[:, None] * d + cols[None, :]], acc, mask=rmask)
+        else:
+            (o_ref,) = out_refs
+            out = _finish(state[1], state[2], ptx)
+            os_ = st["o_strides"]
+            o_off = s * os_[0] + (q0 + qi) * os_[1] + h * os_[2]
+            pltriton.store(o_ref.at[o_off[:, None] + cols[None, :]], out.astype(o_ref.dtype), mask=rmask)
+
+
+def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref, o_ref, *, st):
+    bm, d, g, ptx = st["block_m"], st["head_dim"], st["group"], st["ptx"]
+    tile, sh = pl.program_id(0), pl.program_id(1)
+    s, hk = sh // st["hkv"], sh % st["hkv"]
+    q0, q_len, k0, kv_len = _seq_info(s, cu_q_ref, cu_k_ref, kv_len_ref, st)
+    qi, gi, valid, lo, hi = _rows(tile, q_len, kv_len, st)
+    k_lo, k_hi = _tile_range(valid, lo, hi)
+    cols = jnp.arange(d, dtype=jnp.int32)
+    rmask = jnp.broadcast_to(valid[:, None], (bm, d))
+    split_keys = st["block_n"] * st["bps"]
+    row = sh * st["ws_rows"] + tile * bm + jnp.arange(bm, dtype=jnp.int32)
+    plane = pl.num_programs(1) * st["ws_rows"]
+
+    @pl.when(tile * bm < q_len * g)
+    def _():
+        def body(split, big):
+            r = split * plane + row
+            m = pltriton.load(ws_m_ref.at[r], mask=valid, other=_NEG_INF)
+            l = pltriton.load(ws_l_ref.at[r], mask=valid, other=0.0)
+            acc = pltriton.load(ws_acc_ref.at[r[:, None] * d + cols[None, :]], mask=rmask, other=0.0)
+            return _fold(big, (m, l, acc), ptx)
+
+        big = lax.fori_loop(k_lo // split_keys, k_hi // split_keys + 1, body, _empty(bm, d))
+        out = _finish(big[1], big[2], ptx)
+        h = hk * g + gi
+        os_ = st["o_strides"]
+        o_off = s * os_[0] + (q0 + qi) * os_[1] + h * os_[2]
+        pltriton.store(o_ref.at[o_off[:, None] + cols[None, :]], out.astype(o_ref.dtype), mask=rmask)
+
+
+def _row_major_strides(shape):
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len=0, kv_len=0, cu_q=None,
+           cu_k=None, kv_lens=None, block_table=None, page_size=1, max_q_len, max_kv_len, qk_scale, window,
+           bottom_right, split_kv=None, config=None, interpret=None):
+    """The kernels over every (tile, sequence x KV head[, split]) of
+    row-major arrays (``*_strides``: element strides of batch or page, token
+    or slot, head); returns the output laid out as ``q``. Any ``config`` of
+    ``bi_core.attention.tile_configs`` and either ``split_kv`` give the same bits."""
+    interpret = interpret_mode("attention") if interpret is None else interpret
+    d = q.shape[-1]
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.size > _MAX_ELEMENTS:
+            raise ValueError(f"attention: {name} has {a.size} elements; bi_jax's kernels address at most "
+                             f"{_MAX_ELEMENTS} (int32 offsets)")
+    cfg = config or contract.tile_config(d, max_q_len * group)
+    bm = cfg.block_m
+    tiles = max(1, -(-(max_q_len * group) // bm))
+    splits = contract.num_splits(max_kv_len)
+    programs = tiles * batch * hkv
+    spread = contract.spread_splits(programs, max_kv_len) if split_kv is None else bool(split_kv) and splits > 1
+    left, right = window
+    ws_rows = tiles * bm
+    st = dict(
+        block_m=bm, block_n=contract.BLOCK_N, bps=contract.BLOCKS_PER_SPLIT, head_dim=d, group=group, hkv=hkv,
+        varlen_q=cu_q is not None, varlen_k=cu_k is not None, has_kv_len=kv_lens is not None,
+        paged=block_table is not None, q_len=int(q_len), kv_len=int(kv_len), left=int(left), right=int(right),
+        bottom_right=bool(bottom_right), page_size=int(page_size),
+        bt_stride=int(block_table.shape[1]) if block_table is not None else 0,
+        q_strides=tuple(int(x) for x in q_strides), k_strides=tuple(int(x) for x in k_strides),
+        v_strides=tuple(int(x) for x in v_strides), o_strides=tuple(int(x) for x in q_strides),
+        qk_scale=float(qk_scale), ieee=np.dtype(q.dtype) == np.dtype(jnp.float32), ptx=not interpret,
+        spread=spread, ws_rows=ws_rows,
+    )
+    dummy = jnp.zeros((1,), jnp.int32)
+    index_args = [a.reshape(-1).astype(jnp.int32) if a is not None else dummy
+                  for a in (cu_q, cu_k, kv_lens, block_table)]
+    flat = [q.reshape(-1), k.reshape(-1), v.reshape(-1)]
+    params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out_shape = jax.ShapeDtypeStruct((q.size,), q.dtype)
+    if not spread:
+        out = pl.pallas_call(
+            functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, 1), out_shape=out_shape,
+            compiler_params=params, interpret=interpret, name="bi_attention",
+        )(*flat, *index_args[:3], index_args[3])
+        return out.reshape(q.shape)
+    ws_len = splits * batch * hkv * ws_rows
+    if ws_len * d > _MAX_ELEMENTS:
+        raise ValueError("attention: the split-KV workspace would exceed int32 offsets; pass split_kv=False")
+    ws = (jax.ShapeDtypeStruct((ws_len,), jnp.float32), jax.ShapeDtypeStruct((ws_len,), jnp.float32),
+          jax.ShapeDtypeStruct((ws_len * d,), jnp.float32))
+    ws_m, ws_l, ws_acc = pl.pallas_call(
+        functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, splits), out_shape=ws,
+        compiler_params=params, interpret=interpret, name="bi_attention_splits",
+    )(*flat, *index_args[:3], index_args[3])
+    out = pl.pallas_call(
+        functools.partial(_merge_kernel, st=st), grid=(tiles, batch * hkv), out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+        name="bi_attention_merge",
+    )(ws_m, ws_l, ws_acc, *index_args[:3])
+    return out.reshape(q.shape)
+
+
+# --- checks ------------------------------------------------------------------
+
+
+def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
+    for name, a in zip(names, (q, k, v)):
+        check_float_array(name, a)
+    if q.ndim != q_dims:
+        raise ValueError(f"{op}: {names[0]} must have {q_dims} dimensions, got shape {tuple(q.shape)}")
+    for name, a in zip(names[1:], (k, v)):
+        if a.ndim != kv_dims:
+            raise ValueError(f"{op}: {name} must have {kv_dims} dimensions, got shape {tuple(a.shape)}")
+    if not (np.dtype(q.dtype) == np.dtype(k.dtype) == np.dtype(v.dtype)):
+        raise TypeError(f"{op}: {names[0]}, {names[1]} and {names[2]} must have one dtype, got "
+                        f"{q.dtype}, {k.dtype} and {v.dtype}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"{op}: {names[1]} and {names[2]} must have the same shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{op}: head dims differ: {names[0]} has {d}, {names[1]} and {names[2]} have {k.shape[-1]}")
+    contract.check_head_dim(d)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
+    return hq // hkv
+
+
+def _check_index(op, name, a, ndim, length=None):
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{op}: {name} must be an int32 array, got {type(a).__name__}")
+    if not np.issubdtype(np.dtype(a.dtype), np.integer):
+        raise TypeError(f"{op}: {name} must be an int32 array, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(a.shape)}")
+    if length is not None and a.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have {length} entries, got {a.shape[0]}")
+    return jnp.asarray(a, jnp.int32)
+
+
+def _concrete(*arrays):
+    """Host copies when every array is concrete (outside jit), else None."""
+    try:
+        return [np.asarray(a) for a in arrays]
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _positive_static(op, name, value):
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{op}: {name} must be a non-negative Python int (it sizes the launch grid), got {value!r}")
+    return int(value)
+
+
+# --- public API ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(statics: tuple):
+    kw = dict(statics)
+
+    def run(q, k, v, cu_q, cu_k, kv_lens, block_table):
+        return launch(q, k, v, cu_q=cu_q, cu_k=cu_k, kv_lens=kv_lens, block_table=block_table, **kw)
+
+    return forward_only("attention", jax.jit(run))
+
+
+def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, **statics):
+    return _jitted(tuple(sorted(statics.items())))(q, k, v, cu_q, cu_k, kv_lens, block_table)
+
+
+def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_lengths=None):
+    group = _check_qkv(op, q, k, v, 4, 4)
+    b, lq, hq, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"{op}: batch sizes differ: q has {b}, k and v have {k.shape[0]}")
+    lk, hkv = k.shape[1], k.shape[2]
+    if b == 0 or lq == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    kv_lens = None
+    if kv_lengths is not None:
+        kv_lens = _check_index(op, "kv_lengths", kv_lengths, 1, b)
+        host = _concrete(kv_lens)
+        if host is not None and ((host[0] < 0) | (host[0] > lk)).any():
+            raise ValueError(f"{op}: kv_lengths must lie in [0, {lk}]")
+    if lk == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    qs, ks = _row_major_strides(q.shape), _row_major_strides(k.shape)
+    return _call(q, k, v, kv_lens=kv_lens, batch=b, hkv=hkv, group=group, q_strides=qs[:3], k_strides=ks[:3],
+                 v_strides=ks[:3], q_len=lq, kv_len=lk, max_q_len=lq, max_kv_len=lk,
+                 qk_scale=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+                 bottom_right=bottom_right, split_kv=split_kv)
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None, window=None, kv_lengths=None,
+              split_kv: bool | None = None):
+    """Batch-invariant attention over ``(batch, seq, heads, head_dim)`` arrays,
+    with the semantics of ``bi_torch.attention`` (flash-attn's): ``Hq`` a
+    multiple of ``Hkv``; causal queries aligned to the end of the keys;
+    ``window`` None, an int ``w`` (``(w, w)``) or ``(left, right)``;
+    ``kv_lengths`` (int32 ``(B,)``) the valid keys of each sequence. On the
+    same inputs it gives bi_torch's bits."""
+    return _dense("attention", q, k, v, causal=causal, scale=scale, window=window, bottom_right=True,
+                  split_kv=split_kv, kv_lengths=kv_lengths)
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: float | None = None,
+                          is_causal: bool = False, query_seq_lengths=None, key_value_seq_lengths=None,
+                          local_window_size=None, implementation=None):
+    """Batch-invariant ``jax.nn.dot_product_attention`` for ``(B, T, N, H)`` or
+    ``(T, N, H)`` arrays: ``is_causal`` masks as JAX does (query ``i`` sees
+    keys up to ``i``), ``key_value_seq_lengths`` masks padded keys,
+    ``local_window_size`` an int or ``(left, right)``, GQA when the query
+    heads are a multiple of the key heads. Query rows past
+    ``query_seq_lengths`` are zeros.
+
+    Not supported (refused): ``bias``, ``mask`` and an ``implementation``
+    other than None.
+    """
+    op = "dot_product_attention"
+    if bias is not None or mask is not None:
+        raise NotImplementedError(f"{op}: bias and mask are not supported; use is_causal, local_window_size and "
+                                  "the sequence lengths")
+    if implementation is not None:
+        raise ValueError(f"{op}: implementation={implementation!r}: bi_jax has one (batch-invariant) implementation")
+    for name, a in (("query", query), ("key", key), ("value", value)):
+        check_float_array(name, a)
+    squeeze = query.ndim == 3
+    if squeeze:
+        query, key, value = query[None], key[None], value[None]
+    out = _dense(op, query, key, value, causal=is_causal, scale=scale, window=local_window_size,
+                 bottom_right=False, split_kv=None, kv_lengths=key_value_seq_lengths)
+    if query_seq_lengths is not None:
+        lens = _check_index(op, "query_seq_lengths", query_seq_lengths, 1, query.shape[0])
+        keep = jnp.arange(query.shape[1])[None, :] < lens[:, None]
+        out = jnp.where(keep[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out[0] if squeeze else out
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                     causal: bool = False, scale: float | None = None, window=None, split_kv: bool | None = None):
+    """Batch-invariant attention over packed sequences, as
+    ``bi_torch.varlen_attention``: q ``(total_q, Hq, D)``, k and v
+    ``(total_k, Hkv, D)``, int32 offsets ``cu_seqlens_*`` of ``B + 1``
+    entries. ``max_seqlen_q`` and ``max_seqlen_k`` are Python ints (they size
+    the launch grid under jit)."""
+    op = "varlen_attention"
+    group = _check_qkv(op, q, k, v, 3, 3)
+    cu_q = _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1)
+    cu_k = _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1)
+    if cu_q.shape[0] != cu_k.shape[0] or cu_q.shape[0] < 1:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries")
+    mq = _positive_static(op, "max_seqlen_q", max_seqlen_q)
+    mk = _positive_static(op, "max_seqlen_k", max_seqlen_k)
+    host = _concrete(cu_q, cu_k)
+    if host is not None:
+        for name, cu, total, mx in (("cu_seqlens_q", host[0], q.shape[0], mq), ("cu_seqlens_k", host[1], k.shape[0], mk)):
+            if cu[0] != 0 or cu[-1] != total or (np.diff(cu) < 0).any():
+                raise ValueError(f"{op}: {name} must start at 0, not decrease and end at {total}")
+            if len(cu) > 1 and np.diff(cu).max() > mx:
+                raise ValueError(f"{op}: a sequence is longer than the max_seqlen given for {name}")
+    batch = cu_q.shape[0] - 1
+    if batch == 0 or q.shape[0] == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    qs, ks = _row_major_strides(q.shape), _row_major_strides(k.shape)
+    return _call(q, k, v, cu_q=cu_q, cu_k=cu_k, batch=batch, hkv=k.shape[1], group=group,
+                 q_strides=(0, qs[0], qs[1]), k_strides=(0, ks[0], ks[1]), v_strides=(0, ks[0], ks[1]),
+                 max_q_len=mq, max_kv_len=max(mk, 1), qk_scale=contract.qk_scale(scale, q.shape[-1]),
+                 window=contract.window_sides(causal, window), bottom_right=True, split_kv=split_kv)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
+                    max_seqlen_q: int | None = None, k_new=None, v_new=None, causal: bool = True,
+                    scale: float | None = None, window=None, split_kv: bool | None = None):
+    """Batch-invariant attention of new queries against a paged KV cache, as
+    ``bi_torch.paged_attention``: q ``(B, Lq, Hq, D)`` or packed
+    ``(total_q, Hq, D)`` with ``cu_seqlens_q`` and a static ``max_seqlen_q``;
+    caches ``(num_pages, page_size, Hkv, D)``; ``block_table`` int32
+    ``(B, pages_per_seq)``; ``cache_seqlens`` int32 ``(B,)``.
+
+    With ``k_new``/``v_new`` (q's layout, Hkv heads) the new keys and values
+    are written at positions ``cache_seqlens[b] ..`` first and the result is
+    ``(out, k_cache, v_cache)`` (JAX arrays are immutable: donate the caches
+    under jit to update them in place); without them, ``out``. Outside jit the
+    lengths and the block table's used entries are checked on the host.
+    """
+    op = "paged_attention"
+    packed = getattr(q, "ndim", 0) == 3
+    group = _check_qkv(op, q, k_cache, v_cache, 3 if packed else 4, 4, ("q", "k_cache", "v_cache"))
+    num_pages, page_size, hkv, d = k_cache.shape
+    if page_size < 1:
+        raise ValueError(f"{op}: the cache's page size must be positive, got {page_size}")
+    if packed:
+        if cu_seqlens_q is None:
+            raise ValueError(f"{op}: a 3-D q (total_q, Hq, D) needs cu_seqlens_q; pass q as (B, Lq, Hq, D) otherwise")
+        cu_q = _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1)
+        batch = cu_q.shape[0] - 1
+        max_q = _positive_static(op, "max_seqlen_q", max_seqlen_q)
+        q_lens = cu_q[1:] - cu_q[:-1]
+    else:
+        if cu_seqlens_q is not None:
+            raise ValueError(f"{op}: cu_seqlens_q is for a packed 3-D q; q has shape {tuple(q.shape)}")
+        cu_q, batch, max_q = None, q.shape[0], q.shape[1]
+        q_lens = jnp.full((batch,), max_q, jnp.int32)
+    bt = _check_index(op, "block_table", block_table, 2, batch)
+    lens = _check_index(op, "cache_seqlens", cache_seqlens, 1, batch)
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: pass both k_new and v_new, or neither")
+    if k_new is not None:
+        want = tuple(q.shape[:-2]) + (hkv, d)
+        for name, a in (("k_new", k_new), ("v_new", v_new)):
+            check_float_array(name, a)
+            if tuple(a.shape) != want:
+                raise ValueError(f"{op}: {name} must have shape {want} (q's layout with the cache's {hkv} heads), "
+                                 f"got {tuple(a.shape)}")
+            if np.dtype(a.dtype) != np.dtype(q.dtype):
+                raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {a.dtype}")
+    kv_lens = lens + q_lens if k_new is not None else lens
+    host = _concrete(bt, kv_lens, q_lens) if batch else None
+    if host is not None:
+        h_bt, h_kv, h_q = host
+        capacity = bt.shape[1] * page_size
+        if (h_kv > capacity).any() or (np.asarray(lens) < 0).any():
+            raise ValueError(f"{op}: cache lengths must lie in [0, {capacity}] (block table width x page size), "
+                             "new keys included")
+        if (h_kv < h_q).any():
+            raise ValueError(f"{op}: every sequence needs at least as many keys as new queries")
+        used = np.arange(h_bt.shape[1])[None, :] < -(-h_kv // page_size)[:, None]
+        bad = used & ((h_bt < 0) | (h_bt >= num_pages))
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"{op}: block_table[{r}, {c}] = {h_bt[r, c]} is not a page of the cache "
+                             f"(0..{num_pages - 1})")
+    if k_new is not None:
+        k_cache, v_cache = _write_cache(k_cache, v_cache, bt, lens, k_new, v_new, cu_q, page_size)
+    total_q = q.shape[0] if packed else batch * max_q
+    if total_q == 0 or batch == 0:
+        out = jnp.zeros(q.shape, q.dtype)
+    else:
+        qs, ks = _row_major_strides(q.shape), _row_major_strides(k_cache.shape)
+        q_strides = (0, qs[0], qs[1]) if packed else qs[:3]
+        out = _call(q, k_cache, v_cache, cu_q=cu_q, kv_lens=kv_lens, block_table=bt, batch=batch, hkv=hkv,
+                    group=group, q_strides=q_strides, k_strides=ks[:3], v_strides=ks[:3], q_len=max_q,
+                    page_size=page_size, max_q_len=max_q, max_kv_len=max(bt.shape[1] * page_size, 1),
+                    qk_scale=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+                    bottom_right=True, split_kv=split_kv)
+    return (out, k_cache, v_cache) if k_new is not None else out
+
+
+def _write_cache(k_cache, v_cache, bt, lens, k_new, v_new, cu_q, page_size):
+    """Scatter the new keys and values to their pages (a copy: no arithmetic)."""
+    if cu_q is None:
+        b, lq = k_new.shape[:2]
+        seq = jnp.repeat(jnp.arange(b), lq)
+        idx = jnp.tile(jnp.arange(lq), b)
+        kn, vn = k_new.reshape(b * lq, *k_new.shape[2:]), v_new.reshape(b * lq, *v_new.shape[2:])
+    else:
+        total = k_new.shape[0]
+        tok = jnp.arange(total)
+        seq = jnp.searchsorted(cu_q[1:], tok, side="right")
+        idx = tok - cu_q[seq]
+        kn, vn = k_new, v_new
+    pos = lens[seq] + idx
+    page = bt[seq, pos // page_size]
+    slot = pos % page_size
+    return k_cache.at[page, slot].set(kn), v_cache.at[page, slot].set(vn)
