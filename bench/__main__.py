@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = report.provenance(native, copy_gbs)
     rows = []
-    total = sum(len(ms) * len(sweep.implementations(j)) for j in jobs)
+    total = sum(len(sweep.batch_sizes(j, ms)) * len(sweep.implementations(j)) for j in jobs)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sweeping", total=total)
         for job in jobs:

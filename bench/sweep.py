@@ -83,6 +83,15 @@ def implementations(job: Job) -> dict[str, Callable[..., Any]]:
     return impls
 
 
+def batch_sizes(job: Job, ms: list[int]) -> list[int]:
+    """The requested batch sizes this job times: those up to the spec's cap
+    (at least the smallest one)."""
+    cap = job.spec.bench.max_batch(job.features) if job.spec.bench.max_batch else None
+    if cap is None:
+        return list(ms)
+    return [m for m in ms if m <= cap] or [min(ms)]
+
+
 def _bind(fn: Callable[..., Any], kwargs: dict) -> Callable[..., Any]:
     return lambda **inputs: fn(**inputs, **kwargs)
 
@@ -113,6 +122,7 @@ def run_job(
 
     spec, ad = job.spec, adapter(job.framework)
     impls = implementations(job)
+    ms = batch_sizes(job, ms)
     largest = max(ms)
     rng = np.random.default_rng(seed)
     base = ad.natives(spec.make_inputs(rng, largest, job.features, job.dtype))

@@ -7,8 +7,8 @@ and values of ``s`` at the positions it attends to: not on the batch, on where
 chunks or one token at a time, on the KV-cache page size or page order, nor on
 the longest sequence of the batch. This is how:
 
-* Keys are walked in **blocks of ``BLOCK_N`` keys at absolute positions**
-  ``[b * BLOCK_N, (b + 1) * BLOCK_N)``, from the lowest block up. Block
+* Keys are walked in **blocks of ``block_n(head_dim)`` keys at absolute
+  positions** ``[b * n, (b + 1) * n)``, from the lowest block up. Block
   boundaries never follow the query tile, the chunk or the batch.
 * Blocks are grouped into **splits of ``SPLIT`` keys** (also at absolute
   positions). Within a split, a row's scores are folded block after block
@@ -18,7 +18,9 @@ the longest sequence of the batch. This is how:
       m' = max(m, max_j(qk_j) * c)          c = scale * log2(e), rounded to fp32
       p_j = 2 ** fma(qk_j, c, -m')          (masked keys: p_j = 0)
       l' = fma(l, 2 ** (m - m'), sum_j p_j)
-      acc' = acc * 2 ** (m - m') + p @ v    (p rounded to v's dtype; fp32 sum)
+      acc' = acc * 2 ** (m - m') + p @ v    (p rounded to v's dtype; the
+                                            product from zero in fp32, then
+                                            one rounded multiply and one add)
 
 * The splits' partial results are then folded **in split order**,
   ``s = 0, 1, 2, ...`` (``M' = max(M, m_s)``, ``L' = L a + l_s b``,
@@ -54,11 +56,17 @@ import numpy as np
 
 from bi_core.rms_norm import f32_hex
 
-# Keys per block, and per split (a whole number of blocks). Part of the
-# contract: changing either changes the bits.
-BLOCK_N = 64
-SPLIT = 256
-BLOCKS_PER_SPLIT = SPLIT // BLOCK_N
+# Keys per split (a whole number of blocks): part of the contract, as is
+# ``block_n``; changing either changes the bits. On the H200, bf16, head dim
+# 128, 128-key blocks ran a causal prefill at 258 / 322 TFLOP/s (S = 4k / 16k)
+# against 241 / 294 with 64 (bench/NOTES.md, attention v1); 256 keys do not
+# fit shared memory at head dim 256.
+SPLIT = 512
+
+
+def block_n(head_dim: int) -> int:
+    """Keys per block for ``head_dim``."""
+    return 64 if head_dim > 128 else 128
 
 HEAD_DIMS = (64, 128, 256)
 
@@ -134,6 +142,7 @@ def _is_int(v) -> bool:
 
 
 def num_splits(max_kv_len: int) -> int:
+    """Splits that cover ``max_kv_len`` keys."""
     return max(1, -(-max_kv_len // SPLIT))
 
 
@@ -159,11 +168,13 @@ FMA_ASM = "fma.rn.f32 $0, $1, $2, $3;"
 FOLD_ASM = "{ .reg .f32 t; mul.rn.f32 t, $3, $4; fma.rn.f32 $0, $1, $2, t; }"
 # $0 = $1 * $2, rounded (never contracted into a following add)
 MUL_ASM = "mul.rn.f32 $0, $1, $2;"
+# $0 = $1 + $2
+ADD_ASM = "add.rn.f32 $0, $1, $2;"
 # $0 = $1 / $2, correctly rounded
 DIV_ASM = "div.rn.f32 $0, $1, $2;"
 
 __all__ = [
-    "BLOCK_N",
+    "block_n",
     "SPLIT",
     "HEAD_DIMS",
     "TileConfig",

@@ -42,6 +42,9 @@ class Bench:
     features: tuple  # feature sizes (hidden sizes), or (K, N) weight shapes
     bound: str  # "memory" (report GB/s) or "compute" (report TFLOP/s)
     work: Callable[[int, Any, str], float]  # (batch, features, dtype) -> bytes or flops
+    # Largest batch worth timing at a feature size (None: any), for ops whose
+    # inputs grow with more than the batch (an attention's keys).
+    max_batch: Callable[[Any], int] | None = None
 
     def __post_init__(self) -> None:
         if self.bound not in ("memory", "compute"):
@@ -114,6 +117,9 @@ class OpSpec:
     cross_features: tuple = (4096, 8192)
     sweeps: Mapping[str, tuple] = field(default_factory=dict)
     sweep_batch: int = 4096
+    # The feature size of a set of inputs (default: the last dimension of the
+    # ``batch_arg`` input), to draw fresh rows like them.
+    features_of: Callable[[Inputs], Any] | None = None
 
     def impl(self, framework: str) -> Impl | None:
         return self.impls.get(framework)
@@ -126,6 +132,10 @@ class OpSpec:
     @property
     def batch_args(self) -> tuple[str, ...]:
         return (self.batch_arg,) + self.batched
+
+    def features(self, inputs: Inputs):
+        """The feature size that ``make_inputs`` took to make ``inputs``."""
+        return self.features_of(inputs) if self.features_of else inputs[self.batch_arg].shape[-1]
 
     def tolerance(self, dtype: str) -> Tolerance:
         return self.tolerances[dtype]

@@ -52,7 +52,7 @@ def _diff_report(a: np.ndarray, b: np.ndarray, rows_a: np.ndarray, rows_b: np.nd
 
 def make_batch(spec: OpSpec, inputs: Inputs, plan: BatchPlan, rng: np.random.Generator, dtype: str) -> Inputs:
     """Inputs of the second call: rows of the reference batch and fresh rows."""
-    features = inputs[spec.batch_arg].shape[-1]
+    features = spec.features(inputs)
     fresh = spec.make_inputs(rng, plan.extra, features, dtype) if plan.extra else None
     batch = dict(inputs)
     for name in spec.batch_args:

@@ -56,6 +56,10 @@ def _mul(a, b, ptx):
     return _asm(contract.MUL_ASM, a, b) if ptx else a * b
 
 
+def _add(a, b, ptx):
+    return _asm(contract.ADD_ASM, a, b) if ptx else a + b
+
+
 def _fold_term(a, sa, b, sb, ptx):
     return _asm(contract.FOLD_ASM, a, sa, b, sb) if ptx else a * sa + b * sb
 
@@ -150,8 +154,8 @@ def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, st):
     p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx)
     alpha = _exp2_diff(m, base, ptx)
     l = _fma(l, alpha, jnp.sum(p, axis=1), ptx)
-    acc = acc * alpha[:, None] + _tile_dot(p.astype(v.dtype), v, precision, interpreted=not ptx)
-    return new_m, l, acc
+    pv = _tile_dot(p.astype(v.dtype), v, precision, interpreted=not ptx)
+    return new_m, l, _add(_mul(acc, jnp.broadcast_to(alpha[:, None], acc.shape), ptx), pv, ptx)
 
 
 def _tile_range(valid, lo, hi):
@@ -269,7 +273,7 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     left, right = window
     ws_rows = tiles * bm
     st = dict(
-        block_m=bm, block_n=contract.BLOCK_N, bps=contract.BLOCKS_PER_SPLIT, head_dim=d, group=group, hkv=hkv,
+        block_m=bm, block_n=contract.block_n(d), bps=contract.SPLIT // contract.block_n(d), head_dim=d, group=group, hkv=hkv,
         varlen_q=cu_q is not None, varlen_k=cu_k is not None, has_kv_len=kv_lens is not None,
         paged=block_table is not None, q_len=int(q_len), kv_len=int(kv_len), left=int(left), right=int(right),
         bottom_right=bool(bottom_right), page_size=int(page_size),

@@ -70,6 +70,14 @@ def _mul(a, b, PTX: tl.constexpr):
 
 
 @triton.jit
+def _add(a, b, PTX: tl.constexpr):
+    if PTX:
+        return tl.inline_asm_elementwise(contract_ADD, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a + b
+
+
+@triton.jit
 def _fold_term(a, sa, b, sb, PTX: tl.constexpr):
     """a * sa + b * sb (contract FOLD_ASM)."""
     if PTX:
@@ -92,6 +100,7 @@ contract_EXP2_FMA = tl.constexpr(contract.EXP2_FMA_ASM)
 contract_EXP2_DIFF = tl.constexpr(contract.EXP2_DIFF_ASM)
 contract_FMA = tl.constexpr(contract.FMA_ASM)
 contract_MUL = tl.constexpr(contract.MUL_ASM)
+contract_ADD = tl.constexpr(contract.ADD_ASM)
 contract_FOLD = tl.constexpr(contract.FOLD_ASM)
 contract_DIV = tl.constexpr(contract.DIV_ASM)
 
@@ -188,11 +197,14 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
     p = _exp2_fma(qk, qk_scale, -base[:, None], PTX)
     alpha = _exp2_diff(m, base, PTX)
     l = _fma(l, alpha, tl.sum(p, 1), PTX)
+    # The product starts from zero and is added to the rescaled accumulator
+    # as two IEEE steps: no compiler may fold the rescale into the product's
+    # accumulation (bi_jax's Pallas lowering would otherwise decide alone).
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-    return new_m, l, acc
+        pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+    return new_m, l, _add(_mul(acc, _bcast(alpha[:, None], acc), PTX), pv, PTX)
 
 
 @triton.jit
@@ -203,7 +215,7 @@ def _attn_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
-    PTX: tl.constexpr, MODE: tl.constexpr = 0,
+    PTX: tl.constexpr,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -235,36 +247,16 @@ def _attn_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    if MODE == 1:
-        # Splits, then the blocks of each split: the fold between them.
-        for split in range(blk_lo // BPS, blk_hi // BPS + 1):
-            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D], tl.float32)
-            for blk in range(tl.maximum(blk_lo, split * BPS), tl.minimum(blk_hi, split * BPS + BPS - 1) + 1):
-                m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-                                   skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
-            big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-    else:
-        for blk in range(blk_lo, blk_hi + 1):
-            m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-                               skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
-            if not SPREAD:
-                if MODE == 0:
-                    if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                        l = tl.zeros([BLOCK_M], tl.float32)
-                        acc = tl.zeros([BLOCK_M, D], tl.float32)
-                else:
-                    end = ((blk + 1) % BPS == 0) | (blk == blk_hi)
-                    f_m, f_l, f_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                    big_m = tl.where(end, f_m, big_m)
-                    big_l = tl.where(end, f_l, big_l)
-                    big_acc = tl.where(end, f_acc, big_acc)
-                    m = tl.where(end, float("-inf"), m)
-                    l = tl.where(end, 0.0, l)
-                    acc = tl.where(end, 0.0, acc)
+    for blk in range(blk_lo, blk_hi + 1):
+        m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
+        if not SPREAD:
+            # The end of a split (or of the tile's range): fold it in, start the next.
+            if ((blk + 1) % BPS == 0) | (blk == blk_hi):
+                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, D], tl.float32)
     if SPREAD:
         row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         base_row = split.to(tl.int64) * (tl.num_programs(1) * ws_rows)
@@ -337,7 +329,7 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, mode=0, merge_stages=4,
+    block_n=None, split_keys=None, merge_stages=4,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -349,7 +341,7 @@ def launch(
     d = q.shape[-1]
     cfg = config or contract.tile_config(d, max_q_len * group)
     tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
-    block_n = block_n or contract.BLOCK_N
+    block_n = block_n or contract.block_n(d)
     split_keys = split_keys or contract.SPLIT
     splits = -(-max_kv_len // split_keys)
     programs = tiles * batch * hkv
@@ -380,7 +372,7 @@ def launch(
         block_table.stride(0) if block_table is not None else 0,
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, MODE=mode, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
         _merge_kernel[(tiles, batch * hkv)](
