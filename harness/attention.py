@@ -1,0 +1,178 @@
+"""Schedule properties of attention, for every framework: a query row's bits
+must not depend on how the serving loop computes it.
+
+Each ``check_*`` builds one set of sequences (numpy), runs two schedules
+through a framework's bi_ functions (``Runner``) and compares the rows bit
+for bit, raising ``harness.properties.BatchVarianceError`` with the first
+differing row. Schedules: one causal prefill; chunked prefill with random
+chunk boundaries; token-by-token decode against a paged cache (random page
+size, pages in random order, other sequences in the batch); sequences packed
+at random positions of a variable-length batch; split-KV on and off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.bits import differing_rows, np_dtype, ulp_distance
+from harness.properties import BatchVarianceError
+
+
+@dataclass(frozen=True)
+class Heads:
+    hq: int
+    hkv: int
+    d: int
+
+
+class Runner:
+    """A framework's bi_ attention functions on numpy in, numpy out."""
+
+    def __init__(self, framework: str):
+        self.framework = framework
+        if framework == "torch":
+            import torch
+
+            import bi_torch
+
+            from harness.frameworks import adapter
+
+            self._ad = adapter("torch")
+            self._t, self._bi = torch, bi_torch
+        else:
+            import jax.numpy as jnp
+
+            import bi_jax
+
+            self._jnp, self._bi = jnp, bi_jax
+
+    def _in(self, a):
+        if self.framework == "torch":
+            if a.dtype.kind in "iu":
+                return self._t.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(self._ad.device)
+            return self._ad.to_native(a)
+        return self._jnp.asarray(a)
+
+    def _out(self, t):
+        if self.framework == "torch":
+            return self._ad.to_numpy(t)
+        return np.asarray(t)
+
+    def prefill(self, q, k, v, causal=True, window=None, split_kv=None):
+        """(B, Lq, H, D) queries aligned to the end of (B, Lk, Hkv, D) keys."""
+        return self._out(self._bi.attention(self._in(q), self._in(k), self._in(v), causal=causal, window=window,
+                                            split_kv=split_kv))
+
+    def varlen(self, q, k, v, cu_q, cu_k, causal=True, window=None):
+        mq, mk = int(np.diff(cu_q).max()), int(np.diff(cu_k).max())
+        return self._out(self._bi.varlen_attention(self._in(q), self._in(k), self._in(v), self._in(cu_q),
+                                                   self._in(cu_k), mq, mk, causal=causal, window=window))
+
+    def paged(self, q, k_cache, v_cache, block_table, cache_lens, cu_q, k_new, v_new, window=None, split_kv=None):
+        """Packed new queries; their keys written into the cache first. Returns
+        (out, k_cache, v_cache) in numpy."""
+        kc, vc = self._in(k_cache), self._in(v_cache)
+        args = dict(cu_seqlens_q=self._in(cu_q), max_seqlen_q=int(np.diff(cu_q).max()), k_new=self._in(k_new),
+                    v_new=self._in(v_new), window=window, split_kv=split_kv)
+        res = self._bi.paged_attention(self._in(q), kc, vc, self._in(block_table), self._in(cache_lens), **args)
+        if self.framework == "torch":
+            return self._out(res), self._out(kc), self._out(vc)
+        return tuple(self._out(r) for r in res)
+
+
+def random_sequence(rng, n: int, heads: Heads, dtype: str):
+    dt = np_dtype(dtype)
+    return tuple(rng.standard_normal((n, h, heads.d), dtype=np.float32).astype(dt)
+                 for h in (heads.hq, heads.hkv, heads.hkv))
+
+
+def _compare(a, b, label: str, what: str):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise BatchVarianceError(f"{label}: {what}: shapes {a.shape} and {b.shape}")
+    flat_a, flat_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    bad = differing_rows(flat_a, flat_b)
+    if bad.size:
+        ulps = ulp_distance(flat_a[bad], flat_b[bad])
+        raise BatchVarianceError(f"{label}: {what}: {bad.size} of {a.shape[0]} query rows differ (first: "
+                                 f"position {int(bad[0])}); max ULP distance {int(ulps.max())} in {a.dtype}")
+
+
+def check_chunked_and_decode(runner: Runner, rng, n: int, heads: Heads, dtype: str, label: str, window=None,
+                             others: int = 3, max_page: int = 40):
+    """One causal prefill of a sequence of ``n`` tokens == the same sequence
+    in chunks of random sizes (each against the keys so far) == decoded
+    token by token against a paged cache (random page size and page order,
+    ``others`` unrelated sequences of random lengths in the same batch, the
+    probe at a random slot)."""
+    q, k, v = random_sequence(rng, n, heads, dtype)
+    full = runner.prefill(q[None], k[None], v[None], window=window)[0]
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, int(rng.integers(1, 5))), replace=False)) if n > 1 else []
+    bounds = [0, *map(int, cuts), n]
+    chunks = [runner.prefill(q[None, a:b], k[None, :b], v[None, :b], window=window)[0]
+              for a, b in zip(bounds, bounds[1:])]
+    _compare(np.concatenate(chunks), full, label, f"chunked prefill (chunks at {bounds}) vs one prefill")
+
+    # Decode: every step appends one token per sequence; the others have
+    # random lengths; pages of one random size, handed out in random order.
+    page = int(rng.integers(1, max_page + 1))
+    lens = [int(rng.integers(1, n + 1)) for _ in range(others)]
+    slot = int(rng.integers(0, others + 1))
+    lens.insert(slot, n)
+    seqs = [(q, k, v) if i == slot else random_sequence(rng, m, heads, dtype) for i, m in enumerate(lens)]
+    pages_per = [-(-m // page) for m in lens]
+    total = sum(pages_per) + 2
+    order = rng.permutation(total)
+    table = np.zeros((len(lens), max(pages_per)), np.int32)
+    nxt = 0
+    for i, p in enumerate(pages_per):
+        table[i, :p] = order[nxt : nxt + p]
+        nxt += p
+    dt = np_dtype(dtype)
+    k_cache = np.zeros((total, page, heads.hkv, heads.d), dt)
+    v_cache = np.zeros_like(k_cache)
+    # A first chunk of random size per sequence (chunked prefill into the
+    # cache), then one token per step; sequences finish at their lengths.
+    first = [max(1, int(rng.integers(0, m))) for m in lens]
+    done = [0] * len(lens)
+    out = np.zeros_like(full)
+    while any(d < m for d, m in zip(done, lens)):
+        live = [i for i in range(len(lens)) if done[i] < lens[i]]
+        sizes = [min(first[i] if done[i] == 0 else 1, lens[i] - done[i]) for i in live]
+        pos = [done[i] for i in live]
+        cu = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+        new = [np.concatenate([seqs[i][j][p : p + s] for i, p, s in zip(live, pos, sizes)]) for j in range(3)]
+        res, k_cache, v_cache = runner.paged(new[0], k_cache, v_cache, table[live], np.array(pos, np.int32), cu,
+                                             new[1], new[2], window=window)
+        for j, (i, p, s) in enumerate(zip(live, pos, sizes)):
+            if i == slot:
+                out[p : p + s] = res[cu[j] : cu[j] + s]
+            done[i] = p + s
+    _compare(out, full, label, f"paged decode (page size {page}, {others} other sequences, probe at slot {slot}) "
+                               "vs one prefill")
+
+
+def check_packed_position(runner: Runner, rng, n: int, heads: Heads, dtype: str, label: str, window=None):
+    """A sequence alone == the same sequence at a random slot of a packed
+    variable-length batch of random lengths."""
+    q, k, v = random_sequence(rng, n, heads, dtype)
+    alone = runner.prefill(q[None], k[None], v[None], window=window)[0]
+    lens = [int(rng.integers(1, 2 * n + 1)) for _ in range(int(rng.integers(1, 5)))]
+    slot = int(rng.integers(0, len(lens) + 1))
+    lens.insert(slot, n)
+    seqs = [(q, k, v) if i == slot else random_sequence(rng, m, heads, dtype) for i, m in enumerate(lens)]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    packed = runner.varlen(*(np.concatenate([s[j] for s in seqs]) for j in range(3)), cu, cu, window=window)
+    _compare(packed[cu[slot] : cu[slot + 1]], alone, label, f"slot {slot} of a packed batch of lengths {lens} vs alone")
+
+
+def check_split_kv(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype: str, label: str, window=None):
+    """Split-KV spread over programs == walked in one program (prefill and decode)."""
+    q, k, v = (np.stack(x) for x in zip(*(random_sequence(rng, n, heads, dtype) for _ in range(batch))))
+    for lq in (n, 1):
+        on = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=True)
+        off = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=False)
+        _compare(on.reshape(-1, *on.shape[2:]), off.reshape(-1, *off.shape[2:]), label,
+                 f"split-KV on vs off ({lq} queries against {n} keys)")

@@ -1,0 +1,161 @@
+"""Attention: the schedule properties of ``harness.attention`` (prefill ==
+chunked prefill == paged decode, packed position, split-KV on/off) in every
+framework, bad inputs, and the drop-in signatures. The batch-invariance,
+determinism, accuracy and cross-framework properties run in
+test_properties.py for the ``attention`` and ``attention_decode`` specs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness import attention as props
+from harness.frameworks import FRAMEWORKS, installed
+from tests_profile import PROFILE
+
+FRAMEWORKS_HERE = [fw for fw in FRAMEWORKS if fw in installed()]
+GPU = PROFILE.native
+# Sequence lengths: past a block (128 keys) and a split (512) on the GPU.
+MAX_LEN = 1200 if GPU else 70
+MAX_DECODE_LEN = 300 if GPU else 24
+HEADS = st.sampled_from(
+    [props.Heads(8, 2, 128), props.Heads(4, 4, 64), props.Heads(4, 1, 256), props.Heads(6, 2, 64)] if GPU
+    else [props.Heads(4, 2, 64), props.Heads(2, 1, 64), props.Heads(3, 3, 64)]
+)
+WINDOWS = st.one_of(st.none(), st.tuples(st.integers(0, 300), st.just(0)))
+DTYPES = ["bfloat16", "float16", "float32"]
+EXAMPLES = settings(max_examples=8 if GPU else 3, deadline=None)
+
+
+def _runner(framework):
+    return props.Runner(framework)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@EXAMPLES
+@given(n=st.integers(1, MAX_DECODE_LEN), heads=HEADS, window=WINDOWS, seed=st.integers(0, 2**32 - 1))
+def test_invariance_prefill_chunked_decode(framework, dtype, n, heads, window, seed):
+    props.check_chunked_and_decode(_runner(framework), np.random.default_rng(seed), n, heads, dtype,
+                                   f"attention[{framework}, {dtype}]", window=window, others=2 if GPU else 1)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@EXAMPLES
+@given(n=st.integers(1, MAX_LEN), heads=HEADS, window=WINDOWS, seed=st.integers(0, 2**32 - 1))
+def test_invariance_packed_position(framework, dtype, n, heads, window, seed):
+    props.check_packed_position(_runner(framework), np.random.default_rng(seed), n, heads, dtype,
+                                f"attention[{framework}, {dtype}]", window=window)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@EXAMPLES
+@given(n=st.integers(1, 4 * MAX_LEN if GPU else 600), batch=st.integers(1, 3), heads=HEADS, window=WINDOWS,
+       seed=st.integers(0, 2**32 - 1))
+def test_invariance_split_kv(framework, dtype, n, batch, heads, window, seed):
+    props.check_split_kv(_runner(framework), np.random.default_rng(seed), n, batch, heads, dtype,
+                         f"attention[{framework}, {dtype}]", window=window)
+
+
+# --- bad input -------------------------------------------------------------------
+
+
+def _bad_input_cases():
+    return [pytest.param(fw, id=fw) for fw in FRAMEWORKS_HERE]
+
+
+def _arrays(framework, *shapes, dtype="bfloat16"):
+    rng = np.random.default_rng(0)
+    from harness.bits import np_dtype
+
+    out = [rng.standard_normal(s, dtype=np.float32).astype(np_dtype(dtype)) for s in shapes]
+    if framework == "torch":
+        from harness.frameworks import adapter
+
+        return [adapter("torch").to_native(a) for a in out]
+    import jax.numpy as jnp
+
+    return [jnp.asarray(a) for a in out]
+
+
+def _module(framework):
+    if framework == "torch":
+        import bi_torch
+
+        return bi_torch
+    import bi_jax
+
+    return bi_jax
+
+
+def _ints(framework, values):
+    a = np.asarray(values, np.int32)
+    if framework == "torch":
+        import torch
+
+        from harness.frameworks import adapter
+
+        return torch.from_numpy(a).to(adapter("torch").device)
+    import jax.numpy as jnp
+
+    return jnp.asarray(a)
+
+
+@pytest.mark.parametrize("framework", _bad_input_cases())
+def test_bad_inputs_are_refused(framework):
+    bi = _module(framework)
+    q, k, v = _arrays(framework, (1, 8, 4, 64), (1, 8, 3, 64), (1, 8, 3, 64))
+    with pytest.raises(ValueError, match="not a multiple"):
+        bi.attention(q, k, v)
+    q, k, v = _arrays(framework, (1, 8, 4, 48), (1, 8, 2, 48), (1, 8, 2, 48))
+    with pytest.raises(ValueError, match="head dim 48"):
+        bi.attention(q, k, v)
+    q, k, v = _arrays(framework, (1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        bi.attention(q[0], k, v)
+    q32, = _arrays(framework, (1, 8, 4, 64), dtype="float32")
+    with pytest.raises(TypeError, match="one dtype"):
+        bi.attention(q32, k, v)
+    with pytest.raises(ValueError, match="window"):
+        bi.attention(q, k, v, window=(1, 2, 3))
+    with pytest.raises(ValueError, match="scale"):
+        bi.attention(q, k, v, scale=-1.0)
+    # Paged: a block-table entry past the cache, and lengths past the table.
+    qd, kc, vc = _arrays(framework, (2, 1, 4, 64), (3, 16, 2, 64), (3, 16, 2, 64))
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 7"):
+        bi.paged_attention(qd, kc, vc, _ints(framework, [[0, 1], [7, 2]]), _ints(framework, [5, 5]))
+    with pytest.raises(ValueError, match="cache lengths"):
+        bi.paged_attention(qd, kc, vc, _ints(framework, [[0, 1], [2, 0]]), _ints(framework, [5, 40]))
+    with pytest.raises(ValueError, match="4 dimensions|needs cu_seqlens_q"):
+        bi.paged_attention(qd[0], kc, vc, _ints(framework, [[0, 1], [2, 0]]), _ints(framework, [5, 5]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        bi.varlen_attention(q[0], k[0], v[0], _ints(framework, [0, 3, 9]), _ints(framework, [0, 3, 8]), 6, 5)
+
+
+@pytest.mark.parametrize("framework", _bad_input_cases())
+def test_drop_in_signatures(framework):
+    """The framework's own signature and layout: bits equal to bi_ attention's
+    (square causal, where top-left and bottom-right alignment agree), and
+    what is not supported is refused."""
+    q, k, v = _arrays(framework, (2, 16, 4, 64), (2, 16, 2, 64), (2, 16, 2, 64))
+    bi = _module(framework)
+    ref = np.asarray(props.Runner(framework)._out(bi.attention(q, k, v, causal=True)))
+    if framework == "torch":
+        out = bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+        with pytest.raises(ValueError, match="enable_gqa"):
+            bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        with pytest.raises(NotImplementedError, match="attn_mask"):
+            bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            attn_mask=q.transpose(1, 2), enable_gqa=True)
+    else:
+        out = bi.dot_product_attention(q, k, v, is_causal=True)
+        with pytest.raises(NotImplementedError, match="bias"):
+            bi.dot_product_attention(q, k, v, bias=q)
+    got = np.asarray(props.Runner(framework)._out(out))
+    assert got.view(np.uint16).tolist() == ref.view(np.uint16).tolist()
