@@ -60,6 +60,14 @@ def test_jax_example_runs_as_written():
     assert run.stdout.split() == ["(8,", "32)", "Linear", "Einsum", "Dense"]
 
 
+def test_attention_example_runs_as_written():
+    code = _examples()[3]
+    assert "bi_torch.paged_attention" in code
+    run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "decode == prefill: True"
+
+
 @pytest.mark.gpu
 def test_opening_example_default_varies_and_bi_does_not():
     run = _run(_examples()[0])

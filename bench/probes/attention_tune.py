@@ -27,6 +27,8 @@ H, HKV, D = 32, 8, 128
 
 def run(q, k, v, cfg, bn, split, split_kv=None):
     b, lq = q.shape[0], q.shape[1]
+    if cfg is None:
+        cfg = contract.tile_config(D, lq * H // HKV)
     lk = k.shape[1]
     o = torch.empty_like(q)
     ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
@@ -39,6 +41,7 @@ def run(q, k, v, cfg, bn, split, split_kv=None):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--parts", default="prefill,decode", help="prefill,decode")
     args = p.parse_args()
     log = None
     if args.out:
@@ -52,25 +55,37 @@ def main() -> None:
             log.write(line + "\n")
 
     shapes = [(64, 256), (128, 256), (128, 512)]
-    for seq in (4096, 16384):
-        q = torch.randn(1, seq, H, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        flops = 4 * seq * seq * D * H / 2
-        for (bn, split), stages in itertools.product(shapes, (2, 3)):
-            cfg = contract.TileConfig(128, 8, stages)
-            ms = triton.testing.do_bench(lambda: run(q, k, v, cfg, bn, split))
-            emit({"prefill": seq, "bn": bn, "split": split, "stages": stages, "tflops": round(flops / ms / 1e9, 1)})
-    for b, n in ((1, 4096), (1, 32768), (32, 4096), (128, 4096)):
+    bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
+    if "prefill" in args.parts:
+        for seq in (4096, 16384):
+            q = torch.randn(1, seq, H, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            flops = 4 * seq * seq * D * H / 2
+            for (bn, split), stages in itertools.product(shapes, (2, 3)):
+                cfg = contract.TileConfig(128, 8, stages)
+                ms = bench(lambda: run(q, k, v, cfg, bn, split))
+                emit({"prefill": seq, "bn": bn, "split": split, "stages": stages, "tflops": round(flops / ms / 1e9, 1)})
+    # Decode tiles and depths at the contract's block and split: bits against
+    # the dispatch's own choice, and speed.
+    configs = [contract.TileConfig(*c) for c in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (16, 1, 3), (16, 4, 3), (32, 2, 3))]
+    for b, n in ((1, 4096), (1, 32768), (8, 4096), (32, 4096), (128, 4096), (32, 16384)):
         q = torch.randn(b, 1, H, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, n, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         nbytes = 2 * k.numel() * 2
-        for (bn, split), stages in itertools.product(shapes, (2, 4)):
-            cfg = contract.TileConfig(64, 4, stages)
-            ms = triton.testing.do_bench(lambda: run(q, k, v, cfg, bn, split))
-            emit({"decode": [b, n], "bn": bn, "split": split, "stages": stages, "gbs": round(nbytes / ms / 1e6)})
-
+        ref = run(q, k, v, None, None, None)
+        for cfg, split_kv in itertools.product(configs, (None, True, False)):
+            rec = {"decode": [b, n], "config": [cfg.block_m, cfg.num_warps, cfg.num_stages], "split_kv": split_kv}
+            try:
+                o = run(q, k, v, cfg, None, None, split_kv)
+                rec["differing"] = int((o.view(torch.int16) != ref.view(torch.int16)).sum())
+                rec["gbs"] = round(nbytes / bench(lambda: run(q, k, v, cfg, None, None, split_kv)) / 1e6)
+            except Exception as e:
+                rec["error"] = repr(e)[:300]
+                emit(rec)
+                return  # a CUDA error is sticky: nothing after it can run
+            emit(rec)
 
 if __name__ == "__main__":
     main()
