@@ -160,10 +160,10 @@ ATTENTION = OpSpec(
         max_batch=lambda f: max(1, 65536 // _dims(f)[0]),  # up to 64k tokens
     ),
     controls={"split_kv_by_batch": _split_kv_by_batch},
-    # Sequence lengths: up to 2048 in the properties (16 elements of the
-    # budget per query row: the heads are few).
+    # Sequence lengths up to 2048 in the properties; a batch row of length s
+    # counts 32 s elements of the profile's budget (CPU: a few rows at 64).
     max_features=2048,
-    row_elements=lambda s: 16 * s,
+    row_elements=lambda s: 32 * s,
     cross_features=(1, 100, 1000, 4096),
     features_of=features_of,
     sweeps={},
@@ -191,7 +191,7 @@ ATTENTION_DECODE = OpSpec(
     # backends and for jax.nn.dot_product_attention's cudnn and xla.
     default_varies=DefaultVaries(features=(4096, *LLAMA), batch=32, sizes=8),
     max_features=32768,
-    row_elements=lambda n: 2 * n,
+    row_elements=lambda n: 8 * n,
     cross_features=(1, 700, 5000, 32768),
     features_of=features_of,
 )
