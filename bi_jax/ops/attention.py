@@ -188,15 +188,16 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, *o
         q = pltriton.load(q_ref.at[q_off[:, None] + cols[None, :]], mask=rmask, other=0.0)
         blk_args = (s, k0, hk, kv_len, lo, hi, st)
 
-        def split_body(split, big):
-            def body(blk, carry):
-                return _block(q, k_ref, v_ref, bt_ref, carry, blk, *blk_args)
+        def body(blk, state):
+            part = _block(q, k_ref, v_ref, bt_ref, state[3:], blk, *blk_args)
+            if st["spread"]:
+                return (*state[:3], *part)
+            # The end of a split (or of the tile's range): fold it in, start the next.
+            return lax.cond(((blk + 1) % bps == 0) | (blk == blk_hi),
+                            lambda: (*_fold(state[:3], part, ptx), *_empty(bm, d)),
+                            lambda: (*state[:3], *part))
 
-            part = lax.fori_loop(jnp.maximum(blk_lo, split * bps), jnp.minimum(blk_hi, split * bps + bps - 1) + 1,
-                                 body, _empty(bm, d))
-            return (*_fold(big[:3], part, ptx), *part)
-
-        state = lax.fori_loop(blk_lo // bps, blk_hi // bps + 1, split_body, _empty(bm, d) + _empty(bm, d))
+        state = lax.fori_loop(blk_lo, blk_hi + 1, body, _empty(bm, d) + _empty(bm, d))
         if st["spread"]:
             ws_m_ref, ws_l_ref, ws_acc_ref = out_refs
             m, l, acc = state[3:]
