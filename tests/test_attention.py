@@ -20,14 +20,14 @@ FRAMEWORKS_HERE = [fw for fw in FRAMEWORKS if fw in installed()]
 GPU = PROFILE.native
 # Sequence lengths: past a block (128 keys) and a split (512) on the GPU.
 MAX_LEN = 1200 if GPU else 70
-MAX_DECODE_LEN = 300 if GPU else 24
+MAX_DECODE_LEN = 200 if GPU else 24
 HEADS = st.sampled_from(
     [props.Heads(8, 2, 128), props.Heads(4, 4, 64), props.Heads(4, 1, 256), props.Heads(6, 2, 64)] if GPU
     else [props.Heads(4, 2, 64), props.Heads(2, 1, 64), props.Heads(3, 3, 64)]
 )
 WINDOWS = st.one_of(st.none(), st.tuples(st.integers(0, 300), st.just(0)))
 DTYPES = ["bfloat16", "float16", "float32"]
-EXAMPLES = settings(max_examples=8 if GPU else 3, deadline=None)
+EXAMPLES = settings(max_examples=4 if GPU else 3, deadline=None)
 
 
 def _runner(framework):
