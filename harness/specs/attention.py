@@ -191,7 +191,7 @@ ATTENTION_DECODE = OpSpec(
     # backends and for jax.nn.dot_product_attention's cudnn and xla.
     default_varies=DefaultVaries(features=(4096, *LLAMA), batch=32, sizes=8),
     max_features=32768,
-    row_elements=lambda n: 8 * n,
-    cross_features=(1, 700, 5000, 32768),
+    row_elements=lambda n: 32 * n,
+    cross_features=(1, 700, 5000, 16384),
     features_of=features_of,
 )
