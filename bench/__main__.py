@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
         "that run checks invariance only and measures no time.",
     )
     p.add_argument("--ops", type=_choices("op", benched, hint), default=benched,
-                   help=f"comma-separated ops, of {_csv(benched)} (default: all)")
+                   help=f"comma-separated ops, of {', '.join(benched)} (default: all)")
     p.add_argument("--frameworks", type=_choices("framework", list(FRAMEWORKS)), default=frameworks,
                    help=f"comma-separated frameworks, of {_csv(FRAMEWORKS)} (default: the installed ones, "
                         f"here {_csv(frameworks)})")

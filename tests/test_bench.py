@@ -200,7 +200,7 @@ def test_help_shows_ops_and_defaults(capsys):
     from harness import registry
 
     out = " ".join(capsys.readouterr().out.split())
-    assert ",".join(s.name for s in registry.all_specs() if s.bench is not None) in out
+    assert ", ".join(s.name for s in registry.all_specs() if s.bench is not None) in out
     assert "default: bfloat16" in out and "1,2,4,8" in out and "1,16,256,4096" in out
 
 

@@ -23,7 +23,7 @@ H, HKV = 32, 8
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.probes.attention_cross", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     log = None

@@ -148,7 +148,7 @@ def timings(out):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.probes.attention_schedules", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--skip-timing", action="store_true")
     args = p.parse_args()

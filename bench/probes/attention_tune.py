@@ -39,7 +39,7 @@ def run(q, k, v, cfg, bn, split, split_kv=None):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.probes.attention_tune", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--parts", default="prefill,decode", help="prefill,decode")
     args = p.parse_args()
