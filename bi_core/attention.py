@@ -94,18 +94,20 @@ def tile_config(head_dim: int, rows: int) -> TileConfig:
     return configs[-1] if rows >= 4 * configs[-1].block_m else configs[0]
 
 
-def check_head_dim(head_dim: int) -> None:
+def check_head_dim(head_dim: int, op: str = "attention") -> None:
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"attention: head dim {head_dim} is not supported; supported head dims are "
+        raise ValueError(f"{op}: head dim {head_dim} is not supported; supported head dims are "
                          f"{', '.join(map(str, HEAD_DIMS))}")
 
 
-def qk_scale(scale: float | None, head_dim: int) -> float:
+def qk_scale(scale: float | None, head_dim: int, op: str = "attention") -> float:
     """``scale * log2(e)`` rounded to fp32 (the default scale is ``1/sqrt(E)``),
     computed once on the host in float64, as both frameworks pass it."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))):
+        raise TypeError(f"{op}: scale must be a real number or None, got {type(scale).__name__} {scale!r}")
     s = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not math.isfinite(s) or s <= 0:
-        raise ValueError(f"attention: scale must be a positive finite number, got {scale!r}")
+        raise ValueError(f"{op}: scale must be a positive finite number, got {scale!r}")
     return float(np.float32(s * math.log2(math.e)))
 
 
@@ -113,24 +115,27 @@ def qk_scale(scale: float | None, head_dim: int) -> float:
 UNBOUNDED = 1 << 30
 
 
-def window_sides(causal: bool, window) -> tuple[int, int]:
+def window_sides(causal: bool, window, op: str = "attention") -> tuple[int, int]:
     """(left, right): a query at position p sees keys in [p - left, p + right].
 
     ``window`` is None, an int ``w`` (the same as ``(w, w)``, as
     ``jax.nn.dot_product_attention``'s ``local_window_size``) or a pair
     ``(left, right)``, where ``-1`` or None means unbounded on that side
-    (flash-attn's ``window_size``). ``causal`` sets ``right`` to 0."""
+    (flash-attn's ``window_size``; an int -1 is unbounded on both sides).
+    ``causal`` sets ``right`` to 0."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__} {causal!r}")
     left = right = UNBOUNDED
     if window is not None:
         if isinstance(window, (tuple, list)):
             if len(window) != 2:
-                raise ValueError(f"attention: window must be an int or a (left, right) pair, got {window!r}")
+                raise ValueError(f"{op}: window must be an int or a (left, right) pair, got {window!r}")
             sides = [UNBOUNDED if w is None or (_is_int(w) and w == -1) else w for w in window]
         else:
-            sides = [window, window]
+            sides = [UNBOUNDED if _is_int(window) and window == -1 else window] * 2
         for w in sides:
             if not _is_int(w) or w < 0:
-                raise ValueError(f"attention: window sides must be non-negative ints (-1: unbounded), got {window!r}")
+                raise ValueError(f"{op}: window sides must be non-negative ints (-1: unbounded), got {window!r}")
         left, right = (min(int(w), UNBOUNDED) for w in sides)
     if causal:
         right = 0
@@ -139,6 +144,23 @@ def window_sides(causal: bool, window) -> tuple[int, int]:
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def check_split_kv(split_kv, op: str = "attention") -> None:
+    if split_kv is not None and not isinstance(split_kv, (bool, np.bool_)):
+        raise TypeError(f"{op}: split_kv must be True, False or None, got {split_kv!r}")
+
+
+def check_max_seqlen(value, name: str, op: str) -> int | None:
+    """None, or a non-negative Python int (it sizes the launch grid)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+INT32_MAX = 2**31 - 1
 
 
 def num_splits(max_kv_len: int) -> int:

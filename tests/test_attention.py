@@ -135,6 +135,40 @@ def test_bad_inputs_are_refused(framework):
         bi.paged_attention(qd[0], kc, vc, _ints(framework, [[0, 1], [2, 0]]), _ints(framework, [5, 5]))
     with pytest.raises(ValueError, match="cu_seqlens"):
         bi.varlen_attention(q[0], k[0], v[0], _ints(framework, [0, 3, 9]), _ints(framework, [0, 3, 8]), 6, 5)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        bi.attention(q, k, v, scale=True)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        bi.attention(q, k, v, causal="yes")
+    with pytest.raises(TypeError, match="split_kv"):
+        bi.attention(q, k, v, split_kv="x")
+    # Packed new queries whose offsets do not cover q, or exceed max_seqlen_q.
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        bi.paged_attention(qd[:, 0], kc, vc, _ints(framework, [[0, 1], [2, 0]]), _ints(framework, [5, 5]),
+                           cu_seqlens_q=_ints(framework, [0, 1, 3]), max_seqlen_q=2)
+    # An int64 length past int32 must not wrap to a small one.
+    big = np.asarray([2**32 + 3], np.int64)
+    if framework == "torch":
+        import torch
+
+        big = torch.from_numpy(big).to(q.device)
+    with pytest.raises(ValueError, match="outside int32"):
+        bi.attention(q, k, v, kv_lengths=big)
+
+
+@pytest.mark.parametrize("framework", _bad_input_cases())
+def test_nan_propagates(framework):
+    """A NaN in a query or a visible key gives NaN, not zeros or a silent skip."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for shape in ((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)))
+    run = props.Runner(framework)
+    qn, kn = q.copy(), k.copy()
+    qn[0, 5, 0, 0] = np.nan
+    kn[0, 3, 1, 0] = np.nan
+    out_q = run.prefill(qn, k, v)
+    out_k = run.prefill(q, kn, v)
+    assert np.isnan(out_q[0, 5, 0]).all() and not np.isnan(out_q[0, 4]).any()
+    # Key 3 of KV head 1 is seen by that head's queries from position 3 on.
+    assert np.isnan(out_k[0, 3:, 2:]).all() and not np.isnan(out_k[0, :3]).any() and not np.isnan(out_k[0, :, :2]).any()
 
 
 @pytest.mark.parametrize("framework", _bad_input_cases())

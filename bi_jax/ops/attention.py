@@ -83,9 +83,10 @@ def _fold(big, part, ptx):
 
 
 def _finish(big_l, big_acc, ptx):
+    """ACC / L; zeros for a row with no visible key (a NaN stays a NaN)."""
     l2 = jnp.broadcast_to(big_l[:, None], big_acc.shape)
-    safe = jnp.where(l2 > 0.0, l2, 1.0)
-    return jnp.where(l2 > 0.0, _div(big_acc, safe, ptx), 0.0)
+    empty = l2 == 0.0
+    return jnp.where(empty, 0.0, _div(big_acc, jnp.where(empty, 1.0, l2), ptx))
 
 
 def _empty(bm, d):
@@ -333,7 +334,7 @@ def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
     d = q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"{op}: head dims differ: {names[0]} has {d}, {names[1]} and {names[2]} have {k.shape[-1]}")
-    contract.check_head_dim(d)
+    contract.check_head_dim(d, op)
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
@@ -349,6 +350,9 @@ def _check_index(op, name, a, ndim, length=None):
         raise ValueError(f"{op}: {name} must have {ndim} dimension(s), got shape {tuple(a.shape)}")
     if length is not None and a.shape[0] != length:
         raise ValueError(f"{op}: {name} must have {length} entries, got {a.shape[0]}")
+    host = _concrete(a) if np.dtype(a.dtype).itemsize > 4 else None
+    if host is not None and host[0].size and (host[0].min() < -contract.INT32_MAX - 1 or host[0].max() > contract.INT32_MAX):
+        raise ValueError(f"{op}: {name} holds values outside int32 ({host[0].min()}..{host[0].max()})")
     return jnp.asarray(a, jnp.int32)
 
 
@@ -383,8 +387,11 @@ def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, **st
     return _jitted(tuple(sorted(statics.items())))(q, k, v, cu_q, cu_k, kv_lens, block_table)
 
 
-def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_lengths=None):
-    group = _check_qkv(op, q, k, v, 4, 4)
+def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_lengths=None,
+           kv_lengths_name="kv_lengths", names=("q", "k", "v")):
+    contract.check_split_kv(split_kv, op)
+    contract.window_sides(causal, window, op)
+    group = _check_qkv(op, q, k, v, 4, 4, names)
     b, lq, hq, d = q.shape
     if k.shape[0] != b:
         raise ValueError(f"{op}: batch sizes differ: q has {b}, k and v have {k.shape[0]}")
@@ -393,16 +400,16 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_len
         return jnp.zeros(q.shape, q.dtype)
     kv_lens = None
     if kv_lengths is not None:
-        kv_lens = _check_index(op, "kv_lengths", kv_lengths, 1, b)
+        kv_lens = _check_index(op, kv_lengths_name, kv_lengths, 1, b)
         host = _concrete(kv_lens)
         if host is not None and ((host[0] < 0) | (host[0] > lk)).any():
-            raise ValueError(f"{op}: kv_lengths must lie in [0, {lk}]")
+            raise ValueError(f"{op}: {kv_lengths_name} must lie in [0, {lk}]")
     if lk == 0:
         return jnp.zeros(q.shape, q.dtype)
     qs, ks = _row_major_strides(q.shape), _row_major_strides(k.shape)
     return _call(q, k, v, kv_lens=kv_lens, batch=b, hkv=hkv, group=group, q_strides=qs[:3], k_strides=ks[:3],
                  v_strides=ks[:3], q_len=lq, kv_len=lk, max_q_len=lq, max_kv_len=lk,
-                 qk_scale=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+                 qk_scale=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
                  bottom_right=bottom_right, split_kv=split_kv)
 
 
@@ -439,13 +446,20 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
         raise ValueError(f"{op}: implementation={implementation!r}: bi_jax has one (batch-invariant) implementation")
     for name, a in (("query", query), ("key", key), ("value", value)):
         check_float_array(name, a)
+        if a.ndim not in (3, 4) or a.ndim != query.ndim:
+            raise ValueError(f"{op}: query, key and value must all be (B, T, N, H) or all (T, N, H); got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
     squeeze = query.ndim == 3
     if squeeze:
         query, key, value = query[None], key[None], value[None]
     out = _dense(op, query, key, value, causal=is_causal, scale=scale, window=local_window_size,
-                 bottom_right=False, split_kv=None, kv_lengths=key_value_seq_lengths)
+                 bottom_right=False, split_kv=None, kv_lengths=key_value_seq_lengths,
+                 kv_lengths_name="key_value_seq_lengths", names=("query", "key", "value"))
     if query_seq_lengths is not None:
         lens = _check_index(op, "query_seq_lengths", query_seq_lengths, 1, query.shape[0])
+        host = _concrete(lens)
+        if host is not None and ((host[0] < 0) | (host[0] > query.shape[1])).any():
+            raise ValueError(f"{op}: query_seq_lengths must lie in [0, {query.shape[1]}]")
         keep = jnp.arange(query.shape[1])[None, :] < lens[:, None]
         out = jnp.where(keep[:, :, None, None], out, jnp.zeros((), out.dtype))
     return out[0] if squeeze else out
@@ -459,6 +473,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     entries. ``max_seqlen_q`` and ``max_seqlen_k`` are Python ints (they size
     the launch grid under jit)."""
     op = "varlen_attention"
+    contract.check_split_kv(split_kv, op)
     group = _check_qkv(op, q, k, v, 3, 3)
     cu_q = _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1)
     cu_k = _check_index(op, "cu_seqlens_k", cu_seqlens_k, 1)
@@ -479,8 +494,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     qs, ks = _row_major_strides(q.shape), _row_major_strides(k.shape)
     return _call(q, k, v, cu_q=cu_q, cu_k=cu_k, batch=batch, hkv=k.shape[1], group=group,
                  q_strides=(0, qs[0], qs[1]), k_strides=(0, ks[0], ks[1]), v_strides=(0, ks[0], ks[1]),
-                 max_q_len=mq, max_kv_len=max(mk, 1), qk_scale=contract.qk_scale(scale, q.shape[-1]),
-                 window=contract.window_sides(causal, window), bottom_right=True, split_kv=split_kv)
+                 max_q_len=mq, max_kv_len=max(mk, 1), qk_scale=contract.qk_scale(scale, q.shape[-1], op),
+                 window=contract.window_sides(causal, window, op), bottom_right=True, split_kv=split_kv)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
@@ -499,6 +514,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
     lengths and the block table's used entries are checked on the host.
     """
     op = "paged_attention"
+    contract.check_split_kv(split_kv, op)
     packed = getattr(q, "ndim", 0) == 3
     group = _check_qkv(op, q, k_cache, v_cache, 3 if packed else 4, 4, ("q", "k_cache", "v_cache"))
     num_pages, page_size, hkv, d = k_cache.shape
@@ -510,6 +526,15 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
         cu_q = _check_index(op, "cu_seqlens_q", cu_seqlens_q, 1)
         batch = cu_q.shape[0] - 1
         max_q = _positive_static(op, "max_seqlen_q", max_seqlen_q)
+        host = _concrete(cu_q)
+        if host is not None:
+            cu = host[0]
+            if len(cu) < 1 or cu[0] != 0 or cu[-1] != q.shape[0] or (np.diff(cu) < 0).any():
+                raise ValueError(f"{op}: cu_seqlens_q must start at 0, not decrease and end at {q.shape[0]} "
+                                 "(the packed query count)")
+            if len(cu) > 1 and np.diff(cu).max() > max_q:
+                raise ValueError(f"{op}: a sequence has {np.diff(cu).max()} new queries, more than "
+                                 f"max_seqlen_q={max_q}")
         q_lens = cu_q[1:] - cu_q[:-1]
     else:
         if cu_seqlens_q is not None:
@@ -556,7 +581,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
         out = _call(q, k_cache, v_cache, cu_q=cu_q, kv_lens=kv_lens, block_table=bt, batch=batch, hkv=hkv,
                     group=group, q_strides=q_strides, k_strides=ks[:3], v_strides=ks[:3], q_len=max_q,
                     page_size=page_size, max_q_len=max_q, max_kv_len=max(bt.shape[1] * page_size, 1),
-                    qk_scale=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+                    qk_scale=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
                     bottom_right=True, split_kv=split_kv)
     return (out, k_cache, v_cache) if k_new is not None else out
 

@@ -119,10 +119,11 @@ def _fold(big_m, big_l, big_acc, m, l, acc, PTX: tl.constexpr):
 
 @triton.jit
 def _finish(big_l, big_acc, PTX: tl.constexpr):
-    """ACC / L, correctly rounded; zeros for a row with no visible key."""
+    """ACC / L, correctly rounded; zeros for a row with no visible key (L = 0;
+    a NaN in its inputs stays a NaN)."""
     l2 = _bcast(big_l[:, None], big_acc)
-    safe = tl.where(l2 > 0.0, l2, 1.0)
-    return tl.where(l2 > 0.0, _div(big_acc, safe, PTX), 0.0)
+    empty = l2 == 0.0
+    return tl.where(empty, 0.0, _div(big_acc, tl.where(empty, 1.0, l2), PTX))
 
 
 @triton.jit
@@ -408,7 +409,7 @@ def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
     d = q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"{op}: head dims differ: {names[0]} has {d}, {names[1]} and {names[2]} have {k.shape[-1]}")
-    contract.check_head_dim(d)
+    contract.check_head_dim(d, op)
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
@@ -432,6 +433,11 @@ def _index_tensor(op, name, t, ndim, device, length=None):
         raise ValueError(f"{op}: {name} must have {length} entries, got {t.shape[0]}")
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {device}")
+    if t.dtype == torch.int64 and t.numel() and _host_sync_ok():
+        # One host read: an int64 value past int32 must not wrap silently.
+        lo, hi = (int(x) for x in torch.aminmax(t))
+        if lo < -contract.INT32_MAX - 1 or hi > contract.INT32_MAX:
+            raise ValueError(f"{op}: {name} holds values outside int32 ({lo}..{hi})")
     return t.to(torch.int32).contiguous()
 
 
@@ -453,6 +459,8 @@ def _check_cu(op, name, cu, total):
 
 def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None):
     """(B, Lq, Hq, D) x (B, Lk, Hkv, D) -> (B, Lq, Hq, D)."""
+    contract.check_split_kv(split_kv, op)
+    contract.window_sides(causal, window, op)
     group = _check_qkv(op, q, k, v, 4, 4)
     b, lq, hq, d = q.shape
     if k.shape[0] != b:
@@ -474,7 +482,7 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
     launch(
         q, k, v, out, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), o_strides=_strides(out),
         batch=b, hkv=hkv, group=group, q_len=lq, kv_len=lk, kv_lens=kv_lens, max_q_len=lq, max_kv_len=lk,
-        scale_log2=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+        scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
         bottom_right=bottom_right, split_kv=split_kv,
     )
     return out
@@ -537,6 +545,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         check_float_tensor(name, t)
         if t.ndim != 4:
             raise ValueError(f"{op}: {name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
+    if value.shape[-1] != query.shape[-1] or tuple(key.shape) != tuple(value.shape):
+        raise ValueError(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must have one shape, with "
+                         f"query's head dim {query.shape[-1]} (a value head dim of its own is not supported)")
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"{op}: query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
@@ -557,6 +568,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
     the offsets are read (and checked) once.
     """
     op = "varlen_attention"
+    contract.check_split_kv(split_kv, op)
+    max_seqlen_q = contract.check_max_seqlen(max_seqlen_q, "max_seqlen_q", op)
+    max_seqlen_k = contract.check_max_seqlen(max_seqlen_k, "max_seqlen_k", op)
     group = _check_qkv(op, q, k, v, 3, 3)
     total_q, hq, d = q.shape
     total_k, hkv = k.shape[0], k.shape[1]
@@ -583,7 +597,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
         v_strides=(0, v.stride(0), v.stride(1)), o_strides=(0, out.stride(0), out.stride(1)),
         batch=batch, hkv=hkv, group=group, q_len=0, kv_len=0, cu_q=cu_q, cu_k=cu_k,
         max_q_len=int(max_seqlen_q), max_kv_len=max(int(max_seqlen_k or 0), 1),
-        scale_log2=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+        scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
         bottom_right=True, split_kv=split_kv,
     )
     return out
@@ -613,10 +627,14 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
             see keys up to their own (default True).
         validate: check the lengths and the block table's used entries on the
             host (one device read); must be False during CUDA graph capture.
+            Without it, an entry past the cache reads (and ``k_new`` writes)
+            outside it, and pages listed twice are overwritten by each other.
 
     Returns the output, laid out as q.
     """
     op = "paged_attention"
+    contract.check_split_kv(split_kv, op)
+    max_seqlen_q = contract.check_max_seqlen(max_seqlen_q, "max_seqlen_q", op)
     packed = q.ndim == 3 if isinstance(q, torch.Tensor) else False
     group = _check_qkv(op, q, k_cache, v_cache, 3 if packed else 4, 4, ("q", "k_cache", "v_cache"))
     d = q.shape[-1]
@@ -700,7 +718,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
         q, k_cache, v_cache, out, q_strides=q_strides, k_strides=_strides(k_cache), v_strides=_strides(v_cache),
         o_strides=o_strides, batch=batch, hkv=hkv, group=group, q_len=max_q, kv_len=0, cu_q=cu_q,
         kv_lens=kv_lens, block_table=bt, page_size=page_size, max_q_len=max_q, max_kv_len=max(max_kv, 1),
-        scale_log2=contract.qk_scale(scale, d), window=contract.window_sides(causal, window),
+        scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
         bottom_right=True, split_kv=split_kv,
     )
     return out
