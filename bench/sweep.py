@@ -27,7 +27,7 @@ CPU_FEATURES = (64,)
 class Row:
     op: str
     framework: str
-    impl: str  # "bi" or "default"
+    impl: str  # "bi", "default", or "bi_<variant>" (the spec's Bench.variants)
     features: str  # hidden size, or "KxN" for a weight shape
     dtype: str
     m: int
@@ -80,6 +80,9 @@ def implementations(job: Job) -> dict[str, Callable[..., Any]]:
     for name, fn in (("default", ad.default(job.spec)), ("bi", ad.kernel(job.spec))):
         if fn is not None:
             impls[name] = _bind(fn, kwargs)
+    kernel = ad.kernel(job.spec)
+    for name, extra in job.spec.bench.variants.items():
+        impls[f"bi_{name}"] = _bind(kernel, {**kwargs, **extra})
     return impls
 
 

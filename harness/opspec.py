@@ -45,6 +45,10 @@ class Bench:
     # Largest batch worth timing at a feature size (None: any), for ops whose
     # inputs grow with more than the batch (an attention's keys).
     max_batch: Callable[[Any], int] | None = None
+    # Further settings of the bi_ kernel timed beside it, by name: keyword
+    # arguments (attention's ``split_kv=False``, split-KV off); rows
+    # ``bi_<name>``.
+    variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bound not in ("memory", "compute"):

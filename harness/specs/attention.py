@@ -184,6 +184,9 @@ ATTENTION_DECODE = OpSpec(
         work=_decode_bytes,
         # Keys and values up to 16 GB: batch 256 at 4096 keys, 64 at 32768.
         max_batch=lambda f: max(1, int(16e9 // _decode_bytes(1, f, "bfloat16"))),
+        # Split-KV off (one program walks all of a query's keys), as the
+        # invariant peers run: the same bits, slower at small batch.
+        variants={"nosplit": {"split_kv": False}},
     ),
     controls={"split_kv_by_batch": _split_kv_by_batch},
     # On the H200 (bf16, 32/8 heads, 4096 keys) request 0 alone differed from
