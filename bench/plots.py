@@ -52,6 +52,8 @@ def plot_rows(rows: list[dict], provenance: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from harness import registry
+
     rows = _timed(rows)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
@@ -60,8 +62,10 @@ def plot_rows(rows: list[dict], provenance: dict, out: Path) -> list[Path]:
     written = []
     for (op, dtype), op_rows in sorted(groups.items()):
         shapes = sorted({str(r["features"]) for r in op_rows}, key=lambda s: [int(x) for x in s.split("x")])
+        bench = registry.get(op).bench if op in registry.names() else None
         compute = all(r["unit"] == "TFLOP/s" for r in op_rows)
-        fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False, sharey=compute)
+        rates = compute or (bench is not None and bench.plot_throughput)
+        fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.8), squeeze=False, sharey=rates)
         for ax, shape in zip(axes[0], shapes):
             lines: dict[tuple[str, str], list[dict]] = defaultdict(list)
             for r in op_rows:
@@ -70,15 +74,16 @@ def plot_rows(rows: list[dict], provenance: dict, out: Path) -> list[Path]:
             for (fw, impl), pts in sorted(lines.items(), key=lambda kv: (kv[0][0] != "torch", kv[0][1] == "bi")):
                 pts.sort(key=lambda r: r["m"])
                 text, color, style = _label(op, fw, impl)
-                ys = [r["throughput"] if compute else r["median_us"] for r in pts]
+                ys = [r["throughput"] if rates else r["median_us"] for r in pts]
                 ax.plot([r["m"] for r in pts], ys, style, color=color, marker="o", markersize=3, label=text)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{op} {shape}" + (" (K x N)" if "x" in shape else ""), fontsize=10)
-            ax.set_xlabel("# tokens (M)")
+            note = bench.shape_note if bench is not None else "K x N"
+            ax.set_title(f"{op} {shape}" + (f" ({note})" if "x" in shape else ""), fontsize=10)
+            ax.set_xlabel(bench.batch_axis if bench is not None else "# tokens (M)")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("TFLOP/s" if compute else "time per call (us)")
-        axes[0][-1].legend(fontsize=8)
+        axes[0][0].set_ylabel(op_rows[0]["unit"] if rates else "time per call (us)")
+        max(reversed(axes[0]), key=lambda a: len(a.get_lines())).legend(fontsize=8)  # the panel with every line
         device = provenance.get("device", "?")
         fig.suptitle(f"{op}, {dtype}, {device}", fontsize=11)
         fig.tight_layout()

@@ -49,6 +49,11 @@ class Bench:
     # arguments (attention's ``split_kv=False``, split-KV off); rows
     # ``bi_<name>``.
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    # Plots: the batch axis's label, what a feature tuple means (default
+    # "K x N"), and whether a memory-bound op is drawn as GB/s rather than time.
+    batch_axis: str = "# tokens (M)"
+    shape_note: str = "K x N"
+    plot_throughput: bool = False
 
     def __post_init__(self) -> None:
         if self.bound not in ("memory", "compute"):

@@ -158,6 +158,8 @@ ATTENTION = OpSpec(
         bound="compute",
         work=_prefill_flops,
         max_batch=lambda f: max(1, 65536 // _dims(f)[0]),  # up to 64k tokens
+        batch_axis="sequences (batch)",
+        shape_note="S x Hq x Hkv x D",
     ),
     controls={"split_kv_by_batch": _split_kv_by_batch},
     # Sequence lengths up to 2048 in the properties; a batch row of length s
@@ -187,6 +189,9 @@ ATTENTION_DECODE = OpSpec(
         # Split-KV off (one program walks all of a query's keys), as the
         # invariant peers run: the same bits, slower at small batch.
         variants={"nosplit": {"split_kv": False}},
+        batch_axis="sequences (batch)",
+        shape_note="keys x Hq x Hkv x D",
+        plot_throughput=True,
     ),
     controls={"split_kv_by_batch": _split_kv_by_batch},
     # On the H200 (bf16, 32/8 heads, 4096 keys) request 0 alone differed from
