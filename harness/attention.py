@@ -82,6 +82,86 @@ class Runner:
         return tuple(self._out(r) for r in res)
 
 
+class SplitByCallControl:
+    """A negative control with ``Runner``'s interface: fp32 attention whose
+    keys are split into a number of chunks that follows the call (the number
+    of queries in it, and ``split_kv``), their partials merged in turn: what a
+    kernel whose split-KV heuristic looks at the launch does. The schedule
+    properties must catch it."""
+
+    framework = "numpy"
+
+    def __init__(self, split_size: int | None = None):
+        # With a split size, the splits sit at fixed key positions whatever
+        # the call: the invariant design, which the properties must pass.
+        self.split_size = split_size
+
+    def _one(self, q, k, v, window, splits):
+        """One sequence: q (Lq, Hq, D) at the end of k, v (Lk, Hkv, D); keys
+        in ``splits`` chunks, or (``size``) in chunks of ``size`` keys."""
+        from bi_core.attention import window_sides
+
+        lq, hq, d = q.shape
+        lk, hkv = k.shape[0], k.shape[1]
+        left, right = window_sides(True, window)
+        g = hq // hkv
+        qf = q.astype(np.float32).reshape(lq, hkv, g, d)
+        pos = np.arange(lq) + lk - lq
+        kpos = np.arange(lk)
+        seen = (kpos[None, :] >= pos[:, None] - left) & (kpos[None, :] <= pos[:, None] + right)
+        kf, vf = k.astype(np.float32), v.astype(np.float32)
+        num = den = top = None
+        keys = np.arange(lk)
+        size = self.split_size
+        parts = (np.split(keys, np.arange(size, lk, size)) if size else
+                 np.array_split(keys, min(splits, max(lk, 1))))
+        for part in parts:
+            # Every sum one term at a time, in index order: the bits of a row
+            # depend on the split alone, not on numpy's blocking of a shape.
+            s = np.zeros((hkv, g, lq, len(part)), np.float32)
+            for j in range(d):
+                s += qf[:, :, :, j].transpose(1, 2, 0)[:, :, :, None] * kf[part, :, j].T[:, None, None, :]
+            s = np.where(seen[:, part], s * np.float32(d**-0.5), -np.inf).astype(np.float32)
+            m = np.maximum(s.max(axis=-1, keepdims=True), np.float32(-1e30))
+            p = np.exp(s - m)
+            acc = np.zeros((hkv, g, lq, d), np.float32)
+            total = np.zeros((hkv, g, lq, 1), np.float32)
+            for j, key in enumerate(part):
+                acc += p[:, :, :, j : j + 1] * vf[key][:, None, None, :]
+                total += p[:, :, :, j : j + 1]
+            if top is None:
+                top, den, num = m, total, acc
+            else:
+                c = np.exp(m - top)
+                den, num = den + total * c, num + acc * c
+        out = np.where(den > 0, num / np.where(den > 0, den, 1), 0).astype(np.float32)
+        return out.transpose(2, 0, 1, 3).reshape(lq, hq, d).astype(q.dtype)
+
+    def prefill(self, q, k, v, causal=True, window=None, split_kv=None):
+        splits = 1 + q.shape[0] * q.shape[1] % 3 + (1 if split_kv else 0)
+        return np.stack([self._one(q[b], k[b], v[b], window, splits) for b in range(q.shape[0])])
+
+    def varlen(self, q, k, v, cu_q, cu_k, causal=True, window=None):
+        splits = 1 + q.shape[0] % 3
+        return np.concatenate([self._one(q[a:b], k[c:e], v[c:e], window, splits)
+                               for a, b, c, e in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])])
+
+    def paged(self, q, k_cache, v_cache, block_table, cache_lens, cu_q, k_new, v_new, window=None, split_kv=None):
+        k_cache, v_cache = k_cache.copy(), v_cache.copy()
+        page = k_cache.shape[1]
+        outs = []
+        for i, (a, b) in enumerate(zip(cu_q, cu_q[1:])):
+            pos = cache_lens[i] + np.arange(b - a)
+            k_cache[block_table[i, pos // page], pos % page] = k_new[a:b]
+            v_cache[block_table[i, pos // page], pos % page] = v_new[a:b]
+            n = cache_lens[i] + b - a
+            keys = np.arange(n)
+            kk = k_cache[block_table[i, keys // page], keys % page]
+            vv = v_cache[block_table[i, keys // page], keys % page]
+            outs.append(self._one(q[a:b], kk, vv, window, 1 + q.shape[0] % 3))
+        return np.concatenate(outs), k_cache, v_cache
+
+
 def random_sequence(rng, n: int, heads: Heads, dtype: str):
     dt = np_dtype(dtype)
     return tuple(rng.standard_normal((n, h, heads.d), dtype=np.float32).astype(dt)

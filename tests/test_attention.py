@@ -62,6 +62,26 @@ def test_invariance_split_kv(framework, dtype, n, batch, heads, window, seed):
                          f"attention[{framework}, {dtype}]", window=window)
 
 
+def _schedule_check(check, runner):
+    heads, rng = props.Heads(4, 2, 64), np.random.default_rng(3)
+    if check == "chunked_and_decode":
+        props.check_chunked_and_decode(runner, rng, 40, heads, "float32", "control")
+    elif check == "packed_position":
+        props.check_packed_position(runner, rng, 40, heads, "float32", "control")
+    else:
+        props.check_split_kv(runner, rng, 40, 2, heads, "float32", "control")
+
+
+@pytest.mark.parametrize("check", ["chunked_and_decode", "packed_position", "split_kv"])
+def test_invariance_schedule_properties_catch_a_control(check):
+    """Each schedule property fails on attention whose key split count
+    follows the call, and passes the same code with splits of a fixed size
+    (so the failure is the split's doing, not the harness's)."""
+    with pytest.raises(props.BatchVarianceError):
+        _schedule_check(check, props.SplitByCallControl())
+    _schedule_check(check, props.SplitByCallControl(split_size=7))
+
+
 # --- bad input -------------------------------------------------------------------
 
 
