@@ -100,6 +100,29 @@ def check_head_dim(head_dim: int, op: str = "attention") -> None:
                          f"{', '.join(map(str, HEAD_DIMS))}")
 
 
+def check_shapes(op: str, names, shapes, dtypes, q_dims: int, kv_dims: int) -> int:
+    """The framework-neutral checks of (q, k, v): ranks, one dtype, one K/V
+    shape, one head dim (a supported one), query heads a multiple of KV heads.
+    ``dtypes`` are comparable values (strings); returns the GQA group size."""
+    (qn, kn, vn), (qs, ks, vs) = names, [tuple(s) for s in shapes]
+    if len(qs) != q_dims:
+        raise ValueError(f"{op}: {qn} must have {q_dims} dimensions, got shape {qs}")
+    for name, shape in ((kn, ks), (vn, vs)):
+        if len(shape) != kv_dims:
+            raise ValueError(f"{op}: {name} must have {kv_dims} dimensions, got shape {shape}")
+    if len(set(dtypes)) != 1:
+        raise TypeError(f"{op}: {qn}, {kn} and {vn} must have one dtype, got {', '.join(map(str, dtypes))}")
+    if ks != vs:
+        raise ValueError(f"{op}: {kn} and {vn} must have the same shape, got {ks} and {vs}")
+    if ks[-1] != qs[-1]:
+        raise ValueError(f"{op}: head dims differ: {qn} has {qs[-1]}, {kn} and {vn} have {ks[-1]}")
+    check_head_dim(qs[-1], op)
+    hq, hkv = qs[-2], ks[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
+    return hq // hkv
+
+
 def qk_scale(scale: float | None, head_dim: int, op: str = "attention") -> float:
     """``scale * log2(e)`` rounded to fp32 (the default scale is ``1/sqrt(E)``),
     computed once on the host in float64, as both frameworks pass it."""

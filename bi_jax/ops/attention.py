@@ -320,25 +320,8 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
 def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
     for name, a in zip(names, (q, k, v)):
         check_float_array(name, a)
-    if q.ndim != q_dims:
-        raise ValueError(f"{op}: {names[0]} must have {q_dims} dimensions, got shape {tuple(q.shape)}")
-    for name, a in zip(names[1:], (k, v)):
-        if a.ndim != kv_dims:
-            raise ValueError(f"{op}: {name} must have {kv_dims} dimensions, got shape {tuple(a.shape)}")
-    if not (np.dtype(q.dtype) == np.dtype(k.dtype) == np.dtype(v.dtype)):
-        raise TypeError(f"{op}: {names[0]}, {names[1]} and {names[2]} must have one dtype, got "
-                        f"{q.dtype}, {k.dtype} and {v.dtype}")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"{op}: {names[1]} and {names[2]} must have the same shape, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
-    d = q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"{op}: head dims differ: {names[0]} has {d}, {names[1]} and {names[2]} have {k.shape[-1]}")
-    contract.check_head_dim(d, op)
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
-    return hq // hkv
+    return contract.check_shapes(op, names, (q.shape, k.shape, v.shape),
+                                 tuple(str(np.dtype(a.dtype)) for a in (q, k, v)), q_dims, kv_dims)
 
 
 def _check_index(op, name, a, ndim, length=None):

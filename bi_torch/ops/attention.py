@@ -392,30 +392,14 @@ def launch(
 def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
     for name, t in zip(names, (q, k, v)):
         check_float_tensor(name, t)
-    if q.ndim != q_dims:
-        raise ValueError(f"{op}: {names[0]} must have {q_dims} dimensions, got shape {tuple(q.shape)}")
-    for name, t in zip(names[1:], (k, v)):
-        if t.ndim != kv_dims:
-            raise ValueError(f"{op}: {name} must have {kv_dims} dimensions, got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{op}: {names[0]}, {names[1]} and {names[2]} must have one dtype, got "
-                        f"{q.dtype}, {k.dtype} and {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"{op}: {names[1]} and {names[2]} must have the same shape, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    group = contract.check_shapes(op, names, (q.shape, k.shape, v.shape), (str(q.dtype), str(k.dtype), str(v.dtype)),
+                                  q_dims, kv_dims)
     for name, t in zip(names[1:], (k, v)):
         if t.device != q.device:
             raise ValueError(f"{op}: {names[0]} is on {q.device} but {name} is on {t.device}")
-    d = q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"{op}: head dims differ: {names[0]} has {d}, {names[1]} and {names[2]} have {k.shape[-1]}")
-    contract.check_head_dim(d, op)
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{op}: {hq} query heads are not a multiple of {hkv} key/value heads")
     check_launchable(op, q)
     check_no_autograd(op, q, k, v)
-    return hq // hkv
+    return group
 
 
 def _last_dim_contiguous(t):
@@ -679,19 +663,22 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
         q_lens = (cu_q[1:] - cu_q[:-1]) if packed else torch.full_like(lens, q.shape[1])
         kv_lens_now = lens + q_lens if k_new is not None else lens
         capacity = bt.shape[1] * page_size
-        if bool((lens < 0).any()) or bool((kv_lens_now > capacity).any()):
-            raise ValueError(f"{op}: cache lengths must lie in [0, {capacity}] (block table width x page size), "
-                             f"new keys included; got {kv_lens_now.tolist() if batch <= 16 else 'more'}")
-        if bool((kv_lens_now < q_lens).any()):
-            raise ValueError(f"{op}: every sequence needs at least as many keys as new queries "
-                             "(cache_seqlens counts the queries' own keys when k_new is not given)")
         used = torch.arange(bt.shape[1], device=q.device)[None, :] < ((kv_lens_now + page_size - 1) // page_size)[:, None]
         bad = used & ((bt < 0) | (bt >= num_pages))
-        if bool(bad.any()):
+        # One host read for every check (each .any() would be a sync of its own).
+        flags = torch.stack([((lens < 0) | (kv_lens_now > capacity)).any(), (kv_lens_now < q_lens).any(), bad.any(),
+                             kv_lens_now.max() if batch else torch.zeros((), dtype=lens.dtype, device=q.device)])
+        out_of_range, too_few, bad_page, max_kv = (int(x) for x in flags.tolist())
+        if out_of_range:
+            raise ValueError(f"{op}: cache lengths must lie in [0, {capacity}] (block table width x page size), "
+                             f"new keys included; got {kv_lens_now.tolist() if batch <= 16 else 'more'}")
+        if too_few:
+            raise ValueError(f"{op}: every sequence needs at least as many keys as new queries "
+                             "(cache_seqlens counts the queries' own keys when k_new is not given)")
+        if bad_page:
             row, col = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"{op}: block_table[{row}, {col}] = {int(bt[row, col])} is not a page of the cache "
                              f"(0..{num_pages - 1})")
-        max_kv = int(kv_lens_now.max()) if batch else 0
     else:
         if packed and max_seqlen_q is None:
             raise ValueError(f"{op}: validate=False with a packed q needs max_seqlen_q")

@@ -144,15 +144,25 @@ _IMPLS = {
     "jax": Impl("attention", _jax_default, "jax.nn.dot_product_attention (cudnn)"),
 }
 
-ATTENTION = OpSpec(
-    name="attention",
+# What the two specs share: q batched with its keys and values, the
+# reference, tolerances, implementations, the control, the batch budget.
+_COMMON = dict(
     batch_arg="q",
     batched=("k", "v"),
-    make_inputs=make_prefill,
     reference=reference,
     tolerances=_TOLERANCES,
     impls=_IMPLS,
     kwargs={"causal": True},
+    controls={"split_kv_by_batch": _split_kv_by_batch},
+    # A batch row of length s counts 32 s elements of the profile's budget
+    # (CPU: a few rows at 64).
+    row_elements=lambda s: 32 * s,
+    features_of=features_of,
+)
+
+ATTENTION = OpSpec(
+    name="attention",
+    make_inputs=make_prefill,
     bench=Bench(
         features=tuple((s, *LLAMA) for s in (1024, 4096, 16384)),
         bound="compute",
@@ -161,25 +171,14 @@ ATTENTION = OpSpec(
         batch_axis="sequences (batch)",
         shape_note="S x Hq x Hkv x D",
     ),
-    controls={"split_kv_by_batch": _split_kv_by_batch},
-    # Sequence lengths up to 2048 in the properties; a batch row of length s
-    # counts 32 s elements of the profile's budget (CPU: a few rows at 64).
-    max_features=2048,
-    row_elements=lambda s: 32 * s,
+    max_features=2048,  # sequence lengths of the properties
     cross_features=(1, 100, 1000, 4096),
-    features_of=features_of,
-    sweeps={},
+    **_COMMON,
 )
 
 ATTENTION_DECODE = OpSpec(
     name="attention_decode",
-    batch_arg="q",
-    batched=("k", "v"),
     make_inputs=make_decode,
-    reference=reference,
-    tolerances=_TOLERANCES,
-    impls=_IMPLS,
-    kwargs={"causal": True},
     bench=Bench(
         features=tuple((n, *LLAMA) for n in (1024, 4096, 16384, 32768)),
         bound="memory",
@@ -193,13 +192,11 @@ ATTENTION_DECODE = OpSpec(
         shape_note="keys x Hq x Hkv x D",
         plot_throughput=True,
     ),
-    controls={"split_kv_by_batch": _split_kv_by_batch},
     # On the H200 (bf16, 32/8 heads, 4096 keys) request 0 alone differed from
     # the same request in a batch of 32 for SDPA's flash, cuDNN and math
     # backends and for jax.nn.dot_product_attention's cudnn and xla.
     default_varies=DefaultVaries(features=(4096, *LLAMA), batch=32, sizes=8),
     max_features=32768,
-    row_elements=lambda n: 32 * n,
     cross_features=(1, 700, 5000, 16384),
-    features_of=features_of,
+    **_COMMON,
 )
