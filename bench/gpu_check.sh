@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_check.sh tests    # the suite (BI_TEST_K: a pytest -k expression, to run it in parts;
 #                                    #   BI_TEST_WORKERS: pytest-xdist workers, default 4;
-#                                    #   BI_TEST_ARGS: more pytest arguments, e.g. -v)
+#                                    #   BI_TEST_ARGS: more pytest arguments, e.g. -x;
+#                                    #   BI_TEST_PATHS: test files, default tests)
 #   bash bench/gpu_check.sh bench    # python -m bench (BI_BENCH_ARGS: extra arguments)
 #   bash bench/gpu_check.sh spread DIR [DIR ...]
 #                                    # the JAX timing twice per tree (this one, or another checkout
@@ -27,7 +28,7 @@ if [[ $what == tests || $what == all ]]; then
   part=${BI_TEST_PART:-tests}
   # -v: each test's result goes to the log as it ends (a run cut by a time
   # limit keeps the names of what passed and failed).
-  python3 -m pytest tests -v -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
+  python3 -m pytest ${BI_TEST_PATHS:-tests} -v -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
     ${BI_TEST_ARGS:-} ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/$part.log" | tail -60
   status=$?
 fi
