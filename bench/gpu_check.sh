@@ -9,6 +9,9 @@
 #   bash bench/gpu_check.sh spread DIR [DIR ...]
 #                                    # the JAX timing twice per tree (this one, or another checkout
 #                                    #   DIR such as an older commit), for bench.probes.timing_spread
+#   bash bench/gpu_check.sh probes MODULE[:ARGS] ...
+#                                    # bench.probes.MODULE each (ARGS: its arguments, commas for
+#                                    #   spaces), BI_PROBE_TIMEOUT seconds at most each (default 300)
 #   bash bench/gpu_check.sh all      # tests, then bench
 #
 # Logs go to $OUT (default ./gpu-out); each part also packs its outputs into one
@@ -56,5 +59,19 @@ if [[ $what == spread ]]; then
   done
   find "$OUT/spread" -name '*.png' -delete
   tar czf "$OUT/spread.tgz" -C "$OUT" spread && rm -rf "$OUT/spread"
+fi
+if [[ $what == probes ]]; then
+  mkdir -p "$OUT/probes"
+  for spec in "$@"; do
+    mod=${spec%%:*}
+    probe_args=$([[ $spec == *:* ]] && echo "${spec#*:}" | tr ',' ' ')
+    echo "=== bench.probes.$mod $probe_args"
+    timeout "${BI_PROBE_TIMEOUT:-300}" python3 -m "bench.probes.$mod" --out "$OUT/probes" $probe_args \
+      > "$OUT/probes/$mod.log" 2>&1
+    rc=$?
+    if ((rc)); then status=1; echo "bench.probes.$mod: exit $rc"; fi
+    tail -5 "$OUT/probes/$mod.log"
+  done
+  tar czf "$OUT/probes.tgz" -C "$OUT" probes
 fi
 exit $status

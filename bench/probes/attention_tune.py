@@ -1,12 +1,13 @@
-"""Tuning knobs of the bi_torch attention kernel on the GPU: block and split size (both change the bits: contract choices), tile config
-and pipelining depth (both change no bits), for prefill and decode::
+"""Tuning knobs of the bi_torch attention kernel on the GPU that change no
+bits: tile config and pipelining depth, masking only the blocks that need it
+(prefill), for prefill and decode::
 
     python -m bench.probes.attention_tune [--out DIR]
 
-bf16, head dim 128, 32 query / 8 KV heads. Times with
-``triton.testing.do_bench``; checks that variants of one (block, split) give
-the same bits. One JSON line per point. (The loop-structure variants of
-attention v1 in bench/NOTES.md were measured with an earlier version.)
+bf16, head dim 128, 32 query / 8 KV heads. Device time with
+``triton.testing.do_bench_cudagraph``; each point's bits against the default's.
+One JSON line per point. (Block, split and loop-structure variants of attention
+v1 in bench/NOTES.md were measured with an earlier version of this probe.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from bi_torch.ops import attention as ops
 H, HKV, D = 32, 8, 128
 
 
-def run(q, k, v, cfg, bn, split, split_kv=None):
+def run(q, k, v, cfg, bn, split, split_kv=None, skip_full_mask=True):
     b, lq = q.shape[0], q.shape[1]
     if cfg is None:
         cfg = contract.tile_config(D, lq * H // HKV)
@@ -34,7 +35,8 @@ def run(q, k, v, cfg, bn, split, split_kv=None):
     ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
                o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
                max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
-               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv)
+               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv,
+               skip_full_mask=skip_full_mask)
     return o
 
 
@@ -54,28 +56,34 @@ def main() -> None:
         if log:
             log.write(line + "\n")
 
-    shapes = [(64, 256), (128, 256), (128, 512)]
     bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
     if "prefill" in args.parts:
-        for seq in (4096, 16384):
+        # Masking only the blocks a row of the tile does not see whole (no
+        # bits change) against masking every block, per tile config.
+        for seq in (1024, 4096, 16384):
             q = torch.randn(1, seq, H, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             flops = 4 * seq * seq * D * H / 2
-            for (bn, split), stages in itertools.product(shapes, (2, 3)):
-                cfg = contract.TileConfig(128, 8, stages)
-                ms = bench(lambda: run(q, k, v, cfg, bn, split))
-                emit({"prefill": seq, "bn": bn, "split": split, "stages": stages, "tflops": round(flops / ms / 1e9, 1)})
+            ref = run(q, k, v, None, None, None, skip_full_mask=False)
+            for cfg, skip in itertools.product(contract.tile_configs(D), (False, True)):
+                o = run(q, k, v, cfg, None, None, skip_full_mask=skip)
+                ms = bench(lambda: run(q, k, v, cfg, None, None, skip_full_mask=skip))
+                emit({"prefill": seq, "config": [cfg.block_m, cfg.num_warps, cfg.num_stages], "skip_full_mask": skip,
+                      "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()),
+                      "tflops": round(flops / ms / 1e9, 1)})
     # Decode tiles and depths at the contract's block and split: bits against
     # the dispatch's own choice, and speed.
-    configs = [contract.TileConfig(*c) for c in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (16, 1, 3), (16, 4, 3), (32, 2, 3))]
+    configs = [contract.TileConfig(*c) for c in ((64, 4, 2), (64, 4, 1), (64, 4, 3), (16, 4, 1), (16, 4, 2), (16, 4, 3),
+                                                (16, 2, 2), (16, 1, 2), (32, 4, 2))]
     for b, n in ((1, 4096), (1, 32768), (8, 4096), (32, 4096), (128, 4096), (32, 16384)):
         q = torch.randn(b, 1, H, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, n, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         nbytes = 2 * k.numel() * 2
         ref = run(q, k, v, None, None, None)
-        for cfg, split_kv in itertools.product(configs, (None, True, False)):
+        points = [(cfg, None) for cfg in configs] + [(configs[0], True), (configs[0], False)]
+        for cfg, split_kv in points:
             rec = {"decode": [b, n], "config": [cfg.block_m, cfg.num_warps, cfg.num_stages], "split_kv": split_kv}
             try:
                 o = run(q, k, v, cfg, None, None, split_kv)

@@ -177,10 +177,13 @@ def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_
 
 
 @triton.jit
-def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, lo_max, hi_min, BT, bt_stride, page_size,
            skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-           IEEE: tl.constexpr, PTX: tl.constexpr):
-    """One block of keys folded into a split's running (m, l, acc)."""
+           IEEE: tl.constexpr, PTX: tl.constexpr, SKIP_FULL_MASK: tl.constexpr):
+    """One block of keys folded into a split's running (m, l, acc).
+    ``lo_max``/``hi_min``: the tile's narrowest visible range, over its valid
+    rows; a block inside it is seen whole by every valid row and needs no
+    mask (the padding rows' results are never stored)."""
     kpos = blk * BLOCK_N + cols
     in_seq = kpos < kv_len
     k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
@@ -191,8 +194,9 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
         qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
     else:
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-    qk = tl.where(seen, qk, float("-inf"))
+    if (not SKIP_FULL_MASK) | (blk * BLOCK_N < lo_max) | (blk * BLOCK_N + BLOCK_N - 1 > hi_min):
+        seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+        qk = tl.where(seen, qk, float("-inf"))
     new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
     base = tl.where(new_m == float("-inf"), 0.0, new_m)
     p = _exp2_fma(qk, qk_scale, -base[:, None], PTX)
@@ -216,7 +220,7 @@ def _attn_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
-    PTX: tl.constexpr,
+    PTX: tl.constexpr, SKIP_FULL_MASK: tl.constexpr = True,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -228,6 +232,8 @@ def _attn_kernel(
     qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
     k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
     k_hi = tl.max(tl.where(valid, hi, -1), 0)
+    lo_max = tl.max(tl.where(valid, lo, 0), 0)
+    hi_min = tl.min(tl.where(valid, hi, 1 << 30), 0)
     blk_lo = k_lo // BLOCK_N
     blk_hi = k_hi // BLOCK_N
     if SPREAD:
@@ -249,8 +255,9 @@ def _attn_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     for blk in range(blk_lo, blk_hi + 1):
-        m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
+        m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, lo_max, hi_min, BT, bt_stride, page_size,
+                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX,
+                           SKIP_FULL_MASK)
         if not SPREAD:
             # The end of a split (or of the tile's range): fold it in, start the next.
             if ((blk + 1) % BPS == 0) | (blk == blk_hi):
@@ -330,7 +337,7 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, merge_stages=4,
+    block_n=None, split_keys=None, merge_stages=4, skip_full_mask=True,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -372,7 +379,7 @@ def launch(
         *q_strides, *k_strides, *v_strides, *o_strides,
         block_table.stride(0) if block_table is not None else 0,
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows,
-        PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
+        PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32, SKIP_FULL_MASK=skip_full_mask,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
