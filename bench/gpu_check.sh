@@ -10,7 +10,7 @@
 #                                    # the JAX timing twice per tree (this one, or another checkout
 #                                    #   DIR such as an older commit), for bench.probes.timing_spread
 #   bash bench/gpu_check.sh probes MODULE[:ARGS] ...
-#                                    # bench.probes.MODULE each (ARGS: its arguments, commas for
+#                                    # bench.probes.MODULE each (ARGS: its arguments, + for
 #                                    #   spaces), BI_PROBE_TIMEOUT seconds at most each (default 300)
 #   bash bench/gpu_check.sh all      # tests, then bench
 #
@@ -64,7 +64,7 @@ if [[ $what == probes ]]; then
   mkdir -p "$OUT/probes"
   for spec in "$@"; do
     mod=${spec%%:*}
-    probe_args=$([[ $spec == *:* ]] && echo "${spec#*:}" | tr ',' ' ')
+    probe_args=$([[ $spec == *:* ]] && echo "${spec#*:}" | tr '+' ' ')
     echo "=== bench.probes.$mod $probe_args"
     timeout "${BI_PROBE_TIMEOUT:-300}" python3 -m "bench.probes.$mod" --out "$OUT/probes" $probe_args \
       > "$OUT/probes/$mod.log" 2>&1

@@ -97,8 +97,13 @@ def test_cross_framework_equality(op, dtype, features):
     fns = {fw: adapters[fw].kernel(op) for fw in FRAMEWORKS}
     if spec.max_features is not None:
         features = min(features, spec.max_features)
-    # Up to 4096 rows, fewer where a row carries its own operands (bmm).
-    per_row = spec.row_elements(features) if spec.row_elements else features
+    # Up to 4096 rows, fewer where a row carries its own operands (bmm,
+    # attention): at most 2**27 elements in any batched input (the spec's
+    # budget per row, or the largest batched array of one row if larger: an
+    # attention row is a whole sequence).
+    one = spec.make_inputs(np.random.default_rng(0), 1, features, dtype)
+    per_row = max(spec.row_elements(features) if spec.row_elements else features,
+                  *(one[name].size for name in (spec.batch_arg, *spec.batched)))
     rows = int(min(4096, max(8, 2**27 // per_row)))
     inputs = spec.make_inputs(np.random.default_rng(features), rows, features, dtype)
     properties.check_cross_framework(spec, adapters, fns, inputs, label=_label(op, "torch vs jax", dtype))

@@ -56,8 +56,8 @@ def torch_ptx() -> list[dict]:
                 ptx = compiled.asm.get("ptx", "")
                 meta = {k: getattr(compiled.metadata, k, None) for k in ("num_warps", "num_stages", "shared")}
                 meta.update({k: getattr(compiled, k, None) for k in ("n_regs", "n_spills")})
-                meta["constants"] = {k: v for k, v in getattr(compiled.src, "constants", {}).items()
-                                     if isinstance(v, (int, bool))} if hasattr(compiled, "src") else None
+                consts = getattr(getattr(compiled, "src", None), "constants", None) or {}
+                meta["constants"] = {str(k): v for k, v in consts.items() if isinstance(v, (int, bool))}
                 out.append({"kernel": fn.__name__, **meta, **census(ptx)})
     return out
 

@@ -1,6 +1,5 @@
 """Tuning knobs of the bi_torch attention kernel on the GPU that change no
-bits: tile config and pipelining depth, masking only the blocks that need it
-(prefill), for prefill and decode::
+bits: tile config and pipelining depth, for prefill and decode::
 
     python -m bench.probes.attention_tune [--out DIR]
 
@@ -13,7 +12,6 @@ v1 in bench/NOTES.md were measured with an earlier version of this probe.)
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from bi_torch.ops import attention as ops
 H, HKV, D = 32, 8, 128
 
 
-def run(q, k, v, cfg, bn, split, split_kv=None, skip_full_mask=True):
+def run(q, k, v, cfg, bn, split, split_kv=None):
     b, lq = q.shape[0], q.shape[1]
     if cfg is None:
         cfg = contract.tile_config(D, lq * H // HKV)
@@ -35,8 +33,7 @@ def run(q, k, v, cfg, bn, split, split_kv=None, skip_full_mask=True):
     ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
                o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
                max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
-               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv,
-               skip_full_mask=skip_full_mask)
+               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv)
     return o
 
 
@@ -58,18 +55,17 @@ def main() -> None:
 
     bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
     if "prefill" in args.parts:
-        # Masking only the blocks a row of the tile does not see whole (no
-        # bits change) against masking every block, per tile config.
+        # Each tile config of the dispatch: bits against the default's, speed.
         for seq in (1024, 4096, 16384):
             q = torch.randn(1, seq, H, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             flops = 4 * seq * seq * D * H / 2
-            ref = run(q, k, v, None, None, None, skip_full_mask=False)
-            for cfg, skip in itertools.product(contract.tile_configs(D), (False, True)):
-                o = run(q, k, v, cfg, None, None, skip_full_mask=skip)
-                ms = bench(lambda: run(q, k, v, cfg, None, None, skip_full_mask=skip))
-                emit({"prefill": seq, "config": [cfg.block_m, cfg.num_warps, cfg.num_stages], "skip_full_mask": skip,
+            ref = run(q, k, v, None, None, None)
+            for cfg in contract.tile_configs(D):
+                o = run(q, k, v, cfg, None, None)
+                ms = bench(lambda: run(q, k, v, cfg, None, None))
+                emit({"prefill": seq, "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
                       "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()),
                       "tflops": round(flops / ms / 1e9, 1)})
     # Decode tiles and depths at the contract's block and split: bits against

@@ -133,10 +133,8 @@ def _kv_offsets(kpos, in_seq, s, k0, bt_ref, strides, st):
     return s * sb + (k0 + kpos) * stt
 
 
-def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, lo_max, hi_min, st):
-    """One block of keys folded into a split's running (m, l, acc); a block
-    inside the tile's narrowest visible range (``lo_max``..``hi_min``) is
-    seen whole by every valid row and needs no mask."""
+def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, st):
+    """One block of keys folded into a split's running (m, l, acc)."""
     m, l, acc = carry
     bn, d, ptx = st["block_n"], st["head_dim"], st["ptx"]
     kpos = blk * bn + jnp.arange(bn, dtype=jnp.int32)
@@ -149,15 +147,17 @@ def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, lo_ma
     v = pltriton.load(v_ref.at[v_off[:, None] + cols[None, :]], mask=kmask, other=0.0)
     precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
     qk = _tile_dot(q, k.T, precision, interpreted=not ptx)
-    qk = lax.cond((blk * bn < lo_max) | (blk * bn + bn - 1 > hi_min),
-                  lambda: jnp.where((kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None]), qk, _NEG_INF),
-                  lambda: qk)
+    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+    qk = jnp.where(seen, qk, _NEG_INF)
     new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
     base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
-    p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx)
+    p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx).astype(v.dtype)
     alpha = _exp2_diff(m, base, ptx)
-    l = _fma(l, alpha, jnp.sum(p, axis=1), ptx)
-    pv = _tile_dot(p.astype(v.dtype), v, precision, interpreted=not ptx)
+    # The row sum as a product against ones (bi_torch's reason: a reduction's
+    # order follows the register layout, a product's does not).
+    p_sum = _tile_dot(p, jnp.ones((bn, 16), v.dtype), precision, interpreted=not ptx)
+    pv = _tile_dot(p, v, precision, interpreted=not ptx)
+    l = _fma(l, alpha, jnp.max(p_sum, axis=1), ptx)
     return new_m, l, _add(_mul(acc, jnp.broadcast_to(alpha[:, None], acc.shape), ptx), pv, ptx)
 
 
@@ -174,7 +174,6 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, *o
     q0, q_len, k0, kv_len = _seq_info(s, cu_q_ref, cu_k_ref, kv_len_ref, st)
     qi, gi, valid, lo, hi = _rows(tile, q_len, kv_len, st)
     k_lo, k_hi = _tile_range(valid, lo, hi)
-    lo_max, hi_min = jnp.max(jnp.where(valid, lo, 0)), jnp.min(jnp.where(valid, hi, 1 << 30))
     blk_lo, blk_hi = k_lo // bn, k_hi // bn
     if st["spread"]:
         split = pl.program_id(2)
@@ -190,7 +189,7 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, *o
     def _():
         q_off = s * qs[0] + (q0 + qi) * qs[1] + h * qs[2]
         q = pltriton.load(q_ref.at[q_off[:, None] + cols[None, :]], mask=rmask, other=0.0)
-        blk_args = (s, k0, hk, kv_len, lo, hi, lo_max, hi_min, st)
+        blk_args = (s, k0, hk, kv_len, lo, hi, st)
 
         def body(blk, state):
             part = _block(q, k_ref, v_ref, bt_ref, state[3:], blk, *blk_args)

@@ -177,13 +177,10 @@ def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_
 
 
 @triton.jit
-def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, lo_max, hi_min, BT, bt_stride, page_size,
+def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
            skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-           IEEE: tl.constexpr, PTX: tl.constexpr, SKIP_FULL_MASK: tl.constexpr):
-    """One block of keys folded into a split's running (m, l, acc).
-    ``lo_max``/``hi_min``: the tile's narrowest visible range, over its valid
-    rows; a block inside it is seen whole by every valid row and needs no
-    mask (the padding rows' results are never stored)."""
+           IEEE: tl.constexpr, PTX: tl.constexpr):
+    """One block of keys folded into a split's running (m, l, acc)."""
     kpos = blk * BLOCK_N + cols
     in_seq = kpos < kv_len
     k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
@@ -194,21 +191,25 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, lo_max, hi_min, 
         qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
     else:
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-    if (not SKIP_FULL_MASK) | (blk * BLOCK_N < lo_max) | (blk * BLOCK_N + BLOCK_N - 1 > hi_min):
-        seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-        qk = tl.where(seen, qk, float("-inf"))
+    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+    qk = tl.where(seen, qk, float("-inf"))
     new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
     base = tl.where(new_m == float("-inf"), 0.0, new_m)
-    p = _exp2_fma(qk, qk_scale, -base[:, None], PTX)
+    p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
     alpha = _exp2_diff(m, base, PTX)
-    l = _fma(l, alpha, tl.sum(p, 1), PTX)
-    # The product starts from zero and is added to the rescaled accumulator
-    # as two IEEE steps: no compiler may fold the rescale into the product's
-    # accumulation (bi_jax's Pallas lowering would otherwise decide alone).
+    # The row sum is a product too (p against a column of ones, every column
+    # of it equal, so the max picks it exactly): a tl.sum's order follows the
+    # tile's register layout, which follows the tile config and the compiler.
+    ones = tl.full([BLOCK_N, 16], 1.0, tl.float32).to(v.dtype)
+    # The products start from zero; the rescale is two IEEE steps after them,
+    # so no compiler may fold it into a product's accumulation.
     if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=tl.float32)
+        p_sum = tl.dot(p, ones, input_precision="ieee", out_dtype=tl.float32)
+        pv = tl.dot(p, v, input_precision="ieee", out_dtype=tl.float32)
     else:
-        pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        p_sum = tl.dot(p, ones, out_dtype=tl.float32)
+        pv = tl.dot(p, v, out_dtype=tl.float32)
+    l = _fma(l, alpha, tl.max(p_sum, 1), PTX)
     return new_m, l, _add(_mul(acc, _bcast(alpha[:, None], acc), PTX), pv, PTX)
 
 
@@ -220,7 +221,7 @@ def _attn_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
-    PTX: tl.constexpr, SKIP_FULL_MASK: tl.constexpr = True,
+    PTX: tl.constexpr,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -232,8 +233,6 @@ def _attn_kernel(
     qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
     k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
     k_hi = tl.max(tl.where(valid, hi, -1), 0)
-    lo_max = tl.max(tl.where(valid, lo, 0), 0)
-    hi_min = tl.min(tl.where(valid, hi, 1 << 30), 0)
     blk_lo = k_lo // BLOCK_N
     blk_hi = k_hi // BLOCK_N
     if SPREAD:
@@ -255,9 +254,8 @@ def _attn_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     for blk in range(blk_lo, blk_hi + 1):
-        m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, lo_max, hi_min, BT, bt_stride, page_size,
-                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX,
-                           SKIP_FULL_MASK)
+        m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
         if not SPREAD:
             # The end of a split (or of the tile's range): fold it in, start the next.
             if ((blk + 1) % BPS == 0) | (blk == blk_hi):
@@ -337,7 +335,7 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, merge_stages=4, skip_full_mask=True,
+    block_n=None, split_keys=None, merge_stages=4,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -379,7 +377,7 @@ def launch(
         *q_strides, *k_strides, *v_strides, *o_strides,
         block_table.stride(0) if block_table is not None else 0,
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows,
-        PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32, SKIP_FULL_MASK=skip_full_mask,
+        PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
