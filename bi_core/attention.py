@@ -78,20 +78,32 @@ class TileConfig:
     num_stages: int
 
 
-def tile_configs(head_dim: int) -> tuple[TileConfig, ...]:
-    """Every tile config the dispatch may use for ``head_dim`` (the GPU suite
-    proves them bitwise equal)."""
+def tile_configs(head_dim: int, itemsize: int = 2) -> tuple[TileConfig, ...]:
+    """Every tile config the dispatch may use for ``head_dim`` and inputs of
+    ``itemsize`` bytes, smallest tile first (the suite proves them bitwise
+    equal: ``harness.attention.check_tile_configs``)."""
     check_head_dim(head_dim)
+    # fp32 key and value blocks of 64 KB each: two pipeline stages of both
+    # need more than the 227 KB of shared memory of an H100/H200.
+    stages = 1 if itemsize > 2 and head_dim >= 128 else 2
+    # 16 rows (the smallest tensor-core tile) for decode: one query of a
+    # 4-head GQA group fills 4 of them, against 4 of 64. On the H200 (bf16,
+    # 32/8 heads, head dim 128) it read the cache 1.9-2.4x faster than the
+    # 64-row tile (bench/NOTES.md, attention v2).
+    decode = TileConfig(16, 4, stages)
     if head_dim == 256:
-        return (TileConfig(64, 8, 2),)
-    return (TileConfig(64, 4, 2), TileConfig(128, 8, 2))
+        return (decode, TileConfig(64, 8, stages))
+    return (decode, TileConfig(64, 4, stages), TileConfig(128, 8, stages))
 
 
-def tile_config(head_dim: int, rows: int) -> TileConfig:
-    """The tile for ``rows`` query rows per (sequence, KV head): the larger
-    tile for prefill-sized work, the smaller one for decode."""
-    configs = tile_configs(head_dim)
-    return configs[-1] if rows >= 4 * configs[-1].block_m else configs[0]
+def tile_config(head_dim: int, rows: int, itemsize: int = 2) -> TileConfig:
+    """The tile for ``rows`` query rows per (sequence, KV head): the 16-row
+    tile when they fit it (decode), the largest for prefill-sized work, the
+    middle one between."""
+    configs = tile_configs(head_dim, itemsize)
+    if rows <= configs[0].block_m:
+        return configs[0]
+    return configs[-1] if rows >= 4 * configs[-1].block_m else configs[1]
 
 
 def check_head_dim(head_dim: int, op: str = "attention") -> None:

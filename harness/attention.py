@@ -7,7 +7,8 @@ for bit, raising ``harness.properties.BatchVarianceError`` with the first
 differing row. Schedules: one causal prefill; chunked prefill with random
 chunk boundaries; token-by-token decode against a paged cache (random page
 size, pages in random order, other sequences in the batch); sequences packed
-at random positions of a variable-length batch; split-KV on and off.
+at random positions of a variable-length batch; split-KV on and off; each
+tile config the dispatch may pick.
 """
 
 from __future__ import annotations
@@ -60,10 +61,36 @@ class Runner:
             return self._ad.to_numpy(t)
         return np.asarray(t)
 
-    def prefill(self, q, k, v, causal=True, window=None, split_kv=None):
-        """(B, Lq, H, D) queries aligned to the end of (B, Lk, Hkv, D) keys."""
+    def prefill(self, q, k, v, causal=True, window=None, split_kv=None, config=None):
+        """(B, Lq, H, D) queries aligned to the end of (B, Lk, Hkv, D) keys;
+        ``config``: a tile config of ``bi_core.attention.tile_configs``
+        instead of the dispatch's choice (through the kernels' launcher)."""
+        if config is not None:
+            return self._launch(q, k, v, causal, window, split_kv, config)
         return self._out(self._bi.attention(self._in(q), self._in(k), self._in(v), causal=causal, window=window,
                                             split_kv=split_kv))
+
+    def _launch(self, q, k, v, causal, window, split_kv, config):
+        from bi_core import attention as contract
+
+        b, lq, hq, d = q.shape
+        lk, hkv = k.shape[1], k.shape[2]
+        args = dict(batch=b, hkv=hkv, group=hq // hkv, q_len=lq, kv_len=lk, max_q_len=lq, max_kv_len=lk,
+                    window=contract.window_sides(causal, window), bottom_right=True, split_kv=split_kv, config=config)
+        tq, tk, tv = self._in(q), self._in(k), self._in(v)
+        if self.framework == "torch":
+            from bi_torch.ops import attention as ops
+
+            out = self._t.empty_like(tq)
+            ops.launch(tq, tk, tv, out, q_strides=ops._strides(tq), k_strides=ops._strides(tk),
+                       v_strides=ops._strides(tv), o_strides=ops._strides(out), scale_log2=contract.qk_scale(None, d),
+                       **args)
+            return self._out(out)
+        from bi_jax.ops import attention as ops
+
+        qs, ks = ops._row_major_strides(q.shape), ops._row_major_strides(k.shape)
+        return self._out(ops.launch(tq, tk, tv, q_strides=qs[:3], k_strides=ks[:3], v_strides=ks[:3],
+                                    qk_scale=contract.qk_scale(None, d), **args))
 
     def varlen(self, q, k, v, cu_q, cu_k, causal=True, window=None):
         mq, mk = int(np.diff(cu_q).max()), int(np.diff(cu_k).max())
@@ -137,8 +164,8 @@ class SplitByCallControl:
         out = np.where(den > 0, num / np.where(den > 0, den, 1), 0).astype(np.float32)
         return out.transpose(2, 0, 1, 3).reshape(lq, hq, d).astype(q.dtype)
 
-    def prefill(self, q, k, v, causal=True, window=None, split_kv=None):
-        splits = 1 + q.shape[0] * q.shape[1] % 3 + (1 if split_kv else 0)
+    def prefill(self, q, k, v, causal=True, window=None, split_kv=None, config=None):
+        splits = 1 + q.shape[0] * q.shape[1] % 3 + (1 if split_kv else 0) + (config.block_m // 16 if config else 0)
         return np.stack([self._one(q[b], k[b], v[b], window, splits) for b in range(q.shape[0])])
 
     def varlen(self, q, k, v, cu_q, cu_k, causal=True, window=None):
@@ -256,3 +283,18 @@ def check_split_kv(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype:
         off = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=False)
         _compare(on.reshape(-1, *on.shape[2:]), off.reshape(-1, *off.shape[2:]), label,
                  f"split-KV on vs off ({lq} queries against {n} keys)")
+
+
+def check_tile_configs(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype: str, label: str, window=None):
+    """Every tile config the dispatch may pick for the head dim and dtype
+    gives the bits of the first (prefill and decode, split-KV off)."""
+    from bi_core.attention import tile_configs
+
+    configs = tile_configs(heads.d, np_dtype(dtype).itemsize)
+    q, k, v = (np.stack(x) for x in zip(*(random_sequence(rng, n, heads, dtype) for _ in range(batch))))
+    for lq in (n, 1):
+        ref = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=False, config=configs[0])
+        for cfg in configs[1:]:
+            out = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=False, config=cfg)
+            _compare(out.reshape(-1, *out.shape[2:]), ref.reshape(-1, *ref.shape[2:]), label,
+                     f"tile {cfg} vs {configs[0]} ({lq} queries against {n} keys)")

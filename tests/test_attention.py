@@ -1,5 +1,5 @@
 """Attention: the schedule properties of ``harness.attention`` (prefill ==
-chunked prefill == paged decode, packed position, split-KV on/off) in every
+chunked prefill == paged decode, packed position, split-KV on/off, tile configs) in every
 framework, bad inputs, and the drop-in signatures. The batch-invariance,
 determinism, accuracy and cross-framework properties run in
 test_properties.py for the ``attention`` and ``attention_decode`` specs.
@@ -62,17 +62,29 @@ def test_invariance_split_kv(framework, dtype, n, batch, heads, window, seed):
                          f"attention[{framework}, {dtype}]", window=window)
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@EXAMPLES
+@given(n=st.integers(1, 2 * MAX_LEN if GPU else 300), batch=st.integers(1, 3), heads=HEADS, window=WINDOWS,
+       seed=st.integers(0, 2**32 - 1))
+def test_invariance_tile_configs(framework, dtype, n, batch, heads, window, seed):
+    props.check_tile_configs(_runner(framework), np.random.default_rng(seed), n, batch, heads, dtype,
+                             f"attention[{framework}, {dtype}]", window=window)
+
+
 def _schedule_check(check, runner):
     heads, rng = props.Heads(4, 2, 64), np.random.default_rng(3)
     if check == "chunked_and_decode":
         props.check_chunked_and_decode(runner, rng, 40, heads, "float32", "control")
     elif check == "packed_position":
         props.check_packed_position(runner, rng, 40, heads, "float32", "control")
+    elif check == "tile_configs":
+        props.check_tile_configs(runner, rng, 40, 2, heads, "float32", "control")
     else:
         props.check_split_kv(runner, rng, 40, 2, heads, "float32", "control")
 
 
-@pytest.mark.parametrize("check", ["chunked_and_decode", "packed_position", "split_kv"])
+@pytest.mark.parametrize("check", ["chunked_and_decode", "packed_position", "split_kv", "tile_configs"])
 def test_invariance_schedule_properties_catch_a_control(check):
     """Each schedule property fails on attention whose key split count
     follows the call, and passes the same code with splits of a fixed size

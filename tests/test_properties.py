@@ -73,18 +73,8 @@ def test_accuracy(op, framework, dtype):
     _run(op, framework, dtype, check)
 
 
-# On the H200, bi_torch and bi_jax attention differ in a few output elements
-# (1 to 42 of 2-8 million per call, prefill and decode; cause not found yet):
-# marked as expected to fail (not strict: some sizes agree), so that the
-# suite reports the gap (xfail) or its closing (xpass) instead of hiding it.
-_CROSS_GAPS = {"attention", "attention_decode"}
-
-
 def _cross_cases():
-    return [pytest.param(*p.values, features, id=f"{p.id}-{features}",
-                         marks=[pytest.mark.xfail(strict=False, raises=properties.CrossFrameworkError,
-                                                  reason="bi_torch and bi_jax attention differ in a few elements")]
-                         if p.values[0] in _CROSS_GAPS else [])
+    return [pytest.param(*p.values, features, id=f"{p.id}-{features}")
             for p in cross_framework_cases()
             for features in registry.get(p.values[0]).cross_features]
 

@@ -345,7 +345,7 @@ def launch(
     Strides are element strides (batch or page, token or slot, head) of the
     4-D views ``(B, L, H, D)``; the last dimension must be contiguous."""
     d = q.shape[-1]
-    cfg = config or contract.tile_config(d, max_q_len * group)
+    cfg = config or contract.tile_config(d, max_q_len * group, q.element_size())
     tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
     block_n = block_n or contract.block_n(d)
     split_keys = split_keys or contract.SPLIT
