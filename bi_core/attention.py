@@ -17,10 +17,17 @@ the longest sequence of the batch. This is how:
 
       m' = max(m, max_j(qk_j) * c)          c = scale * log2(e), rounded to fp32
       p_j = 2 ** fma(qk_j, c, -m')          (masked keys: p_j = 0)
-      l' = fma(l, 2 ** (m - m'), sum_j p_j)
-      acc' = acc * 2 ** (m - m') + p @ v    (p rounded to v's dtype; the
-                                            product from zero in fp32, then
-                                            one rounded multiply and one add)
+      p~ = p rounded to v's dtype
+      l' = fma(l, 2 ** (m - m'), (p~ @ ones)[:, 0])
+      acc' = acc * 2 ** (m - m') + p~ @ v   (each product from zero in fp32,
+                                            then one rounded multiply and
+                                            one add)
+
+  The row sum is a tile product (against a block of ones) like ``p~ @ v``, not a
+  reduction: a reduction's order follows the register layout of the tile,
+  which the tile config and each framework's compiler choose (on the H200 a
+  ``tl.sum`` made bi_torch and bi_jax differ in a few elements per million,
+  and a 16-row tile differ from a 64-row one).
 
 * The splits' partial results are then folded **in split order**,
   ``s = 0, 1, 2, ...`` (``M' = max(M, m_s)``, ``L' = L a + l_s b``,
@@ -38,9 +45,8 @@ given row needs: its tile's range.
 
 Which rows share a program (the query tile, the heads of a GQA group packed
 into it), how many programs the splits are spread over and the pipelining
-depth are chosen for speed and change no bits. The tile shape of a head size
-(``tile_config``) is fixed: the GPU suite proves each config the dispatch can
-pick against the others.
+depth are chosen for speed and change no bits: the suite proves every config
+the dispatch can pick (``tile_configs``) against the others.
 
 The steps with a transcendental or a rounding that compilers might reorder
 are written as PTX (below), so that the two frameworks' Triton compilers emit
@@ -88,7 +94,7 @@ def tile_configs(head_dim: int, itemsize: int = 2) -> tuple[TileConfig, ...]:
     stages = 1 if itemsize > 2 and head_dim >= 128 else 2
     # 16 rows (the smallest tensor-core tile) for decode: one query of a
     # 4-head GQA group fills 4 of them, against 4 of 64. On the H200 (bf16,
-    # 32/8 heads, head dim 128) it read the cache 1.9-2.4x faster than the
+    # 32/8 heads, head dim 128) it read the cache 1.85-2.35x faster than the
     # 64-row tile (bench/NOTES.md, attention v2).
     decode = TileConfig(16, 4, stages)
     if head_dim == 256:

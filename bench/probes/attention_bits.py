@@ -81,7 +81,7 @@ def main() -> None:
     log = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / "attention_bits.jsonl", "w")
+        log = open(args.out / "attention_bits.jsonl", "w", buffering=1)  # line-buffered: a timeout keeps each line
 
     def emit(rec):
         line = json.dumps(rec)

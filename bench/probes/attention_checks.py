@@ -43,7 +43,7 @@ def main() -> None:
     log = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / "attention_checks.jsonl", "w")
+        log = open(args.out / "attention_checks.jsonl", "w", buffering=1)  # line-buffered: a timeout keeps each line
     only = set(filter(None, args.only.split(",")))
     for fw, dtype, n, heads in itertools.product(args.frameworks.split(","), args.dtypes.split(","),
                                                  [int(x) for x in args.sizes.split(",")], HEADS):
