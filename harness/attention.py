@@ -208,12 +208,13 @@ def _compare(a, b, label: str, what: str):
 
 
 def check_chunked_and_decode(runner: Runner, rng, n: int, heads: Heads, dtype: str, label: str, window=None,
-                             others: int = 3, max_page: int = 40):
+                             others: int = 3, max_page: int = 40, max_steps: int | None = None):
     """One causal prefill of a sequence of ``n`` tokens == the same sequence
     in chunks of random sizes (each against the keys so far) == decoded
     token by token against a paged cache (random page size and page order,
     ``others`` unrelated sequences of random lengths in the same batch, the
-    probe at a random slot)."""
+    probe at a random slot). ``max_steps``: at most that many single-token
+    steps per sequence after its first chunk (long sequences)."""
     q, k, v = random_sequence(rng, n, heads, dtype)
     full = runner.prefill(q[None], k[None], v[None], window=window)[0]
     cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, int(rng.integers(1, 5))), replace=False)) if n > 1 else []
@@ -242,7 +243,8 @@ def check_chunked_and_decode(runner: Runner, rng, n: int, heads: Heads, dtype: s
     v_cache = np.zeros_like(k_cache)
     # A first chunk of random size per sequence (chunked prefill into the
     # cache), then one token per step; sequences finish at their lengths.
-    first = [max(1, int(rng.integers(0, m))) for m in lens]
+    low = [0 if max_steps is None else max(0, m - max_steps) for m in lens]
+    first = [max(1, int(rng.integers(lo, m))) for lo, m in zip(low, lens)]
     done = [0] * len(lens)
     out = np.zeros_like(full)
     while any(d < m for d, m in zip(done, lens)):

@@ -72,6 +72,24 @@ def test_invariance_tile_configs(framework, dtype, n, batch, heads, window, seed
                              f"attention[{framework}, {dtype}]", window=window)
 
 
+# Lengths to 32k and up to 64 other sequences in the step, on the GPU only: a
+# first chunk of all but the last few tokens, then single-token steps.
+LONG = settings(max_examples=2, deadline=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+@LONG
+@given(n=st.integers(8192, 32768), others=st.integers(1, 63), seed=st.integers(0, 2**32 - 1))
+def test_invariance_long_sequences(framework, n, others, seed):
+    heads, rng, label = props.Heads(8, 2, 128), np.random.default_rng(seed), f"attention[{framework}, long]"
+    runner = _runner(framework)
+    props.check_chunked_and_decode(runner, rng, n, heads, "bfloat16", label, others=others, max_page=256,
+                                   max_steps=4)
+    props.check_split_kv(runner, rng, n, 2, heads, "bfloat16", label)
+    props.check_packed_position(runner, rng, n, heads, "bfloat16", label)
+
+
 def _schedule_check(check, runner):
     heads, rng = props.Heads(4, 2, 64), np.random.default_rng(3)
     if check == "chunked_and_decode":
