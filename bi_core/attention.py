@@ -29,6 +29,10 @@ the longest sequence of the batch. This is how:
   ``tl.sum`` made bi_torch and bi_jax differ in a few elements per million,
   and a 16-row tile differ from a 64-row one).
 
+* With an additive bias ``b`` (the drop-ins' float mask), the exponent is
+  ``t_j = fma(qk_j, c, b_j * log2(e))`` (the product rounded to fp32),
+  ``m' = max(m, max_j t_j)`` and ``p_j = 2 ** (t_j - m')``; a boolean mask hides
+  keys as the causal and window bounds do.
 * The splits' partial results are then folded **in split order**,
   ``s = 0, 1, 2, ...`` (``M' = max(M, m_s)``, ``L' = L a + l_s b``,
   ``ACC' = ACC a + acc_s b`` with ``a = 2 ** (M - M')``, ``b = 2 ** (m_s - M')``;

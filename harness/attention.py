@@ -92,6 +92,22 @@ class Runner:
         return self._out(ops.launch(tq, tk, tv, q_strides=qs[:3], k_strides=ks[:3], v_strides=ks[:3],
                                     qk_scale=contract.qk_scale(None, d), **args))
 
+    def masked(self, q, k, v, mask=None, bias=None, causal=False):
+        """The drop-in signature (torch's SDPA, ``jax.nn.dot_product_attention``)
+        with a boolean ``mask`` or an additive ``bias`` broadcasting to
+        (B, Hq, Lq, Lk); (B, L, H, D) in and out."""
+        if self.framework == "torch":
+            t = [self._in(x).transpose(1, 2) for x in (q, k, v)]
+            extra = mask if mask is not None else bias
+            if extra is not None:
+                extra = self._t.from_numpy(np.ascontiguousarray(extra)).to(self._ad.device)
+            out = self._bi.scaled_dot_product_attention(*t, attn_mask=extra, is_causal=causal,
+                                                        enable_gqa=q.shape[2] != k.shape[2])
+            return self._out(out.transpose(1, 2))
+        return self._out(self._bi.dot_product_attention(
+            self._in(q), self._in(k), self._in(v), mask=None if mask is None else self._in(mask),
+            bias=None if bias is None else self._in(bias), is_causal=causal))
+
     def varlen(self, q, k, v, cu_q, cu_k, causal=True, window=None):
         mq, mk = int(np.diff(cu_q).max()), int(np.diff(cu_k).max())
         return self._out(self._bi.varlen_attention(self._in(q), self._in(k), self._in(v), self._in(cu_q),
@@ -123,19 +139,25 @@ class SplitByCallControl:
         # the call: the invariant design, which the properties must pass.
         self.split_size = split_size
 
-    def _one(self, q, k, v, window, splits):
+    def _one(self, q, k, v, window, splits, causal=True, mask=None, bias=None):
         """One sequence: q (Lq, Hq, D) at the end of k, v (Lk, Hkv, D); keys
-        in ``splits`` chunks, or (``size``) in chunks of ``size`` keys."""
+        in ``splits`` chunks, or (``size``) in chunks of ``size`` keys;
+        ``mask`` and ``bias`` (Hq or 1, Lq, Lk)."""
         from bi_core.attention import window_sides
 
         lq, hq, d = q.shape
         lk, hkv = k.shape[0], k.shape[1]
-        left, right = window_sides(True, window)
+        left, right = window_sides(causal, window)
         g = hq // hkv
         qf = q.astype(np.float32).reshape(lq, hkv, g, d)
         pos = np.arange(lq) + lk - lq
         kpos = np.arange(lk)
         seen = (kpos[None, :] >= pos[:, None] - left) & (kpos[None, :] <= pos[:, None] + right)
+        # (hkv, g, lq, lk): the scores' layout below.
+        seen = np.broadcast_to(seen, (hkv, g, lq, lk))
+        if mask is not None:
+            seen = seen & np.broadcast_to(mask, (hq, lq, lk)).reshape(hkv, g, lq, lk)
+        add = 0 if bias is None else np.broadcast_to(bias, (hq, lq, lk)).reshape(hkv, g, lq, lk).astype(np.float32)
         kf, vf = k.astype(np.float32), v.astype(np.float32)
         num = den = top = None
         keys = np.arange(lk)
@@ -148,7 +170,8 @@ class SplitByCallControl:
             s = np.zeros((hkv, g, lq, len(part)), np.float32)
             for j in range(d):
                 s += qf[:, :, :, j].transpose(1, 2, 0)[:, :, :, None] * kf[part, :, j].T[:, None, None, :]
-            s = np.where(seen[:, part], s * np.float32(d**-0.5), -np.inf).astype(np.float32)
+            s = np.where(seen[..., part], s * np.float32(d**-0.5) + (add[..., part] if bias is not None else 0),
+                         -np.inf).astype(np.float32)
             m = np.maximum(s.max(axis=-1, keepdims=True), np.float32(-1e30))
             p = np.exp(s - m)
             acc = np.zeros((hkv, g, lq, d), np.float32)
@@ -167,6 +190,13 @@ class SplitByCallControl:
     def prefill(self, q, k, v, causal=True, window=None, split_kv=None, config=None):
         splits = 1 + q.shape[0] * q.shape[1] % 3 + (1 if split_kv else 0) + (config.block_m // 16 if config else 0)
         return np.stack([self._one(q[b], k[b], v[b], window, splits) for b in range(q.shape[0])])
+
+    def masked(self, q, k, v, mask=None, bias=None, causal=False):
+        # Top-left alignment: the same as bottom-right for Lq == Lk (the checks' shapes).
+        splits = 1 + q.shape[0] % 3
+        pick = (lambda a, b: None if a is None else a[b % a.shape[0]])
+        return np.stack([self._one(q[b], k[b], v[b], None, splits, causal, pick(mask, b), pick(bias, b))
+                         for b in range(q.shape[0])])
 
     def varlen(self, q, k, v, cu_q, cu_k, causal=True, window=None):
         splits = 1 + q.shape[0] % 3
@@ -300,3 +330,22 @@ def check_tile_configs(runner: Runner, rng, n: int, batch: int, heads: Heads, dt
             out = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=False, config=cfg)
             _compare(out.reshape(-1, *out.shape[2:]), ref.reshape(-1, *ref.shape[2:]), label,
                      f"tile {cfg} vs {configs[0]} ({lq} queries against {n} keys)")
+
+
+def check_masks(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype: str, label: str):
+    """With a boolean mask or an additive bias of its own per sequence (the
+    drop-in signatures), each sequence of a batch == the same sequence alone;
+    and a boolean mask equal to the causal one == ``is_causal``."""
+    q, k, v = (np.stack(x) for x in zip(*(random_sequence(rng, n, heads, dtype) for _ in range(batch))))
+    mask = rng.random((batch, heads.hq, n, n)) < 0.7
+    bias = rng.standard_normal((batch, 1, n, n), dtype=np.float32)
+    bias[rng.random(bias.shape) < 0.1] = -np.inf
+    for kind, extra in (("mask", mask), ("bias", bias)):
+        full = runner.masked(q, k, v, **{kind: extra})
+        for b in range(batch):
+            alone = runner.masked(q[b : b + 1], k[b : b + 1], v[b : b + 1], **{kind: extra[b : b + 1]})
+            _compare(full[b], alone[0], label, f"sequence {b} of {batch} with a {kind} of its own vs alone")
+    tril = np.tril(np.ones((n, n), bool))[None, None]
+    _compare(runner.masked(q, k, v, mask=tril).reshape(-1, heads.hq, heads.d),
+             runner.masked(q, k, v, causal=True).reshape(-1, heads.hq, heads.d), label,
+             "a boolean mask equal to the causal one vs is_causal")

@@ -72,6 +72,49 @@ def test_invariance_tile_configs(framework, dtype, n, batch, heads, window, seed
                              f"attention[{framework}, {dtype}]", window=window)
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@EXAMPLES
+@given(n=st.integers(1, 300 if GPU else 40), batch=st.integers(2, 3), heads=HEADS, seed=st.integers(0, 2**32 - 1))
+def test_invariance_masks(framework, dtype, n, batch, heads, seed):
+    props.check_masks(_runner(framework), np.random.default_rng(seed), n, batch, heads, dtype,
+                      f"attention[{framework}, {dtype}]")
+
+
+def _masked_reference(q, k, v, mask=None, bias=None):
+    """float64 softmax(q k^T / sqrt(D) + bias) v over the keys a mask keeps; zeros where it keeps none."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias
+    keep = np.isfinite(s) if mask is None else np.broadcast_to(mask, s.shape) & np.isfinite(s)
+    s = np.where(keep, s, -np.inf)
+    top = np.where(keep.any(-1, keepdims=True), s.max(-1, keepdims=True), 0.0)
+    p = np.where(keep, np.exp(s - top), 0.0)
+    den = p.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", np.divide(p, den, out=np.zeros_like(p), where=den > 0), v)
+    return out
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
+def test_masks_accuracy(framework):
+    """A boolean mask (with fully masked rows) and an additive bias (with -inf
+    entries) against a float64 reference."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal(s, dtype=np.float32) for s in ((2, 24, 4, 64), (2, 40, 2, 64), (2, 40, 2, 64)))
+    mask = rng.random((2, 1, 24, 40)) < 0.6
+    mask[0, 0, 3] = False  # a query that sees no key: zeros
+    bias = (3 * rng.standard_normal((1, 4, 24, 40))).astype(np.float32)
+    bias[rng.random(bias.shape) < 0.2] = -np.inf
+    run = props.Runner(framework)
+    for kw in ({"mask": mask}, {"bias": bias}):
+        got = run.masked(q, k, v, **kw)
+        np.testing.assert_allclose(got, _masked_reference(q, k, v, **kw), rtol=2e-5, atol=2e-5)
+    assert (run.masked(q, k, v, mask=mask)[0, 3] == 0).all()
+
+
 # Lengths to 32k and up to 64 other sequences in the step, on the GPU only: a
 # first chunk of all but the last few tokens, then single-token steps.
 LONG = settings(max_examples=2, deadline=None)
@@ -98,11 +141,13 @@ def _schedule_check(check, runner):
         props.check_packed_position(runner, rng, 40, heads, "float32", "control")
     elif check == "tile_configs":
         props.check_tile_configs(runner, rng, 40, 2, heads, "float32", "control")
+    elif check == "masks":
+        props.check_masks(runner, rng, 40, 2, heads, "float32", "control")
     else:
         props.check_split_kv(runner, rng, 40, 2, heads, "float32", "control")
 
 
-@pytest.mark.parametrize("check", ["chunked_and_decode", "packed_position", "split_kv", "tile_configs"])
+@pytest.mark.parametrize("check", ["chunked_and_decode", "packed_position", "split_kv", "tile_configs", "masks"])
 def test_invariance_schedule_properties_catch_a_control(check):
     """Each schedule property fails on attention whose key split count
     follows the call, and passes the same code with splits of a fixed size
@@ -230,16 +275,34 @@ def test_drop_in_signatures(framework):
     bi = _module(framework)
     ref = np.asarray(props.Runner(framework)._out(bi.attention(q, k, v, causal=True)))
     if framework == "torch":
+        import torch
+
         out = bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True, enable_gqa=True).transpose(1, 2)
         with pytest.raises(ValueError, match="enable_gqa"):
             bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        with pytest.raises(NotImplementedError, match="attn_mask"):
-            bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                            attn_mask=q.transpose(1, 2), enable_gqa=True)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        tril = torch.ones(16, 16, dtype=torch.bool, device=q.device).tril()
+        with pytest.raises(ValueError, match="is_causal"):
+            bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril, is_causal=True, enable_gqa=True)
+        with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 16\) does not broadcast"):
+            bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril[:3], enable_gqa=True)
+        with pytest.raises(TypeError, match="attn_mask must be a bool or floating-point"):
+            bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril.int(), enable_gqa=True)
+        with pytest.raises(NotImplementedError, match="dropout"):
+            bi.scaled_dot_product_attention(qt, kt, vt, dropout_p=0.1, enable_gqa=True)
     else:
         out = bi.dot_product_attention(q, k, v, is_causal=True)
-        with pytest.raises(NotImplementedError, match="bias"):
-            bi.dot_product_attention(q, k, v, bias=q)
+        import jax.numpy as jnp
+
+        tril = jnp.tril(jnp.ones((16, 16), bool))
+        with pytest.raises(ValueError, match=r"mask of shape \(3, 16\) does not broadcast"):
+            bi.dot_product_attention(q, k, v, mask=tril[:3])
+        with pytest.raises(TypeError, match="bias must be a floating-point array"):
+            bi.dot_product_attention(q, k, v, bias=tril)
+        with pytest.raises(TypeError, match="mask must be a bool array"):
+            bi.dot_product_attention(q, k, v, mask=q)
+        with pytest.raises(ValueError, match="implementation"):
+            bi.dot_product_attention(q, k, v, implementation="cudnn")
     got = np.asarray(props.Runner(framework)._out(out))
     assert got.view(np.uint16).tolist() == ref.view(np.uint16).tolist()

@@ -133,8 +133,9 @@ def _kv_offsets(kpos, in_seq, s, k0, bt_ref, strides, st):
     return s * sb + (k0 + kpos) * stt
 
 
-def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, st):
-    """One block of keys folded into a split's running (m, l, acc)."""
+def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, valid, masks, st):
+    """One block of keys folded into a split's running (m, l, acc); ``masks``:
+    (mask_ref, mask row offsets, bias_ref, bias row offsets), as bi_torch's."""
     m, l, acc = carry
     bn, d, ptx = st["block_n"], st["head_dim"], st["ptx"]
     kpos = blk * bn + jnp.arange(bn, dtype=jnp.int32)
@@ -148,10 +149,25 @@ def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, st):
     precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
     qk = _tile_dot(q, k.T, precision, interpreted=not ptx)
     seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-    qk = jnp.where(seen, qk, _NEG_INF)
-    new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
-    base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
-    p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx).astype(v.dtype)
+    mask_ref, mask_rows, bias_ref, bias_rows = masks
+    tile_in = valid[:, None] & in_seq[None, :]
+    if st["has_mask"]:
+        keep = pltriton.load(mask_ref.at[mask_rows[:, None] + kpos[None, :] * st["mask_strides"][3]], mask=tile_in,
+                             other=0)
+        seen = seen & (keep != 0)
+    if st["has_bias"]:
+        bias = pltriton.load(bias_ref.at[bias_rows[:, None] + kpos[None, :] * st["bias_strides"][3]], mask=tile_in,
+                             other=0.0).astype(jnp.float32)
+        t = _fma(qk, jnp.full(qk.shape, st["qk_scale"], jnp.float32), _mul(bias, contract.LOG2E_F32, ptx), ptx)
+        t = jnp.where(seen, t, _NEG_INF)
+        new_m = jnp.maximum(m, jnp.max(t, axis=1))
+        base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
+        p = _exp2_diff(t, jnp.broadcast_to(base[:, None], t.shape), ptx).astype(v.dtype)
+    else:
+        qk = jnp.where(seen, qk, _NEG_INF)
+        new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
+        base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
+        p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx).astype(v.dtype)
     alpha = _exp2_diff(m, base, ptx)
     # The row sum as a product against ones (bi_torch's reason: a reduction's
     # order follows the register layout, a product's does not).
@@ -167,7 +183,7 @@ def _tile_range(valid, lo, hi):
     return k_lo, k_hi
 
 
-def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, *out_refs, st):
+def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, mask_ref, bias_ref, *out_refs, st):
     bm, bn, bps, d, g, ptx = st["block_m"], st["block_n"], st["bps"], st["head_dim"], st["group"], st["ptx"]
     tile, sh = pl.program_id(0), pl.program_id(1)
     s, hk = sh // st["hkv"], sh % st["hkv"]
@@ -189,7 +205,9 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, *o
     def _():
         q_off = s * qs[0] + (q0 + qi) * qs[1] + h * qs[2]
         q = pltriton.load(q_ref.at[q_off[:, None] + cols[None, :]], mask=rmask, other=0.0)
-        blk_args = (s, k0, hk, kv_len, lo, hi, st)
+        ms, bs = st["mask_strides"], st["bias_strides"]
+        masks = (mask_ref, s * ms[0] + h * ms[1] + qi * ms[2], bias_ref, s * bs[0] + h * bs[1] + qi * bs[2])
+        blk_args = (s, k0, hk, kv_len, lo, hi, valid, masks, st)
 
         def body(blk, state):
             part = _block(q, k_ref, v_ref, bt_ref, state[3:], blk, *blk_args)
@@ -255,17 +273,26 @@ def _row_major_strides(shape):
     return tuple(reversed(out))
 
 
+def _broadcast_strides(a):
+    """Row-major element strides of a 4-D array, 0 along its size-1 (broadcast) axes."""
+    if a is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if n == 1 else st for n, st in zip(a.shape, _row_major_strides(a.shape)))
+
+
 def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len=0, kv_len=0, cu_q=None,
            cu_k=None, kv_lens=None, block_table=None, page_size=1, max_q_len, max_kv_len, qk_scale, window,
-           bottom_right, split_kv=None, config=None, interpret=None):
+           bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None):
     """The kernels over every (tile, sequence x KV head[, split]) of
     row-major arrays (``*_strides``: element strides of batch or page, token
     or slot, head); returns the output laid out as ``q``. Any ``config`` of
-    ``bi_core.attention.tile_configs`` and either ``split_kv`` give the same bits."""
+    ``bi_core.attention.tile_configs`` and either ``split_kv`` give the same bits.
+    ``mask`` (int8, nonzero: visible) and ``bias`` (float): dense forms only,
+    4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``."""
     interpret = interpret_mode("attention") if interpret is None else interpret
     d = q.shape[-1]
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if a.size > _MAX_ELEMENTS:
+    for name, a in (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias)):
+        if a is not None and a.size > _MAX_ELEMENTS:
             raise ValueError(f"attention: {name} has {a.size} elements; bi_jax's kernels address at most "
                              f"{_MAX_ELEMENTS} (int32 offsets)")
     cfg = config or contract.tile_config(d, max_q_len * group, np.dtype(q.dtype).itemsize)
@@ -285,19 +312,21 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         q_strides=tuple(int(x) for x in q_strides), k_strides=tuple(int(x) for x in k_strides),
         v_strides=tuple(int(x) for x in v_strides), o_strides=tuple(int(x) for x in q_strides),
         qk_scale=float(qk_scale), ieee=np.dtype(q.dtype) == np.dtype(jnp.float32), ptx=not interpret,
-        spread=spread, ws_rows=ws_rows,
+        spread=spread, ws_rows=ws_rows, has_mask=mask is not None, has_bias=bias is not None,
+        mask_strides=_broadcast_strides(mask), bias_strides=_broadcast_strides(bias),
     )
     dummy = jnp.zeros((1,), jnp.int32)
     index_args = [a.reshape(-1).astype(jnp.int32) if a is not None else dummy
                   for a in (cu_q, cu_k, kv_lens, block_table)]
     flat = [q.reshape(-1), k.reshape(-1), v.reshape(-1)]
+    score_args = [a.reshape(-1) if a is not None else dummy for a in (mask, bias)]
     params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = jax.ShapeDtypeStruct((q.size,), q.dtype)
     if not spread:
         out = pl.pallas_call(
             functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, 1), out_shape=out_shape,
             compiler_params=params, interpret=interpret, name="bi_attention",
-        )(*flat, *index_args[:3], index_args[3])
+        )(*flat, *index_args, *score_args)
         return out.reshape(q.shape)
     ws_len = splits * batch * hkv * ws_rows
     if ws_len * d > _MAX_ELEMENTS:
@@ -307,7 +336,7 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     ws_m, ws_l, ws_acc = pl.pallas_call(
         functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, splits), out_shape=ws,
         compiler_params=params, interpret=interpret, name="bi_attention_splits",
-    )(*flat, *index_args[:3], index_args[3])
+    )(*flat, *index_args, *score_args)
     out = pl.pallas_call(
         functools.partial(_merge_kernel, st=st), grid=(tiles, batch * hkv), out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
@@ -362,18 +391,36 @@ def _positive_static(op, name, value):
 def _jitted(statics: tuple):
     kw = dict(statics)
 
-    def run(q, k, v, cu_q, cu_k, kv_lens, block_table):
-        return launch(q, k, v, cu_q=cu_q, cu_k=cu_k, kv_lens=kv_lens, block_table=block_table, **kw)
+    def run(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias):
+        return launch(q, k, v, cu_q=cu_q, cu_k=cu_k, kv_lens=kv_lens, block_table=block_table, mask=mask,
+                      bias=bias, **kw)
 
     return forward_only("attention", jax.jit(run))
 
 
-def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, **statics):
-    return _jitted(tuple(sorted(statics.items())))(q, k, v, cu_q, cu_k, kv_lens, block_table)
+def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, mask=None, bias=None, **statics):
+    return _jitted(tuple(sorted(statics.items())))(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
+
+
+def _score_mask(op, name, a, shape, boolean):
+    """A boolean mask (as int8) or additive bias as a 4-D array that
+    broadcasts to ``shape`` (B, N, T, S), without materialising the broadcast."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"{op}: {name} must be an array, got {type(a).__name__}")
+    dt = np.dtype(a.dtype)
+    if boolean and dt != np.bool_:
+        raise TypeError(f"{op}: {name} must be a bool array, got {dt}")
+    if not boolean and not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{op}: {name} must be a floating-point array, got {dt}")
+    full = (1,) * (4 - a.ndim) + tuple(a.shape) if a.ndim <= 4 else None
+    if full is None or any(n not in (1, m) for n, m in zip(full, shape)):
+        raise ValueError(f"{op}: {name} of shape {tuple(a.shape)} does not broadcast to (B, N, T, S) = {tuple(shape)}")
+    a = jnp.reshape(a, full)
+    return a.astype(jnp.int8) if boolean else a
 
 
 def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_lengths=None,
-           kv_lengths_name="kv_lengths", names=("q", "k", "v")):
+           kv_lengths_name="kv_lengths", names=("q", "k", "v"), mask=None, bias=None):
     contract.check_split_kv(split_kv, op)
     contract.window_sides(causal, window, op)
     group = _check_qkv(op, q, k, v, 4, 4, names)
@@ -389,10 +436,13 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_len
         host = _concrete(kv_lens)
         if host is not None and ((host[0] < 0) | (host[0] > lk)).any():
             raise ValueError(f"{op}: {kv_lengths_name} must lie in [0, {lk}]")
+    shape = (b, hq, lq, lk)
+    mask = None if mask is None else _score_mask(op, "mask", mask, shape, True)
+    bias = None if bias is None else _score_mask(op, "bias", bias, shape, False)
     if lk == 0:
         return jnp.zeros(q.shape, q.dtype)
     qs, ks = _row_major_strides(q.shape), _row_major_strides(k.shape)
-    return _call(q, k, v, kv_lens=kv_lens, batch=b, hkv=hkv, group=group, q_strides=qs[:3], k_strides=ks[:3],
+    return _call(q, k, v, kv_lens=kv_lens, mask=mask, bias=bias, batch=b, hkv=hkv, group=group, q_strides=qs[:3], k_strides=ks[:3],
                  v_strides=ks[:3], q_len=lq, kv_len=lk, max_q_len=lq, max_kv_len=lk,
                  qk_scale=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
                  bottom_right=bottom_right, split_kv=split_kv)
@@ -420,13 +470,15 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     heads are a multiple of the key heads. Query rows past
     ``query_seq_lengths`` are zeros.
 
-    Not supported (refused): ``bias``, ``mask`` and an ``implementation``
-    other than None.
+    ``bias`` (floating point, added to the scaled scores) and ``mask`` (bool,
+    True: the key takes part) broadcast to ``(B, N, T, S)`` and combine with
+    the other masks, as in JAX. A query whose keys are all masked gives zeros
+    (JAX's own implementations give the mean of the values). A mask equal to
+    the causal one gives ``is_causal``'s bits.
+
+    Not supported (refused): an ``implementation`` other than None.
     """
     op = "dot_product_attention"
-    if bias is not None or mask is not None:
-        raise NotImplementedError(f"{op}: bias and mask are not supported; use is_causal, local_window_size and "
-                                  "the sequence lengths")
     if implementation is not None:
         raise ValueError(f"{op}: implementation={implementation!r}: bi_jax has one (batch-invariant) implementation")
     for name, a in (("query", query), ("key", key), ("value", value)):
@@ -436,10 +488,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
                              f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
     squeeze = query.ndim == 3
     if squeeze:
+        # (T, N, H): a mask or bias of (N, T, S) is the batch of one's.
         query, key, value = query[None], key[None], value[None]
     out = _dense(op, query, key, value, causal=is_causal, scale=scale, window=local_window_size,
                  bottom_right=False, split_kv=None, kv_lengths=key_value_seq_lengths,
-                 kv_lengths_name="key_value_seq_lengths", names=("query", "key", "value"))
+                 kv_lengths_name="key_value_seq_lengths", names=("query", "key", "value"), mask=mask, bias=bias)
     if query_seq_lengths is not None:
         lens = _check_index(op, "query_seq_lengths", query_seq_lengths, 1, query.shape[0])
         host = _concrete(lens)

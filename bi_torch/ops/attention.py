@@ -55,7 +55,8 @@ def _exp2_diff(a, b, PTX: tl.constexpr):
 @triton.jit
 def _fma(a, b, c, PTX: tl.constexpr):
     if PTX:
-        return tl.inline_asm_elementwise(contract_FMA, "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(contract_FMA, "=r,r,r,r", [a, _bcast(b, a), _bcast(c, a)], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     else:
         return a * b + c
 
@@ -178,9 +179,12 @@ def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_
 
 @triton.jit
 def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-           IEEE: tl.constexpr, PTX: tl.constexpr):
-    """One block of keys folded into a split's running (m, l, acc)."""
+           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS, bias_rows, sbk,
+           bias_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, IEEE: tl.constexpr, PTX: tl.constexpr,
+           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One block of keys folded into a split's running (m, l, acc). A boolean
+    mask hides keys as the causal and window bounds do; an additive bias
+    enters the exponent as ``fma(qk, c, bias * log2(e))``."""
     kpos = blk * BLOCK_N + cols
     in_seq = kpos < kv_len
     k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
@@ -192,10 +196,22 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
     else:
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
     seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-    qk = tl.where(seen, qk, float("-inf"))
-    new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
-    base = tl.where(new_m == float("-inf"), 0.0, new_m)
-    p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
+    tile_in = valid[:, None] & in_seq[None, :]
+    if HAS_MASK:
+        keep = tl.load(MASK + mask_rows[:, None] + kpos[None, :].to(tl.int64) * smk, mask=tile_in, other=0)
+        seen = seen & (keep != 0)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + bias_rows[:, None] + kpos[None, :].to(tl.int64) * sbk, mask=tile_in, other=0.0)
+        t = _fma(qk, qk_scale, _mul(bias.to(tl.float32), bias_scale, PTX), PTX)
+        t = tl.where(seen, t, float("-inf"))
+        new_m = tl.maximum(m, tl.max(t, 1))
+        base = tl.where(new_m == float("-inf"), 0.0, new_m)
+        p = _exp2_diff(t, _bcast(base[:, None], t), PTX).to(v.dtype)
+    else:
+        qk = tl.where(seen, qk, float("-inf"))
+        new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
+        base = tl.where(new_m == float("-inf"), 0.0, new_m)
+        p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
     alpha = _exp2_diff(m, base, PTX)
     # The row sum is a product too (p against a column of ones, every column
     # of it equal, so the max picks it exactly): a tl.sum's order follows the
@@ -215,13 +231,14 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
 
 @triton.jit
 def _attn_kernel(
-    Q, K, V, O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN, BT,
+    Q, K, V, O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN, BT, MASK, BIAS,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, bt_stride,
-    q_len_fixed, kv_len_fixed, qk_scale, win_left, win_right, page_size, ws_rows,
+    smb, smh, smq, smk, sbb, sbh, sbq, sbk,
+    q_len_fixed, kv_len_fixed, qk_scale, win_left, win_right, page_size, ws_rows, bias_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
-    PTX: tl.constexpr,
+    PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -245,6 +262,9 @@ def _attn_kernel(
     h = hkv * G + g
     q_off = s.to(tl.int64) * sqb + (q0 + qi).to(tl.int64) * sqt + h.to(tl.int64) * sqh
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    # Element offsets of the rows' (batch, head, query) in the mask and bias.
+    mask_rows = s.to(tl.int64) * smb + h.to(tl.int64) * smh + qi.to(tl.int64) * smq
+    bias_rows = s.to(tl.int64) * sbb + h.to(tl.int64) * sbh + qi.to(tl.int64) * sbq
 
     big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     big_l = tl.zeros([BLOCK_M], tl.float32)
@@ -255,7 +275,8 @@ def _attn_kernel(
     cols = tl.arange(0, BLOCK_N)
     for blk in range(blk_lo, blk_hi + 1):
         m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, BLOCK_N, PAGED, IEEE, PTX)
+                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
+                           bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS)
         if not SPREAD:
             # The end of a split (or of the tile's range): fold it in, start the next.
             if ((blk + 1) % BPS == 0) | (blk == blk_hi):
@@ -335,7 +356,7 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, merge_stages=4,
+    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -343,7 +364,9 @@ def launch(
     Any config and either strategy give the same bits.
 
     Strides are element strides (batch or page, token or slot, head) of the
-    4-D views ``(B, L, H, D)``; the last dimension must be contiguous."""
+    4-D views ``(B, L, H, D)``; the last dimension must be contiguous.
+    ``mask`` (uint8, nonzero: visible) and ``bias`` (float): dense forms only,
+    ``(B, Hq, Lq, Lk)`` views (broadcast dimensions of stride 0)."""
     d = q.shape[-1]
     cfg = config or contract.tile_config(d, max_q_len * group, q.element_size())
     tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
@@ -374,10 +397,13 @@ def launch(
         q, k, v, out, ws_acc, ws_m, ws_l,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
         kv_lens if kv_lens is not None else dummy, block_table if block_table is not None else dummy,
+        mask if mask is not None else dummy, bias if bias is not None else dummy,
         *q_strides, *k_strides, *v_strides, *o_strides,
         block_table.stride(0) if block_table is not None else 0,
-        q_len, kv_len, scale_log2, left, right, page_size, ws_rows,
+        *(mask.stride() if mask is not None else (0, 0, 0, 0)), *(bias.stride() if bias is not None else (0, 0, 0, 0)),
+        q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
@@ -446,8 +472,30 @@ def _check_cu(op, name, cu, total):
 # --- public API -------------------------------------------------------------------
 
 
-def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None):
-    """(B, Lq, Hq, D) x (B, Lk, Hkv, D) -> (B, Lq, Hq, D)."""
+def _score_mask(op, name, t, shape, device, boolean):
+    """A boolean mask or additive bias broadcast to ``shape`` (B, Hq, Lq, Lk):
+    a stride-0 view, no copy (a bool mask is read as uint8)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {device}")
+    if boolean != (t.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must be a {'bool' if boolean else 'floating-point'} tensor, got {t.dtype}")
+    if not boolean and not t.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} must be a bool or floating-point tensor, got {t.dtype}")
+    try:
+        view = t.expand(shape) if t.ndim <= 4 else None
+    except RuntimeError:
+        view = None
+    if view is None:
+        raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast to (B, Hq, L, S) = {tuple(shape)}")
+    return view.view(torch.uint8) if boolean else view
+
+
+def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None,
+           mask=None, bias=None):
+    """(B, Lq, Hq, D) x (B, Lk, Hkv, D) -> (B, Lq, Hq, D); ``mask`` (bool) and
+    ``bias`` (float) broadcast to (B, Hq, Lq, Lk)."""
     contract.check_split_kv(split_kv, op)
     contract.window_sides(causal, window, op)
     group = _check_qkv(op, q, k, v, 4, 4)
@@ -466,13 +514,16 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
             raise ValueError(f"{op}: kv_lengths must lie in [0, {lk}]")
     if q_lengths is not None:
         raise NotImplementedError(f"{op}: q_lengths is not supported here")
+    shape = (b, hq, lq, lk)
+    mask = None if mask is None else _score_mask(op, "attn_mask", mask, shape, q.device, True)
+    bias = None if bias is None else _score_mask(op, "attn_mask", bias, shape, q.device, False)
     if lk == 0 and kv_lens is None:
         return out.zero_()
     launch(
         q, k, v, out, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), o_strides=_strides(out),
         batch=b, hkv=hkv, group=group, q_len=lq, kv_len=lk, kv_lens=kv_lens, max_q_len=lq, max_kv_len=lk,
         scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
-        bottom_right=bottom_right, split_kv=split_kv,
+        bottom_right=bottom_right, split_kv=split_kv, mask=mask, bias=bias,
     )
     return out
 
@@ -520,14 +571,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     sees keys ``0..i``, aligned at the start), ``enable_gqa`` lets ``Hq`` be a
     multiple of ``Hkv``.
 
-    Not supported (refused, never approximated): ``attn_mask`` (use
-    ``is_causal`` or :func:`attention`'s ``window`` and ``kv_lengths``),
-    ``dropout_p > 0``, and inputs that are not 4-D.
+    ``attn_mask`` broadcasts to ``(B, Hq, L, S)``: bool (True: the key takes
+    part) or floating point (added to the scaled scores), as in torch. A query
+    whose keys are all masked gives zeros. A bool mask costs one byte per
+    score read, a float mask its dtype's size; a mask equal to the causal one
+    gives ``is_causal``'s bits.
+
+    Not supported (refused, never approximated): ``dropout_p > 0``,
+    ``attn_mask`` together with ``is_causal`` (as in torch), and inputs that
+    are not 4-D.
     """
     op = "scaled_dot_product_attention"
-    if attn_mask is not None:
-        raise NotImplementedError(f"{op}: attn_mask is not supported; use is_causal, or bi_torch.attention's "
-                                  "window and kv_lengths for sliding windows and padding")
+    if attn_mask is not None and is_causal:
+        raise ValueError(f"{op}: attn_mask and is_causal=True together are refused (as by torch): fold the "
+                         "causal mask into attn_mask")
     if dropout_p:
         raise NotImplementedError(f"{op}: dropout_p={dropout_p} is not supported (inference only)")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -540,8 +597,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"{op}: query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
+    boolean = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
     out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
-                 scale=scale, window=None, bottom_right=False, split_kv=None)
+                 scale=scale, window=None, bottom_right=False, split_kv=None,
+                 mask=attn_mask if boolean else None, bias=None if boolean else attn_mask)
     return out.transpose(1, 2)
 
 
