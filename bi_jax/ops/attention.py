@@ -473,7 +473,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     ``bias`` (floating point, added to the scaled scores) and ``mask`` (bool,
     True: the key takes part) broadcast to ``(B, N, T, S)`` and combine with
     the other masks, as in JAX. A query whose keys are all masked gives zeros
-    (JAX's own implementations give the mean of the values). A mask equal to
+    (JAX's XLA implementation averages the values). A mask equal to
     the causal one gives ``is_causal``'s bits.
 
     Not supported (refused): an ``implementation`` other than None.
