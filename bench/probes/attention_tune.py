@@ -55,14 +55,17 @@ def main() -> None:
 
     bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
     if "prefill" in args.parts:
-        # Each tile config of the dispatch: bits against the default's, speed.
+        # Each tile config of the dispatch, and candidates (64 rows over 8
+        # warps halves the registers per thread of the 128-row tile, which
+        # spilled): bits against the default's, speed.
         for seq in (1024, 4096, 16384):
             q = torch.randn(1, seq, H, D, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(1, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             flops = 4 * seq * seq * D * H / 2
             ref = run(q, k, v, None, None, None)
-            for cfg in contract.tile_configs(D):
+            extra = [contract.TileConfig(*c) for c in ((64, 8, 2), (128, 8, 3), (32, 4, 2))]
+            for cfg in (*contract.tile_configs(D), *extra):
                 o = run(q, k, v, cfg, None, None)
                 ms = bench(lambda: run(q, k, v, cfg, None, None))
                 emit({"prefill": seq, "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
