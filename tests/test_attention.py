@@ -283,8 +283,13 @@ def test_drop_in_signatures(framework):
             bi.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         tril = torch.ones(16, 16, dtype=torch.bool, device=q.device).tril()
-        with pytest.raises(ValueError, match="is_causal"):
-            bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril, is_causal=True, enable_gqa=True)
+        # A mask with is_causal: both bounds apply (a random mask and the causal one).
+        keep = torch.rand(16, 16, device=q.device) < 0.7
+        both = bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, is_causal=True, enable_gqa=True)
+        assert torch.equal(both, bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep & tril, enable_gqa=True))
+        with pytest.raises(NotImplementedError, match="forward-only"):
+            bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=torch.zeros(16, 16, device=q.device,
+                                                                              requires_grad=True), enable_gqa=True)
         with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 16\) does not broadcast"):
             bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril[:3], enable_gqa=True)
         with pytest.raises(TypeError, match="attn_mask must be a bool or floating-point"):
@@ -304,5 +309,7 @@ def test_drop_in_signatures(framework):
             bi.dot_product_attention(q, k, v, mask=q)
         with pytest.raises(ValueError, match="implementation"):
             bi.dot_product_attention(q, k, v, implementation="cudnn")
+        with pytest.raises(NotImplementedError, match="return_residual"):
+            bi.dot_product_attention(q, k, v, return_residual=True)
     got = np.asarray(props.Runner(framework)._out(out))
     assert got.view(np.uint16).tolist() == ref.view(np.uint16).tolist()

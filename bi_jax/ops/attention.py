@@ -462,7 +462,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, wind
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: float | None = None,
                           is_causal: bool = False, query_seq_lengths=None, key_value_seq_lengths=None,
-                          local_window_size=None, implementation=None):
+                          local_window_size=None, implementation=None, return_residual: bool = False):
     """Batch-invariant ``jax.nn.dot_product_attention`` for ``(B, T, N, H)`` or
     ``(T, N, H)`` arrays: ``is_causal`` masks as JAX does (query ``i`` sees
     keys up to ``i``), ``key_value_seq_lengths`` masks padded keys,
@@ -473,12 +473,17 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     ``bias`` (floating point, added to the scaled scores) and ``mask`` (bool,
     True: the key takes part) broadcast to ``(B, N, T, S)`` and combine with
     the other masks, as in JAX. A query whose keys are all masked gives zeros
-    (JAX's XLA implementation averages the values). A mask equal to
-    the causal one gives ``is_causal``'s bits.
+    (JAX's XLA implementation averages the values); so does one whose every
+    bias is so negative that ``bias * log2(e)`` overflows fp32 (``finfo.min``).
+    A mask equal to the causal one gives ``is_causal``'s bits.
 
-    Not supported (refused): an ``implementation`` other than None.
+    Not supported (refused): an ``implementation`` other than None and
+    ``return_residual=True``.
     """
     op = "dot_product_attention"
+    if return_residual:
+        raise NotImplementedError(f"{op}: return_residual=True is not supported (the softmax statistics stay "
+                                  "inside the kernel)")
     if implementation is not None:
         raise ValueError(f"{op}: implementation={implementation!r}: bi_jax has one (batch-invariant) implementation")
     for name, a in (("query", query), ("key", key), ("value", value)):

@@ -479,10 +479,9 @@ def _score_mask(op, name, t, shape, device, boolean):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but the queries are on {device}")
-    if boolean != (t.dtype == torch.bool):
-        raise TypeError(f"{op}: {name} must be a {'bool' if boolean else 'floating-point'} tensor, got {t.dtype}")
     if not boolean and not t.dtype.is_floating_point:
         raise TypeError(f"{op}: {name} must be a bool or floating-point tensor, got {t.dtype}")
+    check_no_autograd(op, t)
     try:
         view = t.expand(shape) if t.ndim <= 4 else None
     except RuntimeError:
@@ -572,19 +571,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     multiple of ``Hkv``.
 
     ``attn_mask`` broadcasts to ``(B, Hq, L, S)``: bool (True: the key takes
-    part) or floating point (added to the scaled scores), as in torch. A query
-    whose keys are all masked gives zeros. A bool mask costs one byte per
-    score read, a float mask its dtype's size; a mask equal to the causal one
-    gives ``is_causal``'s bits.
+    part) or floating point (added to the scaled scores), as in torch; with
+    ``is_causal`` the causal bound applies too. A query whose keys are all
+    masked gives zeros; so does one whose every bias is so negative that
+    ``bias * log2(e)`` overflows fp32 (``finfo(float32).min``): it counts as
+    ``-inf``. A mask equal to the causal one gives ``is_causal``'s bits.
 
-    Not supported (refused, never approximated): ``dropout_p > 0``,
-    ``attn_mask`` together with ``is_causal`` (as in torch), and inputs that
-    are not 4-D.
+    Not supported (refused, never approximated): ``dropout_p > 0``, a mask
+    that requires grad, and inputs that are not 4-D.
     """
     op = "scaled_dot_product_attention"
-    if attn_mask is not None and is_causal:
-        raise ValueError(f"{op}: attn_mask and is_causal=True together are refused (as by torch): fold the "
-                         "causal mask into attn_mask")
     if dropout_p:
         raise NotImplementedError(f"{op}: dropout_p={dropout_p} is not supported (inference only)")
     for name, t in (("query", query), ("key", key), ("value", value)):
