@@ -290,8 +290,9 @@ def test_drop_in_signatures(framework):
         with pytest.raises(NotImplementedError, match="forward-only"):
             bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=torch.zeros(16, 16, device=q.device,
                                                                               requires_grad=True), enable_gqa=True)
-        with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 16\) does not broadcast"):
-            bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril[:3], enable_gqa=True)
+        for n in (2, 0):  # an empty batch is checked too
+            with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 16\) does not broadcast"):
+                bi.scaled_dot_product_attention(qt[:n], kt[:n], vt[:n], attn_mask=tril[:3], enable_gqa=True)
         with pytest.raises(TypeError, match="attn_mask must be a bool or floating-point"):
             bi.scaled_dot_product_attention(qt, kt, vt, attn_mask=tril.int(), enable_gqa=True)
         with pytest.raises(NotImplementedError, match="dropout"):
@@ -301,8 +302,9 @@ def test_drop_in_signatures(framework):
         import jax.numpy as jnp
 
         tril = jnp.tril(jnp.ones((16, 16), bool))
-        with pytest.raises(ValueError, match=r"mask of shape \(3, 16\) does not broadcast"):
-            bi.dot_product_attention(q, k, v, mask=tril[:3])
+        for n in (2, 0):  # an empty batch is checked too
+            with pytest.raises(ValueError, match=r"mask of shape \(3, 16\) does not broadcast"):
+                bi.dot_product_attention(q[:n], k[:n], v[:n], mask=tril[:3])
         with pytest.raises(TypeError, match="bias must be a floating-point array"):
             bi.dot_product_attention(q, k, v, bias=tril)
         with pytest.raises(TypeError, match="mask must be a bool array"):

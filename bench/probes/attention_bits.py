@@ -11,7 +11,6 @@ mma.sync, shuffles, ex2), from Triton's PTX (torch) and XLA's dumped PTX
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 import bi_jax  # noqa: E402
 import bi_torch  # noqa: E402
 from bi_torch.ops import attention as torch_attention  # noqa: E402
+from bench.probes._log import jsonl_emitter  # noqa: E402
 
 H, HKV = 8, 2
 # (batch, query length, key length, causal, split_kv)
@@ -78,16 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_bits", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    log = None
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / "attention_bits.jsonl", "w", buffering=1)  # line-buffered: a timeout keeps each line
-
-    def emit(rec):
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if log:
-            log.write(line + "\n")
+    emit = jsonl_emitter(args.out, "attention_bits")
 
     rng = np.random.default_rng(0)
     for d in (64, 128, 256):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from harness import attention as props
 from harness.devices import configure
+from bench.probes._log import jsonl_emitter
 
 HEADS = (props.Heads(8, 2, 128), props.Heads(4, 4, 64), props.Heads(4, 1, 256))
 
@@ -40,10 +40,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     configure()  # the GPU, or the CPU interpreters (before any kernel package is imported)
-    log = None
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / "attention_checks.jsonl", "w", buffering=1)  # line-buffered: a timeout keeps each line
+    emit = jsonl_emitter(args.out, "attention_checks")
     only = set(filter(None, args.only.split(",")))
     for fw, dtype, n, heads in itertools.product(args.frameworks.split(","), args.dtypes.split(","),
                                                  [int(x) for x in args.sizes.split(",")], HEADS):
@@ -62,10 +59,7 @@ def main() -> None:
                 rec["result"] = type(e).__name__
                 rec["error"] = "".join(traceback.format_exception_only(e))[-900:]
             rec["seconds"] = round(time.perf_counter() - t0, 1)
-            line = json.dumps(rec)
-            print(line, flush=True)
-            if log:
-                log.write(line + "\n")
+            emit(rec)
 
 
 if __name__ == "__main__":

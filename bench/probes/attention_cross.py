@@ -8,7 +8,6 @@ inputs (prefill, split-KV decode, paged decode), and bi_jax's speed against
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
@@ -18,6 +17,7 @@ import torch
 
 import bi_jax
 import bi_torch
+from bench.probes._log import jsonl_emitter
 
 H, HKV = 32, 8
 
@@ -26,16 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_cross", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    log = None
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / "attention_cross.jsonl", "w")
-
-    def emit(rec):
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if log:
-            log.write(line + "\n")
+    emit = jsonl_emitter(args.out, "attention_cross")
 
     rng = np.random.default_rng(0)
     import ml_dtypes

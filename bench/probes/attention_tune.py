@@ -12,7 +12,6 @@ v1 in bench/NOTES.md were measured with an earlier version of this probe.)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import triton
 
 from bi_core import attention as contract
 from bi_torch.ops import attention as ops
+from bench.probes._log import jsonl_emitter
 
 H, HKV, D = 32, 8, 128
 
@@ -42,16 +42,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--parts", default="prefill,decode", help="prefill,decode")
     args = p.parse_args()
-    log = None
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        log = open(args.out / "attention_tune.jsonl", "w", buffering=1)  # line-buffered: a timeout keeps each line
-
-    def emit(rec):
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if log:
-            log.write(line + "\n")
+    emit = jsonl_emitter(args.out, "attention_tune")
 
     bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
     if "prefill" in args.parts:

@@ -428,6 +428,9 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_len
     if k.shape[0] != b:
         raise ValueError(f"{op}: batch sizes differ: q has {b}, k and v have {k.shape[0]}")
     lk, hkv = k.shape[1], k.shape[2]
+    shape = (b, hq, lq, lk)
+    mask = None if mask is None else _score_mask(op, "mask", mask, shape, True)
+    bias = None if bias is None else _score_mask(op, "bias", bias, shape, False)
     if b == 0 or lq == 0:
         return jnp.zeros(q.shape, q.dtype)
     kv_lens = None
@@ -436,9 +439,6 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_len
         host = _concrete(kv_lens)
         if host is not None and ((host[0] < 0) | (host[0] > lk)).any():
             raise ValueError(f"{op}: {kv_lengths_name} must lie in [0, {lk}]")
-    shape = (b, hq, lq, lk)
-    mask = None if mask is None else _score_mask(op, "mask", mask, shape, True)
-    bias = None if bias is None else _score_mask(op, "bias", bias, shape, False)
     if lk == 0:
         return jnp.zeros(q.shape, q.dtype)
     qs, ks = _row_major_strides(q.shape), _row_major_strides(k.shape)

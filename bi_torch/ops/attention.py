@@ -502,6 +502,9 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
     if k.shape[0] != b:
         raise ValueError(f"{op}: batch sizes differ: q has {b}, k and v have {k.shape[0]}")
     lk, hkv = k.shape[1], k.shape[2]
+    shape = (b, hq, lq, lk)  # checked before any early return, an empty batch too
+    mask = None if mask is None else _score_mask(op, "attn_mask", mask, shape, q.device, True)
+    bias = None if bias is None else _score_mask(op, "attn_mask", bias, shape, q.device, False)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device)
     if b == 0 or lq == 0:
@@ -513,9 +516,6 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
             raise ValueError(f"{op}: kv_lengths must lie in [0, {lk}]")
     if q_lengths is not None:
         raise NotImplementedError(f"{op}: q_lengths is not supported here")
-    shape = (b, hq, lq, lk)
-    mask = None if mask is None else _score_mask(op, "attn_mask", mask, shape, q.device, True)
-    bias = None if bias is None else _score_mask(op, "attn_mask", bias, shape, q.device, False)
     if lk == 0 and kv_lens is None:
         return out.zero_()
     launch(
