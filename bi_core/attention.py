@@ -88,29 +88,40 @@ class TileConfig:
     num_stages: int
 
 
-def tile_configs(head_dim: int, itemsize: int = 2) -> tuple[TileConfig, ...]:
-    """Every tile config the dispatch may use for ``head_dim`` and inputs of
-    ``itemsize`` bytes, smallest tile first (the suite proves them bitwise
-    equal: ``harness.attention.check_tile_configs``)."""
+# Shared memory of an H100/H200 block (227 KB): the pipeline keeps two stages
+# of a tile's key and value blocks (and of its mask or bias tile) only when
+# they fit, with the query tile resident.
+SHARED_MEMORY = 232448
+
+
+def _stages(block_m: int, head_dim: int, itemsize: int, score_bytes: int) -> int:
+    n = block_n(head_dim)
+    per_stage = 2 * n * head_dim * itemsize + block_m * n * score_bytes
+    return 2 if block_m * head_dim * itemsize + 2 * per_stage <= SHARED_MEMORY else 1
+
+
+def tile_configs(head_dim: int, itemsize: int = 2, score_bytes: int = 0) -> tuple[TileConfig, ...]:
+    """Every tile config the dispatch may use for ``head_dim``, inputs of
+    ``itemsize`` bytes and ``score_bytes`` bytes per score of mask and bias
+    (0 without; 1 for a mask, 4 for an fp32 bias), smallest tile first. The
+    suite proves them bitwise equal (``harness.attention.check_tile_configs``);
+    the stage count never changes the arithmetic."""
     check_head_dim(head_dim)
-    # fp32 key and value blocks of 64 KB each: two pipeline stages of both
-    # need more than the 227 KB of shared memory of an H100/H200.
-    stages = 1 if itemsize > 2 and head_dim >= 128 else 2
     # 16 rows (the smallest tensor-core tile) for decode: one query of a
     # 4-head GQA group fills 4 of them, against 4 of 64. On the H200 (bf16,
     # 32/8 heads, head dim 128) it read the cache 1.85-2.35x faster than the
     # 64-row tile (bench/NOTES.md, attention v2).
-    decode = TileConfig(16, 4, stages)
-    if head_dim == 256:
-        return (decode, TileConfig(64, 8, stages))
-    return (decode, TileConfig(64, 4, stages), TileConfig(128, 8, stages))
+    shapes = ((16, 4), (64, 8)) if head_dim == 256 else ((16, 4), (64, 4), (128, 8))
+    # Two stages of fp32 key and value blocks at head dim 128 (64 KB each),
+    # or of a bf16 tile with an fp32 bias at 128 rows, do not fit.
+    return tuple(TileConfig(m, w, _stages(m, head_dim, itemsize, score_bytes)) for m, w in shapes)
 
 
-def tile_config(head_dim: int, rows: int, itemsize: int = 2) -> TileConfig:
+def tile_config(head_dim: int, rows: int, itemsize: int = 2, score_bytes: int = 0) -> TileConfig:
     """The tile for ``rows`` query rows per (sequence, KV head): the 16-row
     tile when they fit it (decode), the largest for prefill-sized work, the
     middle one between."""
-    configs = tile_configs(head_dim, itemsize)
+    configs = tile_configs(head_dim, itemsize, score_bytes)
     if rows <= configs[0].block_m:
         return configs[0]
     return configs[-1] if rows >= 4 * configs[-1].block_m else configs[1]

@@ -318,11 +318,13 @@ def check_split_kv(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype:
 
 
 def check_tile_configs(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype: str, label: str, window=None):
-    """Every tile config the dispatch may pick for the head dim and dtype
-    gives the bits of the first (prefill and decode, split-KV off)."""
+    """Every tile config the dispatch may pick for the head dim and dtype,
+    with or without a mask or bias, gives the bits of the first (prefill and
+    decode, split-KV off)."""
     from bi_core.attention import tile_configs
 
-    configs = tile_configs(heads.d, np_dtype(dtype).itemsize)
+    itemsize = np_dtype(dtype).itemsize
+    configs = tuple(dict.fromkeys(c for b in (0, 1, 4, 5) for c in tile_configs(heads.d, itemsize, b)))
     q, k, v = (np.stack(x) for x in zip(*(random_sequence(rng, n, heads, dtype) for _ in range(batch))))
     for lq in (n, 1):
         ref = runner.prefill(q[:, -lq:], k, v, window=window, split_kv=False, config=configs[0])

@@ -295,7 +295,8 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         if a is not None and a.size > _MAX_ELEMENTS:
             raise ValueError(f"attention: {name} has {a.size} elements; bi_jax's kernels address at most "
                              f"{_MAX_ELEMENTS} (int32 offsets)")
-    cfg = config or contract.tile_config(d, max_q_len * group, np.dtype(q.dtype).itemsize)
+    score_bytes = sum(np.dtype(a.dtype).itemsize for a in (mask, bias) if a is not None)
+    cfg = config or contract.tile_config(d, max_q_len * group, np.dtype(q.dtype).itemsize, score_bytes)
     bm = cfg.block_m
     tiles = max(1, -(-(max_q_len * group) // bm))
     splits = contract.num_splits(max_kv_len)

@@ -368,7 +368,8 @@ def launch(
     ``mask`` (uint8, nonzero: visible) and ``bias`` (float): dense forms only,
     ``(B, Hq, Lq, Lk)`` views (broadcast dimensions of stride 0)."""
     d = q.shape[-1]
-    cfg = config or contract.tile_config(d, max_q_len * group, q.element_size())
+    score_bytes = sum(a.element_size() for a in (mask, bias) if a is not None)
+    cfg = config or contract.tile_config(d, max_q_len * group, q.element_size(), score_bytes)
     tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
     block_n = block_n or contract.block_n(d)
     split_keys = split_keys or contract.SPLIT
