@@ -137,6 +137,46 @@ def test_invariance_long_sequences(framework, n, others, seed):
     props.check_packed_position(runner, rng, n, heads, "bfloat16", label)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif("jax" not in FRAMEWORKS_HERE, reason="needs jax")
+@settings(max_examples=2, deadline=None)
+@given(n=st.integers(1, 8192), queries=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def test_invariance_large_cache_jax(n, queries, seed):
+    """A sequence whose pages lie past element 2**31 of a bf16 cache of 4.3
+    GB (bi_jax indexes whole head rows, in 64 bits past 4 GB) gets the bits
+    of the same pages in a small cache. bi_torch's offsets are int64
+    throughout. JAX only: torch's per-process share of the GPU in a parallel
+    run is smaller than the two caches."""
+    import jax
+    import jax.numpy as jnp
+
+    import bi_jax
+
+    rng = np.random.default_rng(seed)
+    page, hkv, hq, d = 256, 8, 32, 128
+    used = -(-(n + queries) // page)
+    big_pages = (1 << 31) // (page * hkv * d) + used  # the last `used` pages start at element 2**31
+    order = rng.permutation(used)
+    keys = [jnp.asarray(rng.standard_normal((used, page, hkv, d)), jnp.bfloat16) for _ in range(2)]
+    q = jnp.asarray(rng.standard_normal((1, queries, hq, d)), jnp.bfloat16)
+    lens = jnp.asarray([n + queries], jnp.int32)
+
+    @jax.jit
+    def big_cache(pages):
+        return jnp.zeros((big_pages, page, hkv, d), jnp.bfloat16).at[big_pages - used:].set(pages[order])
+
+    small = bi_jax.paged_attention(q, keys[0][order], keys[1][order], jnp.arange(used, dtype=jnp.int32)[None],
+                                   lens)
+    small = np.asarray(small)
+    kc, vc = big_cache(keys[0]), big_cache(keys[1])
+    assert kc.size > 2**31
+    table = jnp.asarray(big_pages - used + np.arange(used), jnp.int32)[None]
+    big = np.asarray(bi_jax.paged_attention(q, kc, vc, table, lens))
+    del kc, vc
+    assert np.isfinite(small.astype(np.float32)).all()
+    np.testing.assert_array_equal(big, small)
+
+
 def _schedule_check(check, runner):
     heads, rng = props.Heads(4, 2, 64), np.random.default_rng(3)
     if check == "chunked_and_decode":

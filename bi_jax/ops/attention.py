@@ -5,8 +5,11 @@ The kernels are the program that ``bi_torch/ops/attention.py`` runs, step for
 step (the contract of ``bi_core.attention``: blocks and splits at absolute
 key positions, the online softmax within a split, the splits folded in
 order, PTX for every step a compiler could reorder), so that the two
-frameworks give the same bits. Pallas's Triton backend computes offsets in
-int32: each array may hold at most 2**31 - 1 elements.
+frameworks give the same bits. The kernels see q, k, v and the output as
+``(rows, head_dim)`` arrays (a row: one head of one token) and index them by
+row, so that Pallas's Triton backend switches to 64-bit offsets for arrays
+past 4 GB (a KV cache of any size); a row index is int32: each array may
+hold at most 2**31 - 1 rows, a mask at most 2**31 - 1 elements.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from bi_jax.ops.matmul import _tile_dot
 __all__ = ["attention", "dot_product_attention", "varlen_attention", "paged_attention", "launch"]
 
 _NEG_INF = float("-inf")
-_MAX_ELEMENTS = 2**31 - 1
+_MAX_ROWS = 2**31 - 1
 
 
 def _asm(asm, *args):
@@ -93,6 +96,12 @@ def _empty(bm, d):
             jnp.zeros((bm, d), jnp.float32))
 
 
+def _head_rows(rows, d):
+    """The index of whole rows ``rows`` of a ``(rows, d)`` ref (2-D integer
+    indices, so the lowering scales them by d in 64 bits past 4 GB)."""
+    return rows[:, None], jnp.arange(d, dtype=jnp.int32)[None, :]
+
+
 def _scalar(ref, i):
     return pltriton.load(ref.at[pl.ds(i, 1)])[0]
 
@@ -140,12 +149,11 @@ def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, valid
     bn, d, ptx = st["block_n"], st["head_dim"], st["ptx"]
     kpos = blk * bn + jnp.arange(bn, dtype=jnp.int32)
     in_seq = kpos < kv_len
-    cols = jnp.arange(d, dtype=jnp.int32)
     k_off = _kv_offsets(kpos, in_seq, s, k0, bt_ref, st["k_strides"][:2], st) + hk * st["k_strides"][2]
     v_off = _kv_offsets(kpos, in_seq, s, k0, bt_ref, st["v_strides"][:2], st) + hk * st["v_strides"][2]
     kmask = jnp.broadcast_to(in_seq[:, None], (bn, d))
-    k = pltriton.load(k_ref.at[k_off[:, None] + cols[None, :]], mask=kmask, other=0.0)
-    v = pltriton.load(v_ref.at[v_off[:, None] + cols[None, :]], mask=kmask, other=0.0)
+    k = pltriton.load(k_ref.at[_head_rows(k_off, d)], mask=kmask, other=0.0)
+    v = pltriton.load(v_ref.at[_head_rows(v_off, d)], mask=kmask, other=0.0)
     precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
     qk = _tile_dot(q, k.T, precision, interpreted=not ptx)
     seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
@@ -196,7 +204,6 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, ma
         blk_lo = jnp.maximum(blk_lo, split * bps)
         blk_hi = jnp.minimum(blk_hi, split * bps + bps - 1)
     live = (tile * bm < q_len * g) & (k_lo <= k_hi) & (blk_lo <= blk_hi) if st["spread"] else tile * bm < q_len * g
-    cols = jnp.arange(d, dtype=jnp.int32)
     h = hk * g + gi
     qs = st["q_strides"]
     rmask = jnp.broadcast_to(valid[:, None], (bm, d))
@@ -204,7 +211,7 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, ma
     @pl.when(live)
     def _():
         q_off = s * qs[0] + (q0 + qi) * qs[1] + h * qs[2]
-        q = pltriton.load(q_ref.at[q_off[:, None] + cols[None, :]], mask=rmask, other=0.0)
+        q = pltriton.load(q_ref.at[_head_rows(q_off, d)], mask=rmask, other=0.0)
         ms, bs = st["mask_strides"], st["bias_strides"]
         masks = (mask_ref, s * ms[0] + h * ms[1] + qi * ms[2], bias_ref, s * bs[0] + h * bs[1] + qi * bs[2])
         blk_args = (s, k0, hk, kv_len, lo, hi, valid, masks, st)
@@ -226,13 +233,13 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, ma
                    + jnp.arange(bm, dtype=jnp.int32))
             pltriton.store(ws_m_ref.at[row], m, mask=valid)
             pltriton.store(ws_l_ref.at[row], l, mask=valid)
-            pltriton.store(ws_acc_ref.at[row[:, None] * d + cols[None, :]], acc, mask=rmask)
+            pltriton.store(ws_acc_ref.at[_head_rows(row, d)], acc, mask=rmask)
         else:
             (o_ref,) = out_refs
             out = _finish(state[1], state[2], ptx)
             os_ = st["o_strides"]
             o_off = s * os_[0] + (q0 + qi) * os_[1] + h * os_[2]
-            pltriton.store(o_ref.at[o_off[:, None] + cols[None, :]], out.astype(o_ref.dtype), mask=rmask)
+            pltriton.store(o_ref.at[_head_rows(o_off, d)], out.astype(o_ref.dtype), mask=rmask)
 
 
 def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref, o_ref, *, st):
@@ -242,7 +249,6 @@ def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref
     q0, q_len, k0, kv_len = _seq_info(s, cu_q_ref, cu_k_ref, kv_len_ref, st)
     qi, gi, valid, lo, hi = _rows(tile, q_len, kv_len, st)
     k_lo, k_hi = _tile_range(valid, lo, hi)
-    cols = jnp.arange(d, dtype=jnp.int32)
     rmask = jnp.broadcast_to(valid[:, None], (bm, d))
     split_keys = st["block_n"] * st["bps"]
     row = sh * st["ws_rows"] + tile * bm + jnp.arange(bm, dtype=jnp.int32)
@@ -254,7 +260,7 @@ def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref
             r = split * plane + row
             m = pltriton.load(ws_m_ref.at[r], mask=valid, other=_NEG_INF)
             l = pltriton.load(ws_l_ref.at[r], mask=valid, other=0.0)
-            acc = pltriton.load(ws_acc_ref.at[r[:, None] * d + cols[None, :]], mask=rmask, other=0.0)
+            acc = pltriton.load(ws_acc_ref.at[_head_rows(r, d)], mask=rmask, other=0.0)
             return _fold(big, (m, l, acc), ptx)
 
         big = lax.fori_loop(k_lo // split_keys, k_hi // split_keys + 1, body, _empty(bm, d))
@@ -262,7 +268,7 @@ def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref
         h = hk * g + gi
         os_ = st["o_strides"]
         o_off = s * os_[0] + (q0 + qi) * os_[1] + h * os_[2]
-        pltriton.store(o_ref.at[o_off[:, None] + cols[None, :]], out.astype(o_ref.dtype), mask=rmask)
+        pltriton.store(o_ref.at[_head_rows(o_off, d)], out.astype(o_ref.dtype), mask=rmask)
 
 
 def _row_major_strides(shape):
@@ -271,6 +277,12 @@ def _row_major_strides(shape):
         out.append(acc)
         acc *= n
     return tuple(reversed(out))
+
+
+def _rows_of(strides, d):
+    if any(int(x) % d for x in strides):
+        raise AssertionError(f"attention: strides {tuple(strides)} are not multiples of the head dim {d}")
+    return tuple(int(x) // d for x in strides)
 
 
 def _broadcast_strides(a):
@@ -285,16 +297,21 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
            bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None):
     """The kernels over every (tile, sequence x KV head[, split]) of
     row-major arrays (``*_strides``: element strides of batch or page, token
-    or slot, head); returns the output laid out as ``q``. Any ``config`` of
+    or slot, head, each a multiple of the head dim); returns the output laid
+    out as ``q``. Any ``config`` of
     ``bi_core.attention.tile_configs`` and either ``split_kv`` give the same bits.
     ``mask`` (int8, nonzero: visible) and ``bias`` (float): dense forms only,
     4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``."""
     interpret = interpret_mode("attention") if interpret is None else interpret
     d = q.shape[-1]
-    for name, a in (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias)):
-        if a is not None and a.size > _MAX_ELEMENTS:
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.size // d > _MAX_ROWS:
+            raise ValueError(f"attention: {name} has {a.size // d} rows of head_dim {d}; bi_jax's kernels index at "
+                             f"most {_MAX_ROWS} (int32 row indices)")
+    for name, a in (("mask", mask), ("bias", bias)):
+        if a is not None and a.size > _MAX_ROWS:
             raise ValueError(f"attention: {name} has {a.size} elements; bi_jax's kernels address at most "
-                             f"{_MAX_ELEMENTS} (int32 offsets)")
+                             f"{_MAX_ROWS} (int32 offsets)")
     score_bytes = sum(np.dtype(a.dtype).itemsize for a in (mask, bias) if a is not None)
     cfg = config or contract.tile_config(d, max_q_len * group, np.dtype(q.dtype).itemsize, score_bytes)
     bm = cfg.block_m
@@ -310,8 +327,9 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         paged=block_table is not None, q_len=int(q_len), kv_len=int(kv_len), left=int(left), right=int(right),
         bottom_right=bool(bottom_right), page_size=int(page_size),
         bt_stride=int(block_table.shape[1]) if block_table is not None else 0,
-        q_strides=tuple(int(x) for x in q_strides), k_strides=tuple(int(x) for x in k_strides),
-        v_strides=tuple(int(x) for x in v_strides), o_strides=tuple(int(x) for x in q_strides),
+        # Strides in rows of head_dim elements: the kernels index (rows, d) views.
+        q_strides=_rows_of(q_strides, d), k_strides=_rows_of(k_strides, d),
+        v_strides=_rows_of(v_strides, d), o_strides=_rows_of(q_strides, d),
         qk_scale=float(qk_scale), ieee=np.dtype(q.dtype) == np.dtype(jnp.float32), ptx=not interpret,
         spread=spread, ws_rows=ws_rows, has_mask=mask is not None, has_bias=bias is not None,
         mask_strides=_broadcast_strides(mask), bias_strides=_broadcast_strides(bias),
@@ -319,10 +337,10 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     dummy = jnp.zeros((1,), jnp.int32)
     index_args = [a.reshape(-1).astype(jnp.int32) if a is not None else dummy
                   for a in (cu_q, cu_k, kv_lens, block_table)]
-    flat = [q.reshape(-1), k.reshape(-1), v.reshape(-1)]
+    flat = [q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)]
     score_args = [a.reshape(-1) if a is not None else dummy for a in (mask, bias)]
     params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    out_shape = jax.ShapeDtypeStruct((q.size,), q.dtype)
+    out_shape = jax.ShapeDtypeStruct((q.size // d, d), q.dtype)
     if not spread:
         out = pl.pallas_call(
             functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, 1), out_shape=out_shape,
@@ -330,10 +348,10 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         )(*flat, *index_args, *score_args)
         return out.reshape(q.shape)
     ws_len = splits * batch * hkv * ws_rows
-    if ws_len * d > _MAX_ELEMENTS:
-        raise ValueError("attention: the split-KV workspace would exceed int32 offsets; pass split_kv=False")
+    if ws_len > _MAX_ROWS:
+        raise ValueError("attention: the split-KV workspace would exceed int32 row indices; pass split_kv=False")
     ws = (jax.ShapeDtypeStruct((ws_len,), jnp.float32), jax.ShapeDtypeStruct((ws_len,), jnp.float32),
-          jax.ShapeDtypeStruct((ws_len * d,), jnp.float32))
+          jax.ShapeDtypeStruct((ws_len, d), jnp.float32))
     ws_m, ws_l, ws_acc = pl.pallas_call(
         functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, splits), out_shape=ws,
         compiler_params=params, interpret=interpret, name="bi_attention_splits",
