@@ -21,13 +21,14 @@ def _positive_ints(text: str) -> list[int]:
 
 
 def _feature(text: str):
-    """``4096`` (a hidden size) or ``4096x14336`` (a K x N weight shape)."""
+    """``4096`` (a hidden size), ``4096x14336`` (a K x N weight shape) or
+    ``4096x32x8x128`` (attention: length x query heads x KV heads x head dim)."""
     try:
         parts = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
         parts = ()
-    if not parts or len(parts) > 2 or any(v < 1 for v in parts):
-        raise argparse.ArgumentTypeError(f"a feature size is N or KxN with positive integers, got {text!r}")
+    if not parts or len(parts) > 4 or any(v < 1 for v in parts):
+        raise argparse.ArgumentTypeError(f"a feature size is N, KxN or LxHqxHkvxD with positive integers, got {text!r}")
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -82,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated token counts M (default: {_csv(DEFAULT_M)} on a GPU, "
                         f"{_csv(CPU_M)} without)")
     p.add_argument("--features", type=_features, default=None,
-                   help="comma-separated feature sizes, or KxN weight shapes for matrix products (default: each "
+                   help="comma-separated feature sizes, KxN weight shapes for matrix products, or LxHqxHkvxD for "
+                        "attention (default: each "
                         f"op's benchmark shapes on a GPU, {_csv(CPU_FEATURES)} without)")
     p.add_argument("--quick", action="store_true",
                    help=f"a short sweep: M = {_csv(QUICK_M)} on a GPU, {_csv(CPU_QUICK_M)} without (--m wins)")
@@ -119,13 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=170)
     specs = [registry.get(o) for o in args.ops]
     if args.features:
-        # A KxN shape belongs to ops benchmarked on weight shapes; a size to the rest.
+        # A shape belongs to ops benchmarked on shapes of its rank; a size to the rest.
         for spec in specs:
-            shaped = isinstance(spec.bench.features[0], tuple)
-            wrong = [f for f in args.features if isinstance(f, tuple) and not shaped]
+            first = spec.bench.features[0]
+            rank = len(first) if isinstance(first, tuple) else 1
+            wrong = [f for f in args.features if (len(f) if isinstance(f, tuple) else 1) != rank]
             if wrong:
-                p.error(f"argument --features: {spec.name} takes feature sizes, not KxN shapes "
-                        f"({', '.join('x'.join(map(str, f)) for f in wrong)}); pick the ops with --ops")
+                want = "feature sizes" if rank == 1 else "x".join(["N"] * rank) + " shapes such as " + "x".join(
+                    map(str, first))
+                p.error(f"argument --features: {spec.name} takes {want}, not "
+                        f"{', '.join('x'.join(map(str, f)) if isinstance(f, tuple) else str(f) for f in wrong)}; "
+                        "pick the ops with --ops")
     native = profile.native
     if native:
         ms = args.m or list(sweep.QUICK_M if args.quick else sweep.DEFAULT_M)

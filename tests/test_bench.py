@@ -178,13 +178,14 @@ def test_bench_needs_nothing_from_the_test_extra(tmp_path):
         (["--frameworks", "tf"], "argument --frameworks: unknown framework tf; choose from torch, jax"),
         (["--m", "0"], "argument --m: expected comma-separated positive integers, got '0'"),
         (["--m", "1,x"], "argument --m: expected comma-separated positive integers"),
-        (["--features", "64x0"], "argument --features: a feature size is N or KxN"),
+        (["--features", "64x0"], "argument --features: a feature size is N, KxN or LxHqxHkvxD"),
         (["--dtypes", "float64"], "argument --dtypes: unknown dtype float64"),
-        (["--ops", "rms_norm", "--features", "64x32"], "rms_norm takes feature sizes, not KxN shapes (64x32)"),
+        (["--ops", "rms_norm", "--features", "64x32"], "rms_norm takes feature sizes, not 64x32"),
+        (["--ops", "attention", "--features", "4096"], "attention takes NxNxNxN shapes such as 1024x32x8x128, not 4096"),
         (["--features", ","], "argument --features: expected comma-separated feature sizes"),
     ],
     ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype", "shape-for-a-row-op",
-         "no-features"],
+         "size-for-attention", "no-features"],
 )
 def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
