@@ -24,7 +24,7 @@ from bench.probes._log import jsonl_emitter
 H, HKV, D = 32, 8, 128
 
 
-def run(q, k, v, cfg, bn, split, split_kv=None, fold_ws=False):
+def run(q, k, v, cfg, bn, split, split_kv=None):
     b, lq = q.shape[0], q.shape[1]
     if cfg is None:
         cfg = contract.tile_config(D, lq * H // HKV)
@@ -33,8 +33,7 @@ def run(q, k, v, cfg, bn, split, split_kv=None, fold_ws=False):
     ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
                o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
                max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
-               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv,
-               fold_ws=fold_ws)
+               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv)
     return o
 
 
@@ -57,19 +56,16 @@ def main() -> None:
             flops = 4 * seq * seq * D * H / 2
             ref = run(q, k, v, None, None, None)
             extra = [contract.TileConfig(*c) for c in ((64, 8, 2), (128, 8, 3), (32, 4, 2))]
-            # fold_ws: the folded splits wait in memory between folds, not in
-            # registers (the fold path's two accumulators spilled).
             for cfg in (*contract.tile_configs(D)[1:], *extra):
-                for fold_ws in (False, True):
-                    rec = {"prefill": seq, "config": [cfg.block_m, cfg.num_warps, cfg.num_stages], "fold_ws": fold_ws}
-                    try:
-                        o = run(q, k, v, cfg, None, None, fold_ws=fold_ws)
-                        ms = bench(lambda: run(q, k, v, cfg, None, None, fold_ws=fold_ws))
-                    except triton.runtime.errors.OutOfResources as e:
-                        emit({**rec, "error": repr(e)[:300]})
-                        continue
-                    emit({**rec, "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()),
-                          "tflops": round(flops / ms / 1e9, 1)})
+                rec = {"prefill": seq, "config": [cfg.block_m, cfg.num_warps, cfg.num_stages]}
+                try:
+                    o = run(q, k, v, cfg, None, None)
+                    ms = bench(lambda: run(q, k, v, cfg, None, None))
+                except triton.runtime.errors.OutOfResources as e:
+                    emit({**rec, "error": repr(e)[:300]})
+                    continue
+                emit({**rec, "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()),
+                      "tflops": round(flops / ms / 1e9, 1)})
     if "decode" not in args.parts:
         return
     # Decode tiles and depths at the contract's block and split: bits against

@@ -239,7 +239,6 @@ def _attn_kernel(
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-    FOLD_WS: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -274,13 +273,6 @@ def _attn_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    # FOLD_WS: the folded result waits in this program's rows of the
-    # workspace between folds instead of in registers (the same arithmetic).
-    ws_row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    if FOLD_WS:
-        tl.store(WS_M + ws_row, big_m)
-        tl.store(WS_L + ws_row, big_l)
-        tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], big_acc)
     for blk in range(blk_lo, blk_hi + 1):
         m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
                            skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
@@ -288,17 +280,7 @@ def _attn_kernel(
         if not SPREAD:
             # The end of a split (or of the tile's range): fold it in, start the next.
             if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                if FOLD_WS:
-                    tl.debug_barrier()
-                    f_m = tl.load(WS_M + ws_row)
-                    f_l = tl.load(WS_L + ws_row)
-                    f_acc = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :])
-                    f_m, f_l, f_acc = _fold(f_m, f_l, f_acc, m, l, acc, PTX)
-                    tl.store(WS_M + ws_row, f_m)
-                    tl.store(WS_L + ws_row, f_l)
-                    tl.store(WS_ACC + ws_row[:, None] * D + d[None, :], f_acc)
-                else:
-                    big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
                 m = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -309,10 +291,6 @@ def _attn_kernel(
         tl.store(WS_L + base_row + row, l, mask=valid)
         tl.store(WS_ACC + (base_row + row)[:, None] * D + d[None, :], acc, mask=valid[:, None])
     else:
-        if FOLD_WS:
-            tl.debug_barrier()
-            big_l = tl.load(WS_L + ws_row)
-            big_acc = tl.load(WS_ACC + ws_row[:, None] * D + d[None, :])
         out = _finish(big_l, big_acc, PTX)
         o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
         tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
@@ -378,14 +356,12 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, fold_ws=False,
+    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
     need a given tile config (``config``) or split strategy (``split_kv``).
-    Any config and either strategy give the same bits. ``fold_ws`` (a tuning
-    knob, same bits): without split-KV, keep the folded splits in a
-    workspace between folds rather than in registers.
+    Any config and either strategy give the same bits.
 
     Strides are element strides (batch or page, token or slot, head) of the
     4-D views ``(B, L, H, D)``; the last dimension must be contiguous.
@@ -410,10 +386,6 @@ def launch(
         ws_m = torch.empty((splits, batch * hkv, ws_rows), dtype=torch.float32, device=dev)
         ws_l = torch.empty_like(ws_m)
         ws_acc = torch.empty((splits, batch * hkv, ws_rows, d), dtype=torch.float32, device=dev)
-    elif fold_ws:
-        ws_m = torch.empty((batch * hkv, ws_rows), dtype=torch.float32, device=dev)
-        ws_l = torch.empty_like(ws_m)
-        ws_acc = torch.empty((batch * hkv, ws_rows, d), dtype=torch.float32, device=dev)
     else:
         ws_m = ws_l = ws_acc = torch.empty(1, dtype=torch.float32, device=dev)
     dummy = _empty_i32(dev)
@@ -432,7 +404,7 @@ def launch(
         *(mask.stride() if mask is not None else (0, 0, 0, 0)), *(bias.stride() if bias is not None else (0, 0, 0, 0)),
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, FOLD_WS=bool(fold_ws) and not spread,
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
