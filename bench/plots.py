@@ -33,6 +33,10 @@ def _label(op: str, framework: str, impl: str) -> tuple[str, str, str]:
     """Legend text, colour and line style; a default is named by its op's spec."""
     from harness import registry
 
+    if impl.startswith("bi_") and (framework, "bi") in _LABELS:
+        # A variant of the bi_ kernel (the spec's Bench.variants): its colour, dotted.
+        text, color, _ = _LABELS[(framework, "bi")]
+        return f"{text} ({impl[3:]})", color, ":"
     text, color, style = _LABELS.get((framework, impl), (f"{framework} {impl}", None, "-"))
     if impl == "default" and op in registry.names():
         spec_impl = registry.get(op).impl(framework)
@@ -79,7 +83,7 @@ def plot_rows(rows: list[dict], provenance: dict, out: Path) -> list[Path]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             note = bench.shape_note if bench is not None else "K x N"
-            ax.set_title(f"{op} {shape}" + (f" ({note})" if "x" in shape else ""), fontsize=10)
+            ax.set_title(f"{op} {shape}" + (f"\n({note})" if "x" in shape else ""), fontsize=10)
             ax.set_xlabel(bench.batch_axis if bench is not None else "# tokens (M)")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel(op_rows[0]["unit"] if rates else "time per call (us)")
