@@ -22,7 +22,7 @@ def _positive_ints(text: str) -> list[int]:
 
 def _feature(text: str):
     """``4096`` (a hidden size), ``4096x14336`` (a K x N weight shape) or
-    ``4096x32x8x128`` (attention: length x query heads x KV heads x head dim)."""
+    ``4096x32x8x128`` (length x query heads x KV heads x head dim)."""
     try:
         parts = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -83,8 +83,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated token counts M (default: {_csv(DEFAULT_M)} on a GPU, "
                         f"{_csv(CPU_M)} without)")
     p.add_argument("--features", type=_features, default=None,
-                   help="comma-separated feature sizes, KxN weight shapes for matrix products, or LxHqxHkvxD for "
-                        "attention (default: each "
+                   help="comma-separated feature sizes, or shapes of the rank of an op's own (KxN weight shapes, "
+                        "LxHqxHkvxD sequence shapes) (default: each "
                         f"op's benchmark shapes on a GPU, {_csv(CPU_FEATURES)} without)")
     p.add_argument("--quick", action="store_true",
                    help=f"a short sweep: M = {_csv(QUICK_M)} on a GPU, {_csv(CPU_QUICK_M)} without (--m wins)")
