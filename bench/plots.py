@@ -95,7 +95,43 @@ def plot_rows(rows: list[dict], provenance: dict, out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+        if bench is not None and bench.length_axis and rates:
+            written.append(_plot_by_length(plt, op, dtype, op_rows, bench, provenance, out))
     return written
+
+
+def _plot_by_length(plt, op, dtype, rows, bench, provenance, out: Path) -> Path:
+    """Throughput against the feature tuple's first element (a sequence
+    length): one line per implementation and batch size, over the shapes
+    that agree in the rest of the tuple (the first such group)."""
+    rest = sorted({tuple(str(r["features"]).split("x")[1:]) for r in rows})[0]
+    lines: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+    for r in rows:
+        dims = str(r["features"]).split("x")
+        if tuple(dims[1:]) == rest:
+            lines[(r["framework"], r["impl"], r["m"])].append(r)
+    fig, ax = plt.subplots(figsize=(8.6, 4.4))
+    batches = sorted({m for _, _, m in lines})
+    markers = dict(zip(batches, "os^vD*"))
+    for (fw, impl, m), pts in sorted(lines.items(), key=lambda kv: (kv[0][0] != "torch", kv[0][1] == "bi", kv[0][2])):
+        if m not in markers:
+            continue
+        pts.sort(key=lambda r: int(str(r["features"]).split("x")[0]))
+        text, color, style = _label(op, fw, impl)
+        ax.plot([int(str(r["features"]).split("x")[0]) for r in pts], [r["throughput"] for r in pts], style,
+                color=color, marker=markers[m], markersize=4, label=f"{text}, {m}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(bench.length_axis)
+    ax.set_ylabel(rows[0]["unit"])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, title=bench.batch_axis, title_fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    note = "x".join(("*", *rest))
+    ax.set_title(f"{op} {note} ({bench.shape_note}), {dtype}, {provenance.get('device', '?')}", fontsize=10)
+    fig.tight_layout()
+    path = out / f"{op}_{dtype}_by_length.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,10 @@ class Bench:
     batch_axis: str = "# tokens (M)"
     shape_note: str = "K x N"
     plot_throughput: bool = False
+    # The label of the first element of a feature tuple (a sequence length),
+    # if the benchmark should also plot throughput against it, one line per
+    # implementation and batch size: ``<op>_<dtype>_by_length.png``.
+    length_axis: str | None = None
 
     def __post_init__(self) -> None:
         if self.bound not in ("memory", "compute"):

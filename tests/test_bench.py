@@ -58,6 +58,18 @@ def test_plots_one_png_per_op_and_dtype(tmp_path):
     assert [p.name for p in (tmp_path / "cli").iterdir()] == ["matmul_bfloat16.png"]
 
 
+def test_plots_by_length_for_a_spec_that_names_its_length_axis(tmp_path):
+    """attention's spec names its sequence-length axis: a second figure of
+    TFLOP/s against the length, one line per implementation and batch."""
+    from bench.plots import plot_rows
+
+    rows = [_row("attention", fw, impl, f"{s}x32x8x128", m, s * m / 100 + (impl == "bi"), "TFLOP/s")
+            for fw in ("torch", "jax") for impl in ("default", "bi") for s in (1024, 4096) for m in (1, 16)]
+    written = plot_rows(rows, {"device": "test"}, tmp_path)
+    assert sorted(p.name for p in written) == ["attention_bfloat16.png", "attention_bfloat16_by_length.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in written)
+
+
 def test_default_cpu_run_covers_every_registered_op(tmp_path):
     """The Quickstart's ``python -m bench`` on a machine without a GPU: a small
     interpreter sweep over every benchmarked op of the registry, in both

@@ -170,6 +170,7 @@ ATTENTION = OpSpec(
         max_batch=lambda f: max(1, 65536 // _dims(f)[0]),  # up to 64k tokens
         batch_axis="sequences (batch)",
         shape_note="S x Hq x Hkv x D",
+        length_axis="sequence length S",
     ),
     max_features=2048,  # sequence lengths of the properties
     cross_features=(1, 100, 1000, 4096),
