@@ -10,7 +10,7 @@ the CPU under the Triton interpreter):
     mm, addmm, bmm             -> bi_torch.matmul
     _softmax, _log_softmax     -> bi_torch.softmax, log_softmax
     sum, sum.dim_IntList       -> bi_torch.sum
-    mean.dim                   -> bi_torch.mean
+    mean.dim, mean             -> bi_torch.mean
     _fused_rms_norm            -> bi_torch.rms_norm
 
 A dispatch mode rather than ``torch.library`` kernel overrides: an override
@@ -21,11 +21,16 @@ kernel. Leaving the mode (also through an exception) restores PyTorch's
 dispatch exactly, because nothing was registered.
 
 Everything else runs PyTorch's kernel. With ``strict=True`` the mode raises
-``BatchVarianceRisk`` instead when a floating-point op that reduces with an
-order PyTorch may change with the batch (attention, layer norm, norms,
-variance, matrix-vector products, convolution, or one of the ops above with an
-unsupported dtype or layout) would run on a target device; otherwise such ops
-run and are recorded in ``mode.unhandled``.
+``BatchVarianceRisk`` instead when a floating-point op that is not routed may
+combine several input elements into one output element (attention, norms,
+convolution, cumulative sums, ``index_add_``, ``scatter_add_``, FFTs, pooling
+by averages, one of the ops above with an unsupported dtype or layout, or on
+CPU tensors without the Triton interpreter); otherwise such ops run and are
+recorded in ``mode.unhandled``. What may combine elements is decided from the
+op, not from a list of risky ops: every floating-point op may, except those
+tagged pointwise, views, and a list of ops that only move, select or compare
+elements (``_EXACT_NAMES``), so an op missing from both is refused rather
+than passed.
 
 Under the Triton interpreter (a CPU run), unary transcendental functions
 (``exp``, ``log``, ``sigmoid``, ``silu``, ``tanh``, ``gelu``, ...) on CPU tensors
@@ -71,7 +76,12 @@ def _bmm_impl(a, b):
 
 def _addmm_impl(bias, a, b, *, beta=1, alpha=1):
     n = b.shape[-1]
-    if beta == 1 and alpha == 1 and bias.dtype == a.dtype and bias.numel() == n and bias.shape[-1] == n:
+    if beta == 0:
+        # torch ignores the bias when beta is 0 (NaN and inf in it included).
+        product = _mm.matmul(a, b)
+        return product if alpha == 1 else alpha * product
+    if beta == 1 and alpha == 1 and bias.dtype == a.dtype and bias.dim() >= 1 and bias.numel() == n \
+            and bias.shape[-1] == n:
         # F.linear's form: a bias row, added in fp32 before the one rounding.
         return _mm.matmul(a, b, bias=bias.reshape(n))
     # General form: the product is invariant; the elementwise rest is too.
@@ -86,16 +96,26 @@ def _log_softmax_impl(x, dim, half_to_float):
     return _rows.log_softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
+def _out_dtype(dtype):
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise _Unsupported(f"dtype={str(dtype).removeprefix('torch.')}")
+    return dtype
+
+
 def _sum_impl(x, dim=None, keepdim=False, *, dtype=None):
-    return _rows.sum(x, dim, keepdim, dtype=dtype)
+    return _rows.sum(x, dim, keepdim, dtype=_out_dtype(dtype))
 
 
 def _sum_all_impl(x, *, dtype=None):
-    return _rows.sum(x, None, False, dtype=dtype)
+    return _rows.sum(x, None, False, dtype=_out_dtype(dtype))
 
 
 def _mean_impl(x, dim=None, keepdim=False, *, dtype=None):
-    return _rows.mean(x, dim, keepdim, dtype=dtype)
+    return _rows.mean(x, dim, keepdim, dtype=_out_dtype(dtype))
+
+
+def _mean_all_impl(x, *, dtype=None):
+    return _rows.mean(x, None, False, dtype=_out_dtype(dtype))
 
 
 def _fused_rms_norm_impl(x, normalized_shape, weight=None, eps=None):
@@ -124,22 +144,75 @@ _HANDLED = {
     aten.sum.dim_IntList: _sum_impl,
     aten.sum.default: _sum_all_impl,
     aten.mean.dim: _mean_impl,
+    aten.mean.default: _mean_all_impl,
     aten._fused_rms_norm.default: _fused_rms_norm_impl,
 }
 
-# Floating-point reductions with no invariant kernel here: the strict mode
-# refuses them on a target device. Op packet names, and name prefixes for the
-# attention and convolution families.
-_RISKY_NAMES = frozenset({
-    "native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit",
-    "_native_batch_norm_legit_no_training", "var", "var_mean", "std", "std_mean", "norm", "linalg_vector_norm",
-    "_fused_rms_norm", "mv", "addmv", "dot", "vdot", "baddbmm", "addbmm", "addr", "logsumexp", "prod",
-    "cumsum", "cumprod", "_embedding_bag", "nll_loss_forward", "nll_loss2d_forward", "mse_loss",
-    "mm", "addmm", "bmm", "_softmax", "_log_softmax", "sum", "mean", "nansum", "_int_mm",
+# Strictness follows what an op does, not a list of risky ops: a
+# floating-point op that is not routed is refused (strict) or counted
+# (lenient) unless it cannot combine several input elements into one output
+# element with rounding. Those are the ops tagged pointwise, views (an aliased
+# result of an op that mutates nothing), and the ops below, which move or
+# select elements (or compare them: max, sort, a max pool) and so give the
+# same bits in any batch. An op that PyTorch adds later is refused until it
+# is listed here.
+_EXACT_NAMES = frozenset({
+    # copies, casts and layout
+    "clone", "copy", "copy_", "_to_copy", "_unsafe_view", "_reshape_copy", "_reshape_alias_copy", "contiguous",
+    "view_copy", "permute_copy", "transpose_copy", "t_copy", "expand_copy", "slice_copy", "select_copy",
+    "unsqueeze_copy", "squeeze_copy", "split_copy", "split_with_sizes_copy", "unbind_copy", "narrow_copy",
+    "unfold_copy", "alias_copy", "detach_copy", "lift_fresh_copy", "_pin_memory", "resize_", "set_",
+    "record_stream", "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+    "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "fill", "fill_", "zero_",
+    # gathers, scatters without accumulation, concatenation, padding, repeats
+    "embedding", "index", "index_select", "gather", "take", "take_along_dim", "masked_select", "cat", "stack",
+    "hstack", "vstack", "tril", "triu", "flip", "roll", "rot90", "repeat", "repeat_interleave", "tile",
+    "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
+    "replication_pad2d", "replication_pad3d", "_pad_circular", "index_copy", "index_copy_", "index_fill",
+    "index_fill_", "masked_scatter", "masked_scatter_", "slice_scatter", "select_scatter", "diagonal_scatter",
+    "as_strided_scatter", "diag", "diag_embed", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+    "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "one_hot",
+    # comparisons and selections (exact in any order)
+    "max", "min", "amax", "amin", "aminmax", "argmax", "argmin", "sort", "argsort", "topk", "kthvalue", "median",
+    "nanmedian", "mode", "cummax", "cummin", "_cummax_helper", "_cummin_helper", "max_pool1d", "max_pool2d",
+    "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "equal", "allclose", "isin", "searchsorted", "bucketize", "nonzero", "nonzero_static",
+    "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "any", "all", "count_nonzero",
+    "_local_scalar_dense", "is_nonzero", "is_same_size", "_assert_async", "_assert_scalar",
+    # random fills (no arithmetic on other elements)
+    "bernoulli", "bernoulli_", "uniform_", "normal", "normal_", "exponential_", "random_", "native_dropout",
+    "rand", "randn", "randint", "randperm", "multinomial",
 })
-_RISKY_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention",
-                   "convolution", "_convolution", "cudnn_convolution", "miopen_convolution", "_slow_conv",
-                   "slow_conv", "_conv_depthwise")
+
+# Ops that move elements, unless told to accumulate them.
+_ACCUMULATE_FLAG = {"index_put": "accumulate", "index_put_": "accumulate", "_index_put_impl": "accumulate",
+                    "_index_put_impl_": "accumulate"}
+
+
+def _argument(func, args, kwargs, name, default=None):
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == name:
+            if name in kwargs:
+                return kwargs[name]
+            return args[i] if i < len(args) else default
+    return default
+
+
+def _may_reduce(func, args, kwargs) -> bool:
+    """Whether ``func`` may combine several input elements into one output
+    element with rounding (an order that may follow the batch)."""
+    if torch.Tag.pointwise in func.tags:
+        return False
+    schema = func._schema
+    if not schema.is_mutable and schema.returns and all(r.alias_info is not None for r in schema.returns):
+        return False  # a view
+    name = func.overloadpacket.__name__
+    if name in _ACCUMULATE_FLAG:
+        return bool(_argument(func, args, kwargs, _ACCUMULATE_FLAG[name], False))
+    if name in ("scatter", "scatter_"):
+        return "reduce" in func._overloadname  # scatter.reduce, scatter.value_reduce: accumulate
+    return name not in _EXACT_NAMES
 
 
 # Under the Triton interpreter (a CPU run), unary functions whose ATen CPU
@@ -225,10 +298,8 @@ class BatchInvariantMode(TorchDispatchMode):
             else:
                 self.handled[str(func)] += 1
                 return out
-        elif target and (func.overloadpacket.__name__ in _RISKY_NAMES
-                         or func.overloadpacket.__name__.startswith(_RISKY_PREFIXES)):
-            dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in floating})
-            self._risky(func, f"dtypes {', '.join(dtypes)}" if impl is not None else "no invariant kernel")
+        elif floating and (impl is not None or _may_reduce(func, args, kwargs)):
+            self._risky(func, _why(impl is not None, target, tensors, floating))
         elif (func in _CPU_TRANSCENDENTAL or func in _CPU_TRANSCENDENTAL_INPLACE) and interpreting() and args \
                 and isinstance(args[0], torch.Tensor) \
                 and args[0].device.type == "cpu" and args[0].is_floating_point():
@@ -243,6 +314,16 @@ class BatchInvariantMode(TorchDispatchMode):
                 "listed in mode.unhandled)."
             )
         self.unhandled[str(func)] += 1
+
+
+def _why(routed: bool, target: bool, tensors, floating) -> str:
+    if not target:
+        devices = sorted({str(t.device) for t in tensors})
+        return (f"its tensors are on {', '.join(devices)}: the bi_ kernels run on CUDA tensors, and on CPU "
+                "tensors only under the Triton interpreter (TRITON_INTERPRET=1 before importing bi_torch)")
+    if routed:
+        return "dtypes " + ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in floating}))
+    return "no invariant kernel, and it may combine several elements into one"
 
 
 # Modes switched on by set_batch_invariant_mode, innermost last.

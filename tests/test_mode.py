@@ -135,3 +135,107 @@ def test_elementwise_rows_alone_and_in_a_batch(fn):
             full = fn(x)
             for r in range(6):
                 assert torch.equal(_bits(fn(x[r : r + 1])), _bits(full[r : r + 1])), (n, r)
+
+
+@torch.no_grad()
+def test_addmm_with_beta_zero_ignores_the_bias():
+    """torch ignores addmm's bias when beta is 0, NaN and inf in it included."""
+    x, w, b = _data()
+    bias = torch.full_like(b, float("nan"))
+    with bi_torch.set_batch_invariant_mode(strict=True):
+        got = torch.addmm(bias, x, w.t(), beta=0)
+        doubled = torch.addmm(bias, x, w.t(), beta=0, alpha=2)
+    assert not torch.isnan(got).any() and not torch.isnan(torch.addmm(bias, x, w.t(), beta=0)).any()
+    assert torch.equal(_bits(got), _bits(bi_torch.matmul(x, w.t())))
+    assert torch.equal(_bits(doubled), _bits(2 * bi_torch.matmul(x, w.t())))
+
+
+@torch.no_grad()
+def test_what_the_kernels_cannot_take_runs_pytorch_or_is_refused():
+    """A sum to float64 and addmm with a 0-d bias: lenient runs them (the
+    first with PyTorch's kernel, listed), strict refuses the first; the mean
+    of a whole tensor is routed."""
+    x, w, _ = _data()
+    with bi_torch.set_batch_invariant_mode() as mode:
+        total = x.sum(dtype=torch.float64)
+        shifted = torch.addmm(torch.tensor(1.5, device=DEVICE), x, w.t())
+        mean = torch.mean(x)
+    assert total.dtype == torch.float64 and torch.equal(total, x.sum(dtype=torch.float64))
+    assert mode.unhandled["aten.sum.default"] == 1
+    assert torch.equal(_bits(shifted), _bits(1.5 + bi_torch.matmul(x, w.t())))
+    assert torch.equal(_bits(mean), _bits(bi_torch.mean(x)))
+    assert mode.handled["aten.mean.default"] == 1 and mode.handled["aten.addmm.default"] == 1
+    with pytest.raises(bi_torch.BatchVarianceRisk, match="dtype=float64"):
+        with bi_torch.set_batch_invariant_mode(strict=True):
+            x.sum(dtype=torch.float64)
+
+
+def _reducing_ops(x):
+    idx = torch.tensor([0, 2, 0], device=x.device)
+    return {
+        "index_add_": lambda: x.clone().index_add_(0, idx, x[:3]),
+        "scatter_add_": lambda: x.clone().scatter_add_(0, idx[:, None].expand(3, x.shape[1]), x[:3]),
+        "scatter_reduce": lambda: x.scatter_reduce(0, idx[:, None].expand(3, x.shape[1]), x[:3], "sum"),
+        "index_put_accumulate": lambda: x.clone().index_put_((idx,), x[:3], accumulate=True),
+        "cdist": lambda: torch.cdist(x, x),
+        "fft": lambda: torch.fft.rfft(x),
+        "trace": lambda: torch.trace(x),
+        "avg_pool1d": lambda: torch.nn.functional.avg_pool1d(x[None], 4),
+        "cumsum": lambda: torch.cumsum(x, -1),
+        "layer_norm": lambda: torch.nn.functional.layer_norm(x, x.shape[-1:]),
+    }
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(_reducing_ops(torch.zeros(1, 1))))
+def test_strict_mode_refuses_every_float_op_that_may_reduce(name):
+    """Strictness follows what an op does: each of these adds several
+    elements into one, and none is routed."""
+    x, _, _ = _data()
+    op = _reducing_ops(x)[name]
+    with pytest.raises(bi_torch.BatchVarianceRisk, match="no batch-invariant kernel"):
+        with bi_torch.set_batch_invariant_mode(strict=True):
+            op()
+    with bi_torch.set_batch_invariant_mode() as mode:
+        op()
+    assert mode.unhandled, name
+
+
+@torch.no_grad()
+def test_strict_mode_lets_ops_that_move_or_compare_elements_run():
+    x, _, _ = _data()
+    idx = torch.tensor([0, 2, 0], device=DEVICE)
+    with bi_torch.set_batch_invariant_mode(strict=True) as mode:
+        torch.cat([x, x]).flip(0).tril()
+        x.clone().index_put_((idx,), x[:3])
+        x.scatter(0, idx[:, None].expand(3, x.shape[1]), x[:3])
+        torch.nn.functional.embedding(idx, x)
+        x.max(-1), x.sort(-1), x.topk(3), x.amax(0), x[idx].T.contiguous(), torch.where(x > 0, x, 0.0)
+        torch.nn.functional.pad(x, (1, 1)), x.repeat(2, 1), x[0, 0].item()
+    assert not mode.unhandled and not mode.handled
+
+
+def test_strict_mode_refuses_cpu_reductions_without_the_interpreter():
+    """CPU tensors without TRITON_INTERPRET run PyTorch's CPU kernels: strict
+    mode says so instead of passing them silently, lenient lists them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("TRITON_INTERPRET", "BI_DEVICE")}
+    code = textwrap.dedent("""
+        import torch, bi_torch
+        x = torch.randn(4, 8)
+        with bi_torch.set_batch_invariant_mode() as mode:
+            torch.mm(x, x.T); torch.relu(x)
+        print(dict(mode.unhandled), dict(mode.handled))
+        try:
+            with bi_torch.set_batch_invariant_mode(strict=True):
+                torch.softmax(x, -1)
+        except bi_torch.BatchVarianceRisk as e:
+            print("refused:", e)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "{'aten.mm.default': 1} {}" in run.stdout, run.stdout
+    assert "refused: aten._softmax.default" in run.stdout and "TRITON_INTERPRET=1" in run.stdout, run.stdout
