@@ -152,3 +152,31 @@ def test_gradients_are_refused_by_name(op, call):
     with pytest.raises(NotImplementedError, match=f"bi_jax.{op} has no derivative rule"):
         jax.grad(call)(x)
     call(x)  # the forward still runs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_jax_nn_dot_product_attention_runs_through_the_kernels(dtype):
+    """jax.nn.dot_product_attention (its xla implementation) under the strict
+    transform: its products (bf16 ones with the BF16_BF16_F32 dot algorithm)
+    and sums run the bi_ kernels, close to the default, and a sequence gets
+    the same bits alone and in a batch."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 24, h, 64)), dtype) for h in (4, 2, 2))
+    attend = jax.jit(bi_jax.batch_invariant(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                                            strict=True))
+    got = attend(q, k, v)
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+    alone = attend(q[1:2], k[1:2], v[1:2])
+    assert (_bits(alone[0]) == _bits(got[1])).all()
+
+
+def test_dot_algorithms_the_kernels_do_not_compute_are_refused():
+    a = jnp.ones((4, 8), jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+    ok = bi_jax.dot_general(a.astype(jnp.bfloat16), a.T.astype(jnp.bfloat16), dims,
+                            precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32)
+    assert ok.shape == (4, 4)
+    for preset in (jax.lax.DotAlgorithmPreset.BF16_BF16_F32, jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3):
+        with pytest.raises(NotImplementedError, match=f"dot algorithm {preset.name} on float32 inputs"):
+            bi_jax.dot_general(a, a.T, dims, precision=preset)

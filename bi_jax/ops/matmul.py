@@ -75,6 +75,23 @@ def _precision_name(p) -> str | None:
     raise TypeError(f"precision must be None, a jax.lax.Precision or a string, got {p!r}")
 
 
+# The dot algorithms the kernels compute exactly (``jax.nn.dot_product_attention``
+# passes BF16_BF16_F32 for bf16 inputs): operands of this dtype, products
+# accumulated in fp32.
+_PRESETS = {"BF16_BF16_F32": "bfloat16", "F16_F16_F32": "float16", "F32_F32_F32": "float32",
+            "TF32_TF32_F32": "float32"}
+
+
+def _preset(dtype, preset) -> str:
+    want = _PRESETS.get(preset.name)
+    if want is None or np.dtype(dtype) != np.dtype(want):
+        takes = ", ".join(f"{k} on {v}" for k, v in _PRESETS.items())
+        raise NotImplementedError(
+            f"matmul: the dot algorithm {preset.name} on {np.dtype(dtype)} inputs has no batch-invariant kernel; "
+            f"the kernels take DEFAULT, {takes} inputs")
+    return "tf32" if preset.name == "TF32_TF32_F32" else "ieee"
+
+
 def resolve_precision(dtype, precision) -> str:
     """``"ieee"`` or ``"tf32"`` for fp32 inputs; ``"ieee"`` for bf16/fp16.
 
@@ -84,6 +101,13 @@ def resolve_precision(dtype, precision) -> str:
     bfloat16-pass precisions (``HIGH``, ``"bfloat16"``, ...) have no invariant
     kernel here and are refused rather than served by another arithmetic.
     """
+    if isinstance(precision, lax.DotAlgorithmPreset):
+        if precision != lax.DotAlgorithmPreset.DEFAULT:
+            return _preset(dtype, precision)
+        precision = None
+    elif isinstance(precision, lax.DotAlgorithm):
+        raise NotImplementedError(f"matmul: a custom dot algorithm ({precision!r}) has no batch-invariant kernel; "
+                                  f"pass a precision or one of {', '.join(_PRESETS)}")
     if isinstance(precision, (tuple, list)):
         names = {_precision_name(p) for p in precision}
         if len(names) != 1:
