@@ -18,11 +18,17 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
 * nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` functions and
   rematerialised blocks are evaluated the same way, inside.
 
-Other primitives that reduce floating-point values in an order XLA may pick
-per shape (``reduce_prod``, cumulative sums, convolutions, a product or a sum
-in float64, and reductions inside ``cond`` / ``while`` / ``scan`` bodies, which
-the transform does not rewrite) are refused with ``BatchVarianceRisk`` when
-``strict=True``, else run as they are and counted in ``wrapped.unhandled``.
+Any other primitive on floats that may combine several elements into one
+(``reduce_prod``, cumulative sums, convolutions, generic ``reduce`` and
+``reduce_window``, scatter-add (``.at[].add``, ``segment_sum``), FFTs, linear
+algebra, foreign calls and callbacks, a product or a sum in float64, and such
+primitives inside ``cond`` / ``while`` / ``scan`` / ``shard_map`` bodies, which
+the transform does not rewrite) is refused with ``BatchVarianceRisk`` when
+``strict=True``, else run as it is and counted in ``wrapped.unhandled``. What
+may combine elements is decided from the primitive: every primitive on floats
+may, except those in ``_EXACT`` (elementwise, layout, gathers, overwriting
+scatters, and comparisons such as ``reduce_max`` or ``sort``), so a primitive
+missing from the list is refused rather than passed.
 
 The result composes with ``jax.jit``; it is a forward-only transform (the
 kernels have no derivative rules).
@@ -46,11 +52,39 @@ __all__ = ["BatchVarianceRisk", "batch_invariant"]
 
 _FLOATS = {np.dtype(d) for d in SUPPORTED_DTYPES}
 
-# Primitives that reduce floating-point values in an order the transform does
-# not control.
-_RISKY = {"reduce_prod", "cumsum", "cumprod", "cumlogsumexp", "conv_general_dilated", "psum",
-          "dot_general", "reduce_sum"}
-_CONTROL_FLOW = {"cond", "while", "scan"}
+# Strictness follows what a primitive does: a primitive on floats that is not
+# routed is refused (strict) or counted (lenient) unless it computes each
+# output element from one input element, or moves, selects or compares
+# elements (so its bits cannot follow the batch). A primitive that JAX adds
+# later is refused until it is listed here.
+_EXACT = frozenset({
+    # elementwise
+    "abs", "acos", "acosh", "add", "and", "asin", "asinh", "atan", "atan2", "atanh", "bessel_i0e", "bessel_i1e",
+    "bitcast_convert_type", "cbrt", "ceil", "clamp", "clz", "complex", "conj", "convert_element_type", "cos",
+    "cosh", "digamma", "div", "eq", "eq_to", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt",
+    "igamma", "igamma_grad_a", "igammac", "imag", "integer_pow", "is_finite", "le", "le_to", "lgamma", "log",
+    "log1p", "log2", "logistic", "lt", "lt_to", "max", "min", "mul", "mulhi", "ne", "neg", "nextafter", "not",
+    "one_minus_square", "or", "polygamma", "population_count", "pow", "real", "reduce_precision", "rem", "round",
+    "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sinh",
+    "sqrt", "square", "sub", "tan", "tanh", "xor", "zeta", "regularized_incomplete_beta", "random_bits",
+    "random_seed", "random_wrap", "random_unwrap", "random_split", "random_fold_in", "threefry2x32",
+    "rng_bit_generator", "rng_uniform", "erf_inv",
+    # layout, copies, gathers, scatters that overwrite
+    "broadcast_in_dim", "concatenate", "copy", "copy_p", "device_put", "dynamic_slice", "dynamic_update_slice",
+    "gather", "iota", "pad", "reshape", "rev", "scatter", "slice", "split", "squeeze", "expand_dims", "stack",
+    "unstack", "tile", "transpose", "sharding_constraint", "optimization_barrier", "stop_gradient", "pvary",
+    "create_token", "after_all", "empty", "empty2", "dce_sink",
+    # comparisons and selections: exact in any order
+    "argmax", "argmin", "reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_xor", "sort", "top_k",
+    "approx_top_k", "cummax", "cummin", "reduce_window_max", "reduce_window_min", "scatter-max", "scatter-min",
+    "pmax", "pmin",
+})
+# Calls whose body the transform evaluates itself (and so routes).
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
+_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+# Primitives whose sub-jaxprs are bodies run on the data: whether they may
+# reduce is whether their bodies may.
+_BODIES = _CALLS | _CUSTOM | {"cond", "while", "scan", "shard_map", "custom_linear_solve"}
 # Elementwise functions that XLA:CPU approximates, in vector code and scalar
 # code that need not agree bit for bit (IEEE ops such as add, mul, div and
 # sqrt are exact in both).
@@ -76,16 +110,21 @@ def _sub_jaxprs(params):
                 yield v
 
 
-def _reduces_floats(jaxpr) -> bool:
-    """Whether a jaxpr (or one nested in it) sums or multiplies floats."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _RISKY and any(
-            np.dtype(v.aval.dtype).kind == "f" for v in eqn.invars if hasattr(v.aval, "dtype")
-        ):
-            return True
-        if any(_reduces_floats(j) for j in _sub_jaxprs(eqn.params)):
-            return True
-    return False
+def _has_floats(values) -> bool:
+    return any(hasattr(v, "dtype") and np.dtype(v.dtype).kind in "fc" for v in values)
+
+
+def _may_reduce(eqn) -> bool:
+    """Whether an equation (or one nested in it) may combine several float
+    elements into one: a primitive outside ``_EXACT`` on floats."""
+    name = eqn.primitive.name
+    if name in _EXACT:
+        return False
+    if name in _BODIES:
+        return any(_may_reduce(e) for j in _sub_jaxprs(eqn.params) for e in j.eqns)
+    # Any other primitive, including those whose sub-jaxpr is a combiner
+    # (reduce, reduce_window, scatter-add).
+    return _has_floats([v.aval for v in (*eqn.invars, *eqn.outvars)])
 
 
 def _one_element_at_a_time(primitive, invals, params):
@@ -153,24 +192,19 @@ class _Evaluator:
                 return _bi_sum(x, axis=tuple(params["axes"]))
             if np.dtype(x.dtype).kind == "f":
                 self.risky(name, f"dtype {x.dtype}")
-        elif name in ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"):
-            sub = params.get("jaxpr") or params.get("call_jaxpr")
+        elif name in _CALLS or name in _CUSTOM:
+            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
             if isinstance(sub, jex_core.ClosedJaxpr):
                 return self.run(sub.jaxpr, sub.consts, invals)
             return self.run(sub, (), invals)
-        elif name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
-            sub = params.get("call_jaxpr") or params.get("fun_jaxpr")
-            if isinstance(sub, jex_core.ClosedJaxpr):
-                return self.run(sub.jaxpr, sub.consts, invals)
-            return self.run(sub, (), invals)
-        elif name in _CONTROL_FLOW:
-            if any(_reduces_floats(j) for j in _sub_jaxprs(params)):
-                self.risky(name, "a floating-point product or sum inside its body")
-        elif name in _RISKY and any(np.dtype(x.dtype).kind == "f" for x in invals if hasattr(x, "dtype")):
-            self.risky(name, "floating-point reduction")
+        elif _may_reduce(eqn):
+            body = " inside its body" if any(True for _ in _sub_jaxprs(params)) else ""
+            self.risky(name, f"it may combine several floating-point elements into one{body}")
         elif self.cpu and name in _TRANSCENDENTAL and not eqn.primitive.multiple_results:
             return _one_element_at_a_time(eqn.primitive, invals, params)
-        return eqn.primitive.bind(*invals, **params)
+        # As jax.core.eval_jaxpr binds an equation (shard_map's bind
+        # parameters differ from its equation's).
+        return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
 
 
 def batch_invariant(fn=None, *, strict: bool = False):

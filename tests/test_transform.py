@@ -180,3 +180,65 @@ def test_dot_algorithms_the_kernels_do_not_compute_are_refused():
     for preset in (jax.lax.DotAlgorithmPreset.BF16_BF16_F32, jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3):
         with pytest.raises(NotImplementedError, match=f"dot algorithm {preset.name} on float32 inputs"):
             bi_jax.dot_general(a, a.T, dims, precision=preset)
+
+
+def _reducing_fns():
+    idx = jnp.array([0, 2, 0])
+    return {
+        "generic_reduce": lambda x: jax.lax.reduce(x, 0.0, lambda a, b: a + 2 * b, (1,)),
+        "reduce_window": lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 4), (1, 4), "VALID"),
+        "scatter_add": lambda x: x.at[idx].add(x[:3]),
+        "segment_sum": lambda x: jax.ops.segment_sum(x, jnp.array([0, 0, 1, 1, 2, 2]), 3),
+        "fft": lambda x: jnp.fft.rfft(x).real,
+        "linalg": lambda x: jnp.linalg.cholesky(x[:, :6] @ x[:, :6].T + 8 * jnp.eye(6)),
+        "cumsum": lambda x: jnp.cumsum(x, axis=-1),
+        "callback": lambda x: jax.pure_callback(lambda a: np.asarray(a).sum(-1), jax.ShapeDtypeStruct((6,), x.dtype), x),
+        "cond_with_a_product": lambda x: jax.lax.cond(True, lambda y: jnp.prod(y, -1), lambda y: y[:, 0], x),
+    }
+
+
+@pytest.mark.parametrize("name", list(_reducing_fns()))
+def test_strict_refuses_every_float_primitive_that_may_reduce(name):
+    """Strictness follows what a primitive does: each of these may combine
+    several elements into one, and none is routed."""
+    x = _data()[0]
+    fn = _reducing_fns()[name]
+    with pytest.raises(bi_jax.BatchVarianceRisk, match="may combine several floating-point elements"):
+        bi_jax.batch_invariant(fn, strict=True)(x)
+    lenient = bi_jax.batch_invariant(fn)
+    lenient(x)
+    assert lenient.unhandled, name
+
+
+def test_strict_lets_primitives_that_move_or_compare_elements_run():
+    x = _data()[0]
+    idx = jnp.array([0, 2, 0])
+
+    def fn(x):
+        return (x.at[idx].set(1.0), jnp.sort(x, -1), jnp.max(x, 0), jnp.take(x, idx, 0), jnp.concatenate([x, x]),
+                jnp.where(x > 0, x, 0.0), x[::2], jnp.argmax(x, -1), jax.lax.top_k(x, 3), jax.lax.cummax(x, 1),
+                jnp.exp(x).astype(jnp.bfloat16), jnp.pad(x, 1), jnp.flip(x, 0))
+
+    wrapped = bi_jax.batch_invariant(fn, strict=True)
+    wrapped(x)
+    assert not wrapped.unhandled and not wrapped.handled
+
+
+def test_checkpointed_and_shard_mapped_functions():
+    """A sum inside jax.checkpoint runs the kernel (jax names its primitive
+    remat2); a shard_map runs (strict refuses the sum inside, which the
+    transform does not rewrite)."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    x = _data()[0]
+    checkpointed = bi_jax.batch_invariant(jax.checkpoint(lambda x: jnp.sum(x, -1)), strict=True)
+    assert (_bits(checkpointed(x)) == _bits(bi_jax.sum(x, axis=-1))).all()
+    assert checkpointed.handled["reduce_sum"] == 1
+    mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
+    mapped = jax.shard_map(lambda x: jnp.sum(x, -1), mesh=mesh, in_specs=PartitionSpec("rows"),
+                           out_specs=PartitionSpec("rows"))
+    lenient = bi_jax.batch_invariant(mapped)
+    np.testing.assert_allclose(np.asarray(lenient(x)), np.asarray(x).sum(-1), rtol=1e-6)
+    assert lenient.unhandled
+    with pytest.raises(bi_jax.BatchVarianceRisk, match="inside its body"):
+        bi_jax.batch_invariant(mapped, strict=True)(x)
