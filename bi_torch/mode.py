@@ -42,11 +42,17 @@ are not affected.
 ``torch.compile`` directives are ignored inside the mode (the compiler stance
 ``force_eager``): a compiled graph would run Inductor's own kernels, which the
 mode cannot route, so compiled functions run eagerly through the mode and give
-the eager bits. The stance is restored on leaving.
+the eager bits. The stance is process-wide: it holds from the first mode
+entered in any thread until the last one is left, then is restored.
+
+The mode is per thread, as torch's dispatch modes are: a thread that did not
+enter it runs PyTorch's dispatch (``is_batch_invariant_mode_enabled()`` is
+false there).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import torch
@@ -275,14 +281,14 @@ class BatchInvariantMode(TorchDispatchMode):
         self.handled: Counter[str] = Counter()
 
     def __enter__(self):
-        self._stance = torch.compiler.set_stance("force_eager")
+        _force_eager()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._stance.__exit__(None, None, None)
+            _restore_stance()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -327,7 +333,36 @@ def _why(routed: bool, target: bool, tensors, floating) -> str:
 
 
 # Modes switched on by set_batch_invariant_mode, innermost last.
-_ACTIVE: list[BatchInvariantMode] = []
+# Dispatch modes are per thread (torch keeps a mode stack per thread), and so
+# is this record of them.
+_LOCAL = threading.local()
+
+
+def _active() -> list[BatchInvariantMode]:
+    if not hasattr(_LOCAL, "modes"):
+        _LOCAL.modes = []
+    return _LOCAL.modes
+
+
+# The compiler stance is process-wide: force_eager from the first mode
+# entered in any thread until the last one is left.
+_STANCE_LOCK = threading.Lock()
+_STANCE: dict = {"depth": 0, "context": None}
+
+
+def _force_eager() -> None:
+    with _STANCE_LOCK:
+        if _STANCE["depth"] == 0:
+            _STANCE["context"] = torch.compiler.set_stance("force_eager")
+        _STANCE["depth"] += 1
+
+
+def _restore_stance() -> None:
+    with _STANCE_LOCK:
+        _STANCE["depth"] -= 1
+        if _STANCE["depth"] == 0:
+            context, _STANCE["context"] = _STANCE["context"], None
+            context.__exit__(None, None, None)
 
 
 class set_batch_invariant_mode:  # noqa: N801  (named like torch.set_grad_enabled, and used alike)
@@ -348,11 +383,11 @@ class set_batch_invariant_mode:  # noqa: N801  (named like torch.set_grad_enable
     """
 
     def __init__(self, enabled: bool = True, *, strict: bool = False) -> None:
-        self._previous = list(_ACTIVE)
+        self._previous = list(_active())
         if enabled:
             self.mode: BatchInvariantMode | None = BatchInvariantMode(strict=strict)
             self.mode.__enter__()
-            _ACTIVE.append(self.mode)
+            _active().append(self.mode)
         else:
             self.mode = None
             _switch_off()
@@ -362,16 +397,17 @@ class set_batch_invariant_mode:  # noqa: N801  (named like torch.set_grad_enable
 
     def __exit__(self, *exc) -> None:
         _switch_off(keep=len(self._previous))
-        for mode in self._previous[len(_ACTIVE):]:
+        for mode in self._previous[len(_active()):]:
             mode.__enter__()
-            _ACTIVE.append(mode)
+            _active().append(mode)
 
 
 def _switch_off(keep: int = 0) -> None:
     """Leave the modes that this module entered, innermost first, down to ``keep``."""
-    while len(_ACTIVE) > keep:
-        _ACTIVE.pop().__exit__(None, None, None)
+    active = _active()
+    while len(active) > keep:
+        active.pop().__exit__(None, None, None)
 
 
 def is_batch_invariant_mode_enabled() -> bool:
-    return bool(_ACTIVE)
+    return bool(_active())

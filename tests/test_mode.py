@@ -239,3 +239,50 @@ def test_strict_mode_refuses_cpu_reductions_without_the_interpreter():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "{'aten.mm.default': 1} {}" in run.stdout, run.stdout
     assert "refused: aten._softmax.default" in run.stdout and "TRITON_INTERPRET=1" in run.stdout, run.stdout
+
+
+@torch.no_grad()
+def test_two_threads_entering_and_leaving_the_mode():
+    """Each thread has its own mode stack: A enters, B enters, A leaves, B
+    leaves. Neither sees the other's mode, nothing is left entered, and the
+    compiler stance (process-wide) is back to what it was once both left."""
+    import threading
+
+    from torch._dynamo import eval_frame
+
+    x, w, _ = _data()
+    stance = eval_frame._stance.stance
+    step = threading.Barrier(2)
+    seen, errors = {}, []
+
+    def worker(name, leave_first):
+        try:
+            with bi_torch.set_batch_invariant_mode() as mode:
+                step.wait()  # both inside
+                seen[name] = bi_torch.is_batch_invariant_mode_enabled()
+                torch.mm(x, w.t())
+                if not leave_first:
+                    step.wait()  # the other left first
+                    seen[f"{name} after the other left"] = bi_torch.is_batch_invariant_mode_enabled()
+            if leave_first:
+                step.wait()
+            seen[f"{name} handled"] = mode.handled["aten.mm.default"]
+        except Exception as e:  # reported below, with the thread's name
+            errors.append(f"{name}: {e!r}")
+            step.abort()
+
+    threads = [threading.Thread(target=worker, args=("A", True)), threading.Thread(target=worker, args=("B", False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert seen == {"A": True, "B": True, "B after the other left": True, "A handled": 1, "B handled": 1}, seen
+    assert not bi_torch.is_batch_invariant_mode_enabled()  # this thread never entered
+    assert eval_frame._stance.stance == stance
+    assert torch.equal(torch.mm(x, w.t()), x @ w.t())
+    out = []
+    t = threading.Thread(target=lambda: out.append(bi_torch.is_batch_invariant_mode_enabled()))
+    t.start()
+    t.join()
+    assert out == [False]
