@@ -13,6 +13,15 @@ the CPU under the Triton interpreter):
     mean.dim, mean             -> bi_torch.mean
     _fused_rms_norm            -> bi_torch.rms_norm
 
+and, one level up (a ``TorchFunctionMode`` entered with it),
+``F.scaled_dot_product_attention`` -> ``bi_torch.scaled_dot_product_attention``,
+before torch picks a backend. The function mode also keeps
+``nn.MultiheadAttention`` and ``TransformerEncoderLayer`` off their fused
+inference fast paths (which test for torch-function modes). An SDPA call made
+inside another function's ``__torch_function__`` handling (as
+``F.multi_head_attention_forward`` does) is not seen at that level; its
+backend op is refused in strict mode.
+
 A dispatch mode rather than ``torch.library`` kernel overrides: an override
 replaces the CUDA kernel of an op for every dtype, so integer sums (exact, and
 so invariant already) or float64 products would need a second implementation,
@@ -56,9 +65,11 @@ import threading
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bi_torch._checks import SUPPORTED_DTYPES, interpreting
+from bi_torch.ops import attention as _attn
 from bi_torch.ops import matmul as _mm
 from bi_torch.ops import rms_norm as _rms
 from bi_torch.ops import rows as _rows
@@ -279,15 +290,21 @@ class BatchInvariantMode(TorchDispatchMode):
         self.unhandled: Counter[str] = Counter()
         # Ops that the bi_ kernels answered, with counts.
         self.handled: Counter[str] = Counter()
+        # Why a call the mode would route ran torch's function instead (the
+        # last reason per function).
+        self.declined: dict[str, str] = {}
+        self._functions = _AttentionRouting(self)
 
     def __enter__(self):
         _force_eager()
+        self._functions.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
+            self._functions.__exit__(None, None, None)
             _restore_stance()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -320,6 +337,37 @@ class BatchInvariantMode(TorchDispatchMode):
                 "listed in mode.unhandled)."
             )
         self.unhandled[str(func)] += 1
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+class _AttentionRouting(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` (whatever backend torch would pick)
+    to ``bi_torch.scaled_dot_product_attention``, entered with the dispatch
+    mode: below this level the call is already one backend's aten op. A call
+    the kernel does not take (dropout, a head dim or dtype it lacks, inputs
+    that require grad) runs torch's function, whose backend op the dispatch
+    mode then refuses (strict) or lists (lenient)."""
+
+    def __init__(self, mode: BatchInvariantMode) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            tensors = list(_tensors(args, kwargs))
+            if tensors and all(_on_target(t) for t in tensors) and all(
+                    t.dtype in SUPPORTED_DTYPES for t in tensors[:3]):
+                try:
+                    out = _attn.scaled_dot_product_attention(*args, **kwargs)
+                except (ValueError, NotImplementedError, TypeError) as why:
+                    self.mode.declined["scaled_dot_product_attention"] = str(why)
+                else:
+                    self.mode.handled["scaled_dot_product_attention"] += 1
+                    return out
+        return func(*args, **kwargs)
 
 
 def _why(routed: bool, target: bool, tensors, floating) -> str:

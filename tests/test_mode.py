@@ -66,15 +66,15 @@ def test_strict_mode_refuses_ops_without_an_invariant_kernel():
     q = x[None, None]
     with pytest.raises(bi_torch.BatchVarianceRisk, match="no batch-invariant kernel"):
         with bi_torch.set_batch_invariant_mode(strict=True):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            torch.nn.functional.layer_norm(q, q.shape[-1:])
     with pytest.raises(bi_torch.BatchVarianceRisk, match="float64"):
         with bi_torch.set_batch_invariant_mode(strict=True):
             torch.mm(x.double(), x.double().t())
     # Lenient: the op runs, and the mode lists it.
     with bi_torch.set_batch_invariant_mode() as mode:
-        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        out = torch.nn.functional.layer_norm(q, q.shape[-1:])
     assert out.shape == q.shape
-    assert any("scaled_dot_product" in op for op in mode.unhandled)
+    assert any("layer_norm" in op for op in mode.unhandled)
 
 
 @torch.no_grad()
@@ -254,13 +254,17 @@ def test_two_threads_entering_and_leaving_the_mode():
     stance = eval_frame._stance.stance
     step = threading.Barrier(2)
     seen, errors = {}, []
+    # Triton's interpreter patches triton.language for the kernel it runs, so
+    # two interpreted kernels must not run at once; GPU launches may.
+    kernel = threading.Lock() if not PROFILE.native else __import__("contextlib").nullcontext()
 
     def worker(name, leave_first):
         try:
             with bi_torch.set_batch_invariant_mode() as mode:
                 step.wait()  # both inside
                 seen[name] = bi_torch.is_batch_invariant_mode_enabled()
-                torch.mm(x, w.t())
+                with kernel:
+                    torch.mm(x, w.t())
                 if not leave_first:
                     step.wait()  # the other left first
                     seen[f"{name} after the other left"] = bi_torch.is_batch_invariant_mode_enabled()
@@ -286,3 +290,51 @@ def test_two_threads_entering_and_leaving_the_mode():
     t.start()
     t.join()
     assert out == [False]
+
+
+@torch.no_grad()
+def test_scaled_dot_product_attention_runs_the_attention_kernel():
+    """F.scaled_dot_product_attention inside the mode is routed above the
+    backend choice; a call the kernel does not take (dropout) runs torch's
+    function, which strict mode then refuses, saying why it was declined."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 9, 64, generator=g).to(DEVICE)
+    k, v = (torch.randn(2, 2, 9, 64, generator=g).to(DEVICE) for _ in range(2))
+    with bi_torch.set_batch_invariant_mode(strict=True) as mode:
+        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        alone = torch.nn.functional.scaled_dot_product_attention(q[1:], k[1:], v[1:], is_causal=True, enable_gqa=True)
+    assert mode.handled["scaled_dot_product_attention"] == 2
+    assert torch.equal(_bits(got), _bits(bi_torch.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 enable_gqa=True)))
+    assert torch.equal(_bits(alone[0]), _bits(got[1]))
+    with pytest.raises(bi_torch.BatchVarianceRisk):
+        with bi_torch.set_batch_invariant_mode(strict=True) as mode:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+    assert "dropout_p=0.5" in mode.declined["scaled_dot_product_attention"]
+
+
+@torch.no_grad()
+def test_fused_attention_fast_paths_are_not_taken_inside_the_mode():
+    """nn.MultiheadAttention's and TransformerEncoderLayer's inference fast
+    paths (one fused aten op each, which no bi_ kernel runs) are not taken
+    while the mode is on (it is a torch-function mode too). MHA's slow path
+    with weights is products and a softmax, routed; without weights it calls
+    SDPA from inside F.multi_head_attention_forward, below the function
+    level, and strict mode refuses that backend op."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 256, generator=g).to(DEVICE)
+    mha = torch.nn.MultiheadAttention(256, 4, batch_first=True).to(DEVICE).eval()
+    with bi_torch.set_batch_invariant_mode(strict=True) as mode:
+        out, weights = mha(x, x, x)
+        alone, _ = mha(x[2:], x[2:], x[2:])
+    assert weights.shape == (3, 7, 7) and mode.handled["aten._softmax.default"] == 2
+    assert torch.equal(_bits(alone[0]), _bits(out[2]))
+    assert not any("_native_multi_head_attention" in op for op in mode.handled)
+    with pytest.raises(bi_torch.BatchVarianceRisk, match="_scaled_dot_product"):
+        with bi_torch.set_batch_invariant_mode(strict=True):
+            mha(x, x, x, need_weights=False)
+    layer = torch.nn.TransformerEncoderLayer(256, 4, batch_first=True).to(DEVICE).eval()
+    with bi_torch.set_batch_invariant_mode() as mode:
+        layer(x)
+    assert "aten.native_layer_norm.default" in mode.unhandled
+    assert not any("_transformer_encoder_layer_fwd" in op for op in mode.unhandled | mode.handled)
