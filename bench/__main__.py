@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             rank = len(first) if isinstance(first, tuple) else 1
             wrong = [f for f in args.features if (len(f) if isinstance(f, tuple) else 1) != rank]
             if wrong:
-                want = "feature sizes" if rank == 1 else "x".join(["N"] * rank) + " shapes such as " + "x".join(
-                    map(str, first))
+                forms = {2: "KxN", 4: "LxHqxHkvxD"}
+                want = "feature sizes" if rank == 1 else forms.get(rank, "x".join(["N"] * rank)) + \
+                    " shapes such as " + "x".join(map(str, first))
                 p.error(f"argument --features: {spec.name} takes {want}, not "
                         f"{', '.join('x'.join(map(str, f)) if isinstance(f, tuple) else str(f) for f in wrong)}; "
                         "pick the ops with --ops")

@@ -193,7 +193,7 @@ def test_bench_needs_nothing_from_the_test_extra(tmp_path):
         (["--features", "64x0"], "argument --features: a feature size is N, KxN or LxHqxHkvxD"),
         (["--dtypes", "float64"], "argument --dtypes: unknown dtype float64"),
         (["--ops", "rms_norm", "--features", "64x32"], "rms_norm takes feature sizes, not 64x32"),
-        (["--ops", "attention", "--features", "4096"], "attention takes NxNxNxN shapes such as 1024x32x8x128, not 4096"),
+        (["--ops", "attention", "--features", "4096"], "attention takes LxHqxHkvxD shapes such as 1024x32x8x128, not 4096"),
         (["--features", ","], "argument --features: expected comma-separated feature sizes"),
     ],
     ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype", "shape-for-a-row-op",
