@@ -15,12 +15,13 @@ from bi_core.validation import check_eps  # noqa: F401  (re-exported for the ops
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def check_float_array(name: str, a: object) -> None:
+def check_float_array(name: str, a: object, op: str | None = None) -> None:
+    where = f"{op}: " if op else ""
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-        raise TypeError(f"{name} must be a jax.Array, got {type(a).__name__}")
+        raise TypeError(f"{where}{name} must be a jax.Array, got {type(a).__name__}")
     if np.dtype(a.dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
         raise TypeError(
-            f"{name} has dtype {a.dtype}; supported dtypes are float32, bfloat16 and float16"
+            f"{where}{name} has dtype {a.dtype}; supported dtypes are float32, bfloat16 and float16"
         )
 
 

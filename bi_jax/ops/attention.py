@@ -369,7 +369,7 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
 
 def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
     for name, a in zip(names, (q, k, v)):
-        check_float_array(name, a)
+        check_float_array(name, a, op)
     return contract.check_shapes(op, names, (q.shape, k.shape, v.shape),
                                  tuple(str(np.dtype(a.dtype)) for a in (q, k, v)), q_dims, kv_dims)
 
