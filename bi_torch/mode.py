@@ -9,6 +9,7 @@ the CPU under the Triton interpreter):
 
     mm, addmm, bmm             -> bi_torch.matmul
     _softmax, _log_softmax     -> bi_torch.softmax, log_softmax
+    _safe_softmax              -> bi_torch.softmax, zeros where a row is all -inf
     sum, sum.dim_IntList       -> bi_torch.sum
     mean.dim, mean             -> bi_torch.mean
     _fused_rms_norm            -> bi_torch.rms_norm
@@ -109,6 +110,13 @@ def _softmax_impl(x, dim, half_to_float):
     return _rows.softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
+def _safe_softmax_impl(x, dim, dtype=None):
+    # softmax, with zeros for a row whose every entry is -inf (SDPA's math
+    # backend masks with it): elementwise after the invariant softmax.
+    out = _rows.softmax(x, dim, dtype=_out_dtype(dtype))
+    return torch.where(torch.isneginf(x).all(dim, keepdim=True), 0.0, out)
+
+
 def _log_softmax_impl(x, dim, half_to_float):
     return _rows.log_softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
@@ -158,6 +166,7 @@ _HANDLED = {
     aten.addmm.default: _addmm_impl,
     aten._softmax.default: _softmax_impl,
     aten._log_softmax.default: _log_softmax_impl,
+    aten._safe_softmax.default: _safe_softmax_impl,
     aten.sum.dim_IntList: _sum_impl,
     aten.sum.default: _sum_all_impl,
     aten.mean.dim: _mean_impl,

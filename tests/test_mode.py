@@ -295,8 +295,9 @@ def test_two_threads_entering_and_leaving_the_mode():
 @torch.no_grad()
 def test_scaled_dot_product_attention_runs_the_attention_kernel():
     """F.scaled_dot_product_attention inside the mode is routed above the
-    backend choice; a call the kernel does not take (dropout) runs torch's
-    function, which strict mode then refuses, saying why it was declined."""
+    backend choice; a call the kernel does not take runs torch's function
+    (a backend op, which strict mode refuses, or on the math backend routed
+    products and softmax), and mode.declined says why."""
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 4, 9, 64, generator=g).to(DEVICE)
     k, v = (torch.randn(2, 2, 9, 64, generator=g).to(DEVICE) for _ in range(2))
@@ -307,9 +308,13 @@ def test_scaled_dot_product_attention_runs_the_attention_kernel():
     assert torch.equal(_bits(got), _bits(bi_torch.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                  enable_gqa=True)))
     assert torch.equal(_bits(alone[0]), _bits(got[1]))
-    with pytest.raises(bi_torch.BatchVarianceRisk):
+    small = q[..., :32].contiguous()  # a head dim the kernel lacks: torch's backend op, refused
+    with pytest.raises(bi_torch.BatchVarianceRisk, match="_scaled_dot_product"):
         with bi_torch.set_batch_invariant_mode(strict=True) as mode:
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+            torch.nn.functional.scaled_dot_product_attention(small, small, small)
+    assert "head dim 32" in mode.declined["scaled_dot_product_attention"]
+    with bi_torch.set_batch_invariant_mode() as mode:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
     assert "dropout_p=0.5" in mode.declined["scaled_dot_product_attention"]
 
 
@@ -338,3 +343,20 @@ def test_fused_attention_fast_paths_are_not_taken_inside_the_mode():
         layer(x)
     assert "aten.native_layer_norm.default" in mode.unhandled
     assert not any("_transformer_encoder_layer_fwd" in op for op in mode.unhandled | mode.handled)
+
+
+@torch.no_grad()
+def test_safe_softmax_is_routed_with_zeros_for_fully_masked_rows():
+    """aten._safe_softmax (the softmax of SDPA's math backend): the bi_ softmax,
+    and zeros, as torch gives, for a row whose every score is -inf."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 40, generator=g).to(DEVICE)
+    x[2] = float("-inf")
+    x[3, :7] = float("-inf")
+    with bi_torch.set_batch_invariant_mode(strict=True) as mode:
+        got = torch.ops.aten._safe_softmax(x, -1)
+        alone = torch.ops.aten._safe_softmax(x[3:4], -1)
+    assert mode.handled["aten._safe_softmax.default"] == 2
+    assert (got[2] == 0).all() and torch.equal(_bits(got[3:4]), _bits(alone))
+    assert torch.equal(_bits(got[[0, 1, 3, 4]]), _bits(bi_torch.softmax(x[[0, 1, 3, 4]], -1)))
+    torch.testing.assert_close(got, torch.ops.aten._safe_softmax(x, -1))
