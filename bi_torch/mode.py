@@ -62,6 +62,7 @@ false there).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter
 
@@ -225,9 +226,10 @@ def _argument(func, args, kwargs, name, default=None):
     return default
 
 
-def _may_reduce(func, args, kwargs) -> bool:
-    """Whether ``func`` may combine several input elements into one output
-    element with rounding (an order that may follow the batch)."""
+@functools.lru_cache(maxsize=None)
+def _kind(func) -> bool | str:
+    """What ``func`` does, once per op: False (cannot combine elements), True
+    (may), or the name of the argument that decides it."""
     if torch.Tag.pointwise in func.tags:
         return False
     schema = func._schema
@@ -235,10 +237,19 @@ def _may_reduce(func, args, kwargs) -> bool:
         return False  # a view
     name = func.overloadpacket.__name__
     if name in _ACCUMULATE_FLAG:
-        return bool(_argument(func, args, kwargs, _ACCUMULATE_FLAG[name], False))
+        return _ACCUMULATE_FLAG[name]
     if name in ("scatter", "scatter_"):
         return "reduce" in func._overloadname  # scatter.reduce, scatter.value_reduce: accumulate
     return name not in _EXACT_NAMES
+
+
+def _may_reduce(func, args, kwargs) -> bool:
+    """Whether ``func`` may combine several input elements into one output
+    element with rounding (an order that may follow the batch)."""
+    kind = _kind(func)
+    if isinstance(kind, str):
+        return bool(_argument(func, args, kwargs, kind, False))
+    return kind
 
 
 # Under the Triton interpreter (a CPU run), unary functions whose ATen CPU
