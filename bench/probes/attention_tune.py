@@ -24,7 +24,7 @@ from bench.probes._log import jsonl_emitter
 H, HKV, D = 32, 8, 128
 
 
-def run(q, k, v, cfg, bn, split, split_kv=None):
+def run(q, k, v, cfg, bn, split, split_kv=None, **knobs):
     b, lq = q.shape[0], q.shape[1]
     if cfg is None:
         cfg = contract.tile_config(D, lq * H // HKV)
@@ -33,18 +33,20 @@ def run(q, k, v, cfg, bn, split, split_kv=None):
     ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
                o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
                max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
-               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv)
+               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv, **knobs)
     return o
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_tune", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--parts", default="prefill,decode", help="prefill,decode")
+    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_tune")
 
     bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
+    if "paths" in args.parts:
+        paths(emit, bench)
     if "prefill" in args.parts:
         # Each tile config of the dispatch, and candidates (64 rows over 8
         # warps halves the registers per thread of the 128-row tile, which
@@ -90,6 +92,39 @@ def main() -> None:
                 emit(rec)
                 return  # a CUDA error is sticky: nothing after it can run
             emit(rec)
+
+def paths(emit, bench) -> None:
+    """The loop structures of the kernel that give the same bits, at the
+    dispatch's tile config: ``whole`` (blocks every row sees whole run without
+    the bounds' selects), ``walk`` (a prefill program writes each split's
+    partial for the merge kernel instead of folding it: one fp32 accumulator
+    live, not two), ``split_kv`` (one program per split)."""
+    variants = {"base": {}, "whole": {"whole": True}, "walk": {"walk": True},
+                "whole+walk": {"whole": True, "walk": True}, "spread": {"split_kv": True},
+                "whole+spread": {"whole": True, "split_kv": True}}
+    for b, lq, lk in ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
+                      (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384)):
+        q = torch.randn(b, lq, H, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, lk, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ref = run(q, k, v, None, None, None)
+        flops = b * 4 * lq * lk * D * H / (2 if lq == lk else 1)
+        nbytes = 2 * k.numel() * 2
+        for name, knobs in variants.items():
+            if lq == 1 and "walk" in name:
+                continue
+            rec = {"b": b, "lq": lq, "lk": lk, "path": name}
+            try:
+                o = run(q, k, v, None, None, None, **knobs)
+                ms = bench(lambda: run(q, k, v, None, None, None, **knobs))
+            except Exception as e:  # noqa: BLE001 - the probe records any failure
+                emit({**rec, "error": repr(e)[:300]})
+                return
+            emit({**rec, "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()), "ms": round(ms, 4),
+                  "tflops": round(flops / ms / 1e9, 1), "gbs": round(nbytes / ms / 1e6)})
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+
 
 if __name__ == "__main__":
     main()

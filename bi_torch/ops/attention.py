@@ -181,34 +181,47 @@ def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_
 def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
            skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS, bias_rows, sbk,
            bias_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, IEEE: tl.constexpr, PTX: tl.constexpr,
-           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BOUNDED: tl.constexpr = True):
     """One block of keys folded into a split's running (m, l, acc). A boolean
     mask hides keys as the causal and window bounds do; an additive bias
-    enters the exponent as ``fma(qk, c, bias * log2(e))``."""
+    enters the exponent as ``fma(qk, c, bias * log2(e))``. ``BOUNDED=False``:
+    a block that every valid row of the tile sees whole (inside each row's
+    range and the sequence), so the bounds' selects, which would keep every
+    score as it is, are left out."""
     kpos = blk * BLOCK_N + cols
     in_seq = kpos < kv_len
     k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
     v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
-    k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
-    v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+    if BOUNDED:
+        k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+        v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(K + k_off[:, None] + d[None, :])
+        v = tl.load(V + v_off[:, None] + d[None, :])
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
     else:
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
     tile_in = valid[:, None] & in_seq[None, :]
-    if HAS_MASK:
+    if BOUNDED:
+        seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+        if HAS_MASK:
+            keep = tl.load(MASK + mask_rows[:, None] + kpos[None, :].to(tl.int64) * smk, mask=tile_in, other=0)
+            seen = seen & (keep != 0)
+    elif HAS_MASK:
         keep = tl.load(MASK + mask_rows[:, None] + kpos[None, :].to(tl.int64) * smk, mask=tile_in, other=0)
-        seen = seen & (keep != 0)
+        seen = keep != 0
     if HAS_BIAS:
         bias = tl.load(BIAS + bias_rows[:, None] + kpos[None, :].to(tl.int64) * sbk, mask=tile_in, other=0.0)
         t = _fma(qk, qk_scale, _mul(bias.to(tl.float32), bias_scale, PTX), PTX)
-        t = tl.where(seen, t, float("-inf"))
+        if BOUNDED or HAS_MASK:
+            t = tl.where(seen, t, float("-inf"))
         new_m = tl.maximum(m, tl.max(t, 1))
         base = tl.where(new_m == float("-inf"), 0.0, new_m)
         p = _exp2_diff(t, _bcast(base[:, None], t), PTX).to(v.dtype)
     else:
-        qk = tl.where(seen, qk, float("-inf"))
+        if BOUNDED or HAS_MASK:
+            qk = tl.where(seen, qk, float("-inf"))
         new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
         base = tl.where(new_m == float("-inf"), 0.0, new_m)
         p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
@@ -230,6 +243,17 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
 
 
 @triton.jit
+def _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, valid, d, BLOCK_M: tl.constexpr,
+                   D: tl.constexpr):
+    """A split's partial (m, l, acc) of the tile's valid rows, for the merge kernel."""
+    row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    base_row = tl.cast(split, tl.int64) * (tl.num_programs(1) * ws_rows)
+    tl.store(WS_M + base_row + row, m, mask=valid)
+    tl.store(WS_L + base_row + row, l, mask=valid)
+    tl.store(WS_ACC + (base_row + row)[:, None] * D + d[None, :], acc, mask=valid[:, None])
+
+
+@triton.jit
 def _attn_kernel(
     Q, K, V, O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN, BT, MASK, BIAS,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, bt_stride,
@@ -239,6 +263,7 @@ def _attn_kernel(
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    WHOLE: tl.constexpr = False, WALK: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -273,24 +298,46 @@ def _attn_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    for blk in range(blk_lo, blk_hi + 1):
-        m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-                           skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
-                           bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS)
-        if not SPREAD:
-            # The end of a split (or of the tile's range): fold it in, start the next.
-            if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if SPREAD:
-        row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        base_row = split.to(tl.int64) * (tl.num_programs(1) * ws_rows)
-        tl.store(WS_M + base_row + row, m, mask=valid)
-        tl.store(WS_L + base_row + row, l, mask=valid)
-        tl.store(WS_ACC + (base_row + row)[:, None] * D + d[None, :], acc, mask=valid[:, None])
+    if WHOLE:
+        # Blocks that every valid row sees whole, [w_lo, w_hi], run without the
+        # bounds' selects (the same bits); the blocks before and after them with.
+        w_lo = tl.maximum((tl.max(tl.where(valid, lo, 0), 0) + BLOCK_N - 1) // BLOCK_N, blk_lo)
+        w_hi = tl.minimum((tl.min(tl.where(valid, hi, 1 << 30), 0) + 1) // BLOCK_N - 1, blk_hi)
+        none = w_lo > w_hi
+        w_lo = tl.where(none, blk_hi + 1, w_lo)
+        w_hi = tl.where(none, blk_hi, w_hi)
     else:
+        w_lo = blk_hi + 1
+        w_hi = blk_hi
+    for part in tl.static_range(3):
+        if part == 0:
+            start = blk_lo
+            stop = w_lo
+        elif part == 1:
+            start = w_lo
+            stop = w_hi + 1
+        else:
+            start = w_hi + 1
+            stop = blk_hi + 1
+        for blk in range(start, stop):
+            m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+                               skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
+                               bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS, part != 1)
+            if not SPREAD:
+                # The end of a split (or of the tile's range): fold it in (or
+                # write it, WALK), start the next.
+                if ((blk + 1) % BPS == 0) | (blk == blk_hi):
+                    if WALK:
+                        _store_partial(WS_M, WS_L, WS_ACC, blk // BPS, sh, ws_rows, tile, m, l, acc, valid, d,
+                                       BLOCK_M, D)
+                    else:
+                        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    l = tl.zeros([BLOCK_M], tl.float32)
+                    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if SPREAD:
+        _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, valid, d, BLOCK_M, D)
+    elif not WALK:
         out = _finish(big_l, big_acc, PTX)
         o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
         tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
@@ -356,7 +403,7 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None,
+    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=False, walk=False,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -379,10 +426,11 @@ def launch(
         spread = splits > 1 and programs < _programs_limit(q.device)
     else:
         spread = bool(split_kv) and splits > 1
+    walk = bool(walk) and not spread and splits > 1
     left, right = window
     dev = q.device
     ws_rows = tiles * cfg.block_m
-    if spread:
+    if spread or walk:
         ws_m = torch.empty((splits, batch * hkv, ws_rows), dtype=torch.float32, device=dev)
         ws_l = torch.empty_like(ws_m)
         ws_acc = torch.empty((splits, batch * hkv, ws_rows, d), dtype=torch.float32, device=dev)
@@ -404,10 +452,10 @@ def launch(
         *(mask.stride() if mask is not None else (0, 0, 0, 0)), *(bias.stride() if bias is not None else (0, 0, 0, 0)),
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=whole, WALK=walk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    if spread:
+    if spread or walk:
         _merge_kernel[(tiles, batch * hkv)](
             out, ws_acc, ws_m, ws_l,
             cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
