@@ -224,6 +224,14 @@ def num_splits(max_kv_len: int) -> int:
     return max(1, -(-max_kv_len // SPLIT))
 
 
+# Tiles of at least this many rows (prefill) walk the blocks that every row of
+# the tile sees whole without the bounds' selects, which would keep each score
+# as it is: speed only, same bits. On the H200 (bf16, 32/8 heads, head dim 128,
+# causal) it ran prefill 1.06 / 1.15 / 1.21x as fast at 1k / 4k / 16k keys;
+# 16-row decode tiles ran 0.94-1.02x, so they keep the selects (bench/NOTES.md,
+# attention v4).
+WHOLE_BLOCKS_FROM_ROWS = 64
+
 # Spread the splits over programs when fewer programs than this would run
 # otherwise (about the SM count of an H100/H200): speed only, same bits.
 SPREAD_BELOW_PROGRAMS = 132

@@ -95,16 +95,12 @@ def main() -> None:
 
 def paths(emit, bench) -> None:
     """The loop structures of the kernel that give the same bits, at the
-    dispatch's tile config: ``whole`` (blocks every row sees whole run without
-    the bounds' selects), ``walk`` (a prefill program writes each split's
-    partial for the merge kernel instead of folding it: one fp32 accumulator
-    live, not two), ``split_kv`` (one program per split)."""
-    # walk at two stages needs 233472 of 232448 bytes of shared memory (the
-    # partial's store inside the loop takes a layout-conversion buffer): one stage.
-    one = contract.TileConfig(128, 8, 1)
-    variants = {"base": {}, "whole": {"whole": True}, "base/1stage": {"cfg": one},
-                "whole/1stage": {"cfg": one, "whole": True}, "walk/1stage": {"cfg": one, "walk": True},
-                "whole+walk/1stage": {"cfg": one, "whole": True, "walk": True}, "spread": {"split_kv": True},
+    dispatch's tile config: with and without ``whole`` (blocks that every row
+    sees whole run without the bounds' selects), folded in one program or
+    spread (``split_kv``: one program per split). (A third, prefill programs
+    that write each split's partial for the merge kernel, was measured at
+    4815fd1 and removed: bench/NOTES.md, attention v4.)"""
+    variants = {"base": {"whole": False}, "whole": {"whole": True}, "spread": {"whole": False, "split_kv": True},
                 "whole+spread": {"whole": True, "split_kv": True}}
     for b, lq, lk in ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
                       (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384)):
@@ -115,14 +111,10 @@ def paths(emit, bench) -> None:
         flops = b * 4 * lq * lk * D * H / (2 if lq == lk else 1)
         nbytes = 2 * k.numel() * 2
         for name, knobs in variants.items():
-            if lq == 1 and ("walk" in name or "1stage" in name):
-                continue
             rec = {"b": b, "lq": lq, "lk": lk, "path": name}
-            knobs = dict(knobs)
-            cfg = knobs.pop("cfg", None)
             try:
-                o = run(q, k, v, cfg, None, None, **knobs)
-                ms = bench(lambda: run(q, k, v, cfg, None, None, **knobs))
+                o = run(q, k, v, None, None, None, **knobs)
+                ms = bench(lambda: run(q, k, v, None, None, None, **knobs))
             except triton.runtime.errors.OutOfResources as e:
                 emit({**rec, "error": repr(e)[:300]})
                 continue

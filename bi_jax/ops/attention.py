@@ -142,37 +142,45 @@ def _kv_offsets(kpos, in_seq, s, k0, bt_ref, strides, st):
     return s * sb + (k0 + kpos) * stt
 
 
-def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, valid, masks, st):
+def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, valid, masks, st, bounded=True):
     """One block of keys folded into a split's running (m, l, acc); ``masks``:
-    (mask_ref, mask row offsets, bias_ref, bias row offsets), as bi_torch's."""
+    (mask_ref, mask row offsets, bias_ref, bias row offsets), as bi_torch's.
+    ``bounded=False``: a block every valid row of the tile sees whole, run
+    without the bounds' selects (which would keep every score as it is)."""
     m, l, acc = carry
     bn, d, ptx = st["block_n"], st["head_dim"], st["ptx"]
     kpos = blk * bn + jnp.arange(bn, dtype=jnp.int32)
     in_seq = kpos < kv_len
     k_off = _kv_offsets(kpos, in_seq, s, k0, bt_ref, st["k_strides"][:2], st) + hk * st["k_strides"][2]
     v_off = _kv_offsets(kpos, in_seq, s, k0, bt_ref, st["v_strides"][:2], st) + hk * st["v_strides"][2]
-    kmask = jnp.broadcast_to(in_seq[:, None], (bn, d))
-    k = pltriton.load(k_ref.at[_head_rows(k_off, d)], mask=kmask, other=0.0)
-    v = pltriton.load(v_ref.at[_head_rows(v_off, d)], mask=kmask, other=0.0)
+    if bounded:
+        kmask = jnp.broadcast_to(in_seq[:, None], (bn, d))
+        k = pltriton.load(k_ref.at[_head_rows(k_off, d)], mask=kmask, other=0.0)
+        v = pltriton.load(v_ref.at[_head_rows(v_off, d)], mask=kmask, other=0.0)
+    else:
+        k = pltriton.load(k_ref.at[_head_rows(k_off, d)])
+        v = pltriton.load(v_ref.at[_head_rows(v_off, d)])
     precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
     qk = _tile_dot(q, k.T, precision, interpreted=not ptx)
-    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+    seen = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None]) if bounded else None
     mask_ref, mask_rows, bias_ref, bias_rows = masks
     tile_in = valid[:, None] & in_seq[None, :]
     if st["has_mask"]:
         keep = pltriton.load(mask_ref.at[mask_rows[:, None] + kpos[None, :] * st["mask_strides"][3]], mask=tile_in,
                              other=0)
-        seen = seen & (keep != 0)
+        seen = keep != 0 if seen is None else seen & (keep != 0)
     if st["has_bias"]:
         bias = pltriton.load(bias_ref.at[bias_rows[:, None] + kpos[None, :] * st["bias_strides"][3]], mask=tile_in,
                              other=0.0).astype(jnp.float32)
         t = _fma(qk, jnp.full(qk.shape, st["qk_scale"], jnp.float32), _mul(bias, contract.LOG2E_F32, ptx), ptx)
-        t = jnp.where(seen, t, _NEG_INF)
+        if seen is not None:
+            t = jnp.where(seen, t, _NEG_INF)
         new_m = jnp.maximum(m, jnp.max(t, axis=1))
         base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
         p = _exp2_diff(t, jnp.broadcast_to(base[:, None], t.shape), ptx).astype(v.dtype)
     else:
-        qk = jnp.where(seen, qk, _NEG_INF)
+        if seen is not None:
+            qk = jnp.where(seen, qk, _NEG_INF)
         new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
         base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
         p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx).astype(v.dtype)
@@ -216,8 +224,8 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, ma
         masks = (mask_ref, s * ms[0] + h * ms[1] + qi * ms[2], bias_ref, s * bs[0] + h * bs[1] + qi * bs[2])
         blk_args = (s, k0, hk, kv_len, lo, hi, valid, masks, st)
 
-        def body(blk, state):
-            part = _block(q, k_ref, v_ref, bt_ref, state[3:], blk, *blk_args)
+        def body(bounded, blk, state):
+            part = _block(q, k_ref, v_ref, bt_ref, state[3:], blk, *blk_args, bounded=bounded)
             if st["spread"]:
                 return (*state[:3], *part)
             # The end of a split (or of the tile's range): fold it in, start the next.
@@ -225,7 +233,18 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, ma
                             lambda: (*_fold(state[:3], part, ptx), *_empty(bm, d)),
                             lambda: (*state[:3], *part))
 
-        state = lax.fori_loop(blk_lo, blk_hi + 1, body, _empty(bm, d) + _empty(bm, d))
+        state = _empty(bm, d) + _empty(bm, d)
+        if st["whole"]:
+            # Blocks every valid row sees whole, [w_lo, w_hi], without the
+            # bounds' selects (the same bits); those before and after with.
+            w_lo = jnp.maximum((jnp.max(jnp.where(valid, lo, 0)) + bn - 1) // bn, blk_lo)
+            w_hi = jnp.minimum((jnp.min(jnp.where(valid, hi, 1 << 30)) + 1) // bn - 1, blk_hi)
+            none = w_lo > w_hi
+            w_lo, w_hi = jnp.where(none, blk_hi + 1, w_lo), jnp.where(none, blk_hi, w_hi)
+            for start, stop, bounded in ((blk_lo, w_lo, True), (w_lo, w_hi + 1, False), (w_hi + 1, blk_hi + 1, True)):
+                state = lax.fori_loop(start, stop, functools.partial(body, bounded), state)
+        else:
+            state = lax.fori_loop(blk_lo, blk_hi + 1, functools.partial(body, True), state)
         if st["spread"]:
             ws_m_ref, ws_l_ref, ws_acc_ref = out_refs
             m, l, acc = state[3:]
@@ -294,12 +313,14 @@ def _broadcast_strides(a):
 
 def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len=0, kv_len=0, cu_q=None,
            cu_k=None, kv_lens=None, block_table=None, page_size=1, max_q_len, max_kv_len, qk_scale, window,
-           bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None):
+           bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None, whole=None):
     """The kernels over every (tile, sequence x KV head[, split]) of
     row-major arrays (``*_strides``: element strides of batch or page, token
     or slot, head, each a multiple of the head dim); returns the output laid
     out as ``q``. Any ``config`` of
-    ``bi_core.attention.tile_configs`` and either ``split_kv`` give the same bits.
+    ``bi_core.attention.tile_configs``, either ``split_kv`` and either loop
+    structure (``whole``: blocks that every row of a tile sees whole run without
+    the bounds' selects; default from the tile's rows) give the same bits.
     ``mask`` (int8, nonzero: visible) and ``bias`` (float): dense forms only,
     4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``."""
     interpret = interpret_mode("attention") if interpret is None else interpret
@@ -331,7 +352,8 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         q_strides=_rows_of(q_strides, d), k_strides=_rows_of(k_strides, d),
         v_strides=_rows_of(v_strides, d), o_strides=_rows_of(q_strides, d),
         qk_scale=float(qk_scale), ieee=np.dtype(q.dtype) == np.dtype(jnp.float32), ptx=not interpret,
-        spread=spread, ws_rows=ws_rows, has_mask=mask is not None, has_bias=bias is not None,
+        spread=spread, ws_rows=ws_rows,
+        whole=bool(bm >= contract.WHOLE_BLOCKS_FROM_ROWS if whole is None else whole), has_mask=mask is not None, has_bias=bias is not None,
         mask_strides=_broadcast_strides(mask), bias_strides=_broadcast_strides(bias),
     )
     dummy = jnp.zeros((1,), jnp.int32)

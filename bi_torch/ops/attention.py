@@ -263,7 +263,7 @@ def _attn_kernel(
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-    WHOLE: tl.constexpr = False, WALK: tl.constexpr = False,
+    WHOLE: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     sh = tl.program_id(1)
@@ -324,20 +324,15 @@ def _attn_kernel(
                                skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
                                bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS, part != 1)
             if not SPREAD:
-                # The end of a split (or of the tile's range): fold it in (or
-                # write it, WALK), start the next.
+                # The end of a split (or of the tile's range): fold it in, start the next.
                 if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                    if WALK:
-                        _store_partial(WS_M, WS_L, WS_ACC, blk // BPS, sh, ws_rows, tile, m, l, acc, valid, d,
-                                       BLOCK_M, D)
-                    else:
-                        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                    big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
                     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
                     l = tl.zeros([BLOCK_M], tl.float32)
                     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if SPREAD:
         _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, valid, d, BLOCK_M, D)
-    elif not WALK:
+    else:
         out = _finish(big_l, big_acc, PTX)
         o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
         tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
@@ -403,12 +398,14 @@ def launch(
     q, k, v, out, *, q_strides, k_strides, v_strides, o_strides, batch, hkv, group,
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
-    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=False, walk=False,
+    block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
-    need a given tile config (``config``) or split strategy (``split_kv``).
-    Any config and either strategy give the same bits.
+    need a given tile config (``config``), split strategy (``split_kv``) or
+    loop structure (``whole``: blocks that every row of a tile sees whole run
+    without the bounds' selects; default from the tile's rows). Any config,
+    either strategy and either structure give the same bits.
 
     Strides are element strides (batch or page, token or slot, head) of the
     4-D views ``(B, L, H, D)``; the last dimension must be contiguous.
@@ -426,11 +423,12 @@ def launch(
         spread = splits > 1 and programs < _programs_limit(q.device)
     else:
         spread = bool(split_kv) and splits > 1
-    walk = bool(walk) and not spread and splits > 1
+    if whole is None:
+        whole = cfg.block_m >= contract.WHOLE_BLOCKS_FROM_ROWS
     left, right = window
     dev = q.device
     ws_rows = tiles * cfg.block_m
-    if spread or walk:
+    if spread:
         ws_m = torch.empty((splits, batch * hkv, ws_rows), dtype=torch.float32, device=dev)
         ws_l = torch.empty_like(ws_m)
         ws_acc = torch.empty((splits, batch * hkv, ws_rows, d), dtype=torch.float32, device=dev)
@@ -452,10 +450,10 @@ def launch(
         *(mask.stride() if mask is not None else (0, 0, 0, 0)), *(bias.stride() if bias is not None else (0, 0, 0, 0)),
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=whole, WALK=walk,
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=bool(whole),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    if spread or walk:
+    if spread:
         _merge_kernel[(tiles, batch * hkv)](
             out, ws_acc, ws_m, ws_l,
             cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
