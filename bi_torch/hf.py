@@ -1,0 +1,125 @@
+"""Hugging Face transformers: the bi_ attention behind ``attn_implementation``,
+and one call that makes a loaded model batch-invariant.
+
+::
+
+    import bi_torch.hf
+    model = bi_torch.hf.batch_invariant(AutoModelForCausalLM.from_pretrained(...))
+    out = model.generate(**batch)   # a prompt's tokens and logits: the same in any batch
+
+or, to pick the attention alone (every other op as transformers runs it)::
+
+    bi_torch.hf.register()
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="batch_invariant")
+
+The attention takes transformers' boolean masks (those of its ``sdpa``
+implementation) and keeps a sequence's bits whatever padding the batch gives
+it: with left padding (what ``generate`` uses for decoder-only models) a
+sequence's keys sit after as many pad slots as its batch needs, and the
+kernels fix their reduction order at absolute key positions, so before the
+kernel each sequence's keys (and the mask's key axis) are rotated to start at
+its first visible key. That costs a copy of the keys and values per layer
+whenever a mask is given; without one (no padding) nothing is copied.
+
+Not supported, refused: ``softcap``, ``position_bias`` and attention sinks,
+dropout, gradients (the kernels are inference-only), and attention weights
+(``output_attentions`` returns ``None`` for them, as ``sdpa`` does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from bi_torch.mode import set_batch_invariant_mode
+from bi_torch.ops.attention import attention, scaled_dot_product_attention
+
+__all__ = ["IMPLEMENTATION", "attention_forward", "batch_invariant", "register"]
+
+IMPLEMENTATION = "batch_invariant"
+
+
+def _keys_from_first_visible(key, value, mask):
+    """``key``, ``value`` (B, Hkv, Lk, D) and ``mask`` (broadcasting to
+    (B, H, Lq, Lk)) with each sequence's key axis rotated to start at the
+    first key that any of its queries sees (the keys before it, which none
+    sees, move to the end)."""
+    if mask.dtype == torch.bool:
+        seen = mask
+    else:
+        seen = mask > torch.finfo(mask.dtype).min
+    first = seen.any(dim=-2).any(dim=1).to(torch.int8).argmax(dim=-1)  # (B or 1,)
+    kv_len = key.shape[2]
+    idx = (torch.arange(kv_len, device=key.device) + first[:, None]) % kv_len  # (B or 1, Lk)
+    b, hkv, _, d = key.shape
+    kv_idx = idx.expand(b, kv_len)[:, None, :, None].expand(b, hkv, kv_len, d)
+    mask_idx = idx[:, None, None, :].expand(mask.shape[0], mask.shape[1], mask.shape[2], kv_len)
+    return key.gather(2, kv_idx), value.gather(2, kv_idx), mask.gather(3, mask_idx)
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: ``query`` (B, H, Lq, D),
+    ``key`` and ``value`` (B, Hkv, Lk, D), the mask of the ``sdpa``
+    implementation (bool, True: attend; or additive float); returns the output
+    as (B, Lq, H, D) and no weights."""
+    op = "bi_torch.hf.attention_forward"
+    for name in ("softcap", "position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{op}: {name} is not supported by the batch-invariant attention")
+    if dropout:
+        raise NotImplementedError(f"{op}: dropout={dropout} is not supported (inference only; call model.eval())")
+    if query.ndim != 4 or key.ndim != 4:
+        raise ValueError(f"{op}: query and key must be 4-D (B, H, L, D), got {tuple(query.shape)} and "
+                         f"{tuple(key.shape)}")
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        # transformers leaves the mask out only where it is the plain causal
+        # one over equal query and key lengths, or for a single query.
+        causal = bool(causal) and query.shape[2] > 1
+        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                        scale=scaling)
+        return out, None
+    key, value, mask = _keys_from_first_visible(key, value, attention_mask)
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                       enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="batch_invariant"`` select the bi_ attention
+    (with the boolean masks of transformers' ``sdpa``). Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def batch_invariant(model, *, strict: bool = False):
+    """Make a loaded transformers model batch-invariant, in place, and return
+    it: its attention becomes the bi_ attention (``register``,
+    ``set_attn_implementation``), and its ``forward`` and ``generate`` run
+    under ``set_batch_invariant_mode(strict=strict)``, so products, norms,
+    softmaxes and reductions run the bi_ kernels (``strict``: an op that may
+    change bits with the batch and has no bi_ kernel raises)."""
+    register()
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"batch_invariant: {type(model).__name__} is not a transformers PreTrainedModel "
+                        "(it has no set_attn_implementation)")
+    model.set_attn_implementation(IMPLEMENTATION)
+    for name in ("forward", "generate"):
+        fn = getattr(model, name, None)
+        if fn is None or getattr(fn, "_bi_wrapped", False):
+            continue
+
+        @functools.wraps(fn)
+        def run(*args, _fn=fn, **kwargs):
+            with set_batch_invariant_mode(True, strict=strict):
+                return _fn(*args, **kwargs)
+
+        run._bi_wrapped = True
+        setattr(model, name, run)
+    return model
