@@ -79,3 +79,12 @@ def test_opening_example_default_varies_and_bi_does_not():
 
     if any(name in jax.devices()[0].device_kind for name in ("H100", "H200")):
         assert int(counts["XLA"]) > 0, "the README says XLA's default changes rows on Hopper"
+
+
+def test_hf_example_runs_as_written():
+    pytest.importorskip("transformers")  # the `hf` extra (in `all`)
+    code = _examples()[4]
+    assert "bi_torch.hf.batch_invariant" in code
+    run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "same tokens: True"
