@@ -97,11 +97,13 @@ def paths(emit, bench) -> None:
     """The loop structures of the kernel that give the same bits, at the
     dispatch's tile config: with and without ``whole`` (blocks that every row
     sees whole run without the bounds' selects), folded in one program or
-    spread (``split_kv``: one program per split). (A third, prefill programs
+    spread (``split_kv``: one program per split), tiles in launch order or
+    reversed (``reverse``: the longest causal tiles first). (A third, prefill programs
     that write each split's partial for the merge kernel, was measured at
     4815fd1 and removed: bench/NOTES.md, attention v4.)"""
     variants = {"base": {"whole": False}, "whole": {"whole": True}, "spread": {"whole": False, "split_kv": True},
-                "whole+spread": {"whole": True, "split_kv": True}}
+                "whole+spread": {"whole": True, "split_kv": True}, "reverse": {"reverse": True},
+                "whole+reverse": {"whole": True, "reverse": True}}
     for b, lq, lk in ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
                       (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384)):
         q = torch.randn(b, lq, H, D, device="cuda", dtype=torch.bfloat16)

@@ -263,9 +263,13 @@ def _attn_kernel(
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-    WHOLE: tl.constexpr = False,
+    WHOLE: tl.constexpr = False, REVERSE: tl.constexpr = False,
 ):
-    tile = tl.program_id(0)
+    # REVERSE: the last (for causal masks the longest) tiles first; schedule only.
+    if REVERSE:
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile = tl.program_id(0)
     sh = tl.program_id(1)
     s = sh // HKV
     hkv = sh % HKV
@@ -399,13 +403,15 @@ def launch(
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
     block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
+    reverse=False,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
     need a given tile config (``config``), split strategy (``split_kv``) or
     loop structure (``whole``: blocks that every row of a tile sees whole run
-    without the bounds' selects; default from the tile's rows). Any config,
-    either strategy and either structure give the same bits.
+    without the bounds' selects; default from the tile's rows), or tile order
+    (``reverse``: the last tiles first). Any config, either strategy, either
+    structure and either order give the same bits.
 
     Strides are element strides (batch or page, token or slot, head) of the
     4-D views ``(B, L, H, D)``; the last dimension must be contiguous.
@@ -450,7 +456,7 @@ def launch(
         *(mask.stride() if mask is not None else (0, 0, 0, 0)), *(bias.stride() if bias is not None else (0, 0, 0, 0)),
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=bool(whole),
+        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=bool(whole), REVERSE=bool(reverse),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
