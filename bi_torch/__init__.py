@@ -17,10 +17,20 @@ from bi_torch.ops.matmul import linear, matmul
 from bi_torch.ops.rms_norm import rms_norm
 from bi_torch.ops.rows import log_softmax, mean, softmax, sum
 from bi_torch.mode import BatchVarianceRisk, is_batch_invariant_mode_enabled, set_batch_invariant_mode
+from bi_torch.switch import (
+    BatchVarianceWarning,
+    disable_batch_invariant_mode,
+    enable_batch_invariant_mode,
+    is_batch_invariant_mode,
+)
 
 __all__ = [
     "BatchVarianceRisk",
+    "BatchVarianceWarning",
     "attention",
+    "disable_batch_invariant_mode",
+    "enable_batch_invariant_mode",
+    "is_batch_invariant_mode",
     "is_batch_invariant_mode_enabled",
     "linear",
     "log_softmax",
@@ -35,3 +45,7 @@ __all__ = [
     "varlen_attention",
 ]
 __version__ = "0.1.0"
+
+from bi_torch import switch as _switch  # noqa: E402
+
+_switch._from_environment()  # BI_BATCH_INVARIANT=1: the process-wide switch on at import

@@ -1,0 +1,236 @@
+"""The process-wide switch: the bi_ kernels as the CUDA kernels of aten ops.
+
+``enable_batch_invariant_mode()`` registers, with ``torch.library``, new CUDA
+kernels (CPU kernels when bi_torch runs under the Triton interpreter) for the
+aten ops that the bi_ kernels implement::
+
+    aten::mm, aten::bmm, aten::addmm   -> bi_torch.matmul
+    aten::_softmax, aten::_log_softmax -> bi_torch.softmax, log_softmax
+    aten::sum.dim_IntList              -> bi_torch.sum
+    aten::mean.dim                     -> bi_torch.mean
+    aten::_fused_rms_norm              -> bi_torch.rms_norm
+
+and, through them, the ops that PyTorch builds from these (``F.linear``,
+``torch.matmul``, ``torch.sum(x)``, ``torch.mean(x)``, ``F.rms_norm``,
+``aten::_safe_softmax``, SDPA's math backend). It holds in every thread, as
+``torch.library`` registrations do, and costs nothing for the ops it does not
+override: they never reach Python. ``disable_batch_invariant_mode()`` removes
+the registrations, which restores PyTorch's kernels exactly. Both act when
+called and, in a ``with`` statement, restore the previous state on exit;
+``is_batch_invariant_mode()`` says whether the switch is on. ``BI_BATCH_INVARIANT=1``
+in the environment turns it on when bi_torch is imported (for servers).
+
+A call that the bi_ kernels do not take runs PyTorch's own kernel (through
+the op's ``out=`` form, which is not overridden): integer and boolean sums
+(exact, so invariant already) silently, float64 and complex tensors, or a
+call the kernels refuse (a layout or argument they lack), with a
+``BatchVarianceWarning`` once per op and reason; :func:`fallbacks` counts
+them. For a refusal instead, use the strict dispatch mode,
+``set_batch_invariant_mode(strict=True)``, which also sees the ops the switch
+does not cover (attention backends, convolutions, cumulative sums, ...).
+
+``F.scaled_dot_product_attention`` is not overridden (its backends' aten ops
+return softmax statistics and RNG state that the bi_ kernel does not
+produce): route attention with ``set_batch_invariant_mode()``, with
+``bi_torch.scaled_dot_product_attention`` or, in transformers models, with
+``attn_implementation="batch_invariant"`` (``bi_torch.hf``).
+
+``torch.compile`` directives are ignored while the switch is on (the compiler
+stance ``force_eager``): Inductor lowers ``aten::mm`` and reductions to its
+own kernels, which the overrides cannot reach, so compiled functions run
+eagerly, on the bi_ kernels, with eager's bits. CUDA graphs capture and
+replay the bi_ kernels (``torch.cuda.graph``).
+
+Autograd runs above the overrides: under ``torch.autograd`` a forward
+product is computed by the bi_ kernel and its gradient products by the bi_
+kernel too (they are ``aten::mm`` calls), while the backward formulas of the
+other ops are PyTorch's.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import Counter
+
+import torch
+
+from bi_torch import mode as _mode
+from bi_torch._checks import SUPPORTED_DTYPES, interpreting
+
+__all__ = ["BatchVarianceWarning", "disable_batch_invariant_mode", "enable_batch_invariant_mode", "fallbacks",
+           "is_batch_invariant_mode"]
+
+aten = torch.ops.aten
+
+
+class BatchVarianceWarning(UserWarning):
+    """A call under the process-wide switch ran PyTorch's kernel for a float tensor."""
+
+
+def _empty(x, dtype=None):
+    return x.new_empty(0, dtype=dtype or x.dtype)
+
+
+def _sum_dtype(x, dtype):
+    if dtype is not None:
+        return dtype
+    return torch.int64 if not (x.is_floating_point() or x.is_complex()) else x.dtype
+
+
+def _rms_fallback(x, normalized_shape, weight=None, eps=None):
+    # No out= form: the composite, in x's dtype (float64 here), whose mean is
+    # itself overridden and so falls back to PyTorch's kernel.
+    dims = list(range(x.ndim - len(normalized_shape), x.ndim))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    rstd = torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+    y = x * rstd
+    return (y * weight if weight is not None else y), rstd
+
+
+# op name (overload) -> (bi_ implementation, PyTorch's kernel through out=).
+_OVERRIDES = {
+    "mm": (_mode._mm_impl, lambda a, b: aten.mm.out(a, b, out=_empty(a))),
+    "bmm": (_mode._bmm_impl, lambda a, b: aten.bmm.out(a, b, out=_empty(a))),
+    "addmm": (_mode._addmm_impl,
+              lambda c, a, b, *, beta=1, alpha=1: aten.addmm.out(c, a, b, beta=beta, alpha=alpha, out=_empty(a))),
+    "_softmax": (_mode._softmax_impl,
+                 lambda x, dim, half: aten._softmax.out(x, dim, half, out=_empty(x, torch.float32 if half else None))),
+    "_log_softmax": (_mode._log_softmax_impl,
+                     lambda x, dim, half: aten._log_softmax.out(
+                         x, dim, half, out=_empty(x, torch.float32 if half else None))),
+    "sum.dim_IntList": (_mode._sum_impl,
+                        lambda x, dim=None, keepdim=False, *, dtype=None: aten.sum.IntList_out(
+                            x, dim, keepdim, dtype=dtype, out=_empty(x, _sum_dtype(x, dtype)))),
+    "mean.dim": (_mode._mean_impl,
+                 lambda x, dim=None, keepdim=False, *, dtype=None: aten.mean.out(
+                     x, dim, keepdim, dtype=dtype, out=_empty(x, dtype))),
+    "_fused_rms_norm": (_mode._fused_rms_norm_impl, _rms_fallback),
+}
+
+_FALLBACKS: Counter[str] = Counter()
+_WARNED: set[tuple[str, str]] = set()
+# An override that runs inside another one (a bi_ wrapper calling an
+# overridden op) goes straight to PyTorch's kernel.
+_INSIDE = threading.local()
+
+
+def _floats_supported(args, kwargs) -> tuple[bool, bool]:
+    """(any float tensor, all float tensors in a supported dtype)."""
+    any_float, supported = False, True
+    for t in _mode._tensors(args, kwargs):
+        if t.is_floating_point() or t.is_complex():
+            any_float = True
+            supported = supported and t.dtype in SUPPORTED_DTYPES
+    return any_float, supported
+
+
+def _fallback(name, default, args, kwargs, why, floats):
+    if floats:
+        _FALLBACKS[name] += 1
+        if (name, why) not in _WARNED:
+            _WARNED.add((name, why))
+            warnings.warn(f"aten::{name} ran PyTorch's kernel under the batch-invariant switch ({why}); its "
+                          "reduction order may change with the batch size", BatchVarianceWarning, stacklevel=3)
+    return default(*args, **kwargs)
+
+
+def _kernel(name, impl, default):
+    def run(*args, **kwargs):
+        floats, supported = _floats_supported(args, kwargs)
+        if not (floats and supported) or getattr(_INSIDE, "active", False):
+            why = "dtype " + ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in _mode._tensors(
+                args, kwargs)})) if floats and not supported else "inside a bi_ kernel's wrapper"
+            return _fallback(name, default, args, kwargs, why, floats and not supported)
+        _INSIDE.active = True
+        try:
+            # Below autograd: the graph is recorded above, so the kernels'
+            # forward-only check must not see the tensors' requires_grad.
+            with torch.no_grad():
+                return impl(*args, **kwargs)
+        except (_mode._Unsupported, ValueError, TypeError, NotImplementedError) as why:
+            reason = str(why).splitlines()[0][:200]
+        finally:
+            _INSIDE.active = False
+        return _fallback(name, default, args, kwargs, reason, True)
+
+    run.__name__ = f"bi_{name.replace('.', '_')}"
+    return run
+
+
+_LOCK = threading.Lock()
+_STATE: dict = {"library": None}
+
+
+def _switch(on: bool) -> bool:
+    """Turn the overrides on or off; the previous state."""
+    with _LOCK:
+        was = _STATE["library"] is not None
+        if on and not was:
+            lib = torch.library.Library("aten", "IMPL")
+            key = "CPU" if interpreting() else "CUDA"
+            with warnings.catch_warnings():
+                # "Overriding a previously registered kernel": the point.
+                warnings.simplefilter("ignore", UserWarning)
+                for name, (impl, default) in _OVERRIDES.items():
+                    lib.impl(name, _kernel(name, impl, default), key)
+            _STATE["library"] = lib
+            _mode._force_eager()
+        elif was and not on:
+            lib, _STATE["library"] = _STATE["library"], None
+            lib._destroy()
+            _mode._restore_stance()
+        return was
+
+
+class enable_batch_invariant_mode:  # noqa: N801  (acts when called, like torch.set_grad_enabled)
+    """Turn the process-wide switch on (for every thread); in a ``with``
+    statement, restore the previous state on exit::
+
+        bi_torch.enable_batch_invariant_mode()      # on for the rest of the process
+
+        with bi_torch.enable_batch_invariant_mode():
+            logits = model(tokens)                  # off again after, if it was off before
+    """
+
+    _target = True
+
+    def __init__(self) -> None:
+        self._previous = _switch(self._target)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        _switch(self._previous)
+
+
+class disable_batch_invariant_mode(enable_batch_invariant_mode):  # noqa: N801
+    """Turn the process-wide switch off (PyTorch's kernels exactly as before);
+    in a ``with`` statement, restore the previous state on exit."""
+
+    _target = False
+
+
+def is_batch_invariant_mode() -> bool:
+    """Whether the process-wide switch is on."""
+    return _STATE["library"] is not None
+
+
+def fallbacks() -> dict[str, int]:
+    """Float calls that ran PyTorch's kernel under the switch, per op, since
+    the process started (each also warned once per reason)."""
+    return dict(_FALLBACKS)
+
+
+_ENV = "BI_BATCH_INVARIANT"
+
+
+def _from_environment() -> None:
+    value = os.environ.get(_ENV, "").strip().lower()
+    if value in ("", "0", "false", "off", "no"):
+        return
+    if value not in ("1", "true", "on", "yes"):
+        raise ValueError(f"{_ENV}={os.environ[_ENV]!r}: expected 1 (switch on at import) or 0")
+    _switch(True)
