@@ -88,6 +88,10 @@ def parser() -> argparse.ArgumentParser:
                         f"op's benchmark shapes on a GPU, {_csv(CPU_FEATURES)} without)")
     p.add_argument("--quick", action="store_true",
                    help=f"a short sweep: M = {_csv(QUICK_M)} on a GPU, {_csv(CPU_QUICK_M)} without (--m wins)")
+    p.add_argument("--host-cost", action="store_true",
+                   help="instead of the sweep: host time per call of the torch drop-in paths (bi_ direct, the "
+                        "dispatch mode, the process-wide switch) and Llama generation under each (GPU only; "
+                        "writes host_cost.json)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for results.json, results.csv and plots/ (default: bench-results)")
     return p
@@ -119,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)
+    if args.host_cost:
+        if not profile.native:
+            p.error("--host-cost measures host time around GPU launches; this machine has no GPU")
+        from bench import host_cost
+
+        for path in host_cost.run(args.out, console):
+            console.print(f"wrote {path}")
+        return 0
     specs = [registry.get(o) for o in args.ops]
     if args.features:
         # A shape belongs to ops benchmarked on shapes of its rank; a size to the rest.

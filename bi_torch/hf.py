@@ -34,6 +34,7 @@ import torch
 
 from bi_torch.mode import set_batch_invariant_mode
 from bi_torch.ops.attention import attention, scaled_dot_product_attention
+from bi_torch.switch import enable_batch_invariant_mode
 
 __all__ = ["IMPLEMENTATION", "attention_forward", "batch_invariant", "register"]
 
@@ -98,13 +99,23 @@ def register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
-def batch_invariant(model, *, strict: bool = False):
+def batch_invariant(model, *, strict: bool = False, process_wide: bool = False):
     """Make a loaded transformers model batch-invariant, in place, and return
     it: its attention becomes the bi_ attention (``register``,
     ``set_attn_implementation``), and its ``forward`` and ``generate`` run
     under ``set_batch_invariant_mode(strict=strict)``, so products, norms,
     softmaxes and reductions run the bi_ kernels (``strict``: an op that may
-    change bits with the batch and has no bi_ kernel raises)."""
+    change bits with the batch and has no bi_ kernel raises).
+
+    ``process_wide=True``: under ``enable_batch_invariant_mode()`` instead
+    (the same kernels as aten's CUDA kernels, at a fraction of the dispatch
+    mode's host cost; see ``bi_torch.switch``). On the GPU it gives the same
+    bits. Not with ``strict`` (strictness needs the dispatch mode), and not
+    for CPU runs under the Triton interpreter, where only the dispatch mode
+    evaluates transcendental functions one element at a time."""
+    if strict and process_wide:
+        raise ValueError("batch_invariant: strict=True needs the per-thread dispatch mode; "
+                         "pass process_wide=False (the default) for strictness")
     register()
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"batch_invariant: {type(model).__name__} is not a transformers PreTrainedModel "
@@ -117,7 +128,7 @@ def batch_invariant(model, *, strict: bool = False):
 
         @functools.wraps(fn)
         def run(*args, _fn=fn, **kwargs):
-            with set_batch_invariant_mode(True, strict=strict):
+            with enable_batch_invariant_mode() if process_wide else set_batch_invariant_mode(True, strict=strict):
                 return _fn(*args, **kwargs)
 
         run._bi_wrapped = True

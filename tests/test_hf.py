@@ -40,9 +40,12 @@ def _model(implementation="sdpa"):
     return transformers.LlamaForCausalLM(cfg).to(DEVICE, DTYPE).eval()
 
 
-@pytest.fixture(scope="module")
-def model():
-    return bhf.batch_invariant(_model())
+# The per-thread dispatch mode everywhere; the process-wide switch on the GPU
+# (under the CPU interpreter only the dispatch mode evaluates transcendental
+# functions one element at a time, see bi_torch.mode).
+@pytest.fixture(scope="module", params=["mode", "process_wide"] if GPU else ["mode"])
+def model(request):
+    return bhf.batch_invariant(_model(), process_wide=request.param == "process_wide")
 
 
 def _prompts(seed=1):
@@ -166,6 +169,18 @@ def test_hf_attention_refuses_what_it_does_not_support():
         bhf.attention_forward(module, q[0], k[0], k[0], None)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         bhf.batch_invariant(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="strict=True needs the per-thread dispatch mode"):
+        bhf.batch_invariant(torch.nn.Linear(2, 2), strict=True, process_wide=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="on the CPU only the dispatch mode fixes transcendental functions' bits")
+def test_hf_process_wide_switch_gives_the_dispatch_modes_bits():
+    probe, others = _prompts()
+    seqs = _with_probe(probe, others, 1)
+    mode = _generate(bhf.batch_invariant(_model()), seqs, 1)
+    switch = _generate(bhf.batch_invariant(_model(), process_wide=True), seqs, 1)
+    assert torch.equal(mode[0], switch[0]) and torch.equal(mode[1], switch[1])
 
 
 def test_hf_registration_selects_the_bi_attention():

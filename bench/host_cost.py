@@ -1,0 +1,161 @@
+"""Host cost of the torch drop-in paths, and end-to-end generation
+(``python -m bench --host-cost``, GPU only).
+
+Per call at decode sizes (bf16, 32 rows): the default op, the bi_ function
+called directly, the default op under the per-thread dispatch mode
+(``set_batch_invariant_mode``) and under the process-wide switch
+(``enable_batch_invariant_mode``), plus an unrelated small op under each.
+Host time is the wall time of a loop of calls with no synchronisation in it,
+over the calls (the GPU runs behind; the loop is shorter than the launch
+queue), the median of several loops.
+
+End to end: a transformers ``LlamaForCausalLM`` (hidden 2048, 4 layers,
+16/8 heads of 128, bf16, weights from a seed) generating 24 tokens greedily
+for 32 prompts of 64 tokens: the default (``sdpa``), with the bi_ attention
+under the dispatch mode, and under the process-wide switch; wall time of
+``generate`` with a synchronisation at its end, the median of a few runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+CALLS, LOOPS = 200, 7
+
+
+def _host_us(fn) -> float:
+    import torch
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(LOOPS):
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        times.append((time.perf_counter() - start) / CALLS * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _ops():
+    import torch
+    import torch.nn.functional as F
+
+    import bi_torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    x, w, h, logits, small = randn(32, 2048), randn(5632, 2048), randn(2048), randn(32, 32000), randn(8, 8)
+    return [
+        ("linear 32x2048 @ 2048x5632", lambda: F.linear(x, w), lambda: bi_torch.linear(x, w)),
+        ("rms_norm 32x2048", lambda: F.rms_norm(x, (2048,), h, 1e-6), lambda: bi_torch.rms_norm(x, h, 1e-6)),
+        ("softmax 32x32000", lambda: torch.softmax(logits, -1), lambda: bi_torch.softmax(logits, -1)),
+        ("mean 32x2048", lambda: x.mean(-1), lambda: bi_torch.mean(x, -1)),
+        ("add 8x8 (not routed)", lambda: small + small, None),
+    ]
+
+
+def measure_ops() -> list[dict]:
+    import torch
+
+    import bi_torch
+
+    rows = []
+    with torch.no_grad():
+        for name, default, direct in _ops():
+            row = {"op": name, "default_us": _host_us(default)}
+            if direct is not None:
+                row["bi_direct_us"] = _host_us(direct)
+            with bi_torch.set_batch_invariant_mode():
+                row["dispatch_mode_us"] = _host_us(default)
+            with bi_torch.enable_batch_invariant_mode():
+                row["process_wide_us"] = _host_us(default)
+            for key in ("bi_direct_us", "dispatch_mode_us", "process_wide_us"):
+                if key in row:
+                    row[key.replace("_us", "_ratio")] = row[key] / row["default_us"]
+            rows.append(row)
+    return rows
+
+
+def _llama(implementation):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=32000,
+                                   max_position_embeddings=1024, pad_token_id=0, bos_token_id=None,
+                                   eos_token_id=None, attn_implementation=implementation)
+    return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: int = 3) -> list[dict]:
+    import torch
+
+    import bi_torch.hf as bhf
+
+    ids = torch.randint(1, 32000, (batch, prompt), device="cuda", generator=torch.Generator(device="cuda")
+                        .manual_seed(1))
+    mask = torch.ones_like(ids)
+    variants = {"default (sdpa)": lambda: _llama("sdpa"),
+                "dispatch mode": lambda: bhf.batch_invariant(_llama("sdpa")),
+                "process-wide switch": lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True)}
+    rows, tokens = [], {}
+    for name, build in variants.items():
+        model = build()
+        times = []
+        with torch.no_grad():
+            for i in range(runs + 1):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False)
+                torch.cuda.synchronize()
+                if i:  # the first run compiles the kernels
+                    times.append(time.perf_counter() - start)
+        tokens[name] = out[:, prompt:]
+        rows.append({"variant": name, "batch": batch, "new_tokens": new, "ms": statistics.median(times) * 1e3})
+        del model
+        torch.cuda.empty_cache()
+    base = rows[0]["ms"]
+    for row in rows:
+        row["ratio"] = row["ms"] / base
+    rows[2]["same_tokens_as_dispatch_mode"] = bool(torch.equal(tokens["dispatch mode"], tokens["process-wide switch"]))
+    return rows
+
+
+def run(out: Path, console) -> list[Path]:
+    import torch
+
+    from rich.table import Table
+
+    ops = measure_ops()
+    table = Table(title=f"host cost per call, us (torch {torch.__version__}, {torch.cuda.get_device_name()})")
+    for col in ("op", "default", "bi_ direct", "dispatch mode", "process-wide"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for r in ops:
+        def cell(key):
+            return f"{r[key + '_us']:.1f} ({r[key + '_ratio']:.2f}x)" if key + "_us" in r else "-"
+        table.add_row(r["op"], f"{r['default_us']:.1f}", cell("bi_direct"), cell("dispatch_mode"),
+                      cell("process_wide"))
+    console.print(table)
+    gen = measure_generation()
+    table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens, eager")
+    for col in ("variant", "ms", "ratio"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in gen:
+        table.add_row(r["variant"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}x")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "host_cost.json"
+    path.write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "ops": ops,
+                                "generation": gen}, indent=1))
+    return [path]
