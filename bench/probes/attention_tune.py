@@ -101,8 +101,9 @@ def paths(emit, bench) -> None:
     reversed (``reverse``: the longest causal tiles first). (A third, prefill programs
     that write each split's partial for the merge kernel, was measured at
     4815fd1 and removed: bench/NOTES.md, attention v4.)"""
-    variants = {"base": {"whole": False}, "whole": {"whole": True}, "spread": {"whole": False, "split_kv": True},
-                "whole+spread": {"whole": True, "split_kv": True}, "reverse": {"reverse": True},
+    variants = {"base": {"whole": False, "reverse": False}, "whole": {"whole": True, "reverse": False},
+                "spread": {"whole": False, "split_kv": True}, "whole+spread": {"whole": True, "split_kv": True},
+                "reverse": {"whole": False, "reverse": True},
                 "whole+reverse": {"whole": True, "reverse": True}}
     for b, lq, lk in ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
                       (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384)):

@@ -403,14 +403,15 @@ def launch(
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
     block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
-    reverse=False,
+    reverse=None,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
     need a given tile config (``config``), split strategy (``split_kv``) or
     loop structure (``whole``: blocks that every row of a tile sees whole run
     without the bounds' selects; default from the tile's rows), or tile order
-    (``reverse``: the last tiles first). Any config, either strategy, either
+    (``reverse``: the last tiles first; default for causal grids of up to
+    ``REVERSE_UP_TO_PROGRAMS`` programs). Any config, either strategy, either
     structure and either order give the same bits.
 
     Strides are element strides (batch or page, token or slot, head) of the
@@ -432,6 +433,8 @@ def launch(
     if whole is None:
         whole = cfg.block_m >= contract.WHOLE_BLOCKS_FROM_ROWS
     left, right = window
+    if reverse is None:
+        reverse = right == 0 and not spread and programs <= contract.REVERSE_UP_TO_PROGRAMS
     dev = q.device
     ws_rows = tiles * cfg.block_m
     if spread:

@@ -1,0 +1,59 @@
+"""Where the host time of a bi_ call at decode sizes goes: ``cProfile`` over
+repeated calls of each op (bf16, 32 rows), the functions with the most time
+of their own::
+
+    python -m bench.probes.host_profile [--out DIR] [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+from pathlib import Path
+
+import torch
+
+import bi_torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.probes.host_profile", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--calls", type=int, default=300)
+    args = p.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(32, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(5632, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+    h = torch.randn(2048, device="cuda", dtype=torch.bfloat16, generator=g)
+    logits = torch.randn(32, 32000, device="cuda", dtype=torch.bfloat16, generator=g)
+    ops = {"linear": lambda: bi_torch.linear(x, w), "rms_norm": lambda: bi_torch.rms_norm(x, h, 1e-6),
+           "softmax": lambda: bi_torch.softmax(logits, -1), "mean": lambda: bi_torch.mean(x, -1),
+           "F.rms_norm under the switch": lambda: torch.nn.functional.rms_norm(x, (2048,), h, 1e-6)}
+    report = io.StringIO()
+    with torch.no_grad():
+        for name, fn in ops.items():
+            switch = bi_torch.enable_batch_invariant_mode() if "switch" in name else None
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                fn()
+            prof.disable()
+            torch.cuda.synchronize()
+            if switch is not None:
+                switch.__exit__(None, None, None)
+            report.write(f"=== {name}: {args.calls} calls\n")
+            pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(22)
+    text = report.getvalue()
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_profile.txt").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
