@@ -23,12 +23,13 @@ inside another function's ``__torch_function__`` handling (as
 ``F.multi_head_attention_forward`` does) is not seen at that level; its
 backend op is refused in strict mode.
 
-A dispatch mode rather than ``torch.library`` kernel overrides: an override
-replaces the CUDA kernel of an op for every dtype, so integer sums (exact, and
-so invariant already) or float64 products would need a second implementation,
-while the mode can hand anything it does not take back to PyTorch's own
-kernel. Leaving the mode (also through an exception) restores PyTorch's
-dispatch exactly, because nothing was registered.
+A dispatch mode, beside the ``torch.library`` kernel overrides of the
+process-wide switch (``bi_torch.switch``): the mode sees every op, so it can
+be strict, route ``F.scaled_dot_product_attention`` and hand anything it does
+not take back to PyTorch's own kernel, at the price of host time on every op
+(measured in ``python -m bench --host-cost``). Leaving the mode (also through
+an exception) restores PyTorch's dispatch exactly, because nothing was
+registered.
 
 Everything else runs PyTorch's kernel. With ``strict=True`` the mode raises
 ``BatchVarianceRisk`` instead when a floating-point op that is not routed may

@@ -22,6 +22,13 @@ def _examples() -> list[str]:
     return blocks
 
 
+def _example(marker: str) -> str:
+    """The one README example that contains ``marker``."""
+    found = [b for b in _examples() if marker in b]
+    assert len(found) == 1, f"{len(found)} README examples contain {marker!r}"
+    return found[0]
+
+
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BI_DEVICE")}
     environ.update(env)
@@ -44,8 +51,7 @@ def test_readme_commands_are_marked(marker):
 
 def test_torch_example_runs_as_written():
     """The torch example, with TRITON_INTERPRET=1 when there is no GPU (as it says)."""
-    code = _examples()[1]
-    assert "import bi_torch" in code
+    code = _example("set_batch_invariant_mode(strict=True)")
     run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "aten.addmm.default" in run.stdout and "aten._log_softmax.default" in run.stdout
@@ -53,16 +59,15 @@ def test_torch_example_runs_as_written():
 
 def test_jax_example_runs_as_written():
     pytest.importorskip("flax")  # the `flax` extra (in `all`)
-    code = _examples()[2]
-    assert "import bi_jax" in code and "from flax import" in code
+    code = _example("from flax import")
+    assert "import bi_jax" in code
     run = _run(code + "\nprint(log_probs.shape, type(layer).__name__, type(projection).__name__, type(dense).__name__)\n")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["(8,", "32)", "Linear", "Einsum", "Dense"]
 
 
 def test_attention_example_runs_as_written():
-    code = _examples()[3]
-    assert "bi_torch.paged_attention" in code
+    code = _example("bi_torch.paged_attention")
     run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "decode == prefill: True"
@@ -81,10 +86,17 @@ def test_opening_example_default_varies_and_bi_does_not():
         assert int(counts["XLA"]) > 0, "the README says XLA's default changes rows on Hopper"
 
 
+def test_process_wide_example_runs_as_written():
+    code = _example("enable_batch_invariant_mode()")
+    run = _run(code + "\nprint(bi_torch.is_batch_invariant_mode())\n",
+               **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "False"
+
+
 def test_hf_example_runs_as_written():
     pytest.importorskip("transformers")  # the `hf` extra (in `all`)
-    code = _examples()[4]
-    assert "bi_torch.hf.batch_invariant" in code
+    code = _example("bi_torch.hf.batch_invariant")
     run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "same tokens: True"
