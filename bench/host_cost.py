@@ -100,6 +100,7 @@ def _llama(implementation):
 def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: int = 3) -> list[dict]:
     import torch
 
+    import bi_torch
     import bi_torch.hf as bhf
 
     ids = torch.randint(1, 32000, (batch, prompt), device="cuda", generator=torch.Generator(device="cuda")
@@ -125,6 +126,7 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
         rows.append({"variant": name, "batch": batch, "new_tokens": new, "ms": statistics.median(times) * 1e3})
         del model
         torch.cuda.empty_cache()
+    bi_torch.disable_batch_invariant_mode()  # process_wide switched it on
     base = rows[0]["ms"]
     for row in rows:
         row["ratio"] = row["ms"] / base

@@ -107,8 +107,9 @@ def batch_invariant(model, *, strict: bool = False, process_wide: bool = False):
     softmaxes and reductions run the bi_ kernels (``strict``: an op that may
     change bits with the batch and has no bi_ kernel raises).
 
-    ``process_wide=True``: under ``enable_batch_invariant_mode()`` instead
-    (the same kernels as aten's CUDA kernels, at a fraction of the dispatch
+    ``process_wide=True``: switch ``enable_batch_invariant_mode()`` on now,
+    for the whole process (``disable_batch_invariant_mode()`` switches it off),
+    instead of the dispatch mode per call (the same kernels as aten's CUDA kernels, at a fraction of the dispatch
     mode's host cost; see ``bi_torch.switch``). On the GPU it gives the same
     bits. Not with ``strict`` (strictness needs the dispatch mode), and not
     for CPU runs under the Triton interpreter, where only the dispatch mode
@@ -117,6 +118,8 @@ def batch_invariant(model, *, strict: bool = False, process_wide: bool = False):
         raise ValueError("batch_invariant: strict=True needs the per-thread dispatch mode; "
                          "pass process_wide=False (the default) for strictness")
     register()
+    if process_wide and hasattr(model, "set_attn_implementation"):
+        enable_batch_invariant_mode()  # once: per-call with blocks would race between threads
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"batch_invariant: {type(model).__name__} is not a transformers PreTrainedModel "
                         "(it has no set_attn_implementation)")
@@ -128,7 +131,9 @@ def batch_invariant(model, *, strict: bool = False, process_wide: bool = False):
 
         @functools.wraps(fn)
         def run(*args, _fn=fn, **kwargs):
-            with enable_batch_invariant_mode() if process_wide else set_batch_invariant_mode(True, strict=strict):
+            if process_wide:
+                return _fn(*args, **kwargs)
+            with set_batch_invariant_mode(True, strict=strict):
                 return _fn(*args, **kwargs)
 
         run._bi_wrapped = True

@@ -17,7 +17,10 @@ and, through them, the ops that PyTorch builds from these (``F.linear``,
 override: they never reach Python. ``disable_batch_invariant_mode()`` removes
 the registrations, which restores PyTorch's kernels exactly. Both act when
 called and, in a ``with`` statement, restore the previous state on exit;
-``is_batch_invariant_mode()`` says whether the switch is on. ``BI_BATCH_INVARIANT=1``
+``is_batch_invariant_mode()`` says whether the switch is on. The ``with``
+form restores the state it found, so it nests within one thread; ``with``
+blocks that overlap in several threads restore each other's states (a
+server should switch it on once, at start or with ``BI_BATCH_INVARIANT=1``). ``BI_BATCH_INVARIANT=1``
 in the environment turns it on when bi_torch is imported (for servers).
 
 A call that the bi_ kernels do not take runs PyTorch's own kernel (through
@@ -127,13 +130,14 @@ def _floats_supported(args, kwargs) -> tuple[bool, bool]:
 
 
 def _fallback(name, default, args, kwargs, why, floats):
+    out = default(*args, **kwargs)  # a call PyTorch refuses raises here, neither counted nor warned
     if floats:
         _FALLBACKS[name] += 1
         if (name, why) not in _WARNED:
             _WARNED.add((name, why))
             warnings.warn(f"aten::{name} ran PyTorch's kernel under the batch-invariant switch ({why}); its "
                           "reduction order may change with the batch size", BatchVarianceWarning, stacklevel=3)
-    return default(*args, **kwargs)
+    return out
 
 
 def _kernel(name, impl, default):

@@ -45,7 +45,8 @@ def _model(implementation="sdpa"):
 # functions one element at a time, see bi_torch.mode).
 @pytest.fixture(scope="module", params=["mode", "process_wide"] if GPU else ["mode"])
 def model(request):
-    return bhf.batch_invariant(_model(), process_wide=request.param == "process_wide")
+    yield bhf.batch_invariant(_model(), process_wide=request.param == "process_wide")
+    bi_torch.disable_batch_invariant_mode()  # process_wide switched it on for the process
 
 
 def _prompts(seed=1):
@@ -179,7 +180,10 @@ def test_hf_process_wide_switch_gives_the_dispatch_modes_bits():
     probe, others = _prompts()
     seqs = _with_probe(probe, others, 1)
     mode = _generate(bhf.batch_invariant(_model()), seqs, 1)
-    switch = _generate(bhf.batch_invariant(_model(), process_wide=True), seqs, 1)
+    try:
+        switch = _generate(bhf.batch_invariant(_model(), process_wide=True), seqs, 1)
+    finally:
+        bi_torch.disable_batch_invariant_mode()
     assert torch.equal(mode[0], switch[0]) and torch.equal(mode[1], switch[1])
 
 

@@ -201,3 +201,14 @@ def test_cuda_graph_capture_and_replay_run_the_kernels():
         want = f(new)
     assert _same(out, want)
     assert _same(out, bi_torch.mean(bi_torch.log_softmax(bi_torch.linear(new, w, b), -1), -1))
+
+
+@torch.no_grad()
+def test_calls_pytorch_refuses_raise_its_error_without_a_warning():
+    x, w, _ = _data()
+    before = switch.fallbacks().get("mm", 0)
+    with bi_torch.enable_batch_invariant_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            torch.mm(x, w)  # (6, 64) @ (32, 64)
+    assert switch.fallbacks().get("mm", 0) == before
