@@ -1,7 +1,7 @@
 """Host cost of the torch drop-in paths, and end-to-end generation
 (``python -m bench --host-cost``, GPU only).
 
-Per call at decode sizes (bf16, 32 rows): the default op, the bi_ function
+Per call at decode sizes (bf16, each spec's ``host_features`` for 32 batch rows): the default op, the bi_ function
 called directly, the default op under the per-thread dispatch mode
 (``set_batch_invariant_mode``) and under the process-wide switch
 (``enable_batch_invariant_mode``), plus an unrelated small op under each.
@@ -43,24 +43,29 @@ def _host_us(fn) -> float:
 
 
 def _ops():
+    """(label, default call, bi_ call) for every op whose spec names a
+    decode-sized call, then an op that nothing routes."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    import bi_torch
+    from harness import registry
+    from harness.frameworks import adapter
+    from harness.opspec import HOST_BATCH
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
-
-    x, w, h, logits, small = randn(32, 2048), randn(5632, 2048), randn(2048), randn(32, 32000), randn(8, 8)
-    return [
-        ("linear 32x2048 @ 2048x5632", lambda: F.linear(x, w), lambda: bi_torch.linear(x, w)),
-        ("rms_norm 32x2048", lambda: F.rms_norm(x, (2048,), h, 1e-6), lambda: bi_torch.rms_norm(x, h, 1e-6)),
-        ("softmax 32x32000", lambda: torch.softmax(logits, -1), lambda: bi_torch.softmax(logits, -1)),
-        ("mean 32x2048", lambda: x.mean(-1), lambda: bi_torch.mean(x, -1)),
-        ("add 8x8 (not routed)", lambda: small + small, None),
-    ]
+    torch_ = adapter("torch")
+    rows = []
+    for spec in registry.all_specs():
+        if spec.host_features is None or spec.impl("torch") is None:
+            continue
+        inputs = torch_.natives(spec.make_inputs(np.random.default_rng(0), HOST_BATCH, spec.host_features, "bfloat16"))
+        kwargs = spec.call_kwargs("torch")
+        default, kernel = torch_.default(spec), torch_.kernel(spec)
+        shapes = " ".join("x".join(map(str, t.shape)) for t in inputs.values())
+        rows.append((f"{spec.name} {shapes}", lambda f=default, i=inputs, k=kwargs: f(**i, **k),
+                     lambda f=kernel, i=inputs, k=kwargs: f(**i, **k)))
+    small = torch.randn(8, 8, device="cuda", dtype=torch.bfloat16)
+    rows.append(("add 8x8 (not routed)", lambda: small + small, None))
+    return rows
 
 
 def measure_ops() -> list[dict]:

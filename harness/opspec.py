@@ -133,6 +133,10 @@ class OpSpec:
     # The feature size of a set of inputs (default: the last dimension of the
     # ``batch_arg`` input), to draw fresh rows like them.
     features_of: Callable[[Inputs], Any] | None = None
+    # The host-cost benchmark (``python -m bench --host-cost``): the feature
+    # size of a decode-sized call (``HOST_BATCH`` batch rows); None: the op
+    # is not measured there.
+    host_features: Any = None
 
     def impl(self, framework: str) -> Impl | None:
         return self.impls.get(framework)
@@ -152,6 +156,9 @@ class OpSpec:
 
     def tolerance(self, dtype: str) -> Tolerance:
         return self.tolerances[dtype]
+
+
+HOST_BATCH = 32
 
 
 def lazy_jit(fn: Fn, **jit_kwargs) -> Fn:

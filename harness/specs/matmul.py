@@ -117,6 +117,7 @@ MATMUL = OpSpec(
     row_elements=lambda k: k,
     sweeps={"bfloat16": ((4096, 4096), (8192, 28672)), "float32": ((4096, 4096),)},
     sweep_batch=8192,
+    host_features=(2048, 5632),
 )
 
 
@@ -146,6 +147,7 @@ LINEAR = OpSpec(
     },
     max_features=16384,
     row_elements=lambda k: LINEAR_SEQ * k,
+    host_features=(2048, 5632),
 )
 
 
@@ -173,4 +175,5 @@ BMM = OpSpec(
     },
     max_features=256,
     row_elements=lambda d: BMM_HEADS * (BMM_QUERIES * d + d * (d + 3)),
+    host_features=128,
 )

@@ -82,4 +82,5 @@ SPEC = OpSpec(
     cross_features=(100, 1024, 4096, 5120, 8192, 16384, 24576),
     sweeps={"bfloat16": (4096, 8192, 24576), "float32": (4096, 8192, 24576)},
     sweep_batch=16384,
+    host_features=2048,
 )

@@ -119,13 +119,13 @@ SUM = OpSpec(
     reference=lambda i: i["x"].astype(np.float64).sum(axis=-1),
     tolerances=_SUM_TOL, impls=_impls("sum", "jax.numpy.sum"), bench=_SUM_BENCH,
     controls={"split_by_batch": _split_sum}, cross_features=_SUM_CROSS,
-    sweeps={"float32": (4096, 24576)}, sweep_batch=16384,
+    sweeps={"float32": (4096, 24576)}, sweep_batch=16384, host_features=2048,
 )
 MEAN = OpSpec(
     name="mean", batch_arg="x", make_inputs=_inputs_offset,
     reference=lambda i: i["x"].astype(np.float64).mean(axis=-1),
     tolerances=_SUM_TOL, impls=_impls("mean", "jax.numpy.mean"), bench=_SUM_BENCH,
-    cross_features=_SUM_CROSS, sweeps={"bfloat16": (4096,)}, sweep_batch=16384,
+    cross_features=_SUM_CROSS, sweeps={"bfloat16": (4096,)}, sweep_batch=16384, host_features=2048,
 )
 SOFTMAX = OpSpec(
     name="softmax", batch_arg="x", make_inputs=_inputs_logits,
@@ -133,10 +133,11 @@ SOFTMAX = OpSpec(
     tolerances=_SOFTMAX_TOL, impls=_impls("softmax", "jax.nn.softmax"), bench=_SOFTMAX_BENCH,
     controls={"split_by_batch": _split_softmax}, cross_features=_SOFTMAX_CROSS,
     sweeps={"bfloat16": (32000, 128256), "float32": (32000,)}, sweep_batch=4096,
+    host_features=32000,
 )
 LOG_SOFTMAX = OpSpec(
     name="log_softmax", batch_arg="x", make_inputs=_inputs_logits,
     reference=_ref_log_softmax,
     tolerances=_LOG_SOFTMAX_TOL, impls=_impls("log_softmax", "jax.nn.log_softmax"), bench=_SOFTMAX_BENCH,
-    cross_features=_SOFTMAX_CROSS, sweeps={"float32": (32000, 128256)}, sweep_batch=4096,
+    cross_features=_SOFTMAX_CROSS, sweeps={"float32": (32000, 128256)}, sweep_batch=4096, host_features=32000,
 )
