@@ -17,6 +17,7 @@ from bi_torch.ops.matmul import linear, matmul
 from bi_torch.ops.rms_norm import rms_norm
 from bi_torch.ops.rows import log_softmax, mean, softmax, sum
 from bi_torch.mode import BatchVarianceRisk, is_batch_invariant_mode_enabled, set_batch_invariant_mode
+from bi_torch.compile import compile_backend
 from bi_torch.switch import (
     BatchVarianceWarning,
     disable_batch_invariant_mode,
@@ -28,6 +29,7 @@ __all__ = [
     "BatchVarianceRisk",
     "BatchVarianceWarning",
     "attention",
+    "compile_backend",
     "disable_batch_invariant_mode",
     "enable_batch_invariant_mode",
     "is_batch_invariant_mode",

@@ -32,6 +32,7 @@ import functools
 
 import torch
 
+import bi_torch.compile  # noqa: F401  (registers torch.ops.bi_torch)
 from bi_torch.mode import set_batch_invariant_mode
 from bi_torch.ops.attention import attention, scaled_dot_product_attention
 from bi_torch.switch import enable_batch_invariant_mode
@@ -80,12 +81,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # transformers leaves the mask out only where it is the plain causal
         # one over equal query and key lengths, or for a single query.
         causal = bool(causal) and query.shape[2] > 1
-        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
-                        scale=scaling)
+        # While compiling, the kernels' custom ops (one node of the graph).
+        run = torch.ops.bi_torch.attention if torch.compiler.is_compiling() else attention
+        out = run(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal, scale=scaling)
         return out, None
     key, value, mask = _keys_from_first_visible(key, value, attention_mask)
-    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                       enable_gqa=query.shape[1] != key.shape[1])
+    run = torch.ops.bi_torch.scaled_dot_product_attention if torch.compiler.is_compiling() \
+        else scaled_dot_product_attention
+    out = run(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -414,24 +414,44 @@ def _active() -> list[BatchInvariantMode]:
 
 
 # The compiler stance is process-wide: force_eager from the first mode
-# entered in any thread until the last one is left.
+# entered in any thread until the last one is left; otherwise, while the
+# process-wide switch is on, the default stance with its backend forced
+# (``bi_torch.compile``); otherwise whatever it was before.
 _STANCE_LOCK = threading.Lock()
-_STANCE: dict = {"depth": 0, "context": None}
+_STANCE: dict = {"depth": 0, "backend": None, "context": None}
+
+
+def _apply_stance() -> None:
+    # Called with _STANCE_LOCK held: leave our stance (which restores the one
+    # we found), then enter the one the state asks for.
+    if _STANCE["context"] is not None:
+        context, _STANCE["context"] = _STANCE["context"], None
+        context.__exit__(None, None, None)
+    if _STANCE["depth"]:
+        _STANCE["context"] = torch.compiler.set_stance("force_eager")
+    elif _STANCE["backend"] is not None:
+        _STANCE["context"] = torch.compiler.set_stance("default", force_backend=_STANCE["backend"])
 
 
 def _force_eager() -> None:
     with _STANCE_LOCK:
-        if _STANCE["depth"] == 0:
-            _STANCE["context"] = torch.compiler.set_stance("force_eager")
         _STANCE["depth"] += 1
+        if _STANCE["depth"] == 1:
+            _apply_stance()
 
 
 def _restore_stance() -> None:
     with _STANCE_LOCK:
         _STANCE["depth"] -= 1
         if _STANCE["depth"] == 0:
-            context, _STANCE["context"] = _STANCE["context"], None
-            context.__exit__(None, None, None)
+            _apply_stance()
+
+
+def _force_backend(backend) -> None:
+    """``torch.compile`` calls use ``backend`` (None: their own again)."""
+    with _STANCE_LOCK:
+        _STANCE["backend"] = backend
+        _apply_stance()
 
 
 class set_batch_invariant_mode:  # noqa: N801  (named like torch.set_grad_enabled, and used alike)

@@ -38,11 +38,13 @@ produce): route attention with ``set_batch_invariant_mode()``, with
 ``bi_torch.scaled_dot_product_attention`` or, in transformers models, with
 ``attn_implementation="batch_invariant"`` (``bi_torch.hf``).
 
-``torch.compile`` directives are ignored while the switch is on (the compiler
-stance ``force_eager``): Inductor lowers ``aten::mm`` and reductions to its
-own kernels, which the overrides cannot reach, so compiled functions run
-eagerly, on the bi_ kernels, with eager's bits. CUDA graphs capture and
-replay the bi_ kernels (``torch.cuda.graph``).
+While the switch is on, ``torch.compile`` calls use the batch-invariant
+Inductor backend (``bi_torch.compile``; the compiler stance
+``force_backend``): Inductor would lower ``aten::mm`` and reductions to its own
+kernels, which the overrides cannot reach, so compiled graphs take the same
+ops as custom ops instead, and a graph with a reduction that has no bi_ kernel
+is refused (``BatchVarianceRisk``). CUDA graphs capture and replay the bi_
+kernels (``torch.cuda.graph``, or ``compile_backend(mode="reduce-overhead")``).
 
 Autograd runs above the overrides: under ``torch.autograd`` a forward
 product is computed by the bi_ kernel and its gradient products by the bi_
@@ -164,28 +166,36 @@ def _kernel(name, impl, default):
 
 
 _LOCK = threading.Lock()
-_STATE: dict = {"library": None}
+_STATE: dict = {"library": None, "backend": None}
 
 
-def _switch(on: bool) -> bool:
-    """Turn the overrides on or off; the previous state."""
+def _switch(on: bool, backend=None) -> tuple[bool, object]:
+    """Turn the overrides on (``torch.compile`` forced onto ``backend``, by
+    default ``bi_torch.compile_backend()``) or off; the previous state."""
     with _LOCK:
-        was = _STATE["library"] is not None
-        if on and not was:
-            lib = torch.library.Library("aten", "IMPL")
-            key = "CPU" if interpreting() else "CUDA"
-            with warnings.catch_warnings():
-                # "Overriding a previously registered kernel": the point.
-                warnings.simplefilter("ignore", UserWarning)
-                for name, (impl, default) in _OVERRIDES.items():
-                    lib.impl(name, _kernel(name, impl, default), key)
-            _STATE["library"] = lib
-            _mode._force_eager()
-        elif was and not on:
-            lib, _STATE["library"] = _STATE["library"], None
+        previous = (_STATE["library"] is not None, _STATE["backend"])
+        if on:
+            if backend is None:
+                from bi_torch.compile import compile_backend
+
+                backend = previous[1] or compile_backend()
+            if not previous[0]:
+                lib = torch.library.Library("aten", "IMPL")
+                key = "CPU" if interpreting() else "CUDA"
+                with warnings.catch_warnings():
+                    # "Overriding a previously registered kernel": the point.
+                    warnings.simplefilter("ignore", UserWarning)
+                    for name, (impl, default) in _OVERRIDES.items():
+                        lib.impl(name, _kernel(name, impl, default), key)
+                _STATE["library"] = lib
+            if backend is not previous[1]:
+                _STATE["backend"] = backend
+                _mode._force_backend(backend)
+        elif previous[0]:
+            lib, _STATE["library"], _STATE["backend"] = _STATE["library"], None, None
             lib._destroy()
-            _mode._restore_stance()
-        return was
+            _mode._force_backend(None)
+        return previous
 
 
 class enable_batch_invariant_mode:  # noqa: N801  (acts when called, like torch.set_grad_enabled)
@@ -196,18 +206,26 @@ class enable_batch_invariant_mode:  # noqa: N801  (acts when called, like torch.
 
         with bi_torch.enable_batch_invariant_mode():
             logits = model(tokens)                  # off again after, if it was off before
+
+    ``compile_backend``: the backend of every ``torch.compile`` call while the
+    switch is on (default: ``bi_torch.compile_backend()``, Inductor with the
+    bi_ kernels; ``bi_torch.compile_backend(mode="reduce-overhead")`` for CUDA
+    graphs).
     """
 
     _target = True
 
-    def __init__(self) -> None:
-        self._previous = _switch(self._target)
+    def __init__(self, compile_backend=None) -> None:
+        if compile_backend is not None and not callable(compile_backend):
+            raise TypeError(f"compile_backend must be a torch.compile backend (a callable), got "
+                            f"{type(compile_backend).__name__}")
+        self._previous = _switch(self._target, compile_backend)
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc) -> None:
-        _switch(self._previous)
+        _switch(*self._previous)
 
 
 class disable_batch_invariant_mode(enable_batch_invariant_mode):  # noqa: N801
@@ -215,6 +233,9 @@ class disable_batch_invariant_mode(enable_batch_invariant_mode):  # noqa: N801
     in a ``with`` statement, restore the previous state on exit."""
 
     _target = False
+
+    def __init__(self) -> None:
+        self._previous = _switch(False)
 
 
 def is_batch_invariant_mode() -> bool:

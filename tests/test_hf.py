@@ -198,3 +198,21 @@ def test_hf_registration_selects_the_bi_attention():
     with torch.no_grad():
         b = bhf.batch_invariant(model)(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_hf_compiled_under_the_switch_gives_eager_bits_in_any_batch():
+    """torch.compile of a loaded model while the switch is on: the forced
+    batch-invariant backend (bi_torch.compile) gives the eager switch's
+    prefill logits, for the probe alone and inside a batch."""
+    probe, others = _prompts(3)
+    model = bhf.batch_invariant(_model(), process_wide=True)
+    try:
+        torch._dynamo.reset()
+        eager = _prefill(model, [probe] + others, 0, len(probe))
+        compiled = torch.compile(model)
+        together = _prefill(compiled, [probe] + others, 0, len(probe))
+        alone = _prefill(compiled, [probe], 0, len(probe))
+    finally:
+        bi_torch.disable_batch_invariant_mode()
+        torch._dynamo.reset()
+    assert torch.equal(eager, together) and torch.equal(together, alone)

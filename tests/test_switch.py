@@ -150,19 +150,6 @@ def test_autograd_runs_above_the_overrides():
         assert _same(xg.grad, bi_torch.matmul(torch.ones(6, 32, device=DEVICE), w))
 
 
-@torch.no_grad()
-def test_torch_compile_runs_eagerly_on_the_kernels():
-    x, w, b = _data()
-
-    @torch.compile
-    def f(t):
-        return torch.softmax(torch.nn.functional.linear(t, w, b), -1)
-
-    with bi_torch.enable_batch_invariant_mode():
-        got = f(x)
-    assert _same(got, bi_torch.softmax(bi_torch.linear(x, w, b), -1))
-
-
 @pytest.mark.parametrize(("value", "on"), [("1", True), ("0", False), ("", False)])
 def test_environment_variable_switches_on_at_import(value, on):
     env = {**os.environ, "BI_BATCH_INVARIANT": value}

@@ -1,0 +1,298 @@
+"""``torch.compile`` with the bi_ kernels: custom ops and an Inductor backend.
+
+The aten ops that the bi_ kernels implement are also custom ops,
+``torch.ops.bi_torch.<op>``, with the aten op's schema and the same kernels
+and fallbacks as the process-wide switch (``bi_torch.switch``)::
+
+    aten::mm, bmm, addmm               -> bi_torch::mm, bmm, addmm
+    aten::_softmax, _log_softmax       -> bi_torch::softmax, log_softmax
+    aten::_safe_softmax                -> bi_torch::safe_softmax
+    aten::sum.dim_IntList, sum         -> bi_torch::sum
+    aten::mean.dim, mean               -> bi_torch::mean
+    aten::_fused_rms_norm              -> bi_torch::rms_norm
+
+and, in the graph Dynamo captures (before torch picks an SDPA backend),
+``F.scaled_dot_product_attention`` -> ``bi_torch::scaled_dot_product_attention``;
+
+and ``bi_torch::attention`` is ``bi_torch.attention`` (``bi_torch.hf``'s
+attention calls it while compiling).
+
+:func:`compile_backend` returns a ``torch.compile`` backend: Inductor with
+decompositions that turn those aten ops into the custom ops before Inductor
+lowers anything, so a compiled graph runs the bi_ kernels where eager would,
+and Inductor's own kernels for the rest (pointwise ops, which are invariant
+in any batch; intermediates are rounded to their dtype as eager rounds them,
+``emulate_precision_casts``). A graph that still holds a floating-point op
+which may combine elements in a batch-dependent order (a layer norm's
+variance, a cumulative sum, a convolution, ...) is refused with
+:class:`~bi_torch.BatchVarianceRisk` naming the ops, never compiled onto
+Inductor's own reductions::
+
+    model = torch.compile(model, backend=bi_torch.compile_backend())
+    graphed = torch.compile(model, backend=bi_torch.compile_backend(mode="reduce-overhead"))
+
+While the process-wide switch is on, every ``torch.compile`` call uses this
+backend (the compiler stance ``force_backend``): the ``backend``, ``mode`` and
+``options`` given to ``torch.compile`` are not used then. Pass
+``enable_batch_invariant_mode(compile_backend=...)`` to choose the backend's
+mode (``"reduce-overhead"`` for CUDA graphs). Graphs compiled before the switch
+was turned on are recompiled: Dynamo guards the backend a graph was compiled
+with. AOTAutograd's cache is bypassed in this backend (its key does not hold
+the decompositions, so it could return a graph compiled without them).
+
+Inference only: the custom ops have no autograd formula of their own; under
+autograd, the aten ops' formulas are traced above them, and the gradients'
+products run the bi_ kernels too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from bi_torch import mode as _mode
+from bi_torch import switch as _switch
+
+__all__ = ["compile_backend"]
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+def _fresh(out, inputs):
+    """A custom op may not return an input or a view of one."""
+    outs = out if isinstance(out, tuple) else (out,)
+    storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    fixed = tuple(o.clone() if o.numel() and o.untyped_storage().data_ptr() in storages else o for o in outs)
+    return fixed if isinstance(out, tuple) else fixed[0]
+
+
+def _kernel(name):
+    impl, default = _switch._OVERRIDES[name]
+    return _switch._kernel(name, impl, default)
+
+
+_MM = _kernel("mm")
+_BMM = _kernel("bmm")
+_ADDMM = _kernel("addmm")
+_SOFTMAX = _kernel("_softmax")
+_LOG_SOFTMAX = _kernel("_log_softmax")
+_SUM = _kernel("sum.dim_IntList")
+_MEAN = _kernel("mean.dim")
+_RMS = _kernel("_fused_rms_norm")
+_SAFE_SOFTMAX = _switch._kernel(
+    "_safe_softmax", _mode._safe_softmax_impl, lambda x, dim, dtype=None: aten._safe_softmax.default(x, dim, dtype))
+
+
+@torch.library.custom_op("bi_torch::mm", mutates_args=())
+def mm(a: Tensor, b: Tensor) -> Tensor:
+    return _fresh(_MM(a, b), (a, b))
+
+
+@torch.library.custom_op("bi_torch::bmm", mutates_args=())
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    return _fresh(_BMM(a, b), (a, b))
+
+
+@torch.library.custom_op("bi_torch::addmm", mutates_args=())
+def addmm(bias: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    return _fresh(_ADDMM(bias, a, b, beta=beta, alpha=alpha), (bias, a, b))
+
+
+@torch.library.custom_op("bi_torch::softmax", mutates_args=())
+def softmax(x: Tensor, dim: int, half_to_float: bool) -> Tensor:
+    return _fresh(_SOFTMAX(x, dim, half_to_float), (x,))
+
+
+@torch.library.custom_op("bi_torch::log_softmax", mutates_args=())
+def log_softmax(x: Tensor, dim: int, half_to_float: bool) -> Tensor:
+    return _fresh(_LOG_SOFTMAX(x, dim, half_to_float), (x,))
+
+
+@torch.library.custom_op("bi_torch::safe_softmax", mutates_args=())
+def safe_softmax(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    return _fresh(_SAFE_SOFTMAX(x, dim, dtype), (x,))
+
+
+@torch.library.custom_op("bi_torch::sum", mutates_args=())
+def sum(x: Tensor, dim: Sequence[int] | None = None, keepdim: bool = False,  # noqa: A001
+        dtype: torch.dtype | None = None) -> Tensor:
+    return _fresh(_SUM(x, dim, keepdim, dtype=dtype), (x,))
+
+
+@torch.library.custom_op("bi_torch::mean", mutates_args=())
+def mean(x: Tensor, dim: Sequence[int] | None = None, keepdim: bool = False,
+         dtype: torch.dtype | None = None) -> Tensor:
+    return _fresh(_MEAN(x, dim, keepdim, dtype=dtype), (x,))
+
+
+@torch.library.custom_op("bi_torch::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None) -> tuple[Tensor, Tensor]:
+    return _fresh(_RMS(x, list(normalized_shape), weight, eps), (x, weight))
+
+
+@torch.library.custom_op("bi_torch::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None) -> Tensor:
+    """``bi_torch.attention`` (B, L, H, D) as one node of a compiled graph."""
+    from bi_torch.ops.attention import attention as run
+
+    return _fresh(run(q, k, v, causal=causal, scale=scale).contiguous(), (q, k, v))
+
+
+@torch.library.custom_op("bi_torch::scaled_dot_product_attention", mutates_args=())
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """``bi_torch.scaled_dot_product_attention`` (B, H, L, E): its result is
+    (B, L, H, E) in memory, transposed, like the flash backend's."""
+    from bi_torch.ops.attention import scaled_dot_product_attention as run
+
+    out = run(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _fresh(out.transpose(1, 2).contiguous().transpose(1, 2), (query, key, value, attn_mask))
+
+
+@attention.register_fake
+def _(q, k, v, causal=False, scale=None):
+    return q.new_empty(q.shape)
+
+
+@scaled_dot_product_attention.register_fake
+def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    b, h, length, _ = query.shape
+    return query.new_empty((b, length, h, value.shape[-1])).transpose(1, 2)
+
+
+# Shapes, dtypes and strides for tracing: those of the aten op (its meta
+# kernel), which the bi_ kernels' outputs match.
+mm.register_fake(lambda a, b: aten.mm.default(a, b))
+bmm.register_fake(lambda a, b: aten.bmm.default(a, b))
+addmm.register_fake(lambda bias, a, b, beta=1.0, alpha=1.0: aten.addmm.default(bias, a, b, beta=beta, alpha=alpha))
+softmax.register_fake(lambda x, dim, half: aten._softmax.default(x, dim, half))
+log_softmax.register_fake(lambda x, dim, half: aten._log_softmax.default(x, dim, half))
+safe_softmax.register_fake(lambda x, dim, dtype=None: aten._safe_softmax.default(x, dim, dtype))
+sum.register_fake(lambda x, dim=None, keepdim=False, dtype=None: aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype))
+mean.register_fake(lambda x, dim=None, keepdim=False, dtype=None: aten.mean.dim(x, dim, keepdim, dtype=dtype))
+rms_norm.register_fake(lambda x, shape, weight=None, eps=None: aten._fused_rms_norm.default(x, shape, weight, eps))
+
+_OPS = torch.ops.bi_torch
+DECOMPOSITIONS = {
+    aten.mm.default: _OPS.mm.default,
+    aten.bmm.default: _OPS.bmm.default,
+    aten.addmm.default: lambda bias, a, b, *, beta=1, alpha=1: _OPS.addmm.default(
+        bias, a, b, float(beta), float(alpha)),
+    aten._softmax.default: _OPS.softmax.default,
+    aten._log_softmax.default: _OPS.log_softmax.default,
+    aten._safe_softmax.default: lambda x, dim, dtype=None: _OPS.safe_softmax.default(x, dim, dtype),
+    aten.sum.dim_IntList: lambda x, dim=None, keepdim=False, *, dtype=None: _OPS.sum.default(
+        x, dim, keepdim, dtype),
+    aten.sum.default: lambda x, *, dtype=None: _OPS.sum.default(x, None, False, dtype),
+    aten.mean.dim: lambda x, dim=None, keepdim=False, *, dtype=None: _OPS.mean.default(x, dim, keepdim, dtype),
+    aten.mean.default: lambda x, *, dtype=None: _OPS.mean.default(x, None, False, dtype),
+    aten._fused_rms_norm.default: lambda x, shape, weight=None, eps=None: _OPS.rms_norm.default(
+        x, shape, weight, eps),
+}
+"""aten op -> the custom op that replaces it in a compiled graph."""
+
+
+_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def route_attention(gm: torch.fx.GraphModule) -> int:
+    """Replace ``F.scaled_dot_product_attention`` calls of a Dynamo graph by
+    the bi_ attention's custom op; how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is _SDPA:
+            node.target = _OPS.scaled_dot_product_attention.default
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _is_float(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    return any(isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) for v in values)
+
+
+def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """The aten ops of a traced graph that may combine floating-point elements
+    in a batch-dependent order (the dispatch mode's rule, ``mode._may_reduce``)."""
+    found = []
+    for node in gm.graph.nodes:
+        func = node.target
+        if node.op != "call_function" or not isinstance(func, torch._ops.OpOverload) or func.namespace != "aten":
+            continue
+        values = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+        if _is_float(values) and _mode._may_reduce(func, node.args, node.kwargs):
+            found.append(str(func))
+    return sorted(set(found))
+
+
+# Every op through its own kernel, as eager runs it (Inductor's "lite" mode,
+# with the decompositions of this module instead of selective ones).
+_EAGER_BITS = {
+    "fallback_by_default": True,
+    "reorder_for_peak_memory": False,
+    "reorder_for_compute_comm_overlap": False,
+    "use_pre_grad_passes": False,
+    "use_joint_graph_passes": False,
+    "use_post_grad_passes": False,
+}
+
+
+class compile_backend:  # noqa: N801  (a backend factory, used like torch.compile's mode strings)
+    """A ``torch.compile`` backend: Inductor, with the bi_ kernels as custom
+    ops for the aten ops they implement (see the module docstring).
+
+    ``mode`` and ``options`` are ``torch.compile``'s (``"reduce-overhead"``
+    for CUDA graphs, or Inductor config entries). ``fuse=False`` (the
+    default) runs every other op through its ATen kernel, as eager does, so a
+    compiled model gives eager's bits, and the gain is host time (one graph,
+    CUDA graphs with ``"reduce-overhead"``). ``fuse=True`` lets Inductor
+    decompose and fuse them (with the intermediates rounded as eager rounds
+    them): still invariant in the batch, faster, but its pointwise formulas
+    (``silu``, ``exp``, ``rsqrt``, ...) may round otherwise than ATen's.
+    """
+
+    def __init__(self, mode: str | None = None, options: Mapping[str, object] | None = None, *,
+                 fuse: bool = False) -> None:
+        import torch._inductor
+
+        modes = torch._inductor.list_mode_options()
+        if mode is not None and mode not in modes:
+            raise ValueError(f"mode={mode!r}: expected one of {sorted(modes)} or None")
+        if mode is not None and "fallback_by_default" in modes[mode]:
+            raise ValueError(f"mode={mode!r}: use fuse=False for ATen's kernels on the ops the bi_ kernels do not "
+                             "take")
+        self.mode, self.fuse = mode, bool(fuse)
+        self.__name__ = "batch_invariant"
+        self.options = {"emulate_precision_casts": True, **({} if fuse else _EAGER_BITS),
+                        **modes.get(mode or "default", {}), **(options or {})}
+
+    def __repr__(self) -> str:
+        return f"bi_torch.compile_backend(mode={self.mode!r}, fuse={self.fuse})"
+
+    def _inner(self, gm, example_inputs, **kwargs):
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        risky = risky_ops(gm)
+        if risky:
+            raise _mode.BatchVarianceRisk(
+                f"torch.compile with the batch-invariant backend: the graph holds {', '.join(risky)}, which "
+                "has no bi_ kernel and would run a reduction whose order may follow the batch; run it eagerly "
+                "or compute it with bi_ ops")
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        import torch._functorch.config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+
+        route_attention(gm)
+        table = {**select_decomp_table(), **DECOMPOSITIONS} if self.fuse else dict(DECOMPOSITIONS)
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, inner_compile=self._inner, config_patches=dict(self.options),
+                              decompositions=table)

@@ -1,0 +1,156 @@
+"""``torch.compile`` with the bi_ kernels (``bi_torch.compile``): the custom
+ops, the backend, and the process-wide switch forcing it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bi_torch
+from bi_torch.compile import compile_backend
+from tests_profile import PROFILE
+
+DEVICE = "cuda" if PROFILE.native else "cpu"
+
+
+def _bits(t):
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _same(a, b):
+    return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+# On the CPU the dispatch mode computes transcendental functions one element
+# at a time (ATen's vectorised and scalar CPU loops round differently,
+# bi_torch.mode), which a compiled graph does not: ReLU there.
+_ACT = F.silu if DEVICE == "cuda" else F.relu
+
+
+class _Block(torch.nn.Module):
+    """RMSNorm, linear layers, SiLU (GPU), log_softmax, a mean and causal SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(64)
+        self.up = torch.nn.Linear(64, 96)
+        self.down = torch.nn.Linear(96, 64, bias=False)
+
+    def forward(self, x):  # x (B, L, 64)
+        h = self.norm(x)
+        b, length, _ = h.shape
+        q = h.view(b, length, 1, 64).transpose(1, 2)
+        h = h + F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(b, length, 64)
+        h = self.down(_ACT(self.up(h)))
+        return torch.log_softmax(h, -1), h.mean(-1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiler():
+    torch._dynamo.reset()
+    yield
+    bi_torch.disable_batch_invariant_mode()
+    torch._dynamo.reset()
+
+
+def _model_and_data(rows=5):
+    torch.manual_seed(0)
+    model = _Block().to(DEVICE).eval()
+    x = torch.randn(rows, 8, 64, device=DEVICE)
+    return model, x
+
+
+@torch.no_grad()
+def test_compiled_model_gives_the_dispatch_modes_eager_bits_and_is_batch_invariant():
+    """The eager reference is the dispatch mode, which also routes SDPA."""
+    model, x = _model_and_data()
+    with bi_torch.set_batch_invariant_mode():
+        eager = model(x)
+    compiled = torch.compile(model, backend=compile_backend())
+    got = compiled(x)
+    for e, g in zip(eager, got):
+        assert _same(e, g)
+    alone = compiled(x[2:3])
+    for g, a in zip(got, alone):
+        assert _same(g[2:3], a)
+
+
+@torch.no_grad()
+def test_the_switch_forces_the_backend_onto_torch_compile_and_restores_it():
+    model, x = _model_and_data()
+    seen, plain = [], []
+
+    def spy(gm, example_inputs):
+        seen.append({n.target for n in gm.graph.nodes})
+        return compile_backend()(gm, example_inputs)
+
+    def default(gm, example_inputs):
+        plain.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=default)
+    before = compiled(x)
+    with bi_torch.set_batch_invariant_mode():
+        eager = model(x)
+    with bi_torch.enable_batch_invariant_mode(compile_backend=spy):
+        got = compiled(x)  # compiled before: recompiled with the forced backend
+    assert len(seen) == 1 and len(plain) == 1
+    for e, g in zip(eager, got):
+        assert _same(e, g)
+    again = compiled(x)  # off: the first graph again, no new compile
+    assert len(plain) == 1 and len(seen) == 1
+    for b, a in zip(before, again):
+        assert _same(b, a)
+
+
+@torch.no_grad()
+def test_a_reduction_without_a_bi_kernel_is_refused_not_compiled():
+    x = torch.randn(4, 64, device=DEVICE)
+    compiled = torch.compile(lambda t: F.layer_norm(t, (64,)), backend=compile_backend())
+    with pytest.raises(Exception, match="BatchVarianceRisk.*layer_norm") as info:
+        compiled(x)
+    cause = info.value
+    while cause is not None and not isinstance(cause, bi_torch.BatchVarianceRisk):
+        cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+    assert isinstance(cause, bi_torch.BatchVarianceRisk)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="mode='fastest'"):
+        compile_backend(mode="fastest")
+    with pytest.raises(ValueError, match="mode='lite'"):
+        compile_backend(mode="lite")
+    with pytest.raises(TypeError, match="compile_backend must be a torch.compile backend"):
+        bi_torch.enable_batch_invariant_mode(compile_backend=3)
+    assert not bi_torch.is_batch_invariant_mode()
+
+
+@torch.no_grad()
+def test_custom_ops_match_the_bi_functions():
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(6, 64, generator=g).to(DEVICE) for _ in range(2))
+    ops = torch.ops.bi_torch
+    assert _same(ops.mm(a, b.t()), bi_torch.matmul(a, b.t()))
+    assert _same(ops.softmax(a, -1, False), bi_torch.softmax(a, -1))
+    assert _same(ops.sum(a, [-1], False, None), bi_torch.sum(a, -1))
+    y, rstd = ops.rms_norm(a, [64], None, 1e-6)
+    assert _same(y, bi_torch.rms_norm(a, None, 1e-6)) and rstd.shape == (6, 1)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_reduce_overhead_replays_cuda_graphs_with_the_eager_bits():
+    model, x = _model_and_data(rows=16)
+    model = model.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    with bi_torch.set_batch_invariant_mode():
+        eager = model(x)
+    compiled = torch.compile(model, backend=compile_backend(mode="reduce-overhead"))
+    for _ in range(3):  # record, then replay
+        got = [t.clone() for t in compiled(x)]
+    for e, g in zip(eager, got):
+        assert _same(e, g)
+    alone = [t.clone() for t in compiled(x[3:4])]
+    for g, a in zip(got, alone):
+        assert _same(g[3:4], a)
