@@ -1,8 +1,8 @@
 """Host cost of the torch drop-in paths, and end-to-end generation
 (``python -m bench --host-cost``, GPU only).
 
-Per call at decode sizes (bf16, each spec's ``host_features`` for 32 batch rows): the default op, the bi_ function
-called directly, the default op under the per-thread dispatch mode
+Per call at decode sizes (bf16, each spec's ``host_features`` for 32 batch
+rows): the default op, the bi_ function called directly, the default op under the per-thread dispatch mode
 (``set_batch_invariant_mode``) and under the process-wide switch
 (``enable_batch_invariant_mode``), plus an unrelated small op under each.
 Host time is the wall time of a loop of calls with no synchronisation in it,
@@ -12,7 +12,10 @@ queue), the median of several loops.
 End to end: a transformers ``LlamaForCausalLM`` (hidden 2048, 4 layers,
 16/8 heads of 128, bf16, weights from a seed) generating 24 tokens greedily
 for 32 prompts of 64 tokens: the default (``sdpa``), with the bi_ attention
-under the dispatch mode, and under the process-wide switch; wall time of
+under the dispatch mode, and under the process-wide switch; then compiled:
+transformers' static cache, whose decoding steps ``generate`` compiles
+(``reduce-overhead``, CUDA graphs), for the default and under the switch
+(``bi_torch.compile_backend(mode="reduce-overhead")``). Wall time of
 ``generate`` with a synchronisation at its end, the median of a few runs.
 """
 
@@ -102,7 +105,23 @@ def _llama(implementation):
     return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
+def _switch_with(backend_mode):
+    """The process-wide switch, with compiled calls on the batch-invariant
+    backend in ``backend_mode``."""
+    import bi_torch
+
+    def build(model):
+        bi_torch.enable_batch_invariant_mode(compile_backend=bi_torch.compile_backend(mode=backend_mode))
+        return model
+
+    return build
+
+
 def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: int = 3) -> list[dict]:
+    """Eager (dynamic cache) and compiled (transformers' static cache, whose
+    decoding steps ``generate`` compiles with CUDA graphs) generation, the
+    defaults against the bi_ paths; each compiled variant is timed after a
+    first run that compiles."""
     import torch
 
     import bi_torch
@@ -111,31 +130,48 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
     ids = torch.randint(1, 32000, (batch, prompt), device="cuda", generator=torch.Generator(device="cuda")
                         .manual_seed(1))
     mask = torch.ones_like(ids)
-    variants = {"default (sdpa)": lambda: _llama("sdpa"),
-                "dispatch mode": lambda: bhf.batch_invariant(_llama("sdpa")),
-                "process-wide switch": lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True)}
+    variants = {
+        "default (sdpa)": (lambda: _llama("sdpa"), {}),
+        "dispatch mode": (lambda: bhf.batch_invariant(_llama("sdpa")), {}),
+        "process-wide switch": (lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True), {}),
+        "default (sdpa), compiled": (lambda: _llama("sdpa"), {"cache_implementation": "static"}),
+        "process-wide switch, compiled": (
+            lambda: _switch_with("reduce-overhead")(bhf.batch_invariant(_llama("sdpa"), process_wide=True)),
+            {"cache_implementation": "static"}),
+    }
     rows, tokens = [], {}
-    for name, build in variants.items():
-        model = build()
-        times = []
-        with torch.no_grad():
-            for i in range(runs + 1):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                     do_sample=False)
-                torch.cuda.synchronize()
-                if i:  # the first run compiles the kernels
-                    times.append(time.perf_counter() - start)
-        tokens[name] = out[:, prompt:]
-        rows.append({"variant": name, "batch": batch, "new_tokens": new, "ms": statistics.median(times) * 1e3})
-        del model
-        torch.cuda.empty_cache()
-    bi_torch.disable_batch_invariant_mode()  # process_wide switched it on
-    base = rows[0]["ms"]
+    for name, (build, options) in variants.items():
+        torch._dynamo.reset()
+        row = {"variant": name, "batch": batch, "new_tokens": new, **options}
+        try:
+            model = build()
+            times = []
+            with torch.no_grad():
+                for i in range(runs + 1):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                         min_new_tokens=new, do_sample=False, **options)
+                    torch.cuda.synchronize()
+                    if i:  # the first run compiles the kernels (and the graphs)
+                        times.append(time.perf_counter() - start)
+            tokens[name] = out[:, prompt:].clone()
+            row["ms"] = statistics.median(times) * 1e3
+        except Exception as error:  # reported in the table, the other variants still run
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        finally:
+            bi_torch.disable_batch_invariant_mode()  # process_wide switched it on
+            model = None
+            torch.cuda.empty_cache()
+        rows.append(row)
     for row in rows:
-        row["ratio"] = row["ms"] / base
-    rows[2]["same_tokens_as_dispatch_mode"] = bool(torch.equal(tokens["dispatch mode"], tokens["process-wide switch"]))
+        base = rows[3 if "compiled" in row["variant"] else 0].get("ms")
+        if "ms" in row and base:
+            row["ratio"] = row["ms"] / base
+    for name in ("process-wide switch", "process-wide switch, compiled"):
+        if name in tokens and "dispatch mode" in tokens:
+            next(r for r in rows if r["variant"] == name)["same_tokens_as_dispatch_mode"] = bool(
+                torch.equal(tokens["dispatch mode"], tokens[name]))
     return rows
 
 
@@ -155,11 +191,12 @@ def run(out: Path, console) -> list[Path]:
                       cell("process_wide"))
     console.print(table)
     gen = measure_generation()
-    table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens, eager")
-    for col in ("variant", "ms", "ratio"):
+    table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")
+    for col in ("variant", "ms", "ratio", "same tokens as the mode"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in gen:
-        table.add_row(r["variant"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}x")
+        table.add_row(r["variant"], f"{r['ms']:.1f}" if "ms" in r else r["error"],
+                      f"{r['ratio']:.2f}x" if "ratio" in r else "-", str(r.get("same_tokens_as_dispatch_mode", "-")))
     console.print(table)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "host_cost.json"

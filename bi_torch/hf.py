@@ -34,7 +34,7 @@ import torch
 
 import bi_torch.compile  # noqa: F401  (registers torch.ops.bi_torch)
 from bi_torch.mode import set_batch_invariant_mode
-from bi_torch.ops.attention import attention, scaled_dot_product_attention
+from bi_torch.ops.attention import scaled_dot_product_attention
 from bi_torch.switch import enable_batch_invariant_mode
 
 __all__ = ["IMPLEMENTATION", "attention_forward", "batch_invariant", "register"]
@@ -76,19 +76,19 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if query.ndim != 4 or key.ndim != 4:
         raise ValueError(f"{op}: query and key must be 4-D (B, H, L, D), got {tuple(query.shape)} and "
                          f"{tuple(key.shape)}")
+    sdpa = torch.ops.bi_torch.scaled_dot_product_attention if torch.compiler.is_compiling() \
+        else scaled_dot_product_attention  # while compiling, the kernel's custom op (one node of the graph)
+    gqa = query.shape[1] != key.shape[1]
     if attention_mask is None:
+        # transformers leaves the mask out where torch's is_causal (queries
+        # aligned to the first key) gives it: equal lengths, one query, or a
+        # prefill into a static cache whose later slots are empty.
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        # transformers leaves the mask out only where it is the plain causal
-        # one over equal query and key lengths, or for a single query.
         causal = bool(causal) and query.shape[2] > 1
-        # While compiling, the kernels' custom ops (one node of the graph).
-        run = torch.ops.bi_torch.attention if torch.compiler.is_compiling() else attention
-        out = run(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal, scale=scaling)
-        return out, None
+        out = sdpa(query, key, value, is_causal=causal, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     key, value, mask = _keys_from_first_visible(key, value, attention_mask)
-    run = torch.ops.bi_torch.scaled_dot_product_attention if torch.compiler.is_compiling() \
-        else scaled_dot_product_attention
-    out = run(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -216,3 +216,17 @@ def test_hf_compiled_under_the_switch_gives_eager_bits_in_any_batch():
         bi_torch.disable_batch_invariant_mode()
         torch._dynamo.reset()
     assert torch.equal(eager, together) and torch.equal(together, alone)
+
+
+def test_hf_static_cache_prefill_gives_the_dynamic_caches_logits():
+    """With a static cache transformers leaves the causal mask out although
+    the keys outnumber the queries (torch's is_causal aligns the queries to
+    the first key): the empty slots must not be attended."""
+    probe, _ = _prompts(4)
+    model = bhf.batch_invariant(_model())
+    ids, mask = _batch([probe], "right")
+    with torch.no_grad():
+        dynamic = model(input_ids=ids, attention_mask=mask).logits
+        cache = transformers.StaticCache(config=model.config, max_cache_len=len(probe) + 5)
+        static = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+    assert torch.equal(dynamic, static)
