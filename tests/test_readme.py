@@ -100,3 +100,10 @@ def test_hf_example_runs_as_written():
     run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "same tokens: True"
+
+
+def test_compile_example_runs_as_written():
+    code = _example("bi_torch.compile_backend(mode=mode)")
+    run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "compiled rows agree: True"
