@@ -1,8 +1,9 @@
 """Where the host time of a bi_ call at decode sizes goes: ``cProfile`` over
 repeated calls of each op (bf16, 32 rows), the functions with the most time
-of their own::
+of their own; with ``--generate``, also of a whole ``generate`` of the host-cost
+Llama (B = 32, 24 new tokens) under the process-wide switch::
 
-    python -m bench.probes.host_profile [--out DIR] [--calls N]
+    python -m bench.probes.host_profile [--out DIR] [--calls N] [--generate]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.host_profile", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--generate", action="store_true")
     args = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(32, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -48,11 +50,38 @@ def main() -> None:
                 switch.__exit__(None, None, None)
             report.write(f"=== {name}: {args.calls} calls\n")
             pstats.Stats(prof, stream=report).sort_stats("tottime").print_stats(22)
+    if args.generate:
+        _profile_generate(report)
     text = report.getvalue()
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "host_profile.txt").write_text(text)
+
+
+def _profile_generate(report) -> None:
+    import bi_torch.hf as bhf
+    from bench.host_cost import _llama
+
+    ids = torch.randint(1, 32000, (32, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    model = bhf.batch_invariant(_llama("sdpa"), process_wide=True)
+    try:
+        with torch.no_grad():
+            run = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                         min_new_tokens=24, do_sample=False)
+            run()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            run()
+            torch.cuda.synchronize()
+            prof.disable()
+    finally:
+        bi_torch.disable_batch_invariant_mode()
+    report.write("=== generate under the switch (B = 32, 24 new tokens)\n")
+    stats = pstats.Stats(prof, stream=report)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from bi_core import attention as contract
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
+from bi_torch._launch import cdiv, fast
 
 __all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "paged_attention", "launch"]
 
@@ -253,6 +254,7 @@ def _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, vali
     tl.store(WS_ACC + (base_row + row)[:, None] * D + d[None, :], acc, mask=valid[:, None])
 
 
+@fast
 @triton.jit
 def _attn_kernel(
     Q, K, V, O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN, BT, MASK, BIAS,
@@ -342,6 +344,7 @@ def _attn_kernel(
         tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
 
 
+@fast
 @triton.jit
 def _merge_kernel(
     O, WS_ACC, WS_M, WS_L, CU_Q, CU_K, KV_LEN,
@@ -421,7 +424,7 @@ def launch(
     d = q.shape[-1]
     score_bytes = sum(a.element_size() for a in (mask, bias) if a is not None)
     cfg = config or contract.tile_config(d, max_q_len * group, q.element_size(), score_bytes)
-    tiles = triton.cdiv(max(max_q_len * group, 1), cfg.block_m)
+    tiles = cdiv(max(max_q_len * group, 1), cfg.block_m)
     block_n = block_n or contract.block_n(d)
     split_keys = split_keys or contract.SPLIT
     splits = -(-max_kv_len // split_keys)

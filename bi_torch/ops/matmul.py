@@ -16,6 +16,7 @@ import triton.language as tl
 
 from bi_core.matmul import INTERPRET_CONFIG, TileConfig, precision_of, tile_config
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
+from bi_torch._launch import cdiv, fast
 from bi_torch._interpreter import interpreter_ready
 
 __all__ = ["matmul", "linear", "launch"]
@@ -38,6 +39,7 @@ def _round_tf32(x):
 # M is not specialised: Triton would compile a separate M == 1 variant, and
 # on the H100 that variant of some configs (64x128x128 TMA, 64x64x256 pointer)
 # stayed in LLVM's O3 pipeline for minutes (bench/NOTES.md, "A Triton compile that did not finish").
+@fast
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr,
@@ -205,14 +207,16 @@ def launch(a3: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None, c3: to
     if config.tma and nb == 1 and _tma_ready(a3[0], b3[0], c3[0]):
         _launch_tma(a3[0], b3[0], bias, c3[0], config, precision)
         return
-    grid_mn = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    grid_mn = cdiv(m, config.block_m) * cdiv(n, config.block_n)
     for start in range(0, nb, _MAX_GRID_Y):
         stop = min(nb, start + _MAX_GRID_Y)
         # A single matrix gets batch strides of 0, so that Triton's alignment
         # analysis of the operand pointers does not depend on them.
         single = stop - start == 1
+        whole = stop - start == nb  # no views to make (host time at decode sizes)
         _matmul_kernel[(grid_mn, stop - start)](
-            a3[start:stop], b3[start:stop], bias if bias is not None else c3, c3[start:stop],
+            a3 if whole else a3[start:stop], b3 if whole else b3[start:stop], bias if bias is not None else c3,
+            c3 if whole else c3[start:stop],
             m, n, k,
             0 if single else a3.stride(0), a3.stride(1), a3.stride(2),
             0 if single else b3.stride(0), b3.stride(1), b3.stride(2),
@@ -266,7 +270,7 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: 
     stages = config.num_stages
     while stages > 2 and stages * stage_bytes + epilogue_bytes > _SMEM_BYTES:
         stages -= 1
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
     programs = min(_num_sms(a.device), tiles)
     _matmul_tma_kernel[(programs,)](
         TensorDescriptor.from_tensor(a, [bm, bk]),

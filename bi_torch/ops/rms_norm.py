@@ -24,6 +24,7 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
+from bi_torch._launch import fast
 from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm", "launch"]
@@ -129,6 +130,7 @@ def _rstd(sumsq, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr, EPS: tl.constexpr,
         return 1.0 / tl.sqrt(sumsq * INV_N + EPS)
 
 
+@fast
 @triton.jit
 def _rms_norm_kernel(
     x_ptr,

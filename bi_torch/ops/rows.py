@@ -25,6 +25,7 @@ from bi_torch._checks import (
     check_row_length,
     interpreting,
 )
+from bi_torch._launch import fast
 from bi_torch.ops.rms_norm import _sum_tree, _tree_args
 
 __all__ = ["sum", "mean", "softmax", "log_softmax", "launch"]
@@ -124,6 +125,7 @@ def _write_segment(x_row, y_row, c, n_cols, M, S, MODE: tl.constexpr, BLOCK: tl.
     tl.store(y_row + offs, y.to(y_row.dtype.element_ty), mask=mask)
 
 
+@fast
 @triton.jit
 def _segment_stats_kernel(
     x_ptr, m_ptr, s_ptr,
@@ -141,6 +143,7 @@ def _segment_stats_kernel(
     tl.store(s_ptr + at, s)
 
 
+@fast
 @triton.jit
 def _segment_write_kernel(
     x_ptr, m_ptr, s_ptr, y_ptr,
@@ -156,6 +159,7 @@ def _segment_write_kernel(
     _write_segment(x_ptr + row * n_cols, y_ptr + row * n_cols, tl.program_id(1), n_cols, run_m, run_s, MODE, BLOCK, PTX)
 
 
+@fast
 @triton.jit
 def _row_kernel(
     x_ptr,
