@@ -52,10 +52,16 @@ def _device_stream() -> tuple[int, int]:
     return device, torch._C._cuda_getCurrentRawStream(device)
 
 
+def _active(hook) -> bool:
+    # Triton 3.6 keeps its hooks in chains (empty unless a profiler adds one);
+    # earlier versions hold a function or None.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooks_set() -> bool:
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    return _active(knobs.runtime.launch_enter_hook) or _active(knobs.runtime.launch_exit_hook)
 
 
 def _arg_key(args) -> tuple:
@@ -82,6 +88,7 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         self.kernel = kernel
         self._parameters = list(inspect.signature(kernel.fn).parameters.values())
         self._cache: dict = {}
+        self.hits = 0  # launches that skipped Triton's binder
 
     def __getattr__(self, name):  # the kernel's attributes (its caches, its name)
         return getattr(self.kernel, name)
@@ -106,6 +113,7 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
                 self._cache[key] = (compiled, self._tail(len(args), kwargs))
             return compiled
         compiled, tail = hit
+        self.hits += 1
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
