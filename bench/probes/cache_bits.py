@@ -42,6 +42,13 @@ def attention_alone(emit) -> None:
                 masked = bi_torch.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
                 rec[name] = {"equal": bool(torch.equal(sliced, masked)),
                              "max_abs": float((sliced.float() - masked.float()).abs().max())}
+            full = torch.ones(b, 1, 1, filled, device="cuda", dtype=torch.bool)
+            alike = bi_torch.scaled_dot_product_attention(q, k[:, :, :filled], v[:, :, :filled], attn_mask=full,
+                                                          enable_gqa=True)
+            rec["same keys, an all-true mask"] = {"equal": bool(torch.equal(sliced, alike)),
+                                                  "max_abs": float((sliced.float() - alike.float()).abs().max())}
+            rec["masked, against the masked with every slot filled"] = bool(torch.equal(masked, bi_torch.scaled_dot_product_attention(
+                q, k[:, :, :filled].contiguous(), v[:, :, :filled].contiguous(), attn_mask=full, enable_gqa=True)))
             emit(rec)
 
 
