@@ -237,6 +237,27 @@ def _compare(a, b, label: str, what: str):
                                  f"position {int(bad[0])}); max ULP distance {int(ulps.max())} in {a.dtype}")
 
 
+def check_mask_hiding_nothing(runner: Runner, rng, n: int, batch: int, heads: Heads, dtype: str, label: str,
+                              slots: int):
+    """A mask that hides no key the call would otherwise see changes no bit:
+    a query over ``n`` keys with no mask == with an all-true mask == over a
+    buffer of ``slots >= n`` keys whose slots past ``n`` hold other values and
+    are masked out (a static or preallocated KV cache). Checked for one query
+    (decode) and for ``n`` queries, causal by the mask against ``is_causal``."""
+    q, k, v = (np.stack(x) for x in zip(*(random_sequence(rng, slots, heads, dtype) for _ in range(batch))))
+    keys = slice(0, n)
+    for what, queries in (("one query", slice(n - 1, n)), (f"{n} queries", slice(0, n))):
+        lq = queries.stop - queries.start
+        plain = runner.masked(q[:, queries], k[:, keys], v[:, keys], causal=lq > 1)
+        visible = np.ones((1, 1, lq, n), bool) if lq == 1 else np.tril(np.ones((lq, n), bool))[None, None]
+        _compare(runner.masked(q[:, queries], k[:, keys], v[:, keys], mask=visible), plain, label,
+                 f"{what} over {n} keys: a mask of the visible keys vs {'is_causal' if lq > 1 else 'no mask'}")
+        padded = np.zeros((1, 1, lq, slots), bool)
+        padded[..., :n] = visible
+        _compare(runner.masked(q[:, queries], k, v, mask=padded), plain, label,
+                 f"{what} over {n} keys: {slots} slots, those past {n} masked out, vs the {n} keys alone")
+
+
 def check_chunked_and_decode(runner: Runner, rng, n: int, heads: Heads, dtype: str, label: str, window=None,
                              others: int = 3, max_page: int = 40, max_steps: int | None = None):
     """One causal prefill of a sequence of ``n`` tokens == the same sequence
