@@ -10,9 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from bi_core.devices import nvidia_gpu_present, requested_device
+from bi_core.rows import MODES as ROW_MODES
 from bi_core.validation import check_eps  # noqa: F401  (re-exported for the ops)
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# The names of the bi_jax kernels' pallas_calls: the batch_invariant transform
+# runs these as they are (they are the kernels it routes to) and refuses other
+# Pallas kernels in strict mode.
+KERNEL_NAMES = frozenset({
+    "bi_attention", "bi_attention_splits", "bi_attention_merge", "bi_matmul_triton", "bi_matmul_wgmma",
+    "bi_rms_norm", *(f"bi_{m}{part}" for m in ROW_MODES for part in ("", "_segment_stats", "_segment_write")),
+})
 
 
 def check_float_array(name: str, a: object, op: str | None = None) -> None:

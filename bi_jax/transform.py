@@ -15,8 +15,20 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
   them can round differently (openxla/xla#41122 reports it for ``erf``; seen
   here for ``log`` inside ``jax.nn.log_softmax``), which would make an
   element's bits depend on its position in the array, and so on the batch;
-* nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` functions and
-  rematerialised blocks are evaluated the same way, inside.
+* nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` / ``custom_vmap``
+  functions and rematerialised blocks are evaluated the same way, inside;
+* ``jax.nn.dot_product_attention`` (any ``implementation``: ``None``, ``"xla"``
+  or ``"cudnn"``) runs :func:`bi_jax.dot_product_attention`, the fused kernel:
+  while the transform traces, in that thread, the ``jax.nn`` attribute calls
+  bi_jax's function (a reference to the original taken before, with
+  ``from jax.nn import dot_product_attention``, is not rerouted: its xla
+  implementation then runs as the products and sums above, its cudnn one is a
+  foreign call). As bi_jax documents, a query whose keys are all masked gives
+  zeros, where JAX's xla implementation averages the values;
+* the bi_jax kernels themselves (their ``pallas_call`` primitives, named in
+  ``bi_jax._checks.KERNEL_NAMES``), when ``fn`` calls bi_jax ops, run as they
+  are; other Pallas kernels are refused in strict mode like any primitive
+  that may reduce.
 
 Any other primitive on floats that may combine several elements into one
 (``reduce_prod``, cumulative sums, convolutions, generic ``reduce`` and
@@ -37,6 +49,7 @@ kernels have no derivative rules).
 from __future__ import annotations
 
 import functools
+import threading
 from collections import Counter
 
 import jax
@@ -44,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from bi_jax._checks import SUPPORTED_DTYPES, interpret_mode
+from bi_jax._checks import KERNEL_NAMES, SUPPORTED_DTYPES, interpret_mode
 from bi_jax.ops.matmul import dot_general as _bi_dot_general
 from bi_jax.ops.rows import sum as _bi_sum
 
@@ -81,7 +94,7 @@ _EXACT = frozenset({
 })
 # Calls whose body the transform evaluates itself (and so routes).
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
-_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_vmap_call"}
 # Primitives whose sub-jaxprs are bodies run on the data: whether they may
 # reduce is whether their bodies may.
 _BODIES = _CALLS | _CUSTOM | {"cond", "while", "scan", "shard_map", "custom_linear_solve"}
@@ -114,11 +127,16 @@ def _has_floats(values) -> bool:
     return any(hasattr(v, "dtype") and np.dtype(v.dtype).kind in "fc" for v in values)
 
 
+def _is_bi_kernel(eqn) -> bool:
+    """A pallas_call of a bi_jax kernel (fixed reduction orders by design)."""
+    return eqn.primitive.name == "pallas_call" and eqn.params.get("name") in KERNEL_NAMES
+
+
 def _may_reduce(eqn) -> bool:
     """Whether an equation (or one nested in it) may combine several float
     elements into one: a primitive outside ``_EXACT`` on floats."""
     name = eqn.primitive.name
-    if name in _EXACT:
+    if name in _EXACT or _is_bi_kernel(eqn):
         return False
     if name in _BODIES:
         return any(_may_reduce(e) for j in _sub_jaxprs(eqn.params) for e in j.eqns)
@@ -192,8 +210,10 @@ class _Evaluator:
                 return _bi_sum(x, axis=tuple(params["axes"]))
             if np.dtype(x.dtype).kind == "f":
                 self.risky(name, f"dtype {x.dtype}")
+        elif _is_bi_kernel(eqn):
+            self.handled[params["name"]] += 1  # a bi_jax op called inside the function
         elif name in _CALLS or name in _CUSTOM:
-            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
+            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr") or params.get("call")
             if isinstance(sub, jex_core.ClosedJaxpr):
                 return self.run(sub.jaxpr, sub.consts, invals)
             return self.run(sub, (), invals)
@@ -205,6 +225,44 @@ class _Evaluator:
         # As jax.core.eval_jaxpr binds an equation (shard_map's bind
         # parameters differ from its equation's).
         return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+
+
+# jax.nn.dot_product_attention, while a transform traces in this thread, is
+# bi_jax.dot_product_attention (the fused kernel, whatever the implementation
+# asked for): its xla implementation would otherwise run as products and sums
+# over the whole score matrix, and its cudnn one as a foreign call.
+_TRACING = threading.local()
+_ORIGINAL_ATTENTION: list = []
+
+
+def _install_attention_route() -> None:
+    if _ORIGINAL_ATTENTION:
+        return
+    original = jax.nn.dot_product_attention
+    _ORIGINAL_ATTENTION.append(original)
+
+    @functools.wraps(original)
+    def dot_product_attention(query, key, value, bias=None, mask=None, *, implementation=None, **kwargs):
+        if not getattr(_TRACING, "depth", 0):
+            return original(query, key, value, bias, mask, implementation=implementation, **kwargs)
+        if implementation not in (None, "xla", "cudnn"):
+            raise ValueError(f"jax.nn.dot_product_attention: implementation={implementation!r}: expected None, "
+                             "'xla' or 'cudnn'")
+        from bi_jax.ops.attention import dot_product_attention as bi_attention
+
+        return bi_attention(query, key, value, bias, mask, **kwargs)
+
+    dot_product_attention._bi_route = True
+    jax.nn.dot_product_attention = dot_product_attention
+
+
+def _trace(fn, args):
+    _install_attention_route()
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
+    try:
+        return jax.make_jaxpr(fn, return_shape=True)(*args)
+    finally:
+        _TRACING.depth -= 1
 
 
 def batch_invariant(fn=None, *, strict: bool = False):
@@ -225,7 +283,7 @@ def batch_invariant(fn=None, *, strict: bool = False):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        closed, out_shape = jax.make_jaxpr(functools.partial(fn, **kwargs), return_shape=True)(*args)
+        closed, out_shape = _trace(functools.partial(fn, **kwargs), args)
         outs = _Evaluator(strict, handled, unhandled).run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 

@@ -169,6 +169,68 @@ def test_jax_nn_dot_product_attention_runs_through_the_kernels(dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
     alone = attend(q[1:2], k[1:2], v[1:2])
     assert (_bits(alone[0]) == _bits(got[1])).all()
+    # The fused bi_ attention kernel, not products and sums over the scores.
+    assert attend.__wrapped__.handled["bi_attention"] == 2 and not attend.__wrapped__.handled["dot_general"]
+    assert (_bits(got) == _bits(bi_jax.dot_product_attention(q, k, v, is_causal=True))).all()
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "cudnn"])
+def test_jax_nn_dot_product_attention_is_routed_whatever_the_implementation(implementation):
+    """Under the transform, every implementation of jax.nn.dot_product_attention
+    (cudnn too, a foreign call otherwise, and on the CPU) runs the bi_ kernel
+    with the same arguments; outside it, jax.nn's function is JAX's."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, h, 64)), jnp.float32) for h in (4, 2, 2))
+    mask = jnp.asarray(rng.random((2, 1, 16, 16)) < 0.8)
+
+    def attend(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.2, local_window_size=(5, 0),
+                                            implementation=implementation)
+
+    routed = bi_jax.batch_invariant(attend, strict=True)
+    got = routed(q, k, v)
+    assert routed.handled["bi_attention"] == 1, dict(routed.handled)
+    want = bi_jax.dot_product_attention(q, k, v, mask=mask, scale=0.2, local_window_size=(5, 0))
+    assert (_bits(got) == _bits(want)).all()
+    if implementation != "cudnn":  # JAX's own, outside the transform
+        outside = attend(q, k, v)
+        # (loose: XLA's fp32 products on a GPU may use tf32)
+        np.testing.assert_allclose(np.asarray(outside), np.asarray(got), rtol=2e-2, atol=2e-2)
+        jaxpr = jax.make_jaxpr(attend)(q, k, v)
+        assert "pallas_call" not in str(jaxpr)
+    with pytest.raises(ValueError, match="implementation='flash'"):
+        bi_jax.batch_invariant(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="flash"))(
+            q, k, v)
+
+
+def test_bi_jax_ops_inside_the_strict_transform_run_as_they_are():
+    """A function that already calls bi_jax ops: their kernels pass strict
+    mode (counted by kernel name); a Pallas kernel of another name is refused."""
+    from jax.experimental import pallas as pl
+
+    x, w, _ = _data()
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 8, h, 64)), jnp.float32) for h in (4, 2, 2))
+
+    def block(x, w, q, k, v):
+        y = bi_jax.rms_norm(bi_jax.matmul(x, w), None)
+        return bi_jax.log_softmax(y, -1), bi_jax.sum(y, axis=-1), bi_jax.attention(q, k, v, causal=True)
+
+    run = bi_jax.batch_invariant(block, strict=True)
+    got = run(x, w, q, k, v)
+    for a, b in zip(got, block(x, w, q, k, v)):
+        assert (_bits(a) == _bits(b)).all()
+    assert {"bi_matmul_triton", "bi_rms_norm", "bi_log_softmax", "bi_sum", "bi_attention"} <= set(run.handled)
+
+    def row_sums(x_ref, o_ref):
+        o_ref[...] = jnp.sum(x_ref[...], axis=-1)
+
+    def foreign(x):
+        return pl.pallas_call(row_sums, out_shape=jax.ShapeDtypeStruct((x.shape[0],), x.dtype), interpret=True,
+                              name="row_sums")(x)
+
+    with pytest.raises(bi_jax.BatchVarianceRisk, match="pallas_call"):
+        bi_jax.batch_invariant(foreign, strict=True)(x)
 
 
 def test_dot_algorithms_the_kernels_do_not_compute_are_refused():

@@ -193,6 +193,7 @@ def wgmma_matmul(
         grid_names=("sm",),
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
+        kernel_name="bi_matmul_wgmma",  # bi_jax._checks.KERNEL_NAMES
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup
         ),
