@@ -15,8 +15,8 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
   them can round differently (openxla/xla#41122 reports it for ``erf``; seen
   here for ``log`` inside ``jax.nn.log_softmax``), which would make an
   element's bits depend on its position in the array, and so on the batch;
-* nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` / ``custom_vmap``
-  functions and rematerialised blocks are evaluated the same way, inside;
+* nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` functions and
+  rematerialised blocks are evaluated the same way, inside;
 * ``jax.nn.dot_product_attention`` (any ``implementation``: ``None``, ``"xla"``
   or ``"cudnn"``) runs :func:`bi_jax.dot_product_attention`, the fused kernel:
   while the transform traces, in that thread, the ``jax.nn`` attribute calls
@@ -94,10 +94,10 @@ _EXACT = frozenset({
 })
 # Calls whose body the transform evaluates itself (and so routes).
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
-_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_vmap_call"}
+_CUSTOM = {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 # Primitives whose sub-jaxprs are bodies run on the data: whether they may
 # reduce is whether their bodies may.
-_BODIES = _CALLS | _CUSTOM | {"cond", "while", "scan", "shard_map", "custom_linear_solve"}
+_BODIES = _CALLS | _CUSTOM | {"cond", "while", "scan", "shard_map", "custom_linear_solve", "custom_vmap_call"}
 # Elementwise functions that XLA:CPU approximates, in vector code and scalar
 # code that need not agree bit for bit (IEEE ops such as add, mul, div and
 # sqrt are exact in both).
@@ -130,6 +130,16 @@ def _has_floats(values) -> bool:
 def _is_bi_kernel(eqn) -> bool:
     """A pallas_call of a bi_jax kernel (fixed reduction orders by design)."""
     return eqn.primitive.name == "pallas_call" and eqn.params.get("name") in KERNEL_NAMES
+
+
+def _bi_kernels(params):
+    """The names of the bi_jax kernels in the bodies of an equation."""
+    for jaxpr in _sub_jaxprs(params):
+        for e in jaxpr.eqns:
+            if _is_bi_kernel(e):
+                yield e.params["name"]
+            else:
+                yield from _bi_kernels(e.params)
 
 
 def _may_reduce(eqn) -> bool:
@@ -213,13 +223,18 @@ class _Evaluator:
         elif _is_bi_kernel(eqn):
             self.handled[params["name"]] += 1  # a bi_jax op called inside the function
         elif name in _CALLS or name in _CUSTOM:
-            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr") or params.get("call")
+            sub = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
             if isinstance(sub, jex_core.ClosedJaxpr):
                 return self.run(sub.jaxpr, sub.consts, invals)
             return self.run(sub, (), invals)
         elif _may_reduce(eqn):
             body = " inside its body" if any(True for _ in _sub_jaxprs(params)) else ""
             self.risky(name, f"it may combine several floating-point elements into one{body}")
+        elif name == "custom_vmap_call":
+            # Bound whole, so that its batching rule still holds under vmap
+            # (bi_jax's kernels carry one); its body reduces nothing here.
+            for kernel in _bi_kernels(params):
+                self.handled[kernel] += 1
         elif self.cpu and name in _TRANSCENDENTAL and not eqn.primitive.multiple_results:
             return _one_element_at_a_time(eqn.primitive, invals, params)
         # As jax.core.eval_jaxpr binds an equation (shard_map's bind

@@ -222,6 +222,11 @@ def test_bi_jax_ops_inside_the_strict_transform_run_as_they_are():
         assert (_bits(a) == _bits(b)).all()
     assert {"bi_matmul_triton", "bi_rms_norm", "bi_log_softmax", "bi_sum", "bi_attention"} <= set(run.handled)
 
+    # Under vmap, the bi_ ops keep their own batching rules (custom_vmap).
+    xs = jnp.stack([x, x[::-1]])
+    mapped = jax.vmap(bi_jax.batch_invariant(lambda x: bi_jax.matmul(x, w), strict=True))(xs)
+    assert (_bits(mapped) == _bits(jax.vmap(lambda x: bi_jax.matmul(x, w))(xs))).all()
+
     def row_sums(x_ref, o_ref):
         o_ref[...] = jnp.sum(x_ref[...], axis=-1)
 
