@@ -321,7 +321,7 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     ``bi_core.attention.tile_configs``, either ``split_kv`` and either loop
     structure (``whole``: blocks that every row of a tile sees whole run without
     the bounds' selects; default from the tile's rows) give the same bits.
-    ``mask`` (int8, nonzero: visible) and ``bias`` (float): dense forms only,
+    ``mask`` (int16, nonzero: visible) and ``bias`` (float): dense forms only,
     4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``."""
     interpret = interpret_mode("attention") if interpret is None else interpret
     d = q.shape[-1]
@@ -444,7 +444,7 @@ def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, mask
 
 
 def _score_mask(op, name, a, shape, boolean):
-    """A boolean mask (as int8) or additive bias as a 4-D array that
+    """A boolean mask (as int16) or additive bias as a 4-D array that
     broadcasts to ``shape`` (B, N, T, S), without materialising the broadcast."""
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise TypeError(f"{op}: {name} must be an array, got {type(a).__name__}")
@@ -457,7 +457,10 @@ def _score_mask(op, name, a, shape, boolean):
     if full is None or any(n not in (1, m) for n, m in zip(full, shape)):
         raise ValueError(f"{op}: {name} of shape {tuple(a.shape)} does not broadcast to (B, N, T, S) = {tuple(shape)}")
     a = jnp.reshape(a, full)
-    return a.astype(jnp.int8) if boolean else a
+    # int16, not int8: an 8-bit array among the inputs of the probabilities
+    # gives their product operands kWidth 4, which regroups the keys of each
+    # tensor-core step (bi_torch.ops.attention._score_mask).
+    return a.astype(jnp.int16) if boolean else a
 
 
 def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, kv_lengths=None,

@@ -419,7 +419,7 @@ def launch(
 
     Strides are element strides (batch or page, token or slot, head) of the
     4-D views ``(B, L, H, D)``; the last dimension must be contiguous.
-    ``mask`` (uint8, nonzero: visible) and ``bias`` (float): dense forms only,
+    ``mask`` (int16, nonzero: visible) and ``bias`` (float): dense forms only,
     ``(B, Hq, Lq, Lk)`` views (broadcast dimensions of stride 0)."""
     d = q.shape[-1]
     score_bytes = sum(a.element_size() for a in (mask, bias) if a is not None)
@@ -533,7 +533,8 @@ def _check_cu(op, name, cu, total):
 
 def _score_mask(op, name, t, shape, device, boolean):
     """A boolean mask or additive bias broadcast to ``shape`` (B, Hq, Lq, Lk):
-    a stride-0 view, no copy (a bool mask is read as uint8)."""
+    a stride-0 view (a bool mask is copied once to int16, its broadcast
+    dimensions left out)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device != device:
@@ -547,7 +548,15 @@ def _score_mask(op, name, t, shape, device, boolean):
         view = None
     if view is None:
         raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not broadcast to (B, Hq, L, S) = {tuple(shape)}")
-    return view.view(torch.uint8) if boolean else view
+    if not boolean:
+        return view
+    # Read as int16, not as its bytes: with an 8-bit tensor among the inputs of
+    # the probabilities, Triton gives their product operands kWidth 4 instead
+    # of 2, which regroups the keys of each tensor-core step, and a mask that
+    # hides nothing would not give the unmasked kernel's bits (bench/NOTES.md,
+    # "A mask that hides nothing"). Broadcast dimensions stay broadcast.
+    base = view[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(view.shape, view.stride()))]
+    return base.to(torch.int16).expand(shape)
 
 
 def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None,
