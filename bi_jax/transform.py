@@ -250,9 +250,16 @@ _TRACING = threading.local()
 _ORIGINAL_ATTENTION: list = []
 
 
+_INSTALL = threading.Lock()
+
+
 def _install_attention_route() -> None:
-    if _ORIGINAL_ATTENTION:
-        return
+    with _INSTALL:
+        if not _ORIGINAL_ATTENTION:
+            _route_attention()
+
+
+def _route_attention() -> None:
     original = jax.nn.dot_product_attention
     _ORIGINAL_ATTENTION.append(original)
 
