@@ -2,7 +2,7 @@
 inputs (prefill, split-KV decode, paged decode), and bi_jax's speed against
 ``jax.nn.dot_product_attention`` (cudnn, xla) with JAX's CUPTI timer::
 
-    python -m bench.probes.attention_cross [--out DIR]
+    python -m bench.probes.attention_cross [--out DIR] [--bits-only]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ H, HKV = 32, 8
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_cross", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--bits-only", action="store_true", help="the bit comparisons, not the timings")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_cross")
 
@@ -47,6 +48,31 @@ def main() -> None:
                 rec["error"] = repr(e)[:1500]
             emit({"cross": rec})
 
+    # Boolean masks (the 16-row decode tile and the prefill tiles): both read
+    # them as int16, so the same mask gives the same bits.
+    for d in (64, 128):
+        for b, lq, lk in ((1, 300, 300), (32, 1, 700), (4, 5, 2000)):
+            q = rng.standard_normal((b, lq, H, d), dtype=np.float32).astype(ml_dtypes.bfloat16)
+            k = rng.standard_normal((b, lk, HKV, d), dtype=np.float32).astype(ml_dtypes.bfloat16)
+            v = rng.standard_normal((b, lk, HKV, d), dtype=np.float32).astype(ml_dtypes.bfloat16)
+            mask = rng.random((b, 1, lq, lk)) < 0.8
+            rec = {"head_dim": d, "shape": [b, lq, lk], "mask": "random bool, (B, 1, Lq, Lk)"}
+            try:
+                tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).cuda().transpose(1, 2)
+                              for x in (q, k, v))
+                ot = bi_torch.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch.from_numpy(mask).cuda(),
+                                                           enable_gqa=True)
+                ot = ot.transpose(1, 2).contiguous().view(torch.int16).cpu().numpy()
+                oj = np.asarray(bi_jax.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                                             mask=jnp.asarray(mask))).view(np.int16)
+                rec["differing"] = int((ot != oj).sum())
+                rec["of"] = int(ot.size)
+            except Exception as e:
+                rec["error"] = repr(e)[:1500]
+            emit({"cross": rec})
+
+    if args.bits_only:
+        return
     from jax.experimental.mosaic.gpu import profiler
 
     def timed(fn, *xs):
