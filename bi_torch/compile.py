@@ -153,6 +153,23 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return _fresh(out.transpose(1, 2).contiguous().transpose(1, 2), (query, key, value, attn_mask))
 
 
+@torch.library.custom_op("bi_torch::sdpa_from_first_visible", mutates_args=())
+def sdpa_from_first_visible(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor,
+                            scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """``bi_torch.ops.attention.sdpa_from_first_visible``: (B, H, L, E) in,
+    (B, L, H, E) out (transformers' layout)."""
+    from bi_torch.ops.attention import sdpa_from_first_visible as run
+
+    return _fresh(run(query, key, value, attn_mask, scale=scale, enable_gqa=enable_gqa),
+                  (query, key, value, attn_mask))
+
+
+@sdpa_from_first_visible.register_fake
+def _(query, key, value, attn_mask, scale=None, enable_gqa=False):
+    b, h, length, _ = query.shape
+    return query.new_empty((b, length, h, value.shape[-1]))
+
+
 @attention.register_fake
 def _(q, k, v, causal=False, scale=None):
     return q.new_empty(q.shape)

@@ -16,10 +16,10 @@ The attention takes transformers' boolean masks (those of its ``sdpa``
 implementation) and keeps a sequence's bits whatever padding the batch gives
 it: with left padding (what ``generate`` uses for decoder-only models) a
 sequence's keys sit after as many pad slots as its batch needs, and the
-kernels fix their reduction order at absolute key positions, so before the
-kernel each sequence's keys (and the mask's key axis) are rotated to start at
-its first visible key. That costs a copy of the keys and values per layer
-whenever a mask is given; without one (no padding) nothing is copied.
+kernels fix their reduction order at key positions, so with a mask each
+sequence's keys are counted from its first visible key
+(``bi_torch.ops.attention.sdpa_from_first_visible``: the kernel reads each
+sequence's start, nothing is copied).
 
 Not supported, refused: ``softcap``, ``position_bias`` and attention sinks,
 dropout, gradients (the kernels are inference-only), and attention weights
@@ -34,30 +34,12 @@ import torch
 
 import bi_torch.compile  # noqa: F401  (registers torch.ops.bi_torch)
 from bi_torch.mode import set_batch_invariant_mode
-from bi_torch.ops.attention import scaled_dot_product_attention
+from bi_torch.ops.attention import scaled_dot_product_attention, sdpa_from_first_visible
 from bi_torch.switch import enable_batch_invariant_mode
 
 __all__ = ["IMPLEMENTATION", "attention_forward", "batch_invariant", "register"]
 
 IMPLEMENTATION = "batch_invariant"
-
-
-def _keys_from_first_visible(key, value, mask):
-    """``key``, ``value`` (B, Hkv, Lk, D) and ``mask`` (broadcasting to
-    (B, H, Lq, Lk)) with each sequence's key axis rotated to start at the
-    first key that any of its queries sees (the keys before it, which none
-    sees, move to the end)."""
-    if mask.dtype == torch.bool:
-        seen = mask
-    else:
-        seen = mask > torch.finfo(mask.dtype).min
-    first = seen.any(dim=-2).any(dim=1).to(torch.int8).argmax(dim=-1)  # (B or 1,)
-    kv_len = key.shape[2]
-    idx = (torch.arange(kv_len, device=key.device) + first[:, None]) % kv_len  # (B or 1, Lk)
-    b, hkv, _, d = key.shape
-    kv_idx = idx.expand(b, kv_len)[:, None, :, None].expand(b, hkv, kv_len, d)
-    mask_idx = idx[:, None, None, :].expand(mask.shape[0], mask.shape[1], mask.shape[2], kv_len)
-    return key.gather(2, kv_idx), value.gather(2, kv_idx), mask.gather(3, mask_idx)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -87,9 +69,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         causal = bool(causal) and query.shape[2] > 1
         out = sdpa(query, key, value, is_causal=causal, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
-    key, value, mask = _keys_from_first_visible(key, value, attention_mask)
-    out = sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
+    # Each sequence's keys counted from its first visible one: one kernel
+    # call, no copy of the keys.
+    padded = torch.ops.bi_torch.sdpa_from_first_visible if torch.compiler.is_compiling() \
+        else sdpa_from_first_visible
+    return padded(query, key, value, attention_mask, scale=scaling, enable_gqa=gqa), None
 
 
 def register() -> None:

@@ -94,6 +94,56 @@ def test_invariance_mask_hiding_nothing(framework, dtype, n, extra, batch, heads
                                     f"attention[{framework}, {dtype}]", slots=n + extra)
 
 
+@pytest.mark.skipif("torch" not in FRAMEWORKS_HERE, reason="bi_torch is not installed")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+@EXAMPLES
+@given(lengths=st.lists(st.integers(1, MAX_DECODE_LEN), min_size=1, max_size=3),
+       pads=st.lists(st.integers(0, 300 if GPU else 150), min_size=3, max_size=3),
+       empty=st.integers(0, 40), heads=HEADS, seed=st.integers(0, 2**32 - 1))
+def test_invariance_left_padding_from_first_visible(dtype, decode, lengths, pads, empty, heads, seed):
+    """``bi_torch.ops.attention.sdpa_from_first_visible`` (what ``bi_torch.hf``
+    calls): sequences behind any left padding, in a buffer with empty slots
+    after them (decode), give each sequence the bits it has alone, unpadded
+    and with no mask (``is_causal`` for a prefill)."""
+    torch = pytest.importorskip("torch")
+    from bi_torch.ops.attention import scaled_dot_product_attention, sdpa_from_first_visible
+
+    dev = "cuda" if GPU else "cpu"
+    tdt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed % 2**31)
+    hq, hkv, d = heads.hq, heads.hkv, heads.d
+    b = len(lengths)
+    # Pads past a block of keys (128 for these head dims), so that they move
+    # the keys across block boundaries.
+    width = max(p + n for p, n in zip(pads, lengths))
+    slots = width + (empty if decode else 0)
+    lq = 1 if decode else width
+    q = torch.randn(b, hq, lq, d, generator=g).to(dev, tdt)
+    k, v = (torch.randn(b, hkv, slots, d, generator=g).to(dev, tdt) for _ in range(2))
+    mask = torch.zeros(b, 1, lq, slots, dtype=torch.bool)
+    starts = []
+    for i, (n, p) in enumerate(zip(lengths, pads)):
+        # Sequence i's tokens end at the buffer's (prefill) or filled (decode) width.
+        start = width - n
+        starts.append(start)
+        if decode:
+            mask[i, 0, 0, start:width] = True
+        else:
+            pos = torch.arange(width)
+            mask[i, 0] = (pos[None, :] >= start) & (pos[None, :] <= pos[:, None]) & (pos[:, None] >= start)
+    out = sdpa_from_first_visible(q, k, v, mask.to(dev), enable_gqa=True)
+    assert out.shape == (b, lq, hq, d) and out.is_contiguous()
+    for i, (n, start) in enumerate(zip(lengths, starts)):
+        qs = q[i:i + 1, :, -1:] if decode else q[i:i + 1, :, start:]
+        alone = scaled_dot_product_attention(qs, k[i:i + 1, :, start:width], v[i:i + 1, :, start:width],
+                                             is_causal=not decode, enable_gqa=True).transpose(1, 2)
+        got = out[i:i + 1, -1:] if decode else out[i:i + 1, start:]
+        assert torch.equal(got, alone), (
+            f"sequence {i} ({n} tokens behind {start} pad slots, {slots} slots, {dtype}): "
+            f"max |diff| {(got.float() - alone.float()).abs().max().item():.3g}")
+
+
 def _masked_reference(q, k, v, mask=None, bias=None):
     """float64 softmax(q k^T / sqrt(D) + bias) v over the keys a mask keeps; zeros where it keeps none."""
     q, k, v = (x.astype(np.float64) for x in (q, k, v))

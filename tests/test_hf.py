@@ -133,11 +133,11 @@ def test_hf_default_model_varies_with_the_batch():
     assert any(not torch.equal(r, runs[0]) for r in runs[1:])
 
 
-def test_left_padding_is_rotated_away():
-    """Why the keys are rotated: the bi_ attention fixes its block order at
-    absolute key positions, so the same sequence behind 37 pad slots gives
-    other bits with the mask alone (negative control), and the probe's own
-    bits through ``attention_forward``."""
+def test_left_padding_is_counted_away():
+    """Why the keys are counted from the first visible one: the bi_ attention
+    fixes its block order at key positions, so the same sequence behind 37 pad
+    slots gives other bits with the mask alone (negative control), and the
+    probe's own bits through ``attention_forward``."""
     g = torch.Generator().manual_seed(3)
     d, n, pad = 64, 200, 37
     q = torch.randn(1, 2, 1, d, generator=g)

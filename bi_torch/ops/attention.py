@@ -130,8 +130,11 @@ def _finish(big_l, big_acc, PTX: tl.constexpr):
 
 @triton.jit
 def _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed,
-              VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr):
-    """(first query token, query count, first key token, key count) of sequence s."""
+              VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+              K_STARTS: tl.constexpr = False):
+    """(first query token, query count, first key token, key count) of
+    sequence s. ``K_STARTS``: dense keys, ``CU_K`` holds each sequence's first
+    key (the keys before it are left out, as if absent)."""
     if VARLEN_Q:
         q0 = tl.load(CU_Q + s)
         q_len = tl.load(CU_Q + s + 1) - q0
@@ -141,6 +144,9 @@ def _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed,
     if VARLEN_K:
         k0 = tl.load(CU_K + s)
         kv_len = tl.load(CU_K + s + 1) - k0
+    elif K_STARTS:
+        k0 = tl.load(CU_K + s)
+        kv_len = kv_len_fixed - k0
     else:
         k0 = s * 0
         kv_len = kv_len_fixed + s * 0
@@ -265,7 +271,7 @@ def _attn_kernel(
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-    WHOLE: tl.constexpr = False, REVERSE: tl.constexpr = False,
+    WHOLE: tl.constexpr = False, REVERSE: tl.constexpr = False, K_STARTS: tl.constexpr = False,
 ):
     # REVERSE: the last (for causal masks the longest) tiles first; schedule only.
     if REVERSE:
@@ -275,7 +281,8 @@ def _attn_kernel(
     sh = tl.program_id(1)
     s = sh // HKV
     hkv = sh % HKV
-    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN)
+    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN,
+                                      K_STARTS)
     if tile * BLOCK_M >= q_len * G:
         return
     qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
@@ -296,6 +303,10 @@ def _attn_kernel(
     # Element offsets of the rows' (batch, head, query) in the mask and bias.
     mask_rows = s.to(tl.int64) * smb + h.to(tl.int64) * smh + qi.to(tl.int64) * smq
     bias_rows = s.to(tl.int64) * sbb + h.to(tl.int64) * sbh + qi.to(tl.int64) * sbq
+    if K_STARTS:
+        # Their key axis is the buffer's: a sequence's keys start at k0 there.
+        mask_rows += k0.to(tl.int64) * smk
+        bias_rows += k0.to(tl.int64) * sbk
 
     big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     big_l = tl.zeros([BLOCK_M], tl.float32)
@@ -351,14 +362,15 @@ def _merge_kernel(
     sob, sot, soh, q_len_fixed, kv_len_fixed, win_left, win_right, ws_rows,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, PTX: tl.constexpr, MERGE_STAGES: tl.constexpr = 4,
+    BOTTOM_RIGHT: tl.constexpr, PTX: tl.constexpr, MERGE_STAGES: tl.constexpr = 4, K_STARTS: tl.constexpr = False,
 ):
     """Fold the splits' partials of one tile in split order, then the output."""
     tile = tl.program_id(0)
     sh = tl.program_id(1)
     s = sh // HKV
     hkv = sh % HKV
-    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN)
+    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN,
+                                      K_STARTS)
     if tile * BLOCK_M >= q_len * G:
         return
     qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
@@ -406,7 +418,7 @@ def launch(
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
     block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
-    reverse=None,
+    reverse=None, kv_starts=None,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -420,7 +432,13 @@ def launch(
     Strides are element strides (batch or page, token or slot, head) of the
     4-D views ``(B, L, H, D)``; the last dimension must be contiguous.
     ``mask`` (int16, nonzero: visible) and ``bias`` (float): dense forms only,
-    ``(B, Hq, Lq, Lk)`` views (broadcast dimensions of stride 0)."""
+    ``(B, Hq, Lq, Lk)`` views (broadcast dimensions of stride 0).
+    ``kv_starts`` (int32 ``(B,)``, dense keys only, not with ``cu_k``,
+    ``kv_lens`` or a block table): sequence b's keys are its buffer's
+    ``kv_starts[b]:kv_len``, counted from there as if they started the
+    buffer; the mask and bias keep the buffer's key axis."""
+    if kv_starts is not None and (cu_k is not None or kv_lens is not None or block_table is not None):
+        raise ValueError("attention launch: kv_starts is for dense keys without kv_lens")
     d = q.shape[-1]
     score_bytes = sum(a.element_size() for a in (mask, bias) if a is not None)
     cfg = config or contract.tile_config(d, max_q_len * group, q.element_size(), score_bytes)
@@ -450,8 +468,10 @@ def launch(
     common = dict(
         HKV=hkv, G=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BPS=split_keys // block_n,
         VARLEN_Q=cu_q is not None, VARLEN_K=cu_k is not None, HAS_KV_LEN=kv_lens is not None,
-        BOTTOM_RIGHT=bottom_right, PTX=not interpreting(),
+        BOTTOM_RIGHT=bottom_right, PTX=not interpreting(), K_STARTS=kv_starts is not None,
     )
+    if kv_starts is not None:
+        cu_k = kv_starts
     _attn_kernel[(tiles, batch * hkv, splits if spread else 1)](
         q, k, v, out, ws_acc, ws_m, ws_l,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
@@ -559,10 +579,25 @@ def _score_mask(op, name, t, shape, device, boolean):
     return base.to(torch.int16).expand(shape)
 
 
+def _first_visible(t, batch):
+    """int32 (batch,): per sequence, the first key that some query sees
+    through the mask or bias ``t`` (broadcasting to (B, Hq, Lq, Lk)); 0 where
+    none is seen. A bias hides a key where the kernel's ``bias * log2(e)`` is
+    -inf (a NaN bias shows it)."""
+    t = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+    seen = t if t.dtype == torch.bool else t.float().mul(contract.LOG2E_F32) != float("-inf")
+    seen = seen.any(dim=2)
+    seen = seen.any(dim=1) if seen.shape[1] > 1 else seen[:, 0]
+    first = seen.to(torch.int8).argmax(dim=-1).to(torch.int32)  # the first maximum: the first True
+    return first if first.shape[0] == batch else first.expand(batch).contiguous()
+
+
 def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None,
-           mask=None, bias=None):
+           mask=None, bias=None, from_first_visible=False):
     """(B, Lq, Hq, D) x (B, Lk, Hkv, D) -> (B, Lq, Hq, D); ``mask`` (bool) and
-    ``bias`` (float) broadcast to (B, Hq, Lq, Lk)."""
+    ``bias`` (float) broadcast to (B, Hq, Lq, Lk). ``from_first_visible``:
+    each sequence's keys counted from the first one its mask or bias shows
+    (those before it are hidden, so they are left out)."""
     contract.check_split_kv(split_kv, op)
     contract.window_sides(causal, window, op)
     group = _check_qkv(op, q, k, v, 4, 4)
@@ -571,8 +606,12 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
         raise ValueError(f"{op}: batch sizes differ: q has {b}, k and v have {k.shape[0]}")
     lk, hkv = k.shape[1], k.shape[2]
     shape = (b, hq, lq, lk)  # checked before any early return, an empty batch too
+    scores = mask if mask is not None else bias
     mask = None if mask is None else _score_mask(op, "attn_mask", mask, shape, q.device, True)
     bias = None if bias is None else _score_mask(op, "attn_mask", bias, shape, q.device, False)
+    if from_first_visible and (kv_lengths is not None or causal or window is not None):
+        raise ValueError(f"{op}: keys counted from the first visible one take the mask alone (no causal, "
+                         "window or kv_lengths)")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device)
     if b == 0 or lq == 0:
@@ -586,11 +625,12 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
         raise NotImplementedError(f"{op}: q_lengths is not supported here")
     if lk == 0 and kv_lens is None:
         return out.zero_()
+    kv_starts = _first_visible(scores, b) if from_first_visible and scores is not None else None
     launch(
         q, k, v, out, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), o_strides=_strides(out),
         batch=b, hkv=hkv, group=group, q_len=lq, kv_len=lk, kv_lens=kv_lens, max_q_len=lq, max_kv_len=lk,
         scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
-        bottom_right=bottom_right, split_kv=split_kv, mask=mask, bias=bias,
+        bottom_right=bottom_right, split_kv=split_kv, mask=mask, bias=bias, kv_starts=kv_starts,
     )
     return out
 
@@ -651,6 +691,35 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     op = "scaled_dot_product_attention"
     if dropout_p:
         raise NotImplementedError(f"{op}: dropout_p={dropout_p} is not supported (inference only)")
+    _check_bhle(op, query, key, value, enable_gqa)
+    boolean = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
+    out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
+                 scale=scale, window=None, bottom_right=False, split_kv=None,
+                 mask=attn_mask if boolean else None, bias=None if boolean else attn_mask)
+    return out.transpose(1, 2)
+
+
+def sdpa_from_first_visible(query, key, value, attn_mask, *, scale: float | None = None,
+                            enable_gqa: bool = False):
+    """``scaled_dot_product_attention(query, key, value, attn_mask)`` for a
+    padded batch, with each sequence's keys counted from the first key its
+    mask shows (to any query of any head): a left-padded sequence gets the
+    bits it has without padding, wherever its keys sit in the buffer. The
+    mask (bool or additive, required) carries every bound, causal included.
+    Returns ``(B, Lq, Hq, E)``, contiguous (the layout of transformers'
+    attention functions), not sdpa's ``(B, Hq, Lq, E)``."""
+    op = "sdpa_from_first_visible"
+    _check_bhle(op, query, key, value, enable_gqa)
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    boolean = attn_mask.dtype == torch.bool
+    return _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=False,
+                  scale=scale, window=None, bottom_right=False, split_kv=None,
+                  mask=attn_mask if boolean else None, bias=None if boolean else attn_mask, from_first_visible=True)
+
+
+def _check_bhle(op, query, key, value, enable_gqa):
+    """(B, H, L, E) query, key and value of sdpa's conventions."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_float_tensor(name, t)
         if t.ndim != 4:
@@ -661,11 +730,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"{op}: query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True "
                          "for grouped-query attention")
-    boolean = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
-    out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
-                 scale=scale, window=None, bottom_right=False, split_kv=None,
-                 mask=attn_mask if boolean else None, bias=None if boolean else attn_mask)
-    return out.transpose(1, 2)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | None = None,
