@@ -150,12 +150,8 @@ def _fused_rms_norm_impl(x, normalized_shape, weight=None, eps=None):
         raise _Unsupported("rms_norm over more than one trailing dim")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    y = _rms.rms_norm(x, weight, eps)
-    # The second output (1/rms per row, for the backward pass), in fp32.
-    x32 = x.float()
-    sq = x32 * x32
-    rstd = torch.rsqrt(_rows.mean(sq, -1, keepdim=True) + eps)
-    return y, rstd
+    # The second output (1/rms per row, for the backward pass) in fp32, from the same kernel.
+    return _rms.rms_norm_with_rstd(x, weight, eps)
 
 
 class _Unsupported(Exception):

@@ -113,6 +113,31 @@ def test_torch_views_and_offsets_match_contiguous_copies():
     assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("n", [100, 4096, 20000] if PROFILE.native else [100, 257])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_invariance_rstd_output(n, dtype):
+    """``rms_norm_with_rstd`` (``aten::_fused_rms_norm``'s two outputs): the
+    normalised rows of ``rms_norm`` and each row's fp32 1/rms, close to the
+    float64 value and the same bits for a row alone as in a batch."""
+    import torch
+
+    from bi_torch.ops.rms_norm import rms_norm, rms_norm_with_rstd
+
+    ad = adapter("torch")
+    rng = np.random.default_rng(n)
+    x = (3.0 * rng.standard_normal((2, 5, n))).astype(np.float32).astype(np_dtype(dtype))
+    w = rng.standard_normal(n).astype(np.float32).astype(np_dtype(dtype))
+    xt, wt = ad.to_native(x), ad.to_native(w)
+    y, rstd = rms_norm_with_rstd(xt, wt, 1e-6)
+    assert rstd.dtype == torch.float32 and tuple(rstd.shape) == (2, 5, 1)
+    assert torch.equal(y, rms_norm(xt, wt, 1e-6))
+    x64 = x.astype(np.float64)
+    want = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(ad.to_numpy(rstd), want, rtol=2e-6)
+    y1, rstd1 = rms_norm_with_rstd(xt[1, 3:4], wt, 1e-6)
+    assert torch.equal(y1, y[1, 3:4]) and torch.equal(rstd1, rstd[1, 3:4])
+
+
 def test_jax_jit_and_vmap_give_the_same_bits():
     import jax
 

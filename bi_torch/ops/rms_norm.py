@@ -136,6 +136,7 @@ def _rms_norm_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    rstd_ptr,
     # A constant, as in the Pallas kernel: the compiler then knows the
     # alignment of every row (see bi_core.rms_norm.SumTree).
     n_cols: tl.constexpr,
@@ -155,6 +156,7 @@ def _rms_norm_kernel(
     SPLIT: tl.constexpr,
     ADJACENT: tl.constexpr,
     EARLY_WEIGHT: tl.constexpr,
+    WRITE_RSTD: tl.constexpr = False,
 ):
     # Grid (SPLIT, rows) when a row's slices are launched together, else
     # (rows, SPLIT). 64-bit row offset: tensors past 2**31 elements.
@@ -188,7 +190,11 @@ def _rms_norm_kernel(
             # Issued before the reduction so that its latency overlaps it.
             w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
         sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
-        y = x_out * _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
+        rstd = _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
+        if WRITE_RSTD:
+            if part == 0:
+                tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)  # rstd: shape [1]
+        y = x_out * rstd
         if HAS_WEIGHT:
             if not EARLY_WEIGHT:
                 w = tl.load(w_ptr + out_cols, mask=mask, other=0.0).to(tl.float32)
@@ -203,6 +209,9 @@ def _rms_norm_kernel(
             x = tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
             acc += _square(x, PTX)
         rstd = _rstd(_sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), RSTD_ASM, INV_N, EPS, PTX)
+        if WRITE_RSTD:
+            if part == 0:
+                tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)  # rstd: shape [1]
         for c in tl.static_range(NUM_CHUNKS):
             offs = c * BLOCK + slice_cols
             mask = offs < n_cols
@@ -227,6 +236,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     Each output row depends only on its own input row: not on how many rows are
     in ``x`` nor where the row sits.
     """
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x, weight, eps, with_rstd=False):
     check_float_tensor("x", x)
     if x.ndim == 0:
         raise ValueError("rms_norm: x must have at least one dimension, got a 0-d tensor")
@@ -249,20 +262,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     x2d = canonical(x.reshape(-1, n))
     w = canonical(weight) if weight is not None else None
     y = torch.empty_like(x2d)
-    m = x2d.shape[0]
-    if m == 0:
-        return y.view(x.shape)
-    launch(x2d, w, y, eps)
-    return y.view(x.shape)
+    rstd = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device) if with_rstd else None
+    if x2d.shape[0]:
+        launch(x2d, w, y, eps, rstd=rstd)
+    y = y.view(x.shape)
+    return y if rstd is None else (y, rstd.view(*x.shape[:-1], 1))
+
+
+def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor | None = None,
+                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm` and, from the same kernel, each row's fp32
+    ``rsqrt(mean(x**2) + eps)``, shaped ``x.shape[:-1] + (1,)`` (the second
+    output of ``aten::_fused_rms_norm``): the factor the row was normalised
+    with, as batch-invariant as the row."""
+    return _rms_norm(x, weight, eps, with_rstd=True)
 
 
 def launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: float,
-           config: RmsNormLaunch | None = None) -> None:
+           config: RmsNormLaunch | None = None, rstd: torch.Tensor | None = None) -> None:
     """The kernel over the rows of ``x2d`` (contiguous, aligned) into ``y``,
     with the launch ``config`` (default: ``bi_core.rms_norm.launch_config``).
 
     The launcher under :func:`rms_norm`, and the one entry point for probes
     and tests that need a given launch; any config gives the same bits.
+    ``rstd``: fp32 ``(rows,)``, written with each row's normalising factor.
     """
     m, n = x2d.shape
     cfg = rms_norm_config(n)
@@ -272,6 +295,7 @@ def launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: floa
         x2d,
         w if w is not None else x2d,
         y,
+        rstd if rstd is not None else y,
         n,
         RSTD_ASM=rstd_asm(cfg.inv_n, eps),
         INV_N=cfg.inv_n,
@@ -284,5 +308,6 @@ def launch(x2d: torch.Tensor, w: torch.Tensor | None, y: torch.Tensor, eps: floa
         SPLIT=config.split,
         ADJACENT=config.adjacent,
         EARLY_WEIGHT=config.early_weight,
+        WRITE_RSTD=rstd is not None,
         num_warps=cfg.num_warps,
     )
