@@ -117,12 +117,31 @@ def configs(dtype: str, precision: str) -> tuple[TileConfig, ...]:
     return tuple(seen)
 
 
-def tile_config(m: int, n: int, dtype: str, precision: str) -> TileConfig:
-    """The tile config for ``m`` rows and ``n`` output columns (speed only: every
-    choice gives the same bits, see the module doc)."""
+# At M = 17-32 the narrow tiles (64x32) are taken only where their CTAs fill
+# the GPU: one partial wave, or a last wave at least this full. On the H200
+# (132 SMs) a 2048x5632 weight at M = 32 gives 176 CTAs of 64x32 (two waves,
+# the second a third full): 13.2 us, against 9.2 us for 88 CTAs of 64x64
+# (bench/NOTES.md, "Matmul at M = 17-32 on the H200").
+_WAVE_FILL = 0.9
+
+
+def _fills_waves(ctas: int, sms: int) -> bool:
+    waves = -(-ctas // sms)
+    return waves <= 1 or ctas / (waves * sms) >= _WAVE_FILL
+
+
+def tile_config(m: int, n: int, dtype: str, precision: str, sms: int | None = None) -> TileConfig:
+    """The tile config for ``m`` rows and ``n`` output columns on a GPU of
+    ``sms`` SMs (None: the SM count is not used). Speed only: every choice
+    gives the same bits, see the module doc."""
     for bound, narrow, wide in _table(dtype, precision):
         if m <= bound:
-            return narrow if n <= _NARROW_N else wide
+            if n > _NARROW_N:
+                return wide
+            if sms and bound == 32 and dtype != "float32" and \
+                    not _fills_waves(-(-m // narrow.block_m) * -(-n // narrow.block_n), sms):
+                return wide
+            return narrow
     raise AssertionError("unreachable: the last bound is unbounded")
 
 

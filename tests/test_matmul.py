@@ -3,6 +3,8 @@ errors; and, on the GPU, the proof that every tile config gives the same bits.""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -205,6 +207,19 @@ def test_every_config_gives_the_same_bits(dtype, precision, tf32_setting):
                         if not torch.equal(_bits(out), _bits(ref[start:start + m])):
                             bad.append(f"{cfg} K={k} N={n} M={m} b-stride={b.stride()} out={out_dtype}")
     assert not bad, f"{len(bad)} launches differ from {configs[0]}: " + "; ".join(bad[:10])
+
+
+def test_mid_m_narrow_tiles_only_where_they_fill_the_gpu():
+    """M = 17-32: the 64x32 tiles where their CTAs fit one wave or fill the
+    last one to 90 %, else the 64-wide tile of the row (bench/NOTES.md)."""
+    row = next((narrow, wide) for bound, narrow, wide in contract.MMA_TABLE if bound == 32)
+    narrow, wide = row
+    pick = functools.partial(contract.tile_config, dtype="bfloat16", precision="ieee", sms=132)
+    assert pick(32, 2048) == pick(32, 4096) == pick(24, 1024) == narrow  # 64 and 128 CTAs: one wave
+    assert pick(32, 8192) == narrow  # 256 CTAs: two waves, 97 % full
+    assert pick(32, 5632) == pick(17, 6144) == wide  # 176, 192 CTAs: a last wave a third, half full
+    assert contract.tile_config(32, 5632, "bfloat16", "ieee") == narrow  # no SM count given
+    assert contract.tile_config(16, 5632, "bfloat16", "ieee", 132) == contract.tile_config(16, 5632, "bfloat16", "ieee")
 
 
 def test_contract_tables_are_well_formed():

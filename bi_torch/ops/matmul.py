@@ -8,6 +8,7 @@ every M; the tile shape, picked from M for speed, does not change it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -203,7 +204,8 @@ def launch(a3: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None, c3: to
         raise RuntimeError(f"matmul: cannot run in Triton's CPU interpreter: {interpreter_ready()}")
     precision = _precision(a3.dtype)
     if config is None:
-        config = INTERPRET_CONFIG if interpreting() else tile_config(m, n, _dtype_name(a3.dtype), precision)
+        config = INTERPRET_CONFIG if interpreting() else \
+            tile_config(m, n, _dtype_name(a3.dtype), precision, _num_sms(a3.device))
     if config.tma and nb == 1 and _tma_ready(a3[0], b3[0], c3[0]):
         _launch_tma(a3[0], b3[0], bias, c3[0], config, precision)
         return
@@ -245,7 +247,12 @@ def _tma_ready(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, each looping over tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor,
