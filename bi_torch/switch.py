@@ -17,11 +17,11 @@ and, through them, the ops that PyTorch builds from these (``F.linear``,
 override: they never reach Python. ``disable_batch_invariant_mode()`` removes
 the registrations, which restores PyTorch's kernels exactly. Both act when
 called and, in a ``with`` statement, restore the previous state on exit;
-``is_batch_invariant_mode()`` says whether the switch is on. The ``with``
-form restores the state it found, so it nests within one thread; ``with``
-blocks that overlap in several threads restore each other's states (a
-server should switch it on once, at start or with ``BI_BATCH_INVARIANT=1``). ``BI_BATCH_INVARIANT=1``
-in the environment turns it on when bi_torch is imported (for servers).
+``is_batch_invariant_mode()`` says whether the switch is on. ``with``
+blocks nest, and they may overlap in several threads: the newest call still
+in force decides the state, so one thread's exit does not switch the kernels
+off under another thread's open block. ``BI_BATCH_INVARIANT=1`` in the
+environment turns it on when bi_torch is imported (for servers).
 
 A call that the bi_ kernels do not take runs PyTorch's own kernel (through
 the op's ``out=`` form, which is not overridden): integer and boolean sums
@@ -54,6 +54,7 @@ other ops are PyTorch's.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -167,50 +168,75 @@ def _kernel(name, impl, default):
 
 _LOCK = threading.Lock()
 _STATE: dict = {"library": None, "backend": None}
+# The calls that decide the state, oldest first; the newest decides. A
+# ``with`` block's call holds until the block exits. A call not entered as a
+# ``with`` (its thread made another call since) holds for good: it becomes the
+# base state, and the calls before it are dropped.
+_HOLDS: list["enable_batch_invariant_mode"] = []
+_BASE: dict = {"on": False, "backend": None}
 
 
-def _switch(on: bool, backend=None) -> tuple[bool, object]:
-    """Turn the overrides on (``torch.compile`` forced onto ``backend``, by
-    default ``bi_torch.compile_backend()``) or off; the previous state."""
+def _apply(on: bool, backend=None) -> None:
+    """Make the overrides and the forced ``torch.compile`` backend ``on``
+    with ``backend`` (off: removed). Under ``_LOCK``."""
+    if on:
+        if _STATE["library"] is None:
+            lib = torch.library.Library("aten", "IMPL")
+            key = "CPU" if interpreting() else "CUDA"
+            with warnings.catch_warnings():
+                # "Overriding a previously registered kernel": the point.
+                warnings.simplefilter("ignore", UserWarning)
+                for name, (impl, default) in _OVERRIDES.items():
+                    lib.impl(name, _kernel(name, impl, default), key)
+            _STATE["library"] = lib
+        if backend is not _STATE["backend"]:
+            _STATE["backend"] = backend
+            _mode._force_backend(backend)
+    elif _STATE["library"] is not None:
+        lib, _STATE["library"], _STATE["backend"] = _STATE["library"], None, None
+        lib._destroy()
+        _mode._force_backend(None)
+
+
+def _settle() -> None:
+    """Apply what the newest call still holding asks for, else the base. Under ``_LOCK``."""
+    top = _HOLDS[-1] if _HOLDS else None
+    _apply(*((top._target, top._backend) if top is not None else (_BASE["on"], _BASE["backend"])))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backend():
+    from bi_torch.compile import compile_backend
+
+    return compile_backend()
+
+
+def _switch(on: bool) -> None:
+    """Set the base state (``BI_BATCH_INVARIANT``) where no call holds another."""
     with _LOCK:
-        previous = (_STATE["library"] is not None, _STATE["backend"])
-        if on:
-            if backend is None:
-                from bi_torch.compile import compile_backend
-
-                backend = previous[1] or compile_backend()
-            if not previous[0]:
-                lib = torch.library.Library("aten", "IMPL")
-                key = "CPU" if interpreting() else "CUDA"
-                with warnings.catch_warnings():
-                    # "Overriding a previously registered kernel": the point.
-                    warnings.simplefilter("ignore", UserWarning)
-                    for name, (impl, default) in _OVERRIDES.items():
-                        lib.impl(name, _kernel(name, impl, default), key)
-                _STATE["library"] = lib
-            if backend is not previous[1]:
-                _STATE["backend"] = backend
-                _mode._force_backend(backend)
-        elif previous[0]:
-            lib, _STATE["library"], _STATE["backend"] = _STATE["library"], None, None
-            lib._destroy()
-            _mode._force_backend(None)
-        return previous
+        _BASE.update(on=on, backend=_default_backend() if on else None)
+        _settle()
 
 
 class enable_batch_invariant_mode:  # noqa: N801  (acts when called, like torch.set_grad_enabled)
     """Turn the process-wide switch on (for every thread); in a ``with``
-    statement, restore the previous state on exit::
+    statement, until the block exits::
 
         bi_torch.enable_batch_invariant_mode()      # on for the rest of the process
 
         with bi_torch.enable_batch_invariant_mode():
-            logits = model(tokens)                  # off again after, if it was off before
+            logits = model(tokens)                  # off again after, if nothing else holds it on
+
+    The newest call decides the state; when a ``with`` block exits, the state
+    is what the newest call still in force asks for (a block still open in
+    another thread, or the last call made without ``with``). Blocks may
+    overlap in several threads: one thread's exit does not switch the state
+    under another thread's open block, unless a newer call decided otherwise.
 
     ``compile_backend``: the backend of every ``torch.compile`` call while the
-    switch is on (default: ``bi_torch.compile_backend()``, Inductor with the
-    bi_ kernels; ``bi_torch.compile_backend(mode="reduce-overhead")`` for CUDA
-    graphs).
+    switch is on (default: the backend in force, else
+    ``bi_torch.compile_backend()``, Inductor with the bi_ kernels;
+    ``bi_torch.compile_backend(mode="reduce-overhead")`` for CUDA graphs).
     """
 
     _target = True
@@ -219,23 +245,44 @@ class enable_batch_invariant_mode:  # noqa: N801  (acts when called, like torch.
         if compile_backend is not None and not callable(compile_backend):
             raise TypeError(f"compile_backend must be a torch.compile backend (a callable), got "
                             f"{type(compile_backend).__name__}")
-        self._previous = _switch(self._target, compile_backend)
+        self._thread = threading.get_ident()
+        self._scoped = False
+        with _LOCK:
+            if self._target and compile_backend is None:
+                compile_backend = _STATE["backend"] or _default_backend()
+            self._backend = compile_backend if self._target else None
+            # This thread's earlier calls that were not entered as ``with``
+            # blocks were plain calls, in force for good: the newest of them is
+            # the base now, and every call before it no longer counts.
+            plain = [i for i, h in enumerate(_HOLDS) if h._thread == self._thread and not h._scoped]
+            if plain:
+                newest = _HOLDS[plain[-1]]
+                _BASE.update(on=newest._target, backend=newest._backend)
+                del _HOLDS[:plain[-1] + 1]
+            _HOLDS.append(self)
+            _settle()
 
     def __enter__(self) -> None:
+        with _LOCK:
+            self._scoped = True
         return None
 
     def __exit__(self, *exc) -> None:
-        _switch(*self._previous)
+        with _LOCK:
+            if self in _HOLDS:
+                _HOLDS.remove(self)
+            _settle()
 
 
 class disable_batch_invariant_mode(enable_batch_invariant_mode):  # noqa: N801
     """Turn the process-wide switch off (PyTorch's kernels exactly as before);
-    in a ``with`` statement, restore the previous state on exit."""
+    in a ``with`` statement, until the block exits (see
+    :class:`enable_batch_invariant_mode` for blocks in several threads)."""
 
     _target = False
 
     def __init__(self) -> None:
-        self._previous = _switch(False)
+        super().__init__()
 
 
 def is_batch_invariant_mode() -> bool:

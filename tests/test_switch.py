@@ -121,6 +121,63 @@ def test_the_switch_holds_in_every_thread():
     assert out["on"] and _same(out["mm"], want)
 
 
+def test_overlapping_blocks_in_two_threads_do_not_switch_each_other_off():
+    """Thread A enters a block, B enters one, A exits while B's is open: the
+    switch stays on for B until B exits, then it is off (the state before
+    both). Then the newest call decides: a plain call is in force until a
+    newer call, whatever older blocks exit."""
+    assert not bi_torch.is_batch_invariant_mode()
+    steps = {name: threading.Event() for name in ("a_in", "b_in", "a_out", "b_checked")}
+    seen = {}
+
+    def thread_a():
+        with bi_torch.enable_batch_invariant_mode():
+            steps["a_in"].set()
+            steps["b_in"].wait(60)
+        steps["a_out"].set()
+
+    def thread_b():
+        steps["a_in"].wait(60)
+        with bi_torch.enable_batch_invariant_mode():
+            steps["b_in"].set()
+            steps["a_out"].wait(60)
+            seen["inside b after a left"] = bi_torch.is_batch_invariant_mode()
+        seen["after both"] = bi_torch.is_batch_invariant_mode()
+        steps["b_checked"].set()
+
+    threads = [threading.Thread(target=f) for f in (thread_a, thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert seen == {"inside b after a left": True, "after both": False}
+
+    # A block open in another thread, then a newer plain call here: the plain
+    # call decides, and the older block's exit does not undo it.
+    opened, close = threading.Event(), threading.Event()
+
+    def holder():
+        with bi_torch.disable_batch_invariant_mode():
+            opened.set()
+            close.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    opened.wait(60)
+    try:
+        bi_torch.enable_batch_invariant_mode()
+        assert bi_torch.is_batch_invariant_mode()
+        close.set()
+        t.join(60)
+        assert bi_torch.is_batch_invariant_mode()
+        with bi_torch.disable_batch_invariant_mode():  # nests on the plain call's state
+            assert not bi_torch.is_batch_invariant_mode()
+        assert bi_torch.is_batch_invariant_mode()
+    finally:
+        bi_torch.disable_batch_invariant_mode()
+    assert not bi_torch.is_batch_invariant_mode()
+
+
 @torch.no_grad()
 def test_calls_the_kernels_do_not_take_run_pytorch_and_floats_warn():
     x, w, _ = _data()
