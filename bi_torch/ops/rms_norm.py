@@ -240,24 +240,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
 
 def _rms_norm(x, weight, eps, with_rstd=False):
+    op = "rms_norm_with_rstd" if with_rstd else "rms_norm"
     check_float_tensor("x", x)
     if x.ndim == 0:
-        raise ValueError("rms_norm: x must have at least one dimension, got a 0-d tensor")
+        raise ValueError(f"{op}: x must have at least one dimension, got a 0-d tensor")
     n = x.shape[-1]
     if n == 0:
-        raise ValueError(f"rms_norm: the normalised (last) dimension of x is empty: shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: the normalised (last) dimension of x is empty: shape {tuple(x.shape)}")
     if weight is not None:
         check_float_tensor("weight", weight)
         if tuple(weight.shape) != (n,):
             raise ValueError(
-                f"rms_norm: weight must have shape ({n},) to match x.shape[-1], got {tuple(weight.shape)}"
+                f"{op}: weight must have shape ({n},) to match x.shape[-1], got {tuple(weight.shape)}"
             )
         if weight.device != x.device:
-            raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
+            raise ValueError(f"{op}: x is on {x.device} but weight is on {weight.device}")
     eps = check_eps(eps)
-    check_row_length("rms_norm", n)
-    check_launchable("rms_norm", x)
-    check_no_autograd("rms_norm", x, weight)
+    check_row_length(op, n)
+    check_launchable(op, x)
+    check_no_autograd(op, x, weight)
 
     x2d = canonical(x.reshape(-1, n))
     w = canonical(weight) if weight is not None else None
