@@ -41,6 +41,16 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sm_count(device: torch.device) -> int:
+    """The SM count of a CUDA device (cached: a launch-time question)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 class _Other(Exception):
     """An argument the key cannot describe: Triton's path."""
 

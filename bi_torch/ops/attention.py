@@ -13,7 +13,6 @@ batches). Both give the same bits; so do both tile configs of a head size.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
@@ -21,7 +20,7 @@ import triton.language as tl
 
 from bi_core import attention as contract
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
-from bi_torch._launch import cdiv, fast
+from bi_torch._launch import cdiv, fast, sm_count
 
 __all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "paged_attention", "launch"]
 
@@ -398,14 +397,9 @@ def _merge_kernel(
 # --- launch ------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_limit(device: torch.device) -> int:
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return sm_count(device)
     return contract.SPREAD_BELOW_PROGRAMS
 
 

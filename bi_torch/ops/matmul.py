@@ -8,7 +8,6 @@ every M; the tile shape, picked from M for speed, does not change it.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -17,7 +16,7 @@ import triton.language as tl
 
 from bi_core.matmul import INTERPRET_CONFIG, TileConfig, precision_of, tile_config
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
-from bi_torch._launch import cdiv, fast
+from bi_torch._launch import cdiv, fast, sm_count
 from bi_torch._interpreter import interpreter_ready
 
 __all__ = ["matmul", "linear", "launch"]
@@ -247,12 +246,7 @@ def _tma_ready(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, each looping over tiles
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return sm_count(device)
 
 
 def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: torch.Tensor,

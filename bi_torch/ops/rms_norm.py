@@ -130,6 +130,13 @@ def _rstd(sumsq, RSTD_ASM: tl.constexpr, INV_N: tl.constexpr, EPS: tl.constexpr,
         return 1.0 / tl.sqrt(sumsq * INV_N + EPS)
 
 
+@triton.jit
+def _store_rstd(rstd_ptr, row, part, rstd):
+    """The row's normalising factor (shape [1]), written by its first slice's program."""
+    if part == 0:
+        tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)
+
+
 @fast
 @triton.jit
 def _rms_norm_kernel(
@@ -192,8 +199,7 @@ def _rms_norm_kernel(
         sumsq = _sum_tree(_square(x, PTX), REPS, THREADS, VEC, EXPLICIT, LANES, WARPS)
         rstd = _rstd(sumsq, RSTD_ASM, INV_N, EPS, PTX)
         if WRITE_RSTD:
-            if part == 0:
-                tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)  # rstd: shape [1]
+            _store_rstd(rstd_ptr, row, part, rstd)
         y = x_out * rstd
         if HAS_WEIGHT:
             if not EARLY_WEIGHT:
@@ -210,8 +216,7 @@ def _rms_norm_kernel(
             acc += _square(x, PTX)
         rstd = _rstd(_sum_tree(acc, REPS, THREADS, VEC, EXPLICIT, LANES, WARPS), RSTD_ASM, INV_N, EPS, PTX)
         if WRITE_RSTD:
-            if part == 0:
-                tl.store(rstd_ptr + row + tl.arange(0, 1), rstd)  # rstd: shape [1]
+            _store_rstd(rstd_ptr, row, part, rstd)
         for c in tl.static_range(NUM_CHUNKS):
             offs = c * BLOCK + slice_cols
             mask = offs < n_cols
