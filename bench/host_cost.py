@@ -2,9 +2,11 @@
 (``python -m bench --host-cost``, GPU only).
 
 Per call at decode sizes (bf16, each spec's ``host_features`` for 32 batch
-rows): the default op, the bi_ function called directly, the default op under the per-thread dispatch mode
-(``set_batch_invariant_mode``) and under the process-wide switch
-(``enable_batch_invariant_mode``), plus an unrelated small op under each.
+rows): the default op, the bi_ function called directly (by its plan, and by
+its full path with plans off, ``bi_torch._plan``), the default op under the
+per-thread dispatch mode (``set_batch_invariant_mode``) and under the
+process-wide switch (``enable_batch_invariant_mode``), plus an unrelated small
+op under each.
 Host time is the wall time of a loop of calls with no synchronisation in it,
 over the calls (the GPU runs behind; the loop is shorter than the launch
 queue), the median of several loops.
@@ -21,6 +23,7 @@ transformers' static cache, whose decoding steps ``generate`` compiles
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -71,6 +74,18 @@ def _ops():
     return rows
 
 
+@contextlib.contextmanager
+def plans_off():
+    """The bi_ ops' full paths: no plans made or run while the block runs."""
+    from bi_torch import _plan
+
+    enabled, _plan.ENABLED = _plan.ENABLED, False
+    try:
+        yield
+    finally:
+        _plan.ENABLED = enabled
+
+
 def measure_ops() -> list[dict]:
     import torch
 
@@ -82,11 +97,13 @@ def measure_ops() -> list[dict]:
             row = {"op": name, "default_us": _host_us(default)}
             if direct is not None:
                 row["bi_direct_us"] = _host_us(direct)
+                with plans_off():
+                    row["bi_full_path_us"] = _host_us(direct)
             with bi_torch.set_batch_invariant_mode():
                 row["dispatch_mode_us"] = _host_us(default)
             with bi_torch.enable_batch_invariant_mode():
                 row["process_wide_us"] = _host_us(default)
-            for key in ("bi_direct_us", "dispatch_mode_us", "process_wide_us"):
+            for key in ("bi_direct_us", "bi_full_path_us", "dispatch_mode_us", "process_wide_us"):
                 if key in row:
                     row[key.replace("_us", "_ratio")] = row[key] / row["default_us"]
             rows.append(row)
@@ -134,6 +151,7 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
         "default (sdpa)": (lambda: _llama("sdpa"), {}),
         "dispatch mode": (lambda: bhf.batch_invariant(_llama("sdpa")), {}),
         "process-wide switch": (lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True), {}),
+        "process-wide switch, plans off": (lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True), {}),
         "default (sdpa), compiled": (lambda: _llama("sdpa"), {"cache_implementation": "static"}),
         "process-wide switch, compiled": (
             lambda: _switch_with("reduce-overhead")(bhf.batch_invariant(_llama("sdpa"), process_wide=True)),
@@ -146,7 +164,7 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
         try:
             model = build()
             times = []
-            with torch.no_grad():
+            with torch.no_grad(), plans_off() if "plans off" in name else contextlib.nullcontext():
                 for i in range(runs + 1):
                     torch.cuda.synchronize()
                     start = time.perf_counter()
@@ -164,11 +182,13 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
             model = None
             torch.cuda.empty_cache()
         rows.append(row)
+    baselines = {compiled: next(r for r in rows if r["variant"].startswith("default") and (
+        "compiled" in r["variant"]) == compiled) for compiled in (False, True)}
     for row in rows:
-        base = rows[3 if "compiled" in row["variant"] else 0].get("ms")
+        base = baselines["compiled" in row["variant"]].get("ms")
         if "ms" in row and base:
             row["ratio"] = row["ms"] / base
-    for name in ("process-wide switch", "process-wide switch, compiled"):
+    for name in ("process-wide switch", "process-wide switch, plans off", "process-wide switch, compiled"):
         if name in tokens and "dispatch mode" in tokens:
             next(r for r in rows if r["variant"] == name)["same_tokens_as_dispatch_mode"] = bool(
                 torch.equal(tokens["dispatch mode"], tokens[name]))
@@ -182,13 +202,13 @@ def run(out: Path, console) -> list[Path]:
 
     ops = measure_ops()
     table = Table(title=f"host cost per call, us (torch {torch.__version__}, {torch.cuda.get_device_name()})")
-    for col in ("op", "default", "bi_ direct", "dispatch mode", "process-wide"):
+    for col in ("op", "default", "bi_ direct", "bi_ full path", "dispatch mode", "process-wide"):
         table.add_column(col, justify="left" if col == "op" else "right")
     for r in ops:
         def cell(key):
             return f"{r[key + '_us']:.1f} ({r[key + '_ratio']:.2f}x)" if key + "_us" in r else "-"
-        table.add_row(r["op"], f"{r['default_us']:.1f}", cell("bi_direct"), cell("dispatch_mode"),
-                      cell("process_wide"))
+        table.add_row(r["op"], f"{r['default_us']:.1f}", cell("bi_direct"), cell("bi_full_path"),
+                      cell("dispatch_mode"), cell("process_wide"))
     console.print(table)
     gen = measure_generation()
     table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")

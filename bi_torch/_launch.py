@@ -19,6 +19,12 @@ Triton's own path is kept where the fast one would not be its equal: under
 the CPU interpreter, while a launch hook is set (profilers), for arguments
 of other types (tensor descriptors), and everywhere with
 ``BI_TRITON_LAUNCH=triton`` in the environment at import.
+
+A launch can also be *bound* (:meth:`fast.bind`): everything fixed but its
+leading tensors, so that an op that has seen a shape before (``bi_torch._plan``)
+launches with one call into Triton's C launcher and no key to build. While
+:func:`recording` is active, each launch is also recorded, so that the op
+that made it can bind it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -62,16 +71,51 @@ def _device_stream() -> tuple[int, int]:
     return device, torch._C._cuda_getCurrentRawStream(device)
 
 
+def _stream(device: int) -> int:
+    """The current stream of ``device``."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
 def _active(hook) -> bool:
     # Triton 3.6 keeps its hooks in chains (empty unless a profiler adds one);
     # earlier versions hold a function or None.
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _hooks_set() -> bool:
+@functools.cache
+def _runtime_knobs():
     from triton import knobs
 
-    return _active(knobs.runtime.launch_enter_hook) or _active(knobs.runtime.launch_exit_hook)
+    return knobs.runtime
+
+
+def _hooks_set() -> bool:
+    knobs = _runtime_knobs()
+    return _active(knobs.launch_enter_hook) or _active(knobs.launch_exit_hook)
+
+
+class Launch(NamedTuple):
+    """One launch as :func:`recording` saw it: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: "fast"
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+_RECORDING = threading.local()
+
+
+@contextmanager
+def recording():
+    """Record this thread's launches of :class:`fast` kernels while the block
+    runs, into the list it yields (the launches still run)."""
+    outer = getattr(_RECORDING, "launches", None)
+    _RECORDING.launches = launches = []
+    try:
+        yield launches
+    finally:
+        _RECORDING.launches = outer
 
 
 def _arg_key(args) -> tuple:
@@ -107,6 +151,9 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **kwargs):
+        launches = getattr(_RECORDING, "launches", None)
+        if launches is not None:
+            launches.append(Launch(self, grid, args, kwargs))
         if not _ENABLED or interpreting():
             return self.kernel[grid](*args, **kwargs)
         try:
@@ -129,6 +176,58 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *tail)
         return compiled
+
+    def bind(self, launch: Launch, leading: int):
+        """``launch`` (of this kernel, made before) as a function of its first
+        ``leading`` arguments: ``bound(t0, t1, ...)`` launches
+        ``kernel[grid](t0, t1, ..., *launch.args[leading:], **launch.kwargs)``
+        on the current stream. The tensors given must match those of
+        ``launch`` in dtype and 16-byte alignment (what Triton specialised
+        them on); the callers' plan keys hold both. Where the launch went
+        Triton's way (the interpreter, no cached kernel), so does every bound
+        call; while a launch hook is set, too."""
+        rest = launch.args[leading:]
+        grid, kwargs = launch.grid, launch.kwargs
+
+        def through_triton(*tensors):
+            self._launch(grid, *tensors, *rest, **kwargs)
+
+        if not _ENABLED or interpreting():
+            return through_triton
+        try:
+            device, _ = _device_stream()
+            hit = self._cache.get((device, _arg_key(launch.args), tuple(kwargs.items())))
+        except (_Other, TypeError):
+            hit = None
+        if hit is None:
+            return through_triton
+        compiled, tail = hit
+        fixed = (*rest, *tail)
+        g0 = grid[0]
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        function, metadata = compiled.function, compiled.packed_metadata
+        runner = compiled.run
+        direct = getattr(runner, "launch", None)
+        if direct is None or getattr(runner, "global_scratch_size", 1) or getattr(runner, "profile_scratch_size", 1):
+            # Triton's launcher object: it allocates the kernel's scratch memory.
+            def bound(*tensors):
+                if _hooks_set():
+                    return through_triton(*tensors)
+                self.hits += 1
+                runner(g0, g1, g2, _stream(device), function, metadata, None, None, None, *tensors, *fixed)
+            return bound
+        cooperative, pdl = runner.launch_cooperative_grid, runner.launch_pdl
+
+        def bound(*tensors):
+            if _hooks_set():
+                return through_triton(*tensors)
+            self.hits += 1
+            # Triton's C launcher, as its launcher object calls it: grid, stream,
+            # function, cooperative, PDL, no scratch, metadata, no hooks, arguments.
+            direct(g0, g1, g2, _stream(device), function, cooperative, pdl, None, None, metadata, None, None, None,
+                   *tensors, *fixed)
+        return bound
 
     def _tail(self, given: int, kwargs) -> tuple:
         """The values of the parameters after the positional ones, in the

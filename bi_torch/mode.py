@@ -158,6 +158,56 @@ class _Unsupported(Exception):
     """This call of a handled op needs the default kernel (dtype, layout)."""
 
 
+# The same calls by a plan made before (``bi_torch._plan``), without the
+# checks; None where no plan fits, and the implementations above run.
+def _mm_planned(a, b):
+    return _mm.planned(a, b)
+
+
+def _bmm_planned(a, b):
+    return _mm.planned(a, b)
+
+
+def _addmm_planned(bias, a, b, *, beta=1, alpha=1):
+    if beta == 1 and alpha == 1 and bias.ndim == 1:  # F.linear's form
+        return _mm.planned(a, b, bias)
+    return None
+
+
+def _softmax_planned(x, dim, half_to_float):
+    return None if half_to_float else _rows.planned("softmax", x, dim)
+
+
+def _log_softmax_planned(x, dim, half_to_float):
+    return None if half_to_float else _rows.planned("log_softmax", x, dim)
+
+
+def _sum_planned(x, dim=None, keepdim=False, *, dtype=None):
+    return _rows.planned("sum", x, dim, dtype, keepdim)
+
+
+def _mean_planned(x, dim=None, keepdim=False, *, dtype=None):
+    return _rows.planned("mean", x, dim, dtype, keepdim)
+
+
+def _fused_rms_norm_planned(x, normalized_shape, weight=None, eps=None):
+    if len(normalized_shape) != 1:
+        return None
+    return _rms.planned(x, weight, torch.finfo(x.dtype).eps if eps is None else eps, with_rstd=True)
+
+
+_PLANNED = {
+    aten.mm.default: _mm_planned,
+    aten.bmm.default: _bmm_planned,
+    aten.addmm.default: _addmm_planned,
+    aten._softmax.default: _softmax_planned,
+    aten._log_softmax.default: _log_softmax_planned,
+    aten.sum.dim_IntList: _sum_planned,
+    aten.mean.dim: _mean_planned,
+    aten._fused_rms_norm.default: _fused_rms_norm_planned,
+}
+
+
 _HANDLED = {
     aten.mm.default: _mm_impl,
     aten.bmm.default: _bmm_impl,
@@ -284,6 +334,16 @@ def _one_element_at_a_time(func, args, kwargs):
     return x.copy_(out) if inplace else out
 
 
+@functools.lru_cache(maxsize=None)
+def _passes(func) -> bool:
+    """Whether the mode runs every call of ``func`` as it is, whatever its
+    arguments: not routed, unable to combine elements, and not one that the
+    interpreter computes one element at a time (decided once per op)."""
+    if func in _HANDLED or _kind(func) is not False:
+        return False
+    return not (interpreting() and (func in _CPU_TRANSCENDENTAL or func in _CPU_TRANSCENDENTAL_INPLACE))
+
+
 def _tensors(args, kwargs):
     for a in list(args) + list((kwargs or {}).values()):
         if isinstance(a, torch.Tensor):
@@ -326,6 +386,14 @@ class BatchInvariantMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        planned = _PLANNED.get(func)
+        if planned is not None:
+            out = planned(*args, **kwargs)
+            if out is not None:
+                self.handled[str(func)] += 1
+                return out
+        elif _passes(func):
+            return func(*args, **kwargs)
         tensors = list(_tensors(args, kwargs))
         floating = [t for t in tensors if t.is_floating_point()]
         target = bool(floating) and all(_on_target(t) for t in tensors)

@@ -144,7 +144,14 @@ def _fallback(name, default, args, kwargs, why, floats):
 
 
 def _kernel(name, impl, default):
+    packet, _, overload = name.partition(".")
+    planned = _mode._PLANNED.get(getattr(getattr(aten, packet), overload or "default"))
+
     def run(*args, **kwargs):
+        if planned is not None:
+            out = planned(*args, **kwargs)
+            if out is not None:
+                return out
         floats, supported = _floats_supported(args, kwargs)
         if not (floats and supported) or getattr(_INSIDE, "active", False):
             why = "dtype " + ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in _mode._tensors(

@@ -117,6 +117,78 @@ def test_a_launch_hook_is_seen_only_while_one_is_set():
     assert not _launch._hooks_set()
 
 
+class _Launcher:
+    """Triton's CUDA launcher object: its C ``launch`` and the settings it passes."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def launch(self, *args) -> None:
+        self.calls.append(args)
+
+
+def test_a_bound_launch_calls_tritons_c_launcher_with_the_new_tensors(kernel, monkeypatch):
+    monkeypatch.setattr(_launch, "_stream", lambda device: 99)
+    x, y = torch.zeros(64), torch.zeros(64)
+    with _launch.recording() as launches:
+        kernel[(3, 2)](x, y, 64, 0.5, BLOCK=32, num_warps=4)
+    (launch,) = launches
+    assert launch.kernel is kernel and launch.grid == (3, 2) and launch.args == (x, y, 64, 0.5)
+    launcher = _Launcher()
+    kernel.kernel.compiled.run = launcher  # as Triton's compiled kernel holds it
+    bound = kernel.bind(launch, 2)
+    x2, y2 = torch.ones(64), torch.ones(64)
+    bound(x2, y2)
+    (call,) = launcher.calls
+    # grid, stream, function, cooperative, PDL, no scratch, metadata, no launch
+    # metadata or hooks, then the tensors given and the rest of the launch.
+    assert call == (3, 2, 1, 99, "function", False, True, None, None, "metadata", None, None, None,
+                    x2, y2, 64, 0.5, 32, "sum")
+    assert len(kernel.kernel.launches) == 1  # nothing through Triton's binder
+
+
+def test_a_bound_launch_with_scratch_memory_or_hooks_keeps_tritons_launcher(kernel, monkeypatch):
+    monkeypatch.setattr(_launch, "_stream", lambda device: 99)
+    x = torch.zeros(8)
+    with _launch.recording() as launches:
+        kernel[(1,)](x, x, 8, 0.5, BLOCK=8)
+    launcher = _Launcher()
+    calls = []
+    kernel.kernel.compiled.run = lambda *args: calls.append(args)
+    kernel.kernel.compiled.run.launch = launcher.launch
+    kernel.kernel.compiled.run.global_scratch_size = 128
+    bound = kernel.bind(launches[0], 1)
+    bound(x)
+    assert calls == [(1, 1, 1, 99, "function", "metadata", None, None, None, x, x, 8, 0.5, 8, "sum")]
+    monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
+    bound(x)  # a profiler's hook: Triton's own path
+    assert len(calls) == 1 and len(kernel.kernel.launches) == 2 and not launcher.calls
+
+
+def test_a_launch_triton_did_not_cache_binds_to_tritons_path(kernel, monkeypatch):
+    monkeypatch.setattr(_launch, "_ENABLED", False)
+    x = torch.zeros(8)
+    with _launch.recording() as launches:
+        kernel[(1,)](x, x, 8, 0.5, BLOCK=8)
+    bound = kernel.bind(launches[0], 1)
+    bound(torch.ones(8))
+    assert len(kernel.kernel.launches) == 2 and kernel.kernel.launches[1][1][0].sum() == 8
+
+
+def test_recording_nests_and_records_only_inside(kernel):
+    x = torch.zeros(8)
+    kernel[(1,)](x, x, 8, 0.5, BLOCK=8)
+    with _launch.recording() as outer:
+        kernel[(1,)](x, x, 8, 0.5, BLOCK=8)
+        with _launch.recording() as inner:
+            kernel[(2,)](x, x, 8, 0.5, BLOCK=8)
+        kernel[(3,)](x, x, 8, 0.5, BLOCK=8)
+    assert [launch.grid for launch in outer] == [(1,), (3,)] and [launch.grid for launch in inner] == [(2,)]
+
+
 def test_the_kernels_attributes_show_through(kernel):
     assert kernel.fn is _kernel
     assert _launch.cdiv(65, 64) == 2 and _launch.cdiv(64, 64) == 1 and _launch.cdiv(0, 64) == 0

@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from bi_core import attention as contract
+from bi_torch import _plan
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
-from bi_torch._launch import cdiv, fast, sm_count
+from bi_torch._launch import cdiv, fast, recording, sm_count
 
 __all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "paged_attention", "launch"]
 
@@ -660,8 +661,16 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, wind
     that sees no key gives zeros. A row's bits depend only on that query and
     the keys and values it attends to (``bi_core.attention``).
     """
-    return _dense("attention", q, k, v, causal=causal, scale=scale, window=window, bottom_right=True,
-                  split_kv=split_kv, kv_lengths=kv_lengths)
+    key = _plan_key("attention", q, k, v, causal, scale, window, split_kv) if kv_lengths is None else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan(q, k, v)
+    with recording() as launches:
+        out = _dense("attention", q, k, v, causal=causal, scale=scale, window=window, bottom_right=True,
+                     split_kv=split_kv, kv_lengths=kv_lengths)
+    if key is not None:
+        _PLANS.add(key, _attention_plan(launches, (q, k, v), out, transposed=False))
+    return out
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
@@ -683,14 +692,76 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     that requires grad, and inputs that are not 4-D.
     """
     op = "scaled_dot_product_attention"
+    signature = _plan_key(op, query, key, value, is_causal, scale, enable_gqa) \
+        if attn_mask is None and not dropout_p else None
+    plan = _PLANS.get(signature) if signature is not None else None
+    if plan is not None:
+        return plan(query, key, value)
     if dropout_p:
         raise NotImplementedError(f"{op}: dropout_p={dropout_p} is not supported (inference only)")
     _check_bhle(op, query, key, value, enable_gqa)
     boolean = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
-    out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
-                 scale=scale, window=None, bottom_right=False, split_kv=None,
-                 mask=attn_mask if boolean else None, bias=None if boolean else attn_mask)
+    with recording() as launches:
+        out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
+                     scale=scale, window=None, bottom_right=False, split_kv=None,
+                     mask=attn_mask if boolean else None, bias=None if boolean else attn_mask)
+    if signature is not None:
+        _PLANS.add(signature, _attention_plan(launches, (query, key, value), out, transposed=True))
     return out.transpose(1, 2)
+
+
+_PLANS = _plan.Plans("attention")
+
+
+def _plan_key(op, q, k, v, *options):
+    """The signature of an attention call without masks or lengths (None: no
+    plan). Options that a plan could not tell apart by value (a tensor scale,
+    a list window) leave the call to the full path."""
+    if not _plan.ENABLED or not _plan.plain(q, k, v):
+        return None
+    for value in options:
+        if value is not None and type(value) not in (bool, int, float) and not (
+                type(value) is tuple and all(type(x) is int for x in value)):
+            return None
+    return op, _plan.signature(q), _plan.signature(k), _plan.signature(v), options, _plan.current_device()
+
+
+def _attention_plan(launches, given, out, *, transposed):
+    """A planned dense attention: the output (and split-KV's workspace), then
+    the bound attention launch (q, k, v, the output, the workspace) and, with
+    split-KV, the bound merge (the output, the workspace); None unless the
+    full path launched on the given q, k and v themselves, without masks."""
+    if not launches or len(launches) > 2 or launches[0].kernel is not _attn_kernel:
+        return None
+    first = launches[0]
+    if not _plan.same_memory(*zip(given, first.args[:3])) or first.args[3].data_ptr() != out.data_ptr():
+        return None
+    if first.kwargs.get("HAS_MASK") or first.kwargs.get("HAS_BIAS") or first.kwargs.get("K_STARTS"):
+        return None
+    attend = _attn_kernel.bind(first, 7)
+    shape, dtype, device = tuple(out.shape), out.dtype, out.device
+    if len(launches) == 1:
+        workspace = first.args[4:7]  # stand-ins: one program per query tile writes no partials
+
+        def plan(q, k, v):
+            o = torch.empty(shape, dtype=dtype, device=device)
+            attend(q, k, v, o, *workspace)
+            return o.transpose(1, 2) if transposed else o
+        return plan
+    merge = _plan.single(launches[1:], _merge_kernel, 4)
+    if merge is None:
+        return None
+    acc_shape, stats_shape = tuple(first.args[4].shape), tuple(first.args[5].shape)
+
+    def plan(q, k, v):
+        o = torch.empty(shape, dtype=dtype, device=device)
+        acc = torch.empty(acc_shape, dtype=torch.float32, device=device)
+        m = torch.empty(stats_shape, dtype=torch.float32, device=device)
+        l = torch.empty(stats_shape, dtype=torch.float32, device=device)
+        attend(q, k, v, o, acc, m, l)
+        merge(o, acc, m, l)
+        return o.transpose(1, 2) if transposed else o
+    return plan
 
 
 def sdpa_from_first_visible(query, key, value, attn_mask, *, scale: float | None = None,

@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from bi_core.matmul import INTERPRET_CONFIG, TileConfig, precision_of, tile_config
+from bi_torch import _plan
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
-from bi_torch._launch import cdiv, fast, sm_count
+from bi_torch._launch import cdiv, fast, recording, sm_count
 from bi_torch._interpreter import interpreter_ready
 
 __all__ = ["matmul", "linear", "launch"]
@@ -343,6 +344,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
     A row of the output depends only on its row of ``a`` and on ``b``: not on
     how many rows ``a`` has nor where the row sits.
     """
+    key = _plan_key(a, b, bias, out_dtype)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan(a, b, bias)
     out_dtype = _check_pair("matmul", a, b, bias, out_dtype)
     a2 = a.unsqueeze(0) if a.ndim == 1 else a
     b2 = b.unsqueeze(-1) if b.ndim == 1 else b
@@ -353,6 +358,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
             f"(a has {k} columns, b has {b2.shape[-2]} rows)"
         )
     n = b2.shape[-1]
+    given_bias = bias
     bias = _check_bias("matmul", bias, n)
 
     if b2.ndim == 2:
@@ -361,7 +367,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
         a3 = _usable(a2.reshape(math.prod(lead), k)).unsqueeze(0)
         b3 = _usable(b2).unsqueeze(0)
         c3 = torch.empty((1, a3.shape[1], n), dtype=out_dtype, device=a.device)
-        launch(a3, b3, bias, c3)
+        with recording() as launches:
+            launch(a3, b3, bias, c3)
         out = c3.reshape(*lead, n)
     else:
         try:
@@ -374,13 +381,50 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
         a3 = _usable(a2.expand(*batch, m, k).reshape(-1, m, k))
         b3 = _usable(b2.expand(*batch, k, n).reshape(-1, k, n))
         c3 = torch.empty((a3.shape[0], m, n), dtype=out_dtype, device=a.device)
-        launch(a3, b3, bias, c3)
+        with recording() as launches:
+            launch(a3, b3, bias, c3)
         out = c3.reshape(*batch, m, n)
+    if key is not None and _plan.same_memory((a, a3), (b, b3), (given_bias, bias)):
+        # The launch read the caller's operands in place (no copy): a plan.
+        bound = _plan.single(launches, _matmul_kernel, 4)
+        if bound is not None:
+            _PLANS.add(key, _product_plan(bound, tuple(out.shape), out_dtype, a.device))
     if a.ndim == 1:
         out = out.squeeze(-2)
     if b.ndim == 1:
         out = out.squeeze(-1)
     return out
+
+
+_PLANS = _plan.Plans("matmul")
+
+
+def planned(a, b, bias=None):
+    """``matmul(a, b, bias)`` by a plan made before (``bi_torch._plan``), or
+    None where there is none."""
+    key = _plan_key(a, b, bias, None)
+    plan = _PLANS.get(key) if key is not None else None
+    return None if plan is None else plan(a, b, bias)
+
+
+def _plan_key(a, b, bias, out_dtype):
+    """The signature of a ``matmul`` call of operands of at least 2-D (None:
+    no plan); ``out_dtype`` also tells ``linear``'s calls apart."""
+    if not _plan.ENABLED or not _plan.plain(a, b, bias) or a.ndim < 2 or b.ndim < 2:
+        return None
+    # fp32 products follow torch's tf32 setting: part of the signature.
+    return (_plan.signature(a), _plan.signature(b), _plan.signature(bias), out_dtype,
+            torch._C._get_cublas_allow_tf32(), _plan.current_device())
+
+
+def _product_plan(bound, shape, dtype, device):
+    """A planned ``matmul``: the output, then the one bound launch (``a``,
+    ``b``, the bias or a stand-in, the output)."""
+    def plan(a, b, bias):
+        c = torch.empty(shape, dtype=dtype, device=device)
+        bound(a, b, c if bias is None else bias, c)
+        return c
+    return plan
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -390,6 +434,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dims. Same arithmetic as :func:`matmul` (it is ``matmul(x, weight.T, bias)``,
     with the transposed weight read in place).
     """
+    key = _plan_key(x, weight, bias, "linear")
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan(x, weight, bias)  # the product's plan: it reads weight.t() in place
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)
     if weight.ndim != 2:
@@ -398,4 +446,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(
             f"linear: x's last dimension must equal in_features={weight.shape[1]}, got x of shape {tuple(x.shape)}"
         )
-    return matmul(x, weight.t(), bias)
+    weight_t = weight.t()
+    out = matmul(x, weight_t, bias)
+    if key is not None:
+        _PLANS.add(key, _PLANS.peek(_plan_key(x, weight_t, bias, None)))
+    return out

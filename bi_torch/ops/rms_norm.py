@@ -24,7 +24,8 @@ from bi_torch._checks import (
     canonical,
     interpreting,
 )
-from bi_torch._launch import fast
+from bi_torch import _plan
+from bi_torch._launch import fast, recording
 from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm", "launch"]
@@ -245,6 +246,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
 
 def _rms_norm(x, weight, eps, with_rstd=False):
+    key = _plan_key(x, weight, eps, with_rstd)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan(x, weight)
     op = "rms_norm_with_rstd" if with_rstd else "rms_norm"
     check_float_tensor("x", x)
     if x.ndim == 0:
@@ -269,10 +274,48 @@ def _rms_norm(x, weight, eps, with_rstd=False):
     w = canonical(weight) if weight is not None else None
     y = torch.empty_like(x2d)
     rstd = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device) if with_rstd else None
-    if x2d.shape[0]:
-        launch(x2d, w, y, eps, rstd=rstd)
+    with recording() as launches:
+        if x2d.shape[0]:
+            launch(x2d, w, y, eps, rstd=rstd)
+    if key is not None and _plan.same_memory((x, x2d), (weight, w)):
+        bound = _plan.single(launches, _rms_norm_kernel, 4)
+        if bound is not None:
+            _PLANS.add(key, _norm_plan(bound, x.shape, x.dtype, x.device, with_rstd))
     y = y.view(x.shape)
     return y if rstd is None else (y, rstd.view(*x.shape[:-1], 1))
+
+
+_PLANS = _plan.Plans("rms_norm")
+
+
+def planned(x, weight, eps, with_rstd=False):
+    """``rms_norm`` (``with_rstd``: ``rms_norm_with_rstd``) by a plan made
+    before (``bi_torch._plan``), or None where there is none."""
+    key = _plan_key(x, weight, eps, with_rstd)
+    plan = _PLANS.get(key) if key is not None else None
+    return None if plan is None else plan(x, weight)
+
+
+def _plan_key(x, weight, eps, with_rstd):
+    if not _plan.ENABLED or type(eps) not in (float, int) or not _plan.plain(x, weight):
+        return None
+    return _plan.signature(x), _plan.signature(weight), eps, with_rstd, _plan.current_device()
+
+
+def _norm_plan(bound, shape, dtype, device, with_rstd):
+    """A planned norm: the output (and the rstd), then the one bound launch
+    (``x``, the weight or a stand-in, ``y``, the rstd or a stand-in)."""
+    rstd_shape = (*shape[:-1], 1)
+
+    def plan(x, weight):
+        y = torch.empty(shape, dtype=dtype, device=device)
+        if not with_rstd:
+            bound(x, x if weight is None else weight, y, y)
+            return y
+        rstd = torch.empty(rstd_shape, dtype=torch.float32, device=device)
+        bound(x, x if weight is None else weight, y, rstd)
+        return y, rstd
+    return plan
 
 
 def rms_norm_with_rstd(x: torch.Tensor, weight: torch.Tensor | None = None,

@@ -25,7 +25,8 @@ from bi_torch._checks import (
     check_row_length,
     interpreting,
 )
-from bi_torch._launch import fast
+from bi_torch import _plan
+from bi_torch._launch import fast, recording
 from bi_torch.ops.rms_norm import _sum_tree, _tree_args
 
 __all__ = ["sum", "mean", "softmax", "log_softmax", "launch"]
@@ -304,6 +305,11 @@ def _dims(op: str, x: torch.Tensor, dim) -> tuple[int, ...]:
 
 
 def _reduce(op: str, x: torch.Tensor, dim, keepdim: bool, dtype) -> torch.Tensor:
+    key = _plan_key(op, x, dim, dtype, keepdim)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan(x)
+    given = x
     x = _check_input(op, x, dtype)
     dims = _dims(op, x, dim)
     kept = [d for d in range(x.ndim) if d not in dims]
@@ -311,18 +317,28 @@ def _reduce(op: str, x: torch.Tensor, dim, keepdim: bool, dtype) -> torch.Tensor
     out_shape = [x.shape[d] for d in kept]
     moved = x.permute(*kept, *dims) if x.ndim else x
     x2d = canonical(moved.reshape(math.prod(out_shape), n))
+    launches = []
     if n == 0:
         # As torch: the empty sum is 0 and the empty mean is nan.
         out = torch.full((x2d.shape[0],), 0.0 if op == "sum" else math.nan, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((x2d.shape[0],), dtype=x.dtype, device=x.device)
-        launch(op, x2d, out)
-    if keepdim:
-        return out.reshape([1 if d in dims else s for d, s in enumerate(x.shape)])
-    return out.reshape(out_shape)
+        with recording() as launches:
+            launch(op, x2d, out)
+    out = out.reshape([1 if d in dims else s for d, s in enumerate(x.shape)] if keepdim else out_shape)
+    if key is not None and _plan.same_memory((given, x2d)):
+        bound = _plan.single(launches, _row_kernel, 2)
+        if bound is not None:
+            _PLANS.add(key, _rows_plan((bound,), tuple(out.shape), x.dtype, x.device))
+    return out
 
 
 def _normalise(op: str, x: torch.Tensor, dim: int, dtype) -> torch.Tensor:
+    key = _plan_key(op, x, dim, dtype)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return plan(x)
+    given = x
     x = _check_input(op, x, dtype)
     if x.ndim == 0:
         x1 = x.reshape(1, 1)
@@ -336,8 +352,77 @@ def _normalise(op: str, x: torch.Tensor, dim: int, dtype) -> torch.Tensor:
     n = moved.shape[-1]
     x2d = canonical(moved.reshape(-1, n))
     out = torch.empty_like(x2d)
-    launch(op, x2d, out)
-    return out.reshape(moved.shape).movedim(-1, d)
+    with recording() as launches:
+        launch(op, x2d, out)
+    out = out.reshape(moved.shape).movedim(-1, d)
+    if key is not None and d == x.ndim - 1 and _plan.same_memory((given, x2d)):
+        bound = _bind_rows(launches)
+        if bound is not None:
+            _PLANS.add(key, _rows_plan(bound, tuple(out.shape), x.dtype, x.device))
+    return out
+
+
+def _bind_rows(launches):
+    """The bound launches of a normalisation: one row kernel, or the two
+    segment kernels followed by the statistics' shape (None: neither)."""
+    if len(launches) == 1:
+        rows = _plan.single(launches, _row_kernel, 2)
+        return None if rows is None else (rows,)
+    if len(launches) == 2:
+        stats = _plan.single(launches[:1], _segment_stats_kernel, 3)
+        write = _plan.single(launches[1:], _segment_write_kernel, 4)
+        if stats is not None and write is not None:
+            return stats, write, tuple(launches[0].args[1].shape)
+    return None
+
+
+_PLANS = _plan.Plans("rows")
+
+
+def _plan_key(op, x, dim, dtype, keepdim=None):
+    """The signature of a row op's call (None: no plan). Plans run the op in
+    ``x``'s dtype (a ``dtype`` that casts takes the full path)."""
+    if not _plan.ENABLED or (dtype is not None and dtype != getattr(x, "dtype", None)) or not _plan.plain(x):
+        return None
+    if type(dim) is list or type(dim) is tuple:
+        if not all(type(d) is int for d in dim):
+            return None
+        dim = tuple(dim)
+    elif dim is not None and type(dim) is not int:
+        return None  # numpy integers, 0-d tensors: the full path reads them
+    return op, _plan.signature(x), dim, dtype, keepdim, _plan.current_device()
+
+
+def planned(op, x, dim, dtype=None, keepdim=None):
+    """A row op's call by a plan made before (``bi_torch._plan``), or None
+    where there is none: ``keepdim`` None for softmax and log_softmax, a bool
+    for sum and mean."""
+    key = _plan_key(op, x, dim, dtype, keepdim)
+    plan = _PLANS.get(key) if key is not None else None
+    return None if plan is None else plan(x)
+
+
+def _rows_plan(bound, shape, dtype, device):
+    """A planned row op: the output, then one bound launch (``x``, the
+    output), or two over segments (``x`` and the statistics, then the
+    outputs too; ``bound`` then ends with the statistics' shape)."""
+    if len(bound) == 1:
+        (rows,) = bound
+
+        def plan(x):
+            out = torch.empty(shape, dtype=dtype, device=device)
+            rows(x, out)
+            return out
+        return plan
+    stats_kernel, write_kernel, stats_shape = bound
+
+    def plan(x):
+        out = torch.empty(shape, dtype=dtype, device=device)
+        m, s = torch.empty((2, *stats_shape), dtype=torch.float32, device=device).unbind(0)
+        stats_kernel(x, m, s)
+        write_kernel(x, m, s, out)
+        return out
+    return plan
 
 
 def sum(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
