@@ -90,8 +90,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"a short sweep: M = {_csv(QUICK_M)} on a GPU, {_csv(CPU_QUICK_M)} without (--m wins)")
     p.add_argument("--host-cost", action="store_true",
                    help="instead of the sweep: host time per call of the torch drop-in paths (bi_ direct, the "
-                        "dispatch mode, the process-wide switch) and Llama generation under each (GPU only; "
-                        "writes host_cost.json)")
+                        "dispatch mode, the process-wide switch) and Llama generation under each, and a JAX "
+                        "decoder's generation under the transform (GPU only; writes host_cost.json)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for results.json, results.csv and plots/ (default: bench-results)")
     return p
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--host-cost measures host time around GPU launches; this machine has no GPU")
         from bench import host_cost
 
-        for path in host_cost.run(args.out, console):
+        for path in host_cost.run(args.out, console, args.frameworks):
             console.print(f"wrote {path}")
         return 0
     specs = [registry.get(o) for o in args.ops]

@@ -1,5 +1,5 @@
-"""Host cost of the torch drop-in paths, and end-to-end generation
-(``python -m bench --host-cost``, GPU only).
+"""Host cost of the torch drop-in paths, and end-to-end generation in both
+frameworks (``python -m bench --host-cost``, GPU only).
 
 Per call at decode sizes (bf16, each spec's ``host_features`` for 32 batch
 rows): the default op, the bi_ function called directly (by its plan, and by
@@ -195,31 +195,56 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
     return rows
 
 
-def run(out: Path, console) -> list[Path]:
-    import torch
-
+def run(out: Path, console, frameworks=("torch", "jax")) -> list[Path]:
+    """The torch measurements (per-call host cost, Llama generation) and the
+    JAX decoder's generation (``bench.jax_generation``), each where its
+    framework is asked for and sees the GPU; one ``host_cost.json``."""
     from rich.table import Table
 
-    ops = measure_ops()
-    table = Table(title=f"host cost per call, us (torch {torch.__version__}, {torch.cuda.get_device_name()})")
-    for col in ("op", "default", "bi_ direct", "bi_ full path", "dispatch mode", "process-wide"):
-        table.add_column(col, justify="left" if col == "op" else "right")
-    for r in ops:
-        def cell(key):
-            return f"{r[key + '_us']:.1f} ({r[key + '_ratio']:.2f}x)" if key + "_us" in r else "-"
-        table.add_row(r["op"], f"{r['default_us']:.1f}", cell("bi_direct"), cell("bi_full_path"),
-                      cell("dispatch_mode"), cell("process_wide"))
-    console.print(table)
-    gen = measure_generation()
-    table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")
-    for col in ("variant", "ms", "ratio", "same tokens as the mode"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for r in gen:
-        table.add_row(r["variant"], f"{r['ms']:.1f}" if "ms" in r else r["error"],
-                      f"{r['ratio']:.2f}x" if "ratio" in r else "-", str(r.get("same_tokens_as_dispatch_mode", "-")))
-    console.print(table)
+    result: dict = {}
+    if "torch" in frameworks:
+        import torch
+
+        ops = measure_ops()
+        table = Table(title=f"host cost per call, us (torch {torch.__version__}, {torch.cuda.get_device_name()})")
+        for col in ("op", "default", "bi_ direct", "bi_ full path", "dispatch mode", "process-wide"):
+            table.add_column(col, justify="left" if col == "op" else "right")
+        for r in ops:
+            def cell(key):
+                return f"{r[key + '_us']:.1f} ({r[key + '_ratio']:.2f}x)" if key + "_us" in r else "-"
+            table.add_row(r["op"], f"{r['default_us']:.1f}", cell("bi_direct"), cell("bi_full_path"),
+                          cell("dispatch_mode"), cell("process_wide"))
+        console.print(table)
+        gen = measure_generation()
+        table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")
+        for col in ("variant", "ms", "ratio", "same tokens as the mode"):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for r in gen:
+            table.add_row(r["variant"], f"{r['ms']:.1f}" if "ms" in r else r["error"],
+                          f"{r['ratio']:.2f}x" if "ratio" in r else "-",
+                          str(r.get("same_tokens_as_dispatch_mode", "-")))
+        console.print(table)
+        result.update(torch=torch.__version__, device=torch.cuda.get_device_name(), ops=ops, generation=gen)
+    if "jax" in frameworks:
+        import jax
+
+        if jax.default_backend() != "gpu":
+            console.print(f"JAX generation skipped: JAX runs on {jax.default_backend()} here (install the cuda13 "
+                          "extra for its GPU plugin)")
+        else:
+            from bench import jax_generation
+
+            rows = jax_generation.measure()
+            table = Table(title=f"JAX decoder generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens "
+                                f"(jax {jax.__version__})")
+            for col in ("variant", "ms", "min-max", "ratio"):
+                table.add_column(col, justify="left" if col == "variant" else "right")
+            for r in rows:
+                table.add_row(r["variant"], f"{r['ms']:.1f}", "{:.1f}-{:.1f}".format(*r["spread_ms"]),
+                              f"{r['ratio']:.2f}x" if "ratio" in r else "-")
+            console.print(table)
+            result.update(jax=jax.__version__, jax_device=str(jax.devices()[0]), jax_generation=rows)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "host_cost.json"
-    path.write_text(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "ops": ops,
-                                "generation": gen}, indent=1))
+    path.write_text(json.dumps(result, indent=1))
     return [path]

@@ -237,3 +237,25 @@ def test_quick_is_honoured_without_a_gpu(tmp_path):
     assert main(["--quick", "--ops", "sum", "--frameworks", "torch", "--out", str(tmp_path)]) == 0
     rows = _strict_json(tmp_path / "results.json")["rows"]
     assert sorted({r["m"] for r in rows}) == list(CPU_QUICK_M)
+
+
+def test_the_jax_generation_benchmarks_decoder_is_invariant_under_the_transform():
+    """The decoder that ``--host-cost`` times under ``bi_jax.batch_invariant``
+    (tiny here): a prompt's greedy tokens and logits, alone and in a batch."""
+    pytest.importorskip("jax")
+    import jax
+    import numpy as np
+
+    from bench import jax_generation as g
+
+    config = g.Config(hidden=64, intermediate=96, layers=1, heads=2, kv_heads=1, head_dim=64, vocab=50)
+    params = g.init(config, dtype="float32")
+    prompts = jax.random.randint(jax.random.key(1), (3, 5), 1, config.vocab, dtype=np.int32)
+    step = g.step_fn(config, transform=True)
+    alone_tokens, alone_logits = g.generate(config, params, prompts[1:2], 3, step)
+    tokens, logits = g.generate(config, params, prompts, 3, step)
+    assert tokens.shape == (3, 3) and logits.shape == (3, 3, config.vocab)
+    np.testing.assert_array_equal(np.asarray(alone_tokens[0]), np.asarray(tokens[1]))
+    np.testing.assert_array_equal(np.asarray(alone_logits[:, 0]), np.asarray(logits[:, 1]))
+    reference, _ = g.generate(config, params, prompts, 3, g.step_fn(config, transform=False))
+    np.testing.assert_array_equal(np.asarray(reference), np.asarray(tokens))  # fp32: the same greedy choice
