@@ -122,13 +122,13 @@ def _llama(implementation):
     return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def _switch_with(backend_mode):
+def _switch_with(backend_mode, fuse=False):
     """The process-wide switch, with compiled calls on the batch-invariant
-    backend in ``backend_mode``."""
+    backend in ``backend_mode`` (``fuse``: Inductor fuses the pointwise ops)."""
     import bi_torch
 
     def build(model):
-        bi_torch.enable_batch_invariant_mode(compile_backend=bi_torch.compile_backend(mode=backend_mode))
+        bi_torch.enable_batch_invariant_mode(compile_backend=bi_torch.compile_backend(mode=backend_mode, fuse=fuse))
         return model
 
     return build
@@ -155,6 +155,11 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
         "default (sdpa), compiled": (lambda: _llama("sdpa"), {"cache_implementation": "static"}),
         "process-wide switch, compiled": (
             lambda: _switch_with("reduce-overhead")(bhf.batch_invariant(_llama("sdpa"), process_wide=True)),
+            {"cache_implementation": "static"}),
+        # Inductor's own pointwise kernels: fewer launches, invariant, but not eager's bits.
+        "process-wide switch, compiled, fuse=True": (
+            lambda: _switch_with("reduce-overhead", fuse=True)(bhf.batch_invariant(_llama("sdpa"),
+                                                                                   process_wide=True)),
             {"cache_implementation": "static"}),
     }
     rows, tokens = [], {}
@@ -188,7 +193,8 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
         base = baselines["compiled" in row["variant"]].get("ms")
         if "ms" in row and base:
             row["ratio"] = row["ms"] / base
-    for name in ("process-wide switch", "process-wide switch, plans off", "process-wide switch, compiled"):
+    for name in ("process-wide switch", "process-wide switch, plans off", "process-wide switch, compiled",
+                 "process-wide switch, compiled, fuse=True"):
         if name in tokens and "dispatch mode" in tokens:
             next(r for r in rows if r["variant"] == name)["same_tokens_as_dispatch_mode"] = bool(
                 torch.equal(tokens["dispatch mode"], tokens[name]))
