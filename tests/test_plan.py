@@ -34,6 +34,13 @@ def _inputs(name, seed):
         return _randn(1, 3, 96, seed=seed), _randn(4, 96, 24, seed=seed + 1)
     if name in ("rms_norm", "rms_norm_with_rstd"):
         return _randn(2, 3, 96, seed=seed), _randn(96, seed=seed + 1)
+    if name == "first_visible":  # (B, H, L, E) and a left-padding mask that changes with the seed
+        q = _randn(3, 4, 5, 64, seed=seed)
+        k, v = (_randn(3, 2, 9, 64, seed=seed + i) for i in (1, 2))
+        pads = torch.tensor([seed % 4, 0, (seed + 2) % 6], device=DEVICE)
+        keys = torch.arange(9, device=DEVICE)
+        causal = keys[None, None, :] <= 4 + torch.arange(5, device=DEVICE)[None, :, None]
+        return q, k, v, ((keys[None, None, :] >= pads[:, None, None]) & causal)[:, None]
     if name in ("attention", "sdpa", "attention_split"):
         lk = 700 if name == "attention_split" else 40
         q = _randn(2, 3, 4, 64, seed=seed)
@@ -56,6 +63,7 @@ CALLS = {
     "sum_all": lambda x: bi_torch.sum(x),
     "attention": lambda q, k, v: bi_torch.attention(q, k, v, causal=True),
     "attention_split": lambda q, k, v: bi_torch.attention(q, k, v, split_kv=True),
+    "first_visible": lambda q, k, v, mask: _attention.sdpa_from_first_visible(q, k, v, mask, enable_gqa=True),
     "sdpa": lambda q, k, v: bi_torch.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True),
 }
@@ -202,8 +210,15 @@ def _decode_calls():
         k, v = (_randn(batch, 8, keys, 128, dtype=torch.bfloat16, seed=seed + i) for i in (1, 2))
         return bi_torch.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
+    def left_padded(seed, keys=88):
+        q = _randn(32, 16, 1, 128, dtype=torch.bfloat16, seed=seed)
+        k, v = (_randn(32, 8, keys, 128, dtype=torch.bfloat16, seed=seed + i) for i in (1, 2))
+        pads = torch.randint(0, 40, (32,), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(seed))
+        mask = torch.arange(keys, device=DEVICE)[None, None, None, :] >= pads[:, None, None, None]
+        return _attention.sdpa_from_first_visible(q, k, v, mask, enable_gqa=True)
+
     return {"linear": linear, "rms_norm_with_rstd": norm, "softmax": softmax, "mean": mean, "decode": decode,
-            "decode_split_kv": lambda seed: decode(seed, keys=4096, batch=1)}
+            "decode_split_kv": lambda seed: decode(seed, keys=4096, batch=1), "decode_left_padded": left_padded}
 
 
 @pytest.mark.gpu

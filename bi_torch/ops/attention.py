@@ -713,53 +713,76 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
 _PLANS = _plan.Plans("attention")
 
 
-def _plan_key(op, q, k, v, *options):
-    """The signature of an attention call without masks or lengths (None: no
-    plan). Options that a plan could not tell apart by value (a tensor scale,
+def _plan_key(op, q, k, v, *options, mask=None):
+    """The signature of a dense attention call without lengths (None: no
+    plan); ``mask``: a boolean mask, whose values a plan reads again at each
+    call. Options that a plan could not tell apart by value (a tensor scale,
     a list window) leave the call to the full path."""
-    if not _plan.ENABLED or not _plan.plain(q, k, v):
+    if not _plan.ENABLED or not _plan.plain(q, k, v, mask):
         return None
     for value in options:
         if value is not None and type(value) not in (bool, int, float) and not (
                 type(value) is tuple and all(type(x) is int for x in value)):
             return None
-    return op, _plan.signature(q), _plan.signature(k), _plan.signature(v), options, _plan.current_device()
+    return (op, _plan.signature(q), _plan.signature(k), _plan.signature(v), _plan.signature(mask), options,
+            _plan.current_device())
 
 
-def _attention_plan(launches, given, out, *, transposed):
+# The attention kernel's pointer arguments: q, k, v, out, the split-KV
+# workspace (acc, m, l), then cu_q, cu_k (or each sequence's first key),
+# kv_len, the block table, the mask and the bias; the merge kernel's: out,
+# the workspace, cu_q and cu_k.
+_ATTEND_POINTERS, _MERGE_POINTERS = 13, 6
+
+
+def _attention_plan(launches, given, out, *, transposed, per_call=None):
     """A planned dense attention: the output (and split-KV's workspace), then
-    the bound attention launch (q, k, v, the output, the workspace) and, with
-    split-KV, the bound merge (the output, the workspace); None unless the
-    full path launched on the given q, k and v themselves, without masks."""
+    the bound attention launch and, with split-KV, the bound merge; None
+    unless the full path launched on the given q, k and v themselves.
+
+    ``per_call(*extra) -> (first keys, int16 mask)``: what the full path
+    computed from a boolean mask, computed again from the plan's extra
+    arguments (the mask's values change between calls of one signature);
+    without it, the launch had no mask."""
     if not launches or len(launches) > 2 or launches[0].kernel is not _attn_kernel:
         return None
     first = launches[0]
     if not _plan.same_memory(*zip(given, first.args[:3])) or first.args[3].data_ptr() != out.data_ptr():
         return None
-    if first.kwargs.get("HAS_MASK") or first.kwargs.get("HAS_BIAS") or first.kwargs.get("K_STARTS"):
+    flags = tuple(bool(first.kwargs.get(name)) for name in ("HAS_MASK", "K_STARTS", "HAS_BIAS"))
+    if flags != ((True, True, False) if per_call else (False, False, False)):
         return None
-    attend = _attn_kernel.bind(first, 7)
+    attend = _attn_kernel.bind(first, _ATTEND_POINTERS)
+    cu_q, cu_k, kv_len, table, mask, bias = first.args[7:_ATTEND_POINTERS]  # stand-ins where unused
     shape, dtype, device = tuple(out.shape), out.dtype, out.device
+
+    def pointers(extra):
+        if per_call is None:
+            return cu_q, cu_k, kv_len, table, mask, bias
+        starts, mask16 = per_call(*extra)
+        return cu_q, starts, kv_len, table, mask16, bias
+
     if len(launches) == 1:
         workspace = first.args[4:7]  # stand-ins: one program per query tile writes no partials
 
-        def plan(q, k, v):
+        def plan(q, k, v, *extra):
             o = torch.empty(shape, dtype=dtype, device=device)
-            attend(q, k, v, o, *workspace)
+            attend(q, k, v, o, *workspace, *pointers(extra))
             return o.transpose(1, 2) if transposed else o
         return plan
-    merge = _plan.single(launches[1:], _merge_kernel, 4)
+    merge = _plan.single(launches[1:], _merge_kernel, _MERGE_POINTERS)
     if merge is None:
         return None
     acc_shape, stats_shape = tuple(first.args[4].shape), tuple(first.args[5].shape)
 
-    def plan(q, k, v):
+    def plan(q, k, v, *extra):
         o = torch.empty(shape, dtype=dtype, device=device)
         acc = torch.empty(acc_shape, dtype=torch.float32, device=device)
         m = torch.empty(stats_shape, dtype=torch.float32, device=device)
         l = torch.empty(stats_shape, dtype=torch.float32, device=device)
-        attend(q, k, v, o, acc, m, l)
-        merge(o, acc, m, l)
+        rest = pointers(extra)
+        attend(q, k, v, o, acc, m, l, *rest)
+        merge(o, acc, m, l, rest[0], rest[1])
         return o.transpose(1, 2) if transposed else o
     return plan
 
@@ -774,13 +797,28 @@ def sdpa_from_first_visible(query, key, value, attn_mask, *, scale: float | None
     Returns ``(B, Lq, Hq, E)``, contiguous (the layout of transformers'
     attention functions), not sdpa's ``(B, Hq, Lq, E)``."""
     op = "sdpa_from_first_visible"
+    boolean = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
+    signature = _plan_key(op, query, key, value, scale, enable_gqa, mask=attn_mask) if boolean else None
+    plan = _PLANS.get(signature) if signature is not None else None
+    if plan is not None:
+        return plan(query, key, value, attn_mask)
     _check_bhle(op, query, key, value, enable_gqa)
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-    boolean = attn_mask.dtype == torch.bool
-    return _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=False,
-                  scale=scale, window=None, bottom_right=False, split_kv=None,
-                  mask=attn_mask if boolean else None, bias=None if boolean else attn_mask, from_first_visible=True)
+    with recording() as launches:
+        out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=False,
+                     scale=scale, window=None, bottom_right=False, split_kv=None,
+                     mask=attn_mask if boolean else None, bias=None if boolean else attn_mask,
+                     from_first_visible=True)
+    if signature is not None:
+        b, hq, lq, _ = query.shape
+        scores = (b, hq, lq, key.shape[2])
+
+        def per_call(mask):  # as _dense computes them from the mask
+            return _first_visible(mask, b), _score_mask(op, "attn_mask", mask, scores, mask.device, True)
+        _PLANS.add(signature, _attention_plan(launches, (query, key, value), out, transposed=False,
+                                              per_call=per_call))
+    return out
 
 
 def _check_bhle(op, query, key, value, enable_gqa):
