@@ -65,3 +65,28 @@ def jax_tensor(shape, seed: int, index: int, scale: float, dtype, offset: float 
         u = (x >> np.uint32(8)).astype(jnp.float32) * np.float32(2.0 ** -24)
         parts.append(((u * np.float32(2.0) - np.float32(1.0)) * np.float32(scale) + np.float32(offset)).astype(dtype))
     return (parts[0] if len(parts) == 1 else jnp.concatenate(parts)).reshape(shape)
+
+
+def torch_uniform_noise(seeds, positions, width: int):
+    """(B, width) fp32 uniforms in (0, 1) for sampling: a function of each
+    row's request seed and position and of the column alone (so of nothing
+    that the batch decides)."""
+    import torch
+
+    col = torch.arange(width, dtype=torch.int64, device=seeds.device)[None, :]
+    x = ((seeds[:, None] * 0x9E3779B1 + positions[:, None].to(torch.int64) * 0x632BE5AB) & _MASK) ^ col
+    x = _mix(x & _MASK, lambda v, s: v >> s, int, lambda v: v & _MASK)
+    x = _mix((x + (seeds[:, None] & 0xFFFF)) & _MASK, lambda v, s: v >> s, int, lambda v: v & _MASK)
+    return ((x >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+
+
+def jax_uniform_noise(seeds, positions, width: int):
+    """The same uniforms in JAX (``seeds`` uint32 of the low 32 bits)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    col = jnp.arange(width, dtype=jnp.uint32)[None, :]
+    x = (seeds[:, None] * np.uint32(0x9E3779B1) + positions[:, None].astype(jnp.uint32) * np.uint32(0x632BE5AB)) ^ col
+    x = _mix(x, lambda v, s: v >> np.uint32(s), np.uint32, lambda v: v)
+    x = _mix(x + (seeds[:, None] & np.uint32(0xFFFF)), lambda v, s: v >> np.uint32(s), np.uint32, lambda v: v)
+    return ((x >> np.uint32(8)).astype(jnp.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)

@@ -1,0 +1,68 @@
+"""Runs of the engines over arrival schedules, and what they gave."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.e2e.scheduler import Scheduler, Workload
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The engine's limits: tokens per step, sequences per step, the paged cache."""
+
+    token_budget: int
+    max_seqs: int
+    page_size: int
+    num_pages: int
+    pages_per_seq: int
+    arrival_steps: int  # requests arrive over this many steps
+
+
+def run_schedule(engine, work: Workload, serving: Serving, schedule_seed: int, logits: bool = False) -> dict:
+    """One run: every request to completion. Returns the completions (request
+    id -> tokens), the steps' sizes, the wall time and, with ``logits``, each
+    request's logits per generated token."""
+    s = Scheduler(work, schedule_seed=schedule_seed, arrival_steps=serving.arrival_steps,
+                  token_budget=serving.token_budget, max_seqs=serving.max_seqs, page_size=serving.page_size,
+                  num_pages=serving.num_pages, pages_per_seq=serving.pages_per_seq)
+    sizes, seen = [], {}
+    start = time.perf_counter()
+    while not s.idle:
+        step = s.next_step()
+        if step is None:
+            if not s.running and s.waiting:  # nothing to run until the next arrival
+                s.step_index = max(s.step_index, s.waiting[0].arrival)
+                continue
+            raise RuntimeError("the scheduler cannot place any running request (too few cache pages)")
+        if logits:
+            sampled, scores = engine.step(step, logits=True)
+            for b, rid in enumerate(step.rids):
+                if step.emits[b]:
+                    seen.setdefault(int(rid), []).append(scores[b])
+        else:
+            sampled = engine.step(step)
+        s.complete(step, sampled)
+        sizes.append((len(step.rids), len(step.tokens)))
+    seconds = time.perf_counter() - start
+    out = {"completions": {rid: r.generated for rid, r in s.finished.items()}, "steps": sizes, "seconds": seconds,
+           "generated": sum(len(r.generated) for r in s.finished.values())}
+    if logits:
+        out["logits"] = {rid: np.stack(v) for rid, v in seen.items()}
+    return out
+
+
+def distinct(runs: list[dict]) -> dict[int, dict]:
+    """Per request: how many distinct completions the runs gave, and the first
+    token position where any two differ (None if all agree)."""
+    result = {}
+    for rid in runs[0]["completions"]:
+        outs = [tuple(r["completions"][rid]) for r in runs]
+        first = None
+        if len(set(outs)) > 1:
+            first = next(i for i in range(len(outs[0])) if len({o[i] for o in outs}) > 1)
+        result[rid] = {"distinct": len(set(outs)), "first_divergence": first}
+    return result

@@ -1,0 +1,153 @@
+"""The serving engine's forward pass in PyTorch: one packed step of mixed
+prefill chunks and decodes over a paged KV cache.
+
+``impl="bi"``: the bi_torch kernels (rms_norm, matmul, paged attention).
+``impl="default"``: what PyTorch gives: ``F.rms_norm``, ``torch.matmul``
+(cuBLAS), and attention by ``F.scaled_dot_product_attention`` over each
+sequence's keys gathered from its pages (PyTorch has no paged attention).
+Everything else is the same code in both: the embedding gather, rotary
+embeddings from fp32 tables, the cache writes, SiLU, the residual adds and
+sampling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.e2e import weights
+from bench.e2e.config import ModelConfig, rope_tables, weight_specs
+from bench.e2e.scheduler import Step
+
+
+class TorchEngine:
+    def __init__(self, config: ModelConfig, *, impl: str, num_pages: int, page_size: int, device,
+                 seed: int = 0, dtype=None, temperature: float = 0.0) -> None:
+        import torch
+
+        if impl not in ("bi", "default"):
+            raise ValueError(f"impl must be 'bi' or 'default', got {impl!r}")
+        self.config, self.impl, self.device = config, impl, torch.device(device)
+        self.dtype = dtype or torch.bfloat16
+        self.page_size, self.temperature = page_size, float(temperature)
+        self.w = {name: weights.torch_tensor(shape, seed, index, scale, self.dtype, self.device, offset)
+                  for index, (name, shape, scale, offset) in enumerate(weight_specs(config))}
+        cos, sin = rope_tables(config)
+        self.cos, self.sin = (torch.from_numpy(t).to(self.device) for t in (cos, sin))
+        shape = (num_pages, page_size, config.kv_heads, config.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.layers)]
+
+    # --- the ops that differ between the implementations ----------------------
+
+    def _norm(self, x, weight):
+        import torch
+
+        if self.impl == "bi":
+            import bi_torch
+
+            return bi_torch.rms_norm(x, weight, self.config.eps)
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, self.config.eps)
+
+    def _matmul(self, a, b, out_dtype=None):
+        import torch
+
+        if self.impl == "bi":
+            import bi_torch
+
+            return bi_torch.matmul(a, b, out_dtype=out_dtype)
+        out = torch.matmul(a, b)
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def _attention(self, q, layer, batch):
+        if self.impl == "bi":
+            import bi_torch
+
+            return bi_torch.paged_attention(
+                q, self.k_cache[layer], self.v_cache[layer], batch["table"], batch["kv_lens"],
+                cu_seqlens_q=batch["cu"], max_seqlen_q=batch["max_q"], validate=False)
+        return self._gathered_sdpa(q, layer, batch)
+
+    def _gathered_sdpa(self, q, layer, batch):
+        """Each sequence's queries against its keys gathered from the pages,
+        padded to the step's longest; causal, aligned to the end of the keys."""
+        import torch
+
+        c = self.config
+        b, lk = batch["table"].shape[0], batch["max_k"]
+        slots = torch.arange(lk, device=self.device)
+        pages = batch["table"].long()[:, slots // self.page_size]  # (B, Lk)
+        k = self.k_cache[layer][pages, slots % self.page_size]  # (B, Lk, Hkv, D)
+        v = self.v_cache[layer][pages, slots % self.page_size]
+        qp = q.new_zeros((b, batch["max_q"], c.heads, c.head_dim))
+        qp[batch["seq_of_token"], batch["index_in_seq"]] = q
+        # Query i of sequence b sits at key position kv_lens[b] - q_len[b] + i.
+        qpos = batch["kv_lens"][:, None] - batch["q_lens"][:, None] + torch.arange(batch["max_q"], device=self.device)
+        mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < batch["kv_lens"][:, None, None])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=True)
+        return out.transpose(1, 2)[batch["seq_of_token"], batch["index_in_seq"]]
+
+    # --- one step ------------------------------------------------------------------
+
+    def _batch(self, step: Step) -> dict:
+        """The step's index arrays on the device (one host-to-device copy each)."""
+        import torch
+
+        q_lens = np.diff(step.cu_seqlens)
+        kv_lens = step.cache_seqlens + q_lens
+        seq = np.repeat(np.arange(len(q_lens)), q_lens)
+        index = np.arange(len(step.tokens)) - step.cu_seqlens[:-1][seq]
+        pos = step.positions
+        page = step.block_table[seq, pos // self.page_size]
+
+        def dev(a, dtype=torch.int32):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+
+        return {"tokens": dev(step.tokens, torch.long), "positions": dev(pos, torch.long), "cu": dev(step.cu_seqlens),
+                "table": dev(step.block_table), "kv_lens": dev(kv_lens), "q_lens": dev(q_lens),
+                "max_q": int(q_lens.max()), "max_k": int(kv_lens.max()), "page": dev(page, torch.long),
+                "slot": dev(pos % self.page_size, torch.long), "seq_of_token": dev(seq, torch.long),
+                "index_in_seq": dev(index, torch.long), "last": dev(step.cu_seqlens[1:] - 1, torch.long),
+                "seeds": dev(step.seeds, torch.long), "positions_out": dev(step.positions_out)}
+
+    def _rope(self, x, positions):
+        import torch
+
+        half = self.config.head_dim // 2
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    def step(self, step: Step, logits: bool = False):
+        """Run ``step``; returns each sequence's sampled token (a host array)
+        and, with ``logits``, the fp32 logits it was sampled from."""
+        import torch
+
+        c = self.config
+        batch = self._batch(step)
+        t = len(step.tokens)
+        nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        with torch.no_grad():
+            x = self.w["embed"][batch["tokens"]]
+            for i in range(c.layers):
+                h = self._norm(x, self.w[f"{i}.attn_norm"])
+                qkv = self._matmul(h, self.w[f"{i}.qkv"])
+                q = self._rope(qkv[:, :nq].view(t, c.heads, c.head_dim), batch["positions"])
+                k = self._rope(qkv[:, nq:nq + nkv].view(t, c.kv_heads, c.head_dim), batch["positions"])
+                self.k_cache[i][batch["page"], batch["slot"]] = k
+                self.v_cache[i][batch["page"], batch["slot"]] = qkv[:, nq + nkv:].view(t, c.kv_heads, c.head_dim)
+                attn = self._attention(q, i, batch)
+                x = x + self._matmul(attn.reshape(t, nq), self.w[f"{i}.o"])
+                h = self._norm(x, self.w[f"{i}.mlp_norm"])
+                gate_up = self._matmul(h, self.w[f"{i}.gate_up"])
+                act = torch.nn.functional.silu(gate_up[:, :c.intermediate]) * gate_up[:, c.intermediate:]
+                x = x + self._matmul(act, self.w[f"{i}.down"])
+            last = self._norm(x[batch["last"]], self.w["norm"])
+            scores = self._matmul(last, self.w["head"], out_dtype=torch.float32)
+            if self.temperature > 0:
+                u = weights.torch_uniform_noise(batch["seeds"], batch["positions_out"], c.vocab)
+                sampled = (scores / self.temperature - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max
+            else:
+                sampled = scores.argmax(dim=-1)
+        tokens = sampled.cpu().numpy()
+        return (tokens, scores.cpu().numpy()) if logits else tokens
