@@ -1,0 +1,193 @@
+"""The serving engine's forward pass in JAX, the torch engine's twin.
+
+``impl="bi"``: the bi_jax kernels (rms_norm, matmul, paged attention).
+``impl="default"``: what JAX gives: the same expressions through XLA
+(``x @ w``, a jnp RMSNorm), and attention by ``jax.nn.dot_product_attention``
+over each sequence's keys gathered from its pages.
+
+Under ``jit`` every shape is static, so a step is padded: its token count to
+a bucket (powers of two, at least 16), its sequence count to a bucket, and
+its longest query run to a bucket. The padding tokens form one more sequence
+of their own, whose keys go to scratch pages past the cache's own; rows are
+computed independently (that is the point of the bi_ kernels), so padding
+changes no real row's bits. One layer is one jitted function, reused by
+every layer (one compilation per bucket, not per model).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from bench.e2e import weights
+from bench.e2e.config import ModelConfig, rope_tables, weight_specs
+from bench.e2e.scheduler import Step
+
+
+def bucket(n: int, least: int = 16) -> int:
+    """The next power of two, at least ``least``."""
+    return max(least, 1 << max(int(n) - 1, 0).bit_length())
+
+
+class JaxEngine:
+    def __init__(self, config: ModelConfig, *, impl: str, num_pages: int, page_size: int, pages_per_seq: int,
+                 seed: int = 0, dtype: str = "bfloat16", temperature: float = 0.0) -> None:
+        import jax.numpy as jnp
+
+        if impl not in ("bi", "default"):
+            raise ValueError(f"impl must be 'bi' or 'default', got {impl!r}")
+        self.config, self.impl, self.page_size, self.temperature = config, impl, page_size, float(temperature)
+        self.pages_per_seq = pages_per_seq
+        self.w = {name: weights.jax_tensor(shape, seed, index, scale, dtype, offset)
+                  for index, (name, shape, scale, offset) in enumerate(weight_specs(config))}
+        self.layers = [{k.split(".", 1)[1]: v for k, v in self.w.items() if k.startswith(f"{i}.")}
+                       for i in range(config.layers)]
+        cos, sin = rope_tables(config)
+        self.cos, self.sin = jnp.asarray(cos), jnp.asarray(sin)
+        # Scratch pages past the cache's own hold the padding sequence's keys.
+        self.scratch = num_pages
+        shape = (num_pages + pages_per_seq, page_size, config.kv_heads, config.head_dim)
+        self.caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.layers)]
+        self._layer = self._jit_layer()
+        self._head = self._jit_head()
+
+    # --- jitted parts -----------------------------------------------------------
+
+    def _jit_layer(self):
+        import jax
+        import jax.numpy as jnp
+
+        c, bi = self.config, self.impl == "bi"
+        nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        if bi:
+            import bi_jax
+
+            norm = functools.partial(bi_jax.rms_norm, eps=c.eps)
+            mm = bi_jax.matmul
+        else:
+            def norm(x, w):
+                xf = x.astype(jnp.float32)
+                r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.eps)
+                return (xf * r * w.astype(jnp.float32)).astype(x.dtype)
+            mm = jnp.matmul
+
+        def rope(x, cos, sin):
+            half = c.head_dim // 2
+            x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+            return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+        def attention(q, k_cache, v_cache, ix, max_q, max_k):
+            if bi:
+                return bi_jax.paged_attention(q, k_cache, v_cache, ix["table"], ix["kv_lens"],
+                                              cu_seqlens_q=ix["cu"], max_seqlen_q=max_q)
+            b = ix["table"].shape[0]
+            slots = jnp.arange(max_k)
+            pages = ix["table"][:, slots // self.page_size]
+            k = k_cache[pages, slots % self.page_size]  # (B, Lk, Hkv, D)
+            v = v_cache[pages, slots % self.page_size]
+            qp = jnp.zeros((b, max_q, c.heads, c.head_dim), q.dtype).at[ix["seq"], ix["index"]].set(q)
+            qpos = (ix["kv_lens"] - ix["q_lens"])[:, None] + jnp.arange(max_q)
+            mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < ix["kv_lens"][:, None, None])
+            out = jax.nn.dot_product_attention(qp, k, v, mask=mask[:, None])
+            return out[ix["seq"], ix["index"]]
+
+        def layer(p, x, k_cache, v_cache, ix, max_q, max_k):
+            t = x.shape[0]
+            h = norm(x, p["attn_norm"])
+            qkv = mm(h, p["qkv"])
+            q = rope(qkv[:, :nq].reshape(t, c.heads, c.head_dim), ix["cos"], ix["sin"])
+            k = rope(qkv[:, nq:nq + nkv].reshape(t, c.kv_heads, c.head_dim), ix["cos"], ix["sin"])
+            v = qkv[:, nq + nkv:].reshape(t, c.kv_heads, c.head_dim)
+            k_cache = k_cache.at[ix["page"], ix["slot"]].set(k)
+            v_cache = v_cache.at[ix["page"], ix["slot"]].set(v)
+            attn = attention(q, k_cache, v_cache, ix, max_q, max_k)
+            x = x + mm(attn.reshape(t, nq), p["o"])
+            h = norm(x, p["mlp_norm"])
+            gate_up = mm(h, p["gate_up"])
+            act = jax.nn.silu(gate_up[:, :c.intermediate]) * gate_up[:, c.intermediate:]
+            return x + mm(act, p["down"]), k_cache, v_cache
+
+        return jax.jit(layer, static_argnames=("max_q", "max_k"), donate_argnums=(2, 3))
+
+    def _jit_head(self):
+        import jax
+        import jax.numpy as jnp
+
+        c, bi, temperature = self.config, self.impl == "bi", self.temperature
+        if bi:
+            import bi_jax
+
+        def head(w_norm, w_head, x, last, seeds, positions_out):
+            h = x[last]
+            if bi:
+                logits = bi_jax.matmul(bi_jax.rms_norm(h, w_norm, eps=c.eps), w_head,
+                                       preferred_element_type=jnp.float32)
+            else:
+                hf = h.astype(jnp.float32)
+                r = jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + c.eps)
+                logits = jnp.matmul((hf * r * w_norm.astype(jnp.float32)).astype(h.dtype), w_head,
+                                    preferred_element_type=jnp.float32)
+            if temperature > 0:
+                u = weights.jax_uniform_noise(seeds, positions_out, c.vocab)
+                return jnp.argmax(logits / temperature - jnp.log(-jnp.log(u)), axis=-1), logits
+            return jnp.argmax(logits, axis=-1), logits
+
+        return jax.jit(head)
+
+    # --- one step ------------------------------------------------------------------
+
+    def _padded(self, step: Step):
+        """The step's index arrays, padded to its buckets."""
+        import jax.numpy as jnp
+
+        q_lens = np.diff(step.cu_seqlens)
+        b_real, t_real = len(q_lens), len(step.tokens)
+        t = bucket(t_real)
+        pad = t - t_real
+        b = bucket(b_real + 1, least=8)  # one more sequence for the padding tokens
+        if pad > self.pages_per_seq * self.page_size:
+            raise ValueError(f"a step of {t_real} tokens pads {pad}: more than a sequence's pages hold")
+        lens = np.zeros(b, np.int32)
+        lens[:b_real] = q_lens
+        lens[b_real] = pad
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        cached = np.zeros(b, np.int32)
+        cached[:b_real] = step.cache_seqlens
+        table = np.zeros((b, self.pages_per_seq), np.int32)
+        table[:b_real] = step.block_table
+        table[b_real] = self.scratch + np.arange(self.pages_per_seq)
+        positions = np.concatenate([step.positions, np.arange(pad)]).astype(np.int32)
+        seq = np.repeat(np.arange(b), lens)
+        index = np.arange(t) - cu[:-1][seq]
+        kv_lens = cached + lens
+        max_q = bucket(max(int(lens.max()), 1), least=1)
+        max_k = bucket(int(kv_lens.max()), least=self.page_size)
+        last = np.zeros(b, np.int32)
+        last[:b_real] = step.cu_seqlens[1:] - 1
+        seeds = np.zeros(b, np.uint32)
+        seeds[:b_real] = step.seeds.astype(np.uint32)
+        pos_out = np.zeros(b, np.int32)
+        pos_out[:b_real] = step.positions_out
+        tokens = np.zeros(t, np.int32)
+        tokens[:t_real] = step.tokens
+        ix = {"cu": cu, "table": table, "kv_lens": kv_lens.astype(np.int32), "q_lens": lens,
+              "page": table[seq, positions // self.page_size], "slot": positions % self.page_size,
+              "seq": seq.astype(np.int32), "index": index.astype(np.int32)}
+        ix = {k: jnp.asarray(v) for k, v in ix.items()}
+        ix["cos"], ix["sin"] = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        return (jnp.asarray(tokens), ix, max_q, max_k, jnp.asarray(last), jnp.asarray(seeds), jnp.asarray(pos_out),
+                b_real)
+
+    def step(self, step: Step, logits: bool = False):
+        """Run ``step``; each sequence's sampled token (a host array) and, with
+        ``logits``, the fp32 logits it was sampled from."""
+        tokens, ix, max_q, max_k, last, seeds, pos_out, b_real = self._padded(step)
+        x = self.w["embed"][tokens]
+        for i, p in enumerate(self.layers):
+            k_cache, v_cache = self.caches[i]
+            x, k_cache, v_cache = self._layer(p, x, k_cache, v_cache, ix, max_q=max_q, max_k=max_k)
+            self.caches[i] = (k_cache, v_cache)
+        sampled, scores = self._head(self.w["norm"], self.w["head"], x, last, seeds, pos_out)
+        out = np.asarray(sampled)[:b_real]
+        return (out, np.asarray(scores)[:b_real]) if logits else out
