@@ -92,6 +92,14 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of the sweep: host time per call of the torch drop-in paths (bi_ direct, the "
                         "dispatch mode, the process-wide switch) and Llama generation under each, and a JAX "
                         "decoder's generation under the transform (GPU only; writes host_cost.json)")
+    p.add_argument("--e2e", action="store_true",
+                   help="instead of the sweep: continuous batching end to end (bench/e2e): each request served under "
+                        "several arrival schedules by each framework's engine, default and bi_ kernels; distinct "
+                        "completions per request and tokens/s (writes e2e.json and plots/e2e.png)")
+    p.add_argument("--e2e-requests", type=int, default=None, help="requests of the --e2e workload (default: 256 "
+                   "on a GPU, 6 without)")
+    p.add_argument("--e2e-runs", type=int, default=None, help="arrival schedules per engine for --e2e (default: 5 "
+                   "on a GPU, 3 without)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for results.json, results.csv and plots/ (default: bench-results)")
     return p
@@ -129,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench import host_cost
 
         for path in host_cost.run(args.out, console, args.frameworks):
+            console.print(f"wrote {path}")
+        return 0
+    if args.e2e:
+        from bench.e2e import command
+
+        for path in command.run(args.out, console, args.frameworks, profile.native, requests=args.e2e_requests,
+                                runs=args.e2e_runs):
             console.print(f"wrote {path}")
         return 0
     specs = [registry.get(o) for o in args.ops]

@@ -1,0 +1,168 @@
+"""``python -m bench --e2e``: every request of a workload served R times, each
+time under another arrival schedule, by each framework's engine with its
+default kernels and with the bi_ kernels; per request, how many distinct
+completions the runs gave, where they first differ, and the throughput.
+
+On a GPU: Llama-3-8B's shapes (bf16), 256 requests of 16-2048 prompt tokens
+and 128 new tokens, 5 schedules; without one, a tiny model in the
+interpreters (fp32), a few requests. Greedy, and seeded sampling
+(``--e2e-temperature``); results to ``e2e.json`` and ``plots/e2e.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.e2e.config import LLAMA3_8B, TINY, ModelConfig
+from bench.e2e.run import Serving, distinct, run_schedule
+from bench.e2e.scheduler import workload
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: ModelConfig
+    dtype: str
+    requests: int
+    min_prompt: int
+    max_prompt: int
+    new_tokens: int
+    runs: int
+    serving: Serving
+
+
+GPU = Setup(LLAMA3_8B, "bfloat16", 256, 16, 2048, 128, 5,
+            Serving(token_budget=2048, max_seqs=64, page_size=16, num_pages=64 * 137, pages_per_seq=137,
+                    arrival_steps=200))
+CPU = Setup(TINY, "float32", 6, 3, 40, 4, 3,
+            Serving(token_budget=32, max_seqs=4, page_size=16, num_pages=48, pages_per_seq=4, arrival_steps=8))
+
+
+def _engine(framework: str, impl: str, setup: Setup, temperature: float, device: str):
+    s = setup.serving
+    if framework == "torch":
+        import torch
+
+        from bench.e2e.torch_engine import TorchEngine
+
+        return TorchEngine(setup.model, impl=impl, num_pages=s.num_pages, page_size=s.page_size, device=device,
+                           dtype=getattr(torch, setup.dtype), temperature=temperature)
+    from bench.e2e.jax_engine import JaxEngine
+
+    return JaxEngine(setup.model, impl=impl, num_pages=s.num_pages, page_size=s.page_size,
+                     pages_per_seq=s.pages_per_seq, dtype=setup.dtype, temperature=temperature)
+
+
+def _release(framework: str) -> None:
+    import gc
+
+    gc.collect()
+    if framework == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure(setup: Setup, frameworks, temperatures, device: str, console=None) -> dict:
+    """Every (framework, temperature, impl): R runs under schedules 1..R,
+    after one warm-up run under schedule 0 (compilations; not counted)."""
+    work = workload(setup.requests, setup.min_prompt, setup.max_prompt, setup.new_tokens, setup.model.vocab)
+    results = []
+    completions = {}
+    for framework in frameworks:
+        for temperature in temperatures:
+            for impl in ("default", "bi"):
+                engine = _engine(framework, impl, setup, temperature, device)
+                run_schedule(engine, work, setup.serving, schedule_seed=0)
+                runs = [run_schedule(engine, work, setup.serving, schedule_seed=r) for r in range(1, setup.runs + 1)]
+                per_request = distinct(runs)
+                seconds = [r["seconds"] for r in runs]
+                generated = runs[0]["generated"]
+                counts = [v["distinct"] for v in per_request.values()]
+                firsts = [v["first_divergence"] for v in per_request.values() if v["first_divergence"] is not None]
+                row = {"framework": framework, "impl": impl, "temperature": temperature, "runs": setup.runs,
+                       "requests": len(counts), "requests_with_one_completion": counts.count(1),
+                       "max_distinct": max(counts), "mean_distinct": statistics.fmean(counts),
+                       "first_divergence_median": statistics.median(firsts) if firsts else None,
+                       "tokens_per_s": generated / statistics.median(seconds), "seconds": seconds,
+                       "steps": [len(r["steps"]) for r in runs],
+                       "distinct_per_request": {str(k): v["distinct"] for k, v in per_request.items()},
+                       "first_divergence_per_request": {str(k): v["first_divergence"] for k, v in per_request.items()}}
+                results.append(row)
+                completions[framework, temperature, impl] = runs[0]["completions"]
+                if console is not None:
+                    console.print(f"e2e {framework} {impl} T={temperature}: {row['requests_with_one_completion']}/"
+                                  f"{row['requests']} requests with one completion, {row['tokens_per_s']:.0f} tok/s")
+                del engine
+                _release(framework)
+    for row in results:
+        if row["impl"] == "bi":
+            base = next(r for r in results if r["impl"] == "default" and r["framework"] == row["framework"]
+                        and r["temperature"] == row["temperature"])
+            row["throughput_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+    cross = []
+    for temperature in temperatures:
+        a, b = completions.get(("torch", temperature, "bi")), completions.get(("jax", temperature, "bi"))
+        if a is not None and b is not None:
+            cross.append({"temperature": temperature, "requests": len(a), "same_tokens": sum(a[r] == b[r] for r in a)})
+    return {"setup": {**asdict(setup), "model": asdict(setup.model)}, "results": results, "cross_framework": cross}
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["results"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for row in rows:
+        counts = sorted(row["distinct_per_request"].values(), reverse=True)
+        left.plot(range(len(counts)), counts, label=f"{row['framework']} {row['impl']} T={row['temperature']}")
+    left.set_xlabel("request (sorted)")
+    left.set_ylabel(f"distinct completions in {rows[0]['runs']} runs")
+    left.legend(fontsize=7)
+    labels = [f"{r['framework']}\n{r['impl']}\nT={r['temperature']}" for r in rows]
+    right.bar(range(len(rows)), [r["tokens_per_s"] for r in rows],
+              color=["tab:gray" if r["impl"] == "default" else "tab:blue" for r in rows])
+    right.set_xticks(range(len(rows)), labels, fontsize=7)
+    right.set_ylabel("generated tokens / s")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=None, temperatures=(0.0, 0.8)) -> list[Path]:
+    setup = GPU if native else CPU
+    if requests is not None or runs is not None:
+        from dataclasses import replace
+
+        setup = replace(setup, requests=requests or setup.requests, runs=runs or setup.runs)
+    start = time.perf_counter()
+    data = measure(setup, frameworks, temperatures, "cuda" if native else "cpu", console)
+    data["wall_seconds"] = time.perf_counter() - start
+    from rich.table import Table
+
+    table = Table(title=f"continuous batching, {setup.requests} requests x {setup.runs} schedules")
+    for col in ("framework", "impl", "T", "one completion", "max distinct", "first divergence (median)", "tok/s",
+                "ratio"):
+        table.add_column(col)
+    for r in data["results"]:
+        table.add_row(r["framework"], r["impl"], str(r["temperature"]),
+                      f"{r['requests_with_one_completion']}/{r['requests']}", str(r["max_distinct"]),
+                      str(r["first_divergence_median"]), f"{r['tokens_per_s']:.0f}",
+                      f"{r['throughput_ratio']:.2f}x" if "throughput_ratio" in r else "-")
+    console.print(table)
+    for c in data["cross_framework"]:
+        console.print(f"bi_torch and bi_jax, T={c['temperature']}: {c['same_tokens']}/{c['requests']} requests "
+                      "with the same tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "e2e.json"
+    path.write_text(json.dumps(data, indent=1))
+    plot(data, out / "plots" / "e2e.png")
+    return [path, out / "plots" / "e2e.png"]
