@@ -5,6 +5,8 @@ prefill chunks and decodes over a paged KV cache.
 ``impl="default"``: what PyTorch gives: ``F.rms_norm``, ``torch.matmul``
 (cuBLAS), and attention by ``F.scaled_dot_product_attention`` over each
 sequence's keys gathered from its pages (PyTorch has no paged attention).
+``impl="control"``: the default, with products that sum K in two halves when
+the step has an odd number of tokens (a negative control for the tests).
 Everything else is the same code in both: the embedding gather, rotary
 embeddings from fp32 tables, the cache writes, SiLU, the residual adds and
 sampling.
@@ -24,8 +26,8 @@ class TorchEngine:
                  seed: int = 0, dtype=None, temperature: float = 0.0) -> None:
         import torch
 
-        if impl not in ("bi", "default"):
-            raise ValueError(f"impl must be 'bi' or 'default', got {impl!r}")
+        if impl not in ("bi", "default", "control"):
+            raise ValueError(f"impl must be 'bi', 'default' or 'control', got {impl!r}")
         self.config, self.impl, self.device = config, impl, torch.device(device)
         self.dtype = dtype or torch.bfloat16
         self.page_size, self.temperature = page_size, float(temperature)
@@ -55,6 +57,12 @@ class TorchEngine:
             import bi_torch
 
             return bi_torch.matmul(a, b, out_dtype=out_dtype)
+        if self.impl == "control" and a.shape[0] % 2:
+            # A negative control: an odd number of rows sums K in two halves
+            # (the batch picks the reduction order, as split-K does).
+            half = a.shape[1] // 2
+            out = torch.matmul(a[:, :half].float(), b[:half].float()) + torch.matmul(a[:, half:].float(), b[half:].float())
+            return out.to(out_dtype or a.dtype)
         out = torch.matmul(a, b)
         return out if out_dtype is None else out.to(out_dtype)
 
