@@ -41,6 +41,16 @@ def _inputs(name, seed):
         keys = torch.arange(9, device=DEVICE)
         causal = keys[None, None, :] <= 4 + torch.arange(5, device=DEVICE)[None, :, None]
         return q, k, v, ((keys[None, None, :] >= pads[:, None, None]) & causal)[:, None]
+    if name in ("paged", "paged_split"):  # packed queries of 3 sequences; lengths and pages change with the seed
+        rng = torch.Generator().manual_seed(seed)
+        cache = 700 if name == "paged_split" else 40
+        q_lens = torch.tensor([3, 1, 2])
+        # Lengths on either side of a split boundary (512 keys) in the two calls.
+        lens = torch.tensor([600, 20, 520] if seed == 0 else [30, 650, 690], dtype=torch.int32) * cache // 700
+        pages = torch.randperm(3 * 48, generator=rng)[:3 * 48].view(3, 48).to(torch.int32)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).to(torch.int32)])
+        k, v = (_randn(3 * 48, 16, 2, 64, seed=seed + i) for i in (1, 2))
+        return (_randn(6, 4, 64, seed=seed), k, v, pages.to(DEVICE), lens.to(DEVICE), cu.to(DEVICE))
     if name in ("attention", "sdpa", "attention_split"):
         lk = 700 if name == "attention_split" else 40
         q = _randn(2, 3, 4, 64, seed=seed)
@@ -63,6 +73,10 @@ CALLS = {
     "sum_all": lambda x: bi_torch.sum(x),
     "attention": lambda q, k, v: bi_torch.attention(q, k, v, causal=True),
     "attention_split": lambda q, k, v: bi_torch.attention(q, k, v, split_kv=True),
+    "paged": lambda q, k, v, table, lens, cu: bi_torch.paged_attention(
+        q, k, v, table, lens, cu_seqlens_q=cu, max_seqlen_q=3, validate=False),
+    "paged_split": lambda q, k, v, table, lens, cu: bi_torch.paged_attention(
+        q, k, v, table, lens, cu_seqlens_q=cu, max_seqlen_q=3, validate=False, split_kv=True),
     "first_visible": lambda q, k, v, mask: _attention.sdpa_from_first_visible(q, k, v, mask, enable_gqa=True),
     "sdpa": lambda q, k, v: bi_torch.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True),

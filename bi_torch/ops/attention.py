@@ -713,61 +713,63 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
 _PLANS = _plan.Plans("attention")
 
 
-def _plan_key(op, q, k, v, *options, mask=None):
-    """The signature of a dense attention call without lengths (None: no
-    plan); ``mask``: a boolean mask, whose values a plan reads again at each
-    call. Options that a plan could not tell apart by value (a tensor scale,
-    a list window) leave the call to the full path."""
-    if not _plan.ENABLED or not _plan.plain(q, k, v, mask):
+def _plan_key(op, q, k, v, *options, mask=None, indices=()):
+    """The signature of an attention call (None: no plan); ``mask``: a
+    boolean mask, whose values a plan reads again at each call; ``indices``:
+    the paged form's index tensors (read by the kernel). Options that a plan
+    could not tell apart by value (a tensor scale, a list window) leave the
+    call to the full path."""
+    if not _plan.ENABLED or not _plan.plain(q, k, v, mask, *indices):
         return None
     for value in options:
         if value is not None and type(value) not in (bool, int, float) and not (
                 type(value) is tuple and all(type(x) is int for x in value)):
             return None
     return (op, _plan.signature(q), _plan.signature(k), _plan.signature(v), _plan.signature(mask), options,
-            _plan.current_device())
+            tuple(_plan.signature(t) for t in indices), _plan.current_device())
 
 
 # The attention kernel's pointer arguments: q, k, v, out, the split-KV
 # workspace (acc, m, l), then cu_q, cu_k (or each sequence's first key),
 # kv_len, the block table, the mask and the bias; the merge kernel's: out,
-# the workspace, cu_q and cu_k.
-_ATTEND_POINTERS, _MERGE_POINTERS = 13, 6
+# the workspace, cu_q, cu_k and kv_len.
+_ATTEND_POINTERS, _MERGE_POINTERS = 13, 7
 
 
-def _attention_plan(launches, given, out, *, transposed, per_call=None):
-    """A planned dense attention: the output (and split-KV's workspace), then
-    the bound attention launch and, with split-KV, the bound merge; None
-    unless the full path launched on the given q, k and v themselves.
+_DENSE = {"HAS_MASK": False, "K_STARTS": False, "HAS_BIAS": False, "PAGED": False, "HAS_KV_LEN": False}
 
-    ``per_call(*extra) -> (first keys, int16 mask)``: what the full path
-    computed from a boolean mask, computed again from the plan's extra
-    arguments (the mask's values change between calls of one signature);
-    without it, the launch had no mask."""
+
+def _attention_plan(launches, given, out, *, transposed, flags=_DENSE, pointers=None):
+    """A planned attention: the output (and split-KV's workspace), then the
+    bound attention launch and, with split-KV, the bound merge; None unless
+    the full path launched on the given q, k and v themselves, with the
+    kernel ``flags`` given.
+
+    ``pointers(stand_ins, *extra)``: the six pointer arguments after the
+    workspace (cu_q, cu_k, kv_len, the block table, the mask, the bias) for
+    the plan's extra arguments: tensors the caller passes, or computes again
+    from them (a mask's values change between calls of one signature).
+    Without it, the launch's own (stand-ins: unused)."""
     if not launches or len(launches) > 2 or launches[0].kernel is not _attn_kernel:
         return None
     first = launches[0]
     if not _plan.same_memory(*zip(given, first.args[:3])) or first.args[3].data_ptr() != out.data_ptr():
         return None
-    flags = tuple(bool(first.kwargs.get(name)) for name in ("HAS_MASK", "K_STARTS", "HAS_BIAS"))
-    if flags != ((True, True, False) if per_call else (False, False, False)):
+    if any(bool(first.kwargs.get(name)) != value for name, value in flags.items()):
         return None
     attend = _attn_kernel.bind(first, _ATTEND_POINTERS)
-    cu_q, cu_k, kv_len, table, mask, bias = first.args[7:_ATTEND_POINTERS]  # stand-ins where unused
+    stand_ins = first.args[7:_ATTEND_POINTERS]
     shape, dtype, device = tuple(out.shape), out.dtype, out.device
-
-    def pointers(extra):
-        if per_call is None:
-            return cu_q, cu_k, kv_len, table, mask, bias
-        starts, mask16 = per_call(*extra)
-        return cu_q, starts, kv_len, table, mask16, bias
+    if pointers is None:
+        def pointers(stand_ins, *extra):
+            return stand_ins
 
     if len(launches) == 1:
         workspace = first.args[4:7]  # stand-ins: one program per query tile writes no partials
 
         def plan(q, k, v, *extra):
             o = torch.empty(shape, dtype=dtype, device=device)
-            attend(q, k, v, o, *workspace, *pointers(extra))
+            attend(q, k, v, o, *workspace, *pointers(stand_ins, *extra))
             return o.transpose(1, 2) if transposed else o
         return plan
     merge = _plan.single(launches[1:], _merge_kernel, _MERGE_POINTERS)
@@ -780,11 +782,18 @@ def _attention_plan(launches, given, out, *, transposed, per_call=None):
         acc = torch.empty(acc_shape, dtype=torch.float32, device=device)
         m = torch.empty(stats_shape, dtype=torch.float32, device=device)
         l = torch.empty(stats_shape, dtype=torch.float32, device=device)
-        rest = pointers(extra)
+        rest = pointers(stand_ins, *extra)
         attend(q, k, v, o, acc, m, l, *rest)
-        merge(o, acc, m, l, rest[0], rest[1])
+        merge(o, acc, m, l, *rest[:3])
         return o.transpose(1, 2) if transposed else o
     return plan
+
+
+def _paged_pointers(stand_ins, cu_seqlens_q, cache_seqlens, block_table):
+    """The paged kernel's index pointers: the caller's tensors (int32,
+    contiguous: the full path launched on them as they are)."""
+    cu_q, cu_k, _, _, mask, bias = stand_ins
+    return (cu_q if cu_seqlens_q is None else cu_seqlens_q, cu_k, cache_seqlens, block_table, mask, bias)
 
 
 def sdpa_from_first_visible(query, key, value, attn_mask, *, scale: float | None = None,
@@ -814,10 +823,13 @@ def sdpa_from_first_visible(query, key, value, attn_mask, *, scale: float | None
         b, hq, lq, _ = query.shape
         scores = (b, hq, lq, key.shape[2])
 
-        def per_call(mask):  # as _dense computes them from the mask
-            return _first_visible(mask, b), _score_mask(op, "attn_mask", mask, scores, mask.device, True)
-        _PLANS.add(signature, _attention_plan(launches, (query, key, value), out, transposed=False,
-                                              per_call=per_call))
+        def pointers(stand_ins, mask):  # the first keys and the int16 mask, as _dense computes them
+            cu_q, _, kv_len, table, _, bias = stand_ins
+            return (cu_q, _first_visible(mask, b), kv_len, table,
+                    _score_mask(op, "attn_mask", mask, scores, mask.device, True), bias)
+        flags = {**_DENSE, "HAS_MASK": True, "K_STARTS": True}
+        _PLANS.add(signature, _attention_plan(launches, (query, key, value), out, transposed=False, flags=flags,
+                                              pointers=pointers))
     return out
 
 
@@ -912,6 +924,15 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
     Returns the output, laid out as q.
     """
     op = "paged_attention"
+    signature = None
+    if not validate and k_new is None and v_new is None and isinstance(q, torch.Tensor):
+        # Without checks or cache writes, a call is a function of its signature:
+        # the kernel reads the lengths and the block table on the device.
+        signature = _plan_key(op, q, k_cache, v_cache, causal, scale, window, split_kv, max_seqlen_q,
+                              indices=(block_table, cache_seqlens, cu_seqlens_q))
+        plan = _PLANS.get(signature) if signature is not None else None
+        if plan is not None:
+            return plan(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table)
     contract.check_split_kv(split_kv, op)
     max_seqlen_q = contract.check_max_seqlen(max_seqlen_q, "max_seqlen_q", op)
     packed = q.ndim == 3 if isinstance(q, torch.Tensor) else False
@@ -996,13 +1017,19 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
         q_strides, o_strides = (0, q.stride(0), q.stride(1)), (0, out.stride(0), out.stride(1))
     else:
         q_strides, o_strides = _strides(q), _strides(out)
-    launch(
-        q, k_cache, v_cache, out, q_strides=q_strides, k_strides=_strides(k_cache), v_strides=_strides(v_cache),
-        o_strides=o_strides, batch=batch, hkv=hkv, group=group, q_len=max_q, kv_len=0, cu_q=cu_q,
-        kv_lens=kv_lens, block_table=bt, page_size=page_size, max_q_len=max_q, max_kv_len=max(max_kv, 1),
-        scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
-        bottom_right=True, split_kv=split_kv,
-    )
+    with recording() as launches:
+        launch(
+            q, k_cache, v_cache, out, q_strides=q_strides, k_strides=_strides(k_cache), v_strides=_strides(v_cache),
+            o_strides=o_strides, batch=batch, hkv=hkv, group=group, q_len=max_q, kv_len=0, cu_q=cu_q,
+            kv_lens=kv_lens, block_table=bt, page_size=page_size, max_q_len=max_q, max_kv_len=max(max_kv, 1),
+            scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
+            bottom_right=True, split_kv=split_kv,
+        )
+    if signature is not None and launches and _plan.same_memory(
+            (cu_seqlens_q, cu_q), (cache_seqlens, kv_lens), (block_table, bt)):
+        _PLANS.add(signature, _attention_plan(launches, (q, k_cache, v_cache), out, transposed=False,
+                                              flags={**_DENSE, "PAGED": True, "HAS_KV_LEN": True},
+                                              pointers=_paged_pointers))
     return out
 
 
