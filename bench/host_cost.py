@@ -134,7 +134,8 @@ def _switch_with(backend_mode, fuse=False):
     return build
 
 
-def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: int = 3) -> list[dict]:
+def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: int = 3,
+                       progress=None) -> list[dict]:
     """Eager (dynamic cache) and compiled (transformers' static cache, whose
     decoding steps ``generate`` compiles with CUDA graphs) generation, the
     defaults against the bi_ paths; each compiled variant is timed after a
@@ -187,6 +188,8 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
             model = None
             torch.cuda.empty_cache()
         rows.append(row)
+        if progress is not None:
+            progress(rows)
     baselines = {compiled: next(r for r in rows if r["variant"].startswith("default") and (
         "compiled" in r["variant"]) == compiled) for compiled in (False, True)}
     for row in rows:
@@ -202,16 +205,27 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
 
 
 def run(out: Path, console, frameworks=("torch", "jax")) -> list[Path]:
-    """The torch measurements (per-call host cost, Llama generation) and the
-    JAX decoder's generation (``bench.jax_generation``), each where its
-    framework is asked for and sees the GPU; one ``host_cost.json``."""
+    """The torch per-call host cost, the JAX decoder's generation
+    (``bench.jax_generation``) and the torch Llama's generation, each where
+    its framework is asked for and sees the GPU; ``host_cost.json`` is
+    rewritten after each part and each generation variant (a run cut short
+    keeps what it measured)."""
     from rich.table import Table
 
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "host_cost.json"
     result: dict = {}
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
     if "torch" in frameworks:
         import torch
 
+        result.update(torch=torch.__version__, device=torch.cuda.get_device_name())
         ops = measure_ops()
+        result["ops"] = ops
+        save()
         table = Table(title=f"host cost per call, us (torch {torch.__version__}, {torch.cuda.get_device_name()})")
         for col in ("op", "default", "bi_ direct", "bi_ full path", "dispatch mode", "process-wide"):
             table.add_column(col, justify="left" if col == "op" else "right")
@@ -221,16 +235,6 @@ def run(out: Path, console, frameworks=("torch", "jax")) -> list[Path]:
             table.add_row(r["op"], f"{r['default_us']:.1f}", cell("bi_direct"), cell("bi_full_path"),
                           cell("dispatch_mode"), cell("process_wide"))
         console.print(table)
-        gen = measure_generation()
-        table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")
-        for col in ("variant", "ms", "ratio", "same tokens as the mode"):
-            table.add_column(col, justify="left" if col == "variant" else "right")
-        for r in gen:
-            table.add_row(r["variant"], f"{r['ms']:.1f}" if "ms" in r else r["error"],
-                          f"{r['ratio']:.2f}x" if "ratio" in r else "-",
-                          str(r.get("same_tokens_as_dispatch_mode", "-")))
-        console.print(table)
-        result.update(torch=torch.__version__, device=torch.cuda.get_device_name(), ops=ops, generation=gen)
     if "jax" in frameworks:
         import jax
 
@@ -241,16 +245,29 @@ def run(out: Path, console, frameworks=("torch", "jax")) -> list[Path]:
             from bench import jax_generation
 
             rows = jax_generation.measure()
+            result.update(jax=jax.__version__, jax_device=str(jax.devices()[0]), jax_generation=rows)
+            save()
             table = Table(title=f"JAX decoder generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens "
                                 f"(jax {jax.__version__})")
-            for col in ("variant", "ms", "min-max", "ratio"):
+            for col in ("variant", "ms", "min-max", "ratio", "same tokens as jit"):
                 table.add_column(col, justify="left" if col == "variant" else "right")
             for r in rows:
                 table.add_row(r["variant"], f"{r['ms']:.1f}", "{:.1f}-{:.1f}".format(*r["spread_ms"]),
-                              f"{r['ratio']:.2f}x" if "ratio" in r else "-")
+                              f"{r['ratio']:.2f}x" if "ratio" in r else "-", str(r.get("same_tokens_as_jit", "-")))
             console.print(table)
-            result.update(jax=jax.__version__, jax_device=str(jax.devices()[0]), jax_generation=rows)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "host_cost.json"
-    path.write_text(json.dumps(result, indent=1))
+    if "torch" in frameworks:
+        def progress(rows):
+            result["generation"] = rows
+            save()
+
+        gen = measure_generation(progress=progress)
+        table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")
+        for col in ("variant", "ms", "ratio", "same tokens as the mode"):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for r in gen:
+            table.add_row(r["variant"], f"{r['ms']:.1f}" if "ms" in r else r["error"],
+                          f"{r['ratio']:.2f}x" if "ratio" in r else "-",
+                          str(r.get("same_tokens_as_dispatch_mode", "-")))
+        console.print(table)
+    save()
     return [path]
