@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--host-cost measures host time around GPU launches; this machine has no GPU")
         from bench import host_cost
 
-        for path in host_cost.run(args.out, console, args.frameworks):
+        for path in host_cost.run(args.out, console, args.frameworks, quick=args.quick):
             console.print(f"wrote {path}")
         return 0
     if args.e2e:

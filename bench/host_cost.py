@@ -134,8 +134,12 @@ def _switch_with(backend_mode, fuse=False):
     return build
 
 
+QUICK_VARIANTS = ("default (sdpa)", "process-wide switch", "default (sdpa), compiled",
+                  "process-wide switch, compiled")
+
+
 def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: int = 3,
-                       progress=None) -> list[dict]:
+                       progress=None, only=None) -> list[dict]:
     """Eager (dynamic cache) and compiled (transformers' static cache, whose
     decoding steps ``generate`` compiles with CUDA graphs) generation, the
     defaults against the bi_ paths; each compiled variant is timed after a
@@ -165,6 +169,8 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
     }
     rows, tokens = [], {}
     for name, (build, options) in variants.items():
+        if only is not None and name not in only:
+            continue
         torch._dynamo.reset()
         row = {"variant": name, "batch": batch, "new_tokens": new, **options}
         try:
@@ -204,12 +210,13 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
     return rows
 
 
-def run(out: Path, console, frameworks=("torch", "jax")) -> list[Path]:
+def run(out: Path, console, frameworks=("torch", "jax"), quick: bool = False) -> list[Path]:
     """The torch per-call host cost, the JAX decoder's generation
     (``bench.jax_generation``) and the torch Llama's generation, each where
     its framework is asked for and sees the GPU; ``host_cost.json`` is
     rewritten after each part and each generation variant (a run cut short
-    keeps what it measured)."""
+    keeps what it measured). ``quick``: the generation variants that the
+    targets compare only (the defaults and the switch, eager and compiled)."""
     from rich.table import Table
 
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +267,7 @@ def run(out: Path, console, frameworks=("torch", "jax")) -> list[Path]:
             result["generation"] = rows
             save()
 
-        gen = measure_generation(progress=progress)
+        gen = measure_generation(progress=progress, only=QUICK_VARIANTS if quick else None)
         table = Table(title="Llama generation (hidden 2048, 4 layers, bf16), B = 32, 24 new tokens")
         for col in ("variant", "ms", "ratio", "same tokens as the mode"):
             table.add_column(col, justify="left" if col == "variant" else "right")
