@@ -206,8 +206,8 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
+        runner = compiled.run  # loads the kernel if it is not yet (Triton's property)
         function, metadata = compiled.function, compiled.packed_metadata
-        runner = compiled.run
         direct = getattr(runner, "launch", None)
         if direct is None or getattr(runner, "global_scratch_size", 1) or getattr(runner, "profile_scratch_size", 1):
             # Triton's launcher object: it allocates the kernel's scratch memory.
