@@ -758,18 +758,23 @@ def _attention_plan(launches, given, out, *, transposed, flags=_DENSE, pointers=
     if any(bool(first.kwargs.get(name)) != value for name, value in flags.items()):
         return None
     attend = _attn_kernel.bind(first, _ATTEND_POINTERS)
-    stand_ins = first.args[7:_ATTEND_POINTERS]
     shape, dtype, device = tuple(out.shape), out.dtype, out.device
     if pointers is None:
         def pointers(stand_ins, *extra):
             return stand_ins
 
-    if len(launches) == 1:
-        workspace = first.args[4:7]  # stand-ins: one program per query tile writes no partials
+    # The pointers a launch does not read get stand-ins made at each call, as
+    # the full path makes them: a plan keeps no tensor of the call that made
+    # it (under CUDA graph trees that call may allocate in the graph's pool,
+    # which must not hold allocations it does not track).
+    def stand_ins():
+        return (torch.empty(1, dtype=torch.int32, device=device),) * 6
 
+    if len(launches) == 1:
         def plan(q, k, v, *extra):
             o = torch.empty(shape, dtype=dtype, device=device)
-            attend(q, k, v, o, *workspace, *pointers(stand_ins, *extra))
+            workspace = torch.empty(1, dtype=torch.float32, device=device)  # one program per tile: no partials
+            attend(q, k, v, o, workspace, workspace, workspace, *pointers(stand_ins(), *extra))
             return o.transpose(1, 2) if transposed else o
         return plan
     merge = _plan.single(launches[1:], _merge_kernel, _MERGE_POINTERS)
@@ -782,7 +787,7 @@ def _attention_plan(launches, given, out, *, transposed, flags=_DENSE, pointers=
         acc = torch.empty(acc_shape, dtype=torch.float32, device=device)
         m = torch.empty(stats_shape, dtype=torch.float32, device=device)
         l = torch.empty(stats_shape, dtype=torch.float32, device=device)
-        rest = pointers(stand_ins, *extra)
+        rest = pointers(stand_ins(), *extra)
         attend(q, k, v, o, acc, m, l, *rest)
         merge(o, acc, m, l, *rest[:3])
         return o.transpose(1, 2) if transposed else o
