@@ -25,6 +25,32 @@ from bench.e2e.config import ModelConfig, rope_tables, weight_specs
 from bench.e2e.scheduler import Step
 
 
+def rope(x, cos, sin):
+    """Rotary embedding of (T, H, D) with fp32 ``cos``/``sin`` (T, 1, D/2)."""
+    import jax.numpy as jnp
+
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def mlp_activation(gate_up, intermediate: int):
+    """SiLU(gate) * up of the fused (T, 2 I) projection, as the torch engine
+    writes it: ``g / (1 + exp(-g)) * u`` in fp32, rounded once."""
+    import jax.numpy as jnp
+
+    g = gate_up[:, :intermediate].astype(jnp.float32)
+    u = gate_up[:, intermediate:].astype(jnp.float32)
+    return (g / (1.0 + jnp.exp(-g)) * u).astype(gate_up.dtype)
+
+
+def gumbel(u):
+    """Gumbel noise of uniforms ``u``."""
+    import jax.numpy as jnp
+
+    return -jnp.log(-jnp.log(u))
+
+
 def bucket(n: int, least: int = 16) -> int:
     """The next power of two, at least ``least``."""
     return max(least, 1 << max(int(n) - 1, 0).bit_length())
@@ -72,11 +98,6 @@ class JaxEngine:
                 return (xf * r * w.astype(jnp.float32)).astype(x.dtype)
             mm = jnp.matmul
 
-        def rope(x, cos, sin):
-            half = c.head_dim // 2
-            x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-            return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
         def attention(q, k_cache, v_cache, ix, max_q, max_k):
             if bi:
                 return bi_jax.paged_attention(q, k_cache, v_cache, ix["table"], ix["kv_lens"],
@@ -105,7 +126,7 @@ class JaxEngine:
             x = x + mm(attn.reshape(t, nq), p["o"])
             h = norm(x, p["mlp_norm"])
             gate_up = mm(h, p["gate_up"])
-            act = jax.nn.silu(gate_up[:, :c.intermediate]) * gate_up[:, c.intermediate:]
+            act = mlp_activation(gate_up, c.intermediate)
             return x + mm(act, p["down"]), k_cache, v_cache
 
         return jax.jit(layer, static_argnames=("max_q", "max_k"), donate_argnums=(2, 3))
@@ -130,7 +151,7 @@ class JaxEngine:
                                     preferred_element_type=jnp.float32)
             if temperature > 0:
                 u = weights.jax_uniform_noise(seeds, positions_out, c.vocab)
-                return jnp.argmax(logits / temperature - jnp.log(-jnp.log(u)), axis=-1), logits
+                return jnp.argmax(logits / temperature + gumbel(u), axis=-1), logits
             return jnp.argmax(logits, axis=-1), logits
 
         return jax.jit(head)

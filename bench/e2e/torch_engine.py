@@ -21,6 +21,37 @@ from bench.e2e.config import ModelConfig, rope_tables, weight_specs
 from bench.e2e.scheduler import Step
 
 
+# The elementwise parts, the JAX engine's twins (bench/e2e/jax_engine.py):
+# whether the two frameworks round them alike is a question for the GPU
+# (bench.probes.e2e_ops).
+
+
+def rope(x, cos, sin):
+    """Rotary embedding of (T, H, D) with fp32 ``cos``/``sin`` (T, 1, D/2)."""
+    import torch
+
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def mlp_activation(gate_up, intermediate: int):
+    """SiLU(gate) * up of the fused (T, 2 I) projection: ``g / (1 + exp(-g)) *
+    u`` written out in fp32, rounded once (``F.silu`` then a bf16 product
+    would round twice, where XLA's fused form rounds once)."""
+    import torch
+
+    g, u = gate_up[:, :intermediate].float(), gate_up[:, intermediate:].float()
+    return (g / (1.0 + torch.exp(-g)) * u).to(gate_up.dtype)
+
+
+def gumbel(u):
+    """Gumbel noise of uniforms ``u``."""
+    import torch
+
+    return -torch.log(-torch.log(u))
+
+
 class TorchEngine:
     def __init__(self, config: ModelConfig, *, impl: str, num_pages: int, page_size: int, device,
                  seed: int = 0, dtype=None, temperature: float = 0.0) -> None:
@@ -119,12 +150,7 @@ class TorchEngine:
                 "seeds": dev(step.seeds, torch.long), "positions_out": dev(step.positions_out)}
 
     def _rope(self, x, positions):
-        import torch
-
-        half = self.config.head_dim // 2
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return rope(x, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
 
     def step(self, step: Step, logits: bool = False):
         """Run ``step``; returns each sequence's sampled token (a host array)
@@ -148,13 +174,13 @@ class TorchEngine:
                 x = x + self._matmul(attn.reshape(t, nq), self.w[f"{i}.o"])
                 h = self._norm(x, self.w[f"{i}.mlp_norm"])
                 gate_up = self._matmul(h, self.w[f"{i}.gate_up"])
-                act = torch.nn.functional.silu(gate_up[:, :c.intermediate]) * gate_up[:, c.intermediate:]
+                act = mlp_activation(gate_up, c.intermediate)
                 x = x + self._matmul(act, self.w[f"{i}.down"])
             last = self._norm(x[batch["last"]], self.w["norm"])
             scores = self._matmul(last, self.w["head"], out_dtype=torch.float32)
             if self.temperature > 0:
                 u = weights.torch_uniform_noise(batch["seeds"], batch["positions_out"], c.vocab)
-                sampled = (scores / self.temperature - torch.log(-torch.log(u))).argmax(dim=-1)  # Gumbel-max
+                sampled = (scores / self.temperature + gumbel(u)).argmax(dim=-1)  # Gumbel-max
             else:
                 sampled = scores.argmax(dim=-1)
         tokens = sampled.cpu().numpy()
