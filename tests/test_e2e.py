@@ -21,12 +21,12 @@ WORK = workload(4, 3, 30, 3, CONFIG.vocab, seed=0)
 DEVICE = "cuda" if PROFILE.native else "cpu"
 
 
-def _torch(impl, temperature=0.0):
+def _torch(impl, temperature=0.0, serving=SERVING):
     import torch
 
     from bench.e2e.torch_engine import TorchEngine
 
-    return TorchEngine(CONFIG, impl=impl, num_pages=SERVING.num_pages, page_size=SERVING.page_size, device=DEVICE,
+    return TorchEngine(CONFIG, impl=impl, num_pages=serving.num_pages, page_size=serving.page_size, device=DEVICE,
                        dtype=torch.float32, temperature=temperature)
 
 
@@ -58,7 +58,7 @@ def test_schedules_batch_the_requests_differently():
                 s.step_index = max(s.step_index, s.waiting[0].arrival)
                 continue
             out.append((tuple(step.rids), tuple(np.diff(step.cu_seqlens))))
-            s.complete(step, np.ones(len(step.rids), np.int64))
+            s.complete(step, np.ones(len(step.sample_rows), np.int64))
         return out
 
     assert compositions(1) != compositions(2)
@@ -78,6 +78,31 @@ def test_invariance_jax_engine_gives_each_request_one_completion_and_torchs_toke
     assert _same_logits(runs), "a request's logits changed with the schedule"
     torch_runs = _runs(_torch("bi"), schedules=(3,))
     assert runs[0]["completions"] == torch_runs[0]["completions"]
+
+
+def test_invariance_a_warm_prefix_cache_gives_the_cold_caches_logits():
+    work = workload(5, 3, 30, 3, CONFIG.vocab, seed=1, shared_prefixes=2, prefix_tokens=35)
+    serving = Serving(token_budget=24, max_seqs=3, page_size=16, num_pages=40, pages_per_seq=6, arrival_steps=6)
+    engine = _torch("bi", serving=serving)
+    cold = run_schedule(engine, work, serving, 1, logits=True)
+    warm = run_schedule(engine, work, serving, 2, logits=True, prefix_cache=True)
+    assert warm["reused_prompt_tokens"] >= 32, "no prompt took pages from the prefix cache"
+    assert cold["completions"] == warm["completions"]
+    assert _same_logits([cold, warm])
+
+
+def test_invariance_verifying_drafts_gives_the_single_decodes_tokens():
+    """Speculative decoding's verification: the last token and k draft tokens
+    in one step give the tokens that k + 1 single decodes gave (drafts taken
+    from a plain run); wrong drafts are rejected, with the same result."""
+    engine = _torch("bi")
+    work = replace(WORK, max_new=7)
+    single = run_schedule(engine, work, SERVING, 1)
+    verified = run_schedule(engine, work, SERVING, 1, drafts=single["completions"], speculate=2)
+    assert len(verified["steps"]) < len(single["steps"]), "the drafts were not taken"
+    assert verified["completions"] == single["completions"]
+    wrong = run_schedule(engine, work, SERVING, 2, drafts={r: [7] * 7 for r in single["completions"]}, speculate=2)
+    assert wrong["completions"] == single["completions"]
 
 
 def test_invariance_negative_control_engine_is_caught():

@@ -5,8 +5,11 @@ completions the runs gave, where they first differ, and the throughput.
 
 On a GPU: Llama-3-8B's shapes (bf16), 256 requests of 16-2048 prompt tokens
 and 128 new tokens, 5 schedules; without one, a tiny model in the
-interpreters (fp32), a few requests. Greedy, and seeded sampling
-(``--e2e-temperature``); results to ``e2e.json`` and ``plots/e2e.png``.
+interpreters (fp32), a few requests. Greedy, and seeded sampling (T = 0.8).
+With greedy decoding, also: speculative verification (each request's
+tokens as drafts, checked in steps of several queries) and a prefix cache
+(a workload whose prompts share prefixes, warm against cold), each against
+the plain run's tokens. Results to ``e2e.json`` and ``plots/e2e.png``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,31 @@ def _engine(framework: str, impl: str, setup: Setup, temperature: float, device:
                      pages_per_seq=s.pages_per_seq, dtype=setup.dtype, temperature=temperature)
 
 
+SPECULATE = 3  # draft tokens per verification step
+
+
+def _variants(engine, setup: Setup, single: dict, work) -> dict:
+    """Greedy only: (1) verification, the workload again (another schedule)
+    with each request's single-decode tokens as drafts, ``SPECULATE`` at a
+    time; (2) a prefix cache, on a workload whose prompts share 4 prefixes,
+    cold against warm (two schedules). Requests whose tokens agree, each."""
+    s = setup.serving
+    verified = run_schedule(engine, work, s, schedule_seed=setup.runs + 1, drafts=single, speculate=SPECULATE)
+    prefix = max(s.page_size, setup.max_prompt // 4 // s.page_size * s.page_size)
+    shared = workload(max(8, setup.requests // 4), setup.min_prompt, setup.max_prompt - prefix, setup.new_tokens,
+                      setup.model.vocab, seed=1, shared_prefixes=4, prefix_tokens=prefix)
+    cold = run_schedule(engine, shared, s, schedule_seed=setup.runs + 2)
+    warm = run_schedule(engine, shared, s, schedule_seed=setup.runs + 3, prefix_cache=True)
+    return {"verification": {"speculate": SPECULATE, "requests": len(single),
+                             "same_tokens": sum(verified["completions"][r] == single[r] for r in single),
+                             "steps": len(verified["steps"]), "tokens_per_s": verified["generated"] / verified["seconds"]},
+            "prefix_cache": {"requests": len(cold["completions"]), "prefix_tokens": prefix,
+                             "same_tokens": sum(warm["completions"][r] == cold["completions"][r]
+                                                for r in cold["completions"]),
+                             "reused_prompt_tokens": warm["reused_prompt_tokens"],
+                             "cold_seconds": cold["seconds"], "warm_seconds": warm["seconds"]}}
+
+
 def _release(framework: str) -> None:
     import gc
 
@@ -92,6 +120,8 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None) -
                        "steps": [len(r["steps"]) for r in runs],
                        "distinct_per_request": {str(k): v["distinct"] for k, v in per_request.items()},
                        "first_divergence_per_request": {str(k): v["first_divergence"] for k, v in per_request.items()}}
+                if temperature == 0:
+                    row.update(_variants(engine, setup, runs[0]["completions"], work))
                 results.append(row)
                 completions[framework, temperature, impl] = runs[0]["completions"]
                 if console is not None:
@@ -158,6 +188,13 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
                       str(r["first_divergence_median"]), f"{r['tokens_per_s']:.0f}",
                       f"{r['throughput_ratio']:.2f}x" if "throughput_ratio" in r else "-")
     console.print(table)
+    for r in data["results"]:
+        if "verification" in r:
+            v, c = r["verification"], r["prefix_cache"]
+            console.print(f"{r['framework']} {r['impl']}: verification of {v['speculate']} drafts gave the single "
+                          f"decodes' tokens for {v['same_tokens']}/{v['requests']} requests; a warm prefix cache "
+                          f"({c['reused_prompt_tokens']} prompt tokens reused) gave the cold tokens for "
+                          f"{c['same_tokens']}/{c['requests']}")
     for c in data["cross_framework"]:
         console.print(f"bi_torch and bi_jax, T={c['temperature']}: {c['same_tokens']}/{c['requests']} requests "
                       "with the same tokens")

@@ -184,12 +184,14 @@ class JaxEngine:
         kv_lens = cached + lens
         max_q = bucket(max(int(lens.max()), 1), least=1)
         max_k = bucket(int(kv_lens.max()), least=self.page_size)
-        last = np.zeros(b, np.int32)
-        last[:b_real] = step.cu_seqlens[1:] - 1
-        seeds = np.zeros(b, np.uint32)
-        seeds[:b_real] = step.seeds.astype(np.uint32)
-        pos_out = np.zeros(b, np.int32)
-        pos_out[:b_real] = step.positions_out
+        s_real = len(step.sample_rows)
+        s = bucket(max(s_real, 1), least=8)
+        last = np.zeros(s, np.int32)
+        last[:s_real] = step.sample_rows
+        seeds = np.zeros(s, np.uint32)
+        seeds[:s_real] = step.seeds.astype(np.uint32)
+        pos_out = np.zeros(s, np.int32)
+        pos_out[:s_real] = step.positions_out
         tokens = np.zeros(t, np.int32)
         tokens[:t_real] = step.tokens
         ix = {"cu": cu, "table": table, "kv_lens": kv_lens.astype(np.int32), "q_lens": lens,
@@ -198,17 +200,17 @@ class JaxEngine:
         ix = {k: jnp.asarray(v) for k, v in ix.items()}
         ix["cos"], ix["sin"] = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         return (jnp.asarray(tokens), ix, max_q, max_k, jnp.asarray(last), jnp.asarray(seeds), jnp.asarray(pos_out),
-                b_real)
+                s_real)
 
     def step(self, step: Step, logits: bool = False):
-        """Run ``step``; each sequence's sampled token (a host array) and, with
-        ``logits``, the fp32 logits it was sampled from."""
-        tokens, ix, max_q, max_k, last, seeds, pos_out, b_real = self._padded(step)
+        """Run ``step``; the token sampled at each sample row (a host array)
+        and, with ``logits``, the fp32 logits it was sampled from."""
+        tokens, ix, max_q, max_k, last, seeds, pos_out, s_real = self._padded(step)
         x = self.w["embed"][tokens]
         for i, p in enumerate(self.layers):
             k_cache, v_cache = self.caches[i]
             x, k_cache, v_cache = self._layer(p, x, k_cache, v_cache, ix, max_q=max_q, max_k=max_k)
             self.caches[i] = (k_cache, v_cache)
         sampled, scores = self._head(self.w["norm"], self.w["head"], x, last, seeds, pos_out)
-        out = np.asarray(sampled)[:b_real]
-        return (out, np.asarray(scores)[:b_real]) if logits else out
+        out = np.asarray(sampled)[:s_real]
+        return (out, np.asarray(scores)[:s_real]) if logits else out

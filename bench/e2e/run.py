@@ -22,13 +22,16 @@ class Serving:
     arrival_steps: int  # requests arrive over this many steps
 
 
-def run_schedule(engine, work: Workload, serving: Serving, schedule_seed: int, logits: bool = False) -> dict:
+def run_schedule(engine, work: Workload, serving: Serving, schedule_seed: int, logits: bool = False,
+                 prefix_cache: bool = False, drafts=None, speculate: int = 0) -> dict:
     """One run: every request to completion. Returns the completions (request
-    id -> tokens), the steps' sizes, the wall time and, with ``logits``, each
-    request's logits per generated token."""
+    id -> tokens), the steps' sizes, the wall time, the prompt tokens taken
+    from the prefix cache and, with ``logits``, each request's logits per
+    sample (a verification's rejected positions included)."""
     s = Scheduler(work, schedule_seed=schedule_seed, arrival_steps=serving.arrival_steps,
                   token_budget=serving.token_budget, max_seqs=serving.max_seqs, page_size=serving.page_size,
-                  num_pages=serving.num_pages, pages_per_seq=serving.pages_per_seq)
+                  num_pages=serving.num_pages, pages_per_seq=serving.pages_per_seq, prefix_cache=prefix_cache,
+                  drafts=drafts, speculate=speculate)
     sizes, seen = [], {}
     start = time.perf_counter()
     while not s.idle:
@@ -40,16 +43,16 @@ def run_schedule(engine, work: Workload, serving: Serving, schedule_seed: int, l
             raise RuntimeError("the scheduler cannot place any running request (too few cache pages)")
         if logits:
             sampled, scores = engine.step(step, logits=True)
-            for b, rid in enumerate(step.rids):
-                if step.emits[b]:
-                    seen.setdefault(int(rid), []).append(scores[b])
+            for j, b in enumerate(step.sample_seqs):
+                seen.setdefault(int(step.rids[b]), []).append(scores[j])
         else:
             sampled = engine.step(step)
         s.complete(step, sampled)
         sizes.append((len(step.rids), len(step.tokens)))
     seconds = time.perf_counter() - start
     out = {"completions": {rid: r.generated for rid, r in s.finished.items()}, "steps": sizes, "seconds": seconds,
-           "generated": sum(len(r.generated) for r in s.finished.values())}
+           "generated": sum(len(r.generated) for r in s.finished.values()),
+           "reused_prompt_tokens": sum(r.reused for r in s.finished.values())}
     if logits:
         out["logits"] = {rid: np.stack(v) for rid, v in seen.items()}
     return out

@@ -146,15 +146,15 @@ class TorchEngine:
                 "table": dev(step.block_table), "kv_lens": dev(kv_lens), "q_lens": dev(q_lens),
                 "max_q": int(q_lens.max()), "max_k": int(kv_lens.max()), "page": dev(page, torch.long),
                 "slot": dev(pos % self.page_size, torch.long), "seq_of_token": dev(seq, torch.long),
-                "index_in_seq": dev(index, torch.long), "last": dev(step.cu_seqlens[1:] - 1, torch.long),
+                "index_in_seq": dev(index, torch.long), "rows": dev(step.sample_rows, torch.long),
                 "seeds": dev(step.seeds, torch.long), "positions_out": dev(step.positions_out)}
 
     def _rope(self, x, positions):
         return rope(x, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
 
     def step(self, step: Step, logits: bool = False):
-        """Run ``step``; returns each sequence's sampled token (a host array)
-        and, with ``logits``, the fp32 logits it was sampled from."""
+        """Run ``step``; returns the token sampled at each sample row (a host
+        array) and, with ``logits``, the fp32 logits it was sampled from."""
         import torch
 
         c = self.config
@@ -176,7 +176,7 @@ class TorchEngine:
                 gate_up = self._matmul(h, self.w[f"{i}.gate_up"])
                 act = mlp_activation(gate_up, c.intermediate)
                 x = x + self._matmul(act, self.w[f"{i}.down"])
-            last = self._norm(x[batch["last"]], self.w["norm"])
+            last = self._norm(x[batch["rows"]], self.w["norm"])
             scores = self._matmul(last, self.w["head"], out_dtype=torch.float32)
             if self.temperature > 0:
                 u = weights.torch_uniform_noise(batch["seeds"], batch["positions_out"], c.vocab)
