@@ -5,8 +5,9 @@ The decoder is plain JAX (no Flax): RMSNorm, rotary embeddings, grouped-query
 attention through ``jax.nn.dot_product_attention`` with a boolean mask over a
 fixed KV-cache buffer, a SiLU MLP, weights drawn from a seed. ``generate``
 runs one jitted prefill and one jitted decode step per new token from a
-Python loop, as a server does; the transform rewrites the same functions
-(products, sums and the attention call onto the bi_ kernels). Timed: the wall
+Python loop, as a server does; the transform (strict: every reduction on a
+bi_ kernel, or an error) rewrites the same functions (products, sums and the
+attention call onto the bi_ kernels). Timed: the wall
 time of ``generate`` up to its last token on the host, the median of a few
 runs after one that compiles.
 """
@@ -126,7 +127,7 @@ def step_fn(config: Config, transform: bool):
     if transform:
         import bi_jax
 
-        step = bi_jax.batch_invariant(step)
+        step = bi_jax.batch_invariant(step, strict=True)  # every reduction on a bi_ kernel, or an error
     return jax.jit(step, donate_argnums=(2,))
 
 

@@ -240,8 +240,10 @@ def test_quick_is_honoured_without_a_gpu(tmp_path):
 
 
 def test_the_jax_generation_benchmarks_decoder_is_invariant_under_the_transform():
-    """The decoder that ``--host-cost`` times under ``bi_jax.batch_invariant``
-    (tiny here): a prompt's greedy tokens and logits, alone and in a batch."""
+    """The decoder that ``--host-cost`` times under
+    ``bi_jax.batch_invariant(strict=True)`` (tiny here; strict: every product,
+    sum and attention ran a bi_ kernel, else it raises): a prompt's greedy
+    tokens and logits, alone and in a batch."""
     pytest.importorskip("jax")
     import jax
     import numpy as np
