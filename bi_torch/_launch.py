@@ -185,8 +185,15 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         ``launch`` in dtype and 16-byte alignment (what Triton specialised
         them on); the callers' plan keys hold both. Where the launch went
         Triton's way (the interpreter, no cached kernel), so does every bound
-        call; while a launch hook is set, too."""
+        call; while a launch hook is set, too.
+
+        Every tensor argument must be among the leading ones: a bound launch
+        keeps the rest for good, and it must not keep a tensor of the call it
+        was made from (under CUDA graph trees that call may have allocated it
+        in the graph's pool)."""
         rest = launch.args[leading:]
+        if any(isinstance(a, torch.Tensor) for a in rest):
+            raise ValueError(f"{self.kernel.fn.__name__}: bind takes every tensor argument among the first {leading}")
         grid, kwargs = launch.grid, launch.kwargs
 
         def through_triton(*tensors):

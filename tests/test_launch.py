@@ -160,11 +160,11 @@ def test_a_bound_launch_with_scratch_memory_or_hooks_keeps_tritons_launcher(kern
     kernel.kernel.compiled.run = lambda *args: calls.append(args)
     kernel.kernel.compiled.run.launch = launcher.launch
     kernel.kernel.compiled.run.global_scratch_size = 128
-    bound = kernel.bind(launches[0], 1)
-    bound(x)
+    bound = kernel.bind(launches[0], 2)
+    bound(x, x)
     assert calls == [(1, 1, 1, 99, "function", "metadata", None, None, None, x, x, 8, 0.5, 8, "sum")]
     monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
-    bound(x)  # a profiler's hook: Triton's own path
+    bound(x, x)  # a profiler's hook: Triton's own path
     assert len(calls) == 1 and len(kernel.kernel.launches) == 2 and not launcher.calls
 
 
@@ -173,9 +173,11 @@ def test_a_launch_triton_did_not_cache_binds_to_tritons_path(kernel, monkeypatch
     x = torch.zeros(8)
     with _launch.recording() as launches:
         kernel[(1,)](x, x, 8, 0.5, BLOCK=8)
-    bound = kernel.bind(launches[0], 1)
-    bound(torch.ones(8))
+    bound = kernel.bind(launches[0], 2)
+    bound(torch.ones(8), x)
     assert len(kernel.kernel.launches) == 2 and kernel.kernel.launches[1][1][0].sum() == 8
+    with pytest.raises(ValueError, match="every tensor argument"):
+        kernel.bind(launches[0], 1)  # it would keep x for good
 
 
 def test_recording_nests_and_records_only_inside(kernel):
