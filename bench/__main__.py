@@ -20,6 +20,16 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _feature(text: str):
     """``4096`` (a hidden size), ``4096x14336`` (a K x N weight shape) or
     ``4096x32x8x128`` (length x query heads x KV heads x head dim)."""
@@ -96,9 +106,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of the sweep: continuous batching end to end (bench/e2e): each request served under "
                         "several arrival schedules by each framework's engine, default and bi_ kernels; distinct "
                         "completions per request and tokens/s (writes e2e.json and plots/e2e.png)")
-    p.add_argument("--e2e-requests", type=int, default=None, help="requests of the --e2e workload (default: 256 "
+    p.add_argument("--e2e-requests", type=_positive_int, default=None, help="requests of the --e2e workload (default: 256 "
                    "on a GPU, 6 without)")
-    p.add_argument("--e2e-runs", type=int, default=None, help="arrival schedules per engine for --e2e (default: 5 "
+    p.add_argument("--e2e-runs", type=_positive_int, default=None, help="arrival schedules per engine for --e2e (default: 5 "
                    "on a GPU, 3 without)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for results.json, results.csv and plots/ (default: bench-results)")

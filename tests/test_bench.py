@@ -195,9 +195,11 @@ def test_bench_needs_nothing_from_the_test_extra(tmp_path):
         (["--ops", "rms_norm", "--features", "64x32"], "rms_norm takes feature sizes, not 64x32"),
         (["--ops", "attention", "--features", "4096"], "attention takes LxHqxHkvxD shapes such as 1024x32x8x128, not 4096"),
         (["--features", ","], "argument --features: expected comma-separated feature sizes"),
+        (["--e2e", "--e2e-runs", "0"], "argument --e2e-runs: expected a positive integer, got '0'"),
+        (["--e2e", "--e2e-requests", "x"], "argument --e2e-requests: expected a positive integer, got 'x'"),
     ],
     ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype", "shape-for-a-row-op",
-         "size-for-attention", "no-features"],
+         "size-for-attention", "no-features", "e2e-runs-zero", "e2e-requests-text"],
 )
 def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
