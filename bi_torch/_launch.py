@@ -17,7 +17,7 @@ that Triton would have picked: the bits are Triton's.
 
 Triton's own path is kept where the fast one would not be its equal: under
 the CPU interpreter, while a launch hook is set (profilers), for arguments
-of other types (tensor descriptors), and everywhere with
+of other types (tensor descriptors; a bound launch takes them, below), and everywhere with
 ``BI_TRITON_LAUNCH=triton`` in the environment at import.
 
 A launch can also be *bound* (:meth:`fast.bind`): everything fixed but its
@@ -95,12 +95,30 @@ def _hooks_set() -> bool:
 
 
 class Launch(NamedTuple):
-    """One launch as :func:`recording` saw it: ``kernel[grid](*args, **kwargs)``."""
+    """One launch as :func:`recording` saw it: ``kernel[grid](*args, **kwargs)``,
+    and the compiled kernel that ran (None under the interpreter)."""
 
     kernel: "fast"
     grid: tuple
     args: tuple
     kwargs: dict
+    compiled: object = None
+
+
+class _Descriptor:
+    """A host tensor descriptor as Triton's launcher reads one (its base
+    tensor, shape, strides and padding), without the checks of
+    ``TensorDescriptor``'s constructor: a bound launch made from a checked
+    descriptor of the same shape, strides and alignment builds these."""
+
+    __slots__ = ("base", "shape", "strides", "padding")
+
+    def __init__(self, base, shape, strides, padding) -> None:
+        self.base, self.shape, self.strides, self.padding = base, shape, strides, padding
+
+
+def _is_descriptor(v) -> bool:
+    return hasattr(v, "block_shape") and isinstance(getattr(v, "base", None), torch.Tensor)
 
 
 _RECORDING = threading.local()
@@ -151,9 +169,13 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **kwargs):
+        compiled = self._run(grid, args, kwargs)
         launches = getattr(_RECORDING, "launches", None)
         if launches is not None:
-            launches.append(Launch(self, grid, args, kwargs))
+            launches.append(Launch(self, grid, args, kwargs, compiled))
+        return compiled
+
+    def _run(self, grid, args, kwargs):
         if not _ENABLED or interpreting():
             return self.kernel[grid](*args, **kwargs)
         try:
@@ -192,23 +214,46 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
         was made from (under CUDA graph trees that call may have allocated it
         in the graph's pool)."""
         rest = launch.args[leading:]
-        if any(isinstance(a, torch.Tensor) for a in rest):
+        if any(isinstance(a, torch.Tensor) or _is_descriptor(a) for a in rest):
             raise ValueError(f"{self.kernel.fn.__name__}: bind takes every tensor argument among the first {leading}")
         grid, kwargs = launch.grid, launch.kwargs
+        # Tensor descriptors among the leading arguments: a bound call gives
+        # each one's base tensor (any tensor at that address), and the shape,
+        # strides, block and padding are the launch's.
+        # Only their layouts are kept: never a tensor of the call (see above).
+        descriptors = tuple((i, type(a), tuple(a.shape), tuple(a.strides), list(a.block_shape), a.padding)
+                            for i, a in enumerate(launch.args[:leading]) if _is_descriptor(a))
+
+        def checked(tensors):
+            if not descriptors:
+                return tensors
+            args = list(tensors)
+            for i, kind, shape, strides, block, padding in descriptors:
+                args[i] = kind(args[i], shape, strides, block, padding)
+            return args
 
         def through_triton(*tensors):
-            self._launch(grid, *tensors, *rest, **kwargs)
+            self._launch(grid, *checked(tensors), *rest, **kwargs)
 
         if not _ENABLED or interpreting():
             return through_triton
-        try:
-            device, _ = _device_stream()
-            hit = self._cache.get((device, _arg_key(launch.args), tuple(kwargs.items())))
-        except (_Other, TypeError):
-            hit = None
-        if hit is None:
-            return through_triton
-        compiled, tail = hit
+        if descriptors:
+            # Triton's binder does not see these launches (not in the cache):
+            # bind the kernel that ran.
+            compiled = launch.compiled
+            if compiled is None or hasattr(compiled, "result"):
+                return through_triton
+            tail = self._tail(len(launch.args), kwargs)
+        else:
+            try:
+                device, _ = _device_stream()
+                hit = self._cache.get((device, _arg_key(launch.args), tuple(kwargs.items())))
+            except (_Other, TypeError):
+                hit = None
+            if hit is None:
+                return through_triton
+            compiled, tail = hit
+        device, _ = _device_stream()
         fixed = (*rest, *tail)
         g0 = grid[0]
         g1 = grid[1] if len(grid) > 1 else 1
@@ -222,9 +267,23 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
                 if _hooks_set():
                     return through_triton(*tensors)
                 self.hits += 1
-                runner(g0, g1, g2, _stream(device), function, metadata, None, None, None, *tensors, *fixed)
+                runner(g0, g1, g2, _stream(device), function, metadata, None, None, None, *checked(tensors), *fixed)
             return bound
         cooperative, pdl = runner.launch_cooperative_grid, runner.launch_pdl
+        if descriptors:
+            light = tuple((i, shape, strides, padding) for i, _, shape, strides, _, padding in descriptors)
+
+            def bound(*tensors):
+                if _hooks_set():
+                    return through_triton(*tensors)
+                self.hits += 1
+                args = list(tensors)
+                for i, shape, strides, padding in light:
+                    args[i] = _Descriptor(args[i], shape, strides, padding)
+                # Triton's launcher turns each descriptor into a TMA map of the new base.
+                direct(g0, g1, g2, _stream(device), function, cooperative, pdl, None, None, metadata, None, None,
+                       None, *args, *fixed)
+            return bound
 
         def bound(*tensors):
             if _hooks_set():

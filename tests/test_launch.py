@@ -168,6 +168,37 @@ def test_a_bound_launch_with_scratch_memory_or_hooks_keeps_tritons_launcher(kern
     assert len(calls) == 1 and len(kernel.kernel.launches) == 2 and not launcher.calls
 
 
+def test_a_bound_launch_rebuilds_tensor_descriptors_on_the_new_tensors(kernel, monkeypatch):
+    """Descriptors go Triton's way when launched (the key cannot describe
+    them); bound, each is rebuilt on the tensor given at its place, with the
+    launch's shape, strides, block and padding, for the compiled kernel that
+    ran, and the bound launch keeps no tensor of the call it was made from."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(_launch, "_stream", lambda device: 99)
+    x, y = torch.zeros(8, 16), torch.zeros(16)
+    with _launch.recording() as launches:
+        kernel[(4,)](TensorDescriptor.from_tensor(x, [4, 8]), y, 16, 0.5, BLOCK=8)
+    assert len(kernel._cache) == 0 and launches[0].compiled is kernel.kernel.compiled
+    launcher = _Launcher()
+    kernel.kernel.compiled.run = launcher
+    bound = kernel.bind(launches[0], 2)
+    x2, y2 = torch.ones(8, 16), torch.ones(16)
+    bound(x2, y2)
+    (call,) = launcher.calls
+    desc = call[13]
+    assert desc.base is x2 and tuple(desc.shape) == (8, 16) and tuple(desc.strides) == (16, 1)
+    assert desc.padding == "zero" and call[14:] == (y2, 16, 0.5, 8, "sum")
+    cells = [c.cell_contents for c in bound.__closure__]
+    assert not any(isinstance(v, torch.Tensor) for c in cells for v in (c if isinstance(c, tuple) else (c,)))
+    monkeypatch.setattr(_launch, "_hooks_set", lambda: True)
+    bound(x2, y2)  # Triton's path: a checked descriptor of x2
+    grid, args, _ = kernel.kernel.launches[-1]
+    assert isinstance(args[0], TensorDescriptor) and args[0].base is x2 and args[0].block_shape == [4, 8]
+    with pytest.raises(ValueError, match="every tensor argument"):
+        kernel.bind(launches[0], 1)  # the descriptor would keep x for good
+
+
 def test_a_launch_triton_did_not_cache_binds_to_tritons_path(kernel, monkeypatch):
     monkeypatch.setattr(_launch, "_ENABLED", False)
     x = torch.zeros(8)

@@ -231,7 +231,13 @@ def _decode_calls():
         mask = torch.arange(keys, device=DEVICE)[None, None, None, :] >= pads[:, None, None, None]
         return _attention.sdpa_from_first_visible(q, k, v, mask, enable_gqa=True)
 
-    return {"linear": linear, "rms_norm_with_rstd": norm, "softmax": softmax, "mean": mean, "decode": decode,
+    def linear_tma(seed, rows=64):  # from 33 rows on the H100/H200 table picks the TMA kernel
+        return bi_torch.linear(_randn(rows, 2048, dtype=torch.bfloat16, seed=seed),
+                               _randn(5632, 2048, dtype=torch.bfloat16, seed=seed + 1),
+                               _randn(5632, dtype=torch.bfloat16, seed=seed + 2))
+
+    return {"linear": linear, "linear_tma": linear_tma, "linear_tma_256_rows": lambda seed: linear_tma(seed, 256),
+            "rms_norm_with_rstd": norm, "softmax": softmax, "mean": mean, "decode": decode,
             "decode_split_kv": lambda seed: decode(seed, keys=4096, batch=1), "decode_left_padded": left_padded}
 
 
@@ -241,8 +247,8 @@ def test_on_the_gpu_a_plan_launches_through_tritons_c_launcher_with_the_full_pat
     from bi_torch.ops import attention, matmul, rms_norm, rows
 
     call = _decode_calls()[name]
-    kernels = (matmul._matmul_kernel, rms_norm._rms_norm_kernel, rows._row_kernel, rows._segment_write_kernel,
-               attention._attn_kernel, attention._merge_kernel)
+    kernels = (matmul._matmul_kernel, matmul._matmul_tma_kernel, rms_norm._rms_norm_kernel, rows._row_kernel,
+               rows._segment_write_kernel, attention._attn_kernel, attention._merge_kernel)
     _plan.clear()
     with torch.no_grad():
         call(0)
@@ -270,6 +276,9 @@ def _tensors_kept(fn, seen=None):
         return [t for item in fn for t in _tensors_kept(item, seen)]
     if isinstance(fn, dict):
         return [t for item in fn.values() for t in _tensors_kept(item, seen)]
+    if hasattr(fn, "__slots__") or hasattr(fn, "__dataclass_fields__"):  # a launch's argument objects
+        names = getattr(fn, "__slots__", None) or fn.__dataclass_fields__
+        return [t for name in names if hasattr(fn, name) for t in _tensors_kept(getattr(fn, name), seen)]
     if callable(fn) and getattr(fn, "__closure__", None):
         return [t for cell in fn.__closure__ for t in _tensors_kept(cell.cell_contents, seen)]
     return []
@@ -289,3 +298,36 @@ def test_a_plan_keeps_no_tensor(name):
     assert plans, name
     kept = [t for plan in plans for t in _tensors_kept(plan)]
     assert not kept, f"{name}: the plan keeps {len(kept)} tensors: {[(tuple(t.shape), t.dtype) for t in kept]}"
+
+
+def test_the_tma_kernels_plan_gives_the_full_paths_bits_and_keeps_no_tensor(monkeypatch):
+    """The TMA kernel (the GPU's pick from M = 33 on) takes tensor
+    descriptors: its plan rebuilds them on the call's tensors, with the shape,
+    strides and block of the launch it binds (here in the interpreter, with
+    the interpreter's TMA tile)."""
+    from bi_core.matmul import INTERPRET_TMA_CONFIG
+    from bi_torch.ops import matmul
+
+    if PROFILE.native:
+        pytest.skip("the GPU picks the TMA kernel itself: the decode-size GPU test covers it")
+    monkeypatch.setattr(matmul, "INTERPRET_CONFIG", INTERPRET_TMA_CONFIG)
+    _plan.clear()
+    recorded = []
+    real = matmul._matmul_tma_kernel._launch
+    monkeypatch.setattr(matmul._matmul_tma_kernel, "_launch", lambda *a, **k: recorded.append(a) or real(*a, **k))
+    with torch.no_grad():
+        bi_torch.linear(*_inputs("linear_bias", 0))
+        x, w, b = _inputs("linear_bias", 10)
+        hits = _hits()
+        planned = bi_torch.linear(x, w, b)
+        assert _hits() == hits + 1
+        kept = [t for cache in _plan._ALL for plan in cache._plans.values() for t in _tensors_kept(plan)]
+        assert not kept, f"the TMA plan keeps {len(kept)} tensors"
+        monkeypatch.setattr(_plan, "ENABLED", False)
+        full = bi_torch.linear(x, w, b)
+    assert len(recorded) == 3  # the TMA kernel ran each time
+    # The planned launch's descriptors are of the new call's tensors.
+    descriptors = recorded[1][1:4]
+    assert descriptors[0].base.data_ptr() == x.data_ptr() and descriptors[1].base.data_ptr() == w.data_ptr()
+    assert descriptors[2].base.data_ptr() == planned.data_ptr()
+    assert torch.equal(planned, full) and planned.stride() == full.stride()

@@ -117,6 +117,7 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     return first_m + (tile % width) % group_size, (tile % width) // group_size
 
 
+@fast
 @triton.jit(do_not_specialize=["M"])
 def _matmul_tma_kernel(
     a_desc, b_desc, c_desc, bias_ptr,
@@ -389,6 +390,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
         bound = _plan.single(launches, _matmul_kernel, 4)
         if bound is not None:
             _PLANS.add(key, _product_plan(bound, tuple(out.shape), out_dtype, a.device))
+        else:
+            # The TMA kernel: descriptors of a, b (or b's transpose) and the
+            # output, each rebuilt on the call's tensor (the same address).
+            bound = _plan.single(launches, _matmul_tma_kernel, 4)
+            if bound is not None:
+                _PLANS.add(key, _product_plan(bound, tuple(out.shape), out_dtype, a.device, tma=True))
     if a.ndim == 1:
         out = out.squeeze(-2)
     if b.ndim == 1:
@@ -417,9 +424,17 @@ def _plan_key(a, b, bias, out_dtype):
             torch._C._get_cublas_allow_tf32(), _plan.current_device())
 
 
-def _product_plan(bound, shape, dtype, device):
-    """A planned ``matmul``: the output, then the one bound launch (``a``,
-    ``b``, the bias or a stand-in, the output)."""
+def _product_plan(bound, shape, dtype, device, tma=False):
+    """A planned ``matmul``: the output, then the one bound launch (the
+    pointer kernel's ``a``, ``b``, the bias or a stand-in, the output; the TMA
+    kernel's ``a``, ``b``, the output, the bias or a stand-in)."""
+    if tma:
+        def plan(a, b, bias):
+            c = torch.empty(shape, dtype=dtype, device=device)
+            bound(a, b, c, c if bias is None else bias)
+            return c
+        return plan
+
     def plan(a, b, bias):
         c = torch.empty(shape, dtype=dtype, device=device)
         bound(a, b, c if bias is None else bias, c)
