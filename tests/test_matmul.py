@@ -163,10 +163,12 @@ def test_invariance_rows_alone_and_in_a_batch(k, n, dtype):
         assert torch.equal(_bits(bi_torch.matmul(a[r : r + 1], b, out_dtype=torch.float32)), _bits(full[r : r + 1])), r
 
 
-def test_autograd_is_refused():
-    a = _rand(2, 3).requires_grad_()
-    with pytest.raises(NotImplementedError, match="forward-only"):
-        bi_torch.matmul(a, _rand(3, 4))
+def test_under_autograd_the_forward_is_the_inference_forward():
+    a, b = _rand(2, 3), _rand(3, 4)
+    out = bi_torch.matmul(a.requires_grad_(), b)
+    assert out.grad_fn is not None and "Matmul" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        assert torch.equal(out.detach(), bi_torch.matmul(a, b))
 
 
 # --- GPU: every config the dispatch can pick gives the same bits ------------------

@@ -16,8 +16,9 @@ import triton.language as tl
 
 from bi_core.matmul import INTERPRET_CONFIG, TileConfig, precision_of, tile_config
 from bi_torch import _plan
-from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
+from bi_torch._checks import check_float_tensor, check_launchable, interpreting
 from bi_torch._launch import cdiv, fast, recording, sm_count
+from bi_torch.ops import grad as _grad
 from bi_torch._interpreter import interpreter_ready
 
 __all__ = ["matmul", "linear", "launch"]
@@ -314,7 +315,6 @@ def _check_pair(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | 
         if bias.device != a.device:
             raise ValueError(f"{op}: bias is on {bias.device} but the operands are on {a.device}")
     check_launchable(op, a)
-    check_no_autograd(op, a, b, bias)
     return out_dtype
 
 
@@ -349,6 +349,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(a, b, bias)
+    if _grad.needed(a, b, bias):
+        return _grad.matmul(a, b, bias, out_dtype)
     out_dtype = _check_pair("matmul", a, b, bias, out_dtype)
     a2 = a.unsqueeze(0) if a.ndim == 1 else a
     b2 = b.unsqueeze(-1) if b.ndim == 1 else b

@@ -19,13 +19,13 @@ from bi_torch._checks import (
     check_eps,
     check_float_tensor,
     check_launchable,
-    check_no_autograd,
     check_row_length,
     canonical,
     interpreting,
 )
 from bi_torch import _plan
 from bi_torch._launch import fast, recording
+from bi_torch.ops import grad as _grad
 from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, rms_norm_config, rstd_asm, sum_tree
 
 __all__ = ["rms_norm", "launch"]
@@ -250,6 +250,8 @@ def _rms_norm(x, weight, eps, with_rstd=False):
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(x, weight)
+    if _grad.needed(x, weight):
+        return _grad.rms_norm(x, weight, eps, with_rstd)
     op = "rms_norm_with_rstd" if with_rstd else "rms_norm"
     check_float_tensor("x", x)
     if x.ndim == 0:
@@ -268,7 +270,6 @@ def _rms_norm(x, weight, eps, with_rstd=False):
     eps = check_eps(eps)
     check_row_length(op, n)
     check_launchable(op, x)
-    check_no_autograd(op, x, weight)
 
     x2d = canonical(x.reshape(-1, n))
     w = canonical(weight) if weight is not None else None

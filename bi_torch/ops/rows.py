@@ -21,12 +21,12 @@ from bi_torch._checks import (
     canonical,
     check_float_tensor,
     check_launchable,
-    check_no_autograd,
     check_row_length,
     interpreting,
 )
 from bi_torch import _plan
 from bi_torch._launch import fast, recording
+from bi_torch.ops import grad as _grad
 from bi_torch.ops.rms_norm import _sum_tree, _tree_args
 
 __all__ = ["sum", "mean", "softmax", "log_softmax", "launch"]
@@ -273,7 +273,6 @@ def _check_input(op: str, x, dtype) -> torch.Tensor:
             raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
         x = x.to(dtype)  # as torch: the input is cast before the op
     check_launchable(op, x)
-    check_no_autograd(op, x)
     return x
 
 
@@ -309,6 +308,8 @@ def _reduce(op: str, x: torch.Tensor, dim, keepdim: bool, dtype) -> torch.Tensor
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(x)
+    if _grad.needed(x):
+        return _grad.reduce(op, x, dim, keepdim, dtype)
     given = x
     x = _check_input(op, x, dtype)
     dims = _dims(op, x, dim)
@@ -338,6 +339,8 @@ def _normalise(op: str, x: torch.Tensor, dim: int, dtype) -> torch.Tensor:
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(x)
+    if _grad.needed(x):
+        return _grad.normalise(op, x, dim, dtype)
     given = x
     x = _check_input(op, x, dtype)
     if x.ndim == 0:

@@ -1,0 +1,190 @@
+"""Backward passes of the bi_ ops (``torch.autograd.Function``s).
+
+A bi_ op called on tensors that require grad, with grad mode on, runs as one
+of these functions. The forward is the op's inference path itself (under
+``no_grad``), so a training forward gives exactly the inference bits. The
+backward is built from the bi_ kernels and elementwise torch ops only:
+
+- every reduction over a row (softmax's and RMSNorm's row dot products) is
+  a bi_ ``sum``/``mean`` or a bi_ product, whose order depends on the row
+  length alone, so **input gradients are batch-invariant per row**: a row's
+  gradient depends only on that row's input and output gradient;
+- every sum over the tokens of a batch (a weight's, a bias's or RMSNorm's
+  weight gradient; a product's broadcast batch dimensions) is a bi_ product
+  or ``sum`` with a fixed order for a given number of tokens, so **a given
+  batch always gives the same bits** (run-to-run determinism, no atomics).
+  These sums change with the tokens in the batch, as the math says they
+  must: adding, removing or reordering rows changes a weight gradient's bits.
+
+Elementwise steps run in fp32 and round once to the input's dtype; torch's
+elementwise kernels compute each element alone, so they keep both
+properties. Gradients of gradients are not supported
+(``once_differentiable``). Attention has no backward yet: it still refuses
+inputs that require grad.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def needed(*tensors) -> bool:
+    """Grad mode is on and one of ``tensors`` (None allowed) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed (bi_ ``sum``, fp32 accumulation, one rounding) over the
+    dimensions that broadcasting added or expanded to reach ``t.shape`` from
+    ``shape``."""
+    from bi_torch.ops.rows import sum as bi_sum
+
+    lead = t.ndim - len(shape)
+    dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1]
+    if not dims:
+        return t
+    return bi_sum(t, dims, keepdim=True).reshape(shape)
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, bias, out_dtype):
+        from bi_torch.ops.matmul import matmul
+
+        out = matmul(a, b, bias, out_dtype)
+        ctx.save_for_backward(a, b)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        from bi_torch.ops.matmul import matmul
+        from bi_torch.ops.rows import sum as bi_sum
+
+        a, b = ctx.saved_tensors
+        need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        g = g.to(a.dtype)  # an fp32 out_dtype's gradient, rounded to the operands' dtype
+        a2 = a.unsqueeze(0) if a.ndim == 1 else a
+        b2 = b.unsqueeze(-1) if b.ndim == 1 else b
+        g2 = g.unsqueeze(-1) if b.ndim == 1 else g  # the dimensions that matmul removed, restored
+        if a.ndim == 1:
+            g2 = g2.unsqueeze(-2)
+        grad_a = grad_b = grad_bias = None
+        if b2.ndim == 2:
+            # Leading dims of a folded into M: one weight for every row.
+            k, n = b2.shape
+            if need_a:
+                grad_a = matmul(g2, b2.t()).reshape(a.shape)
+            if need_b:
+                # Over the tokens, in the product's fixed order over its K (= the tokens).
+                grad_b = matmul(a2.reshape(-1, k).t(), g2.reshape(-1, n)).reshape(b.shape)
+        else:
+            if need_a:
+                grad_a = _sum_to(matmul(g2, b2.transpose(-1, -2)), a2.shape).reshape(a.shape)
+            if need_b:
+                grad_b = _sum_to(matmul(a2.transpose(-1, -2), g2), b2.shape).reshape(b.shape)
+        if need_bias:
+            grad_bias = bi_sum(g2.reshape(-1, g2.shape[-1]), 0).to(ctx.bias_dtype)
+        return grad_a, grad_b, grad_bias, None
+
+
+class _RmsNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from bi_torch.ops.rms_norm import rms_norm_with_rstd
+
+        y, rstd = rms_norm_with_rstd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+        return y, rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _):
+        from bi_torch.ops.rows import mean as bi_mean
+        from bi_torch.ops.rows import sum as bi_sum
+
+        x, weight, rstd = ctx.saved_tensors
+        need_x, need_w, _ = ctx.needs_input_grad
+        x32, g32 = x.float(), g.float()
+        gw = g32 if weight is None else g32 * weight.float()
+        grad_x = grad_w = None
+        if need_x:
+            # d/dx of x * r * w with r = (mean(x^2) + eps)^-1/2:
+            # r * (g w - x r^2 mean(g w x)), the mean over the row.
+            dot = bi_mean(gw * x32, -1, keepdim=True)
+            grad_x = (rstd * (gw - x32 * (rstd * rstd) * dot)).to(x.dtype)
+        if need_w:
+            n = x.shape[-1]
+            grad_w = bi_sum((g32 * (x32 * rstd)).reshape(-1, n), 0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class _Normalise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op, dim, dtype):
+        from bi_torch.ops import rows
+
+        y = rows._normalise(op, x, dim, dtype)
+        ctx.save_for_backward(y)
+        ctx.op, ctx.dim, ctx.x_dtype = op, dim, x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        from bi_torch.ops.rows import sum as bi_sum
+
+        (y,) = ctx.saved_tensors
+        y32, g32 = y.float(), g.float()
+        if y.ndim == 0:
+            return torch.zeros_like(g, dtype=ctx.x_dtype), None, None, None
+        if ctx.op == "softmax":
+            grad = y32 * (g32 - bi_sum(g32 * y32, ctx.dim, keepdim=True))
+        else:  # log_softmax
+            grad = g32 - torch.exp(y32) * bi_sum(g32, ctx.dim, keepdim=True)
+        return grad.to(ctx.x_dtype), None, None, None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, op, dim, keepdim, dtype):
+        from bi_torch.ops import rows
+
+        out = rows._reduce(op, x, dim, keepdim, dtype)
+        dims = rows._dims(op, x, dim)
+        ctx.shape, ctx.x_dtype, ctx.dims, ctx.keepdim, ctx.op = x.shape, x.dtype, dims, keepdim, op
+        ctx.count = math.prod(x.shape[d] for d in dims)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        g32 = g.float()
+        if not ctx.keepdim:
+            for d in ctx.dims:
+                g32 = g32.unsqueeze(d)
+        if ctx.op == "mean":
+            g32 = g32 / ctx.count
+        return g32.expand(ctx.shape).to(ctx.x_dtype), None, None, None, None
+
+
+def matmul(a, b, bias, out_dtype):
+    return _Matmul.apply(a, b, bias, out_dtype)
+
+
+def rms_norm(x, weight, eps, with_rstd):
+    y, rstd = _RmsNorm.apply(x, weight, eps)
+    return (y, rstd) if with_rstd else y
+
+
+def normalise(op, x, dim, dtype):
+    return _Normalise.apply(x, op, dim, dtype)
+
+
+def reduce(op, x, dim, keepdim, dtype):
+    return _Reduce.apply(x, op, dim, keepdim, dtype)
