@@ -32,8 +32,9 @@ from torch.autograd.function import once_differentiable
 
 
 def needed(*tensors) -> bool:
-    """Grad mode is on and one of ``tensors`` (None allowed) requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Grad mode is on and one of ``tensors`` requires grad (others: the
+    full path checks them)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
