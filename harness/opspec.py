@@ -80,6 +80,8 @@ class Impl:
     default: Fn | None = None
     label: str | None = None
     kwargs: Mapping[str, object] = field(default_factory=dict)
+    # The kernel has a backward pass (the gradient properties run on it).
+    grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,14 @@ class OpSpec:
     # size of a decode-sized call (``HOST_BATCH`` batch rows); None: the op
     # is not measured there.
     host_features: Any = None
+    # Backward passes (``harness.grads``): for each differentiable input, its
+    # float64 gradient of the loss ``sum(f(inputs)**2) / 2``, whose cotangent
+    # is the output: ``grads[name](inputs, cotangent)`` with float64 inputs.
+    grads: Mapping[str, Callable[[Inputs, np.ndarray], np.ndarray]] = field(default_factory=dict)
+    # Negative controls of the batch argument's gradient: ``make(xp)`` returns
+    # a function of the inputs that gives that gradient with a reduction
+    # whose order changes with the batch size.
+    grad_controls: Mapping[str, ControlFactory] = field(default_factory=dict)
 
     def impl(self, framework: str) -> Impl | None:
         return self.impls.get(framework)

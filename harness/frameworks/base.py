@@ -77,6 +77,18 @@ class Adapter(abc.ABC):
     def synchronize(self, t: Any) -> None:
         """Block until ``t`` is computed."""
 
+    @abc.abstractmethod
+    def grad(self, fn: Fn, wrt: str) -> Fn:
+        """``fn``'s gradient of ``sum(fn(**inputs)**2) / 2`` with respect to the
+        input ``wrt``, as a function of the same keyword arguments: the
+        backward pass with the output itself as the cotangent."""
+
+    @abc.abstractmethod
+    def primal(self, fn: Fn, wrt: str) -> Fn:
+        """``fn``'s output as the forward of a training step computes it (the
+        input ``wrt`` traced for its gradient), as a function of the same
+        keyword arguments."""
+
     # --- what the spec says, resolved in this framework --------------------
 
     def kernel(self, op: str | OpSpec) -> Fn | None:

@@ -74,3 +74,18 @@ class JaxAdapter(Adapter):
 
     def synchronize(self, t) -> None:
         jax.block_until_ready(t)
+
+    def grad(self, fn, wrt):
+        def of(**kwargs):
+            out, pullback = jax.vjp(lambda x: fn(**{**kwargs, wrt: x}), kwargs[wrt])
+            (g,) = pullback(out)
+            return g
+
+        return of
+
+    def primal(self, fn, wrt):
+        def forward(**kwargs):
+            out, _ = jax.vjp(lambda x: fn(**{**kwargs, wrt: x}), kwargs[wrt])
+            return out
+
+        return forward

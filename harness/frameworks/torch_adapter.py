@@ -79,3 +79,23 @@ class TorchAdapter(Adapter):
     def synchronize(self, t) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def grad(self, fn, wrt):
+        def of(**kwargs):
+            x = kwargs[wrt].detach().requires_grad_()
+            with torch.enable_grad():
+                out = fn(**{**kwargs, wrt: x})
+                (g,) = torch.autograd.grad(out, x, out.detach())
+            return g
+
+        return of
+
+    def primal(self, fn, wrt):
+        def forward(**kwargs):
+            with torch.enable_grad():
+                out = fn(**{**kwargs, wrt: kwargs[wrt].detach().requires_grad_()})
+            if out.grad_fn is None:
+                raise AssertionError(f"{getattr(fn, '__name__', fn)}: no graph was recorded for {wrt}")
+            return out.detach()
+
+        return forward

@@ -89,6 +89,16 @@ def _split_matmul(xp):
     return matmul
 
 
+def _split_matmul_grad(xp):
+    """The gradient of ``a`` (cotangent: the output) with its reduction over N
+    split by the batch size."""
+    def grad_a(a, b):
+        out = xp.cast(xp.matmul_f32(xp.f32(a), xp.f32(b)), a)
+        return xp.cast(split_product(xp, out, b.T), a)
+
+    return grad_a
+
+
 # --- matmul: a (M, K) @ b (K, N) --------------------------------------------------
 
 
@@ -104,11 +114,13 @@ MATMUL = OpSpec(
     reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
     tolerances=TOLERANCES,
     impls={
-        "torch": Impl("matmul", _torch_matmul, "cuBLAS (torch.matmul)"),
+        "torch": Impl("matmul", _torch_matmul, "cuBLAS (torch.matmul)", grad=True),
         "jax": Impl("matmul", _jax_dot, "XLA (jnp.dot)"),
     },
     bench=Bench(features=BENCH_SHAPES, bound="compute", work=_flops),
     controls={"split_by_batch": _split_matmul},
+    grads={"a": lambda i, g: g @ i["b"].T, "b": lambda i, g: i["a"].T @ g},
+    grad_controls={"split_by_batch": _split_matmul_grad},
     # cuBLAS changes algorithm at a few batch sizes only (on an H100, bf16
     # 4096x4096, M = 16 among the powers of two), which random draws can miss:
     # every decode-sized batch against a batch of 8192 instead.
@@ -142,9 +154,11 @@ LINEAR = OpSpec(
     reference=lambda i: _f64(i["x"]) @ _f64(i["weight"]).T + _f64(i["bias"]),
     tolerances=TOLERANCES,
     impls={
-        "torch": Impl("linear", _torch_linear, "torch.nn.functional.linear"),
+        "torch": Impl("linear", _torch_linear, "torch.nn.functional.linear", grad=True),
         "jax": Impl("linear", _jax_linear, "XLA (x @ w.T + b)"),
     },
+    grads={"x": lambda i, g: g @ i["weight"], "weight": lambda i, g: np.einsum("msn,msk->nk", g, i["x"]),
+           "bias": lambda i, g: g.sum(axis=(0, 1))},
     max_features=16384,
     row_elements=lambda k: LINEAR_SEQ * k,
     host_features=(2048, 5632),
@@ -170,9 +184,10 @@ BMM = OpSpec(
     reference=lambda i: _f64(i["a"]) @ _f64(i["b"]),
     tolerances=TOLERANCES,
     impls={
-        "torch": Impl("matmul", _torch_matmul, "torch.matmul"),
+        "torch": Impl("matmul", _torch_matmul, "torch.matmul", grad=True),
         "jax": Impl("matmul", _jax_matmul, "XLA (jnp.matmul)"),
     },
+    grads={"a": lambda i, g: g @ np.swapaxes(i["b"], -1, -2), "b": lambda i, g: np.swapaxes(i["a"], -1, -2) @ g},
     max_features=256,
     row_elements=lambda d: BMM_HEADS * (BMM_QUERIES * d + d * (d + 3)),
     host_features=128,

@@ -60,6 +60,33 @@ def _split_by_batch(xp):
     return rms_norm
 
 
+def _grad_x(inputs, g):
+    x, w = inputs["x"], inputs["weight"]
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
+    gw = g * w
+    return r * (gw - x * r * r * np.mean(gw * x, axis=-1, keepdims=True))
+
+
+def _grad_weight(inputs, g):
+    x = inputs["x"]
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS)
+    return (g * x * r).reshape(-1, x.shape[-1]).sum(axis=0)
+
+
+def _split_grad(xp):
+    """The gradient of ``x`` with its row dot product split by the batch size."""
+    def grad_x(x, weight=None, eps=EPS):
+        rows = xp.f32(x)
+        r = xp.rsqrt(xp.sum(rows * rows, -1, keepdims=True) / rows.shape[-1] + eps)
+        w = xp.f32(weight) if weight is not None else 1.0
+        g = xp.f32(xp.cast(rows * r * w, x))
+        gw = g * w
+        dot = split_row_sums(xp, gw * rows).reshape(-1, 1) / rows.shape[-1]
+        return xp.cast(r * (gw - rows * r * r * dot), x)
+
+    return grad_x
+
+
 SPEC = OpSpec(
     name="rms_norm",
     batch_arg="x",
@@ -72,12 +99,14 @@ SPEC = OpSpec(
         "float16": Tolerance(rtol=2e-3, atol=1e-4),
     },
     impls={
-        "torch": Impl("rms_norm", _torch_default, "torch.nn.functional.rms_norm"),
+        "torch": Impl("rms_norm", _torch_default, "torch.nn.functional.rms_norm", grad=True),
         "jax": Impl("rms_norm", lambda x, weight=None, eps=EPS: _jax_default(x, weight, eps), "XLA (fused expression)"),
     },
     kwargs={"eps": EPS},
     bench=Bench(features=(4096, 8192), bound="memory", work=_bytes),
     controls={"split_by_batch": _split_by_batch},
+    grads={"x": _grad_x, "weight": _grad_weight},
+    grad_controls={"split_by_batch": _split_grad},
     # One warp up to masked tails, 16 warps, and rows read in chunks (24576).
     cross_features=(100, 1024, 4096, 5120, 8192, 16384, 24576),
     sweeps={"bfloat16": (4096, 8192, 24576), "float32": (4096, 8192, 24576)},

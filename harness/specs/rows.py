@@ -99,6 +99,27 @@ _LOG_SOFTMAX_TOL = {
     "bfloat16": Tolerance(rtol=1.6e-2, atol=1e-2),
     "float16": Tolerance(rtol=2e-3, atol=2e-3),
 }
+# Both backward passes read the forward's output; the cotangent of
+# ``harness.grads`` is that output, rounded to the dtype as the kernel saved it.
+def _grad_softmax(inputs, g):
+    return g * (g - (g * g).sum(axis=-1, keepdims=True))
+
+
+def _grad_log_softmax(inputs, g):
+    return g - np.exp(g) * g.sum(axis=-1, keepdims=True)
+
+
+def _split_softmax_grad(xp):
+    """The gradient of ``x`` with its row dot product split by the batch size."""
+    softmax = _split_softmax(xp)
+
+    def grad_x(x, **_):
+        y = xp.f32(softmax(x))
+        return xp.cast(y * (y - split_row_sums(xp, y * y).reshape(-1, 1)), x)
+
+    return grad_x
+
+
 # A hidden size, and vocabularies (the segmented path for long rows) for softmax.
 _SUM_BENCH = Bench(features=(4096, 8192), bound="memory", work=_read_bytes)
 _SOFTMAX_BENCH = Bench(features=(32000, 128256), bound="memory", work=_read_write_bytes)
@@ -109,7 +130,7 @@ _SOFTMAX_CROSS = (100, 4096, 32000, 262144)
 
 def _impls(name: str, jax_path: str) -> dict[str, Impl]:
     return {
-        "torch": Impl(name, _torch(name), f"torch.{name}", kwargs=_DIM),
+        "torch": Impl(name, _torch(name), f"torch.{name}", kwargs=_DIM, grad=True),
         "jax": Impl(name, _jax(jax_path), jax_path.replace("jax.numpy", "jnp"), kwargs=_AXIS),
     }
 
@@ -119,12 +140,14 @@ SUM = OpSpec(
     reference=lambda i: i["x"].astype(np.float64).sum(axis=-1),
     tolerances=_SUM_TOL, impls=_impls("sum", "jax.numpy.sum"), bench=_SUM_BENCH,
     controls={"split_by_batch": _split_sum}, cross_features=_SUM_CROSS,
+    grads={"x": lambda i, g: np.broadcast_to(g[..., None], i["x"].shape)},
     sweeps={"float32": (4096, 24576)}, sweep_batch=16384, host_features=2048,
 )
 MEAN = OpSpec(
     name="mean", batch_arg="x", make_inputs=_inputs_offset,
     reference=lambda i: i["x"].astype(np.float64).mean(axis=-1),
     tolerances=_SUM_TOL, impls=_impls("mean", "jax.numpy.mean"), bench=_SUM_BENCH,
+    grads={"x": lambda i, g: np.broadcast_to(g[..., None] / i["x"].shape[-1], i["x"].shape)},
     cross_features=_SUM_CROSS, sweeps={"bfloat16": (4096,)}, sweep_batch=16384, host_features=2048,
 )
 SOFTMAX = OpSpec(
@@ -132,6 +155,7 @@ SOFTMAX = OpSpec(
     reference=lambda i: np.exp(_ref_log_softmax(i)),
     tolerances=_SOFTMAX_TOL, impls=_impls("softmax", "jax.nn.softmax"), bench=_SOFTMAX_BENCH,
     controls={"split_by_batch": _split_softmax}, cross_features=_SOFTMAX_CROSS,
+    grads={"x": _grad_softmax}, grad_controls={"split_by_batch": _split_softmax_grad},
     sweeps={"bfloat16": (32000, 128256), "float32": (32000,)}, sweep_batch=4096,
     host_features=32000,
 )
@@ -139,5 +163,6 @@ LOG_SOFTMAX = OpSpec(
     name="log_softmax", batch_arg="x", make_inputs=_inputs_logits,
     reference=_ref_log_softmax,
     tolerances=_LOG_SOFTMAX_TOL, impls=_impls("log_softmax", "jax.nn.log_softmax"), bench=_SOFTMAX_BENCH,
+    grads={"x": _grad_log_softmax},
     cross_features=_SOFTMAX_CROSS, sweeps={"float32": (32000, 128256)}, sweep_batch=4096, host_features=32000,
 )

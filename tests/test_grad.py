@@ -1,0 +1,119 @@
+"""Backward passes (``harness.grads``): for every op and input with a
+backward, the gradient's accuracy against float64, its run-to-run bits, its
+batch invariance per row (batch arguments), the training forward's parity
+with inference, and the negative controls of the gradients.
+
+``pytest -k invariance`` selects the invariance properties and the controls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import Phase, given, settings
+
+from harness import grads, properties, registry
+from harness.frameworks import adapter
+from harness.strategies import problems
+from tests_profile import PROFILE
+
+
+# In the CPU interpreters every example runs a forward and a backward: float16
+# (the same kernels and code paths as bfloat16) is left to the GPU run.
+_DTYPES = None if PROFILE.native else ("float32", "bfloat16")
+
+
+def _cases(row_invariant_only=False):
+    out = []
+    for op, wrt, fw in grads.cases():
+        spec = registry.get(op)
+        if row_invariant_only and not grads.row_invariant(spec, wrt):
+            continue
+        for dtype in spec.dtypes if _DTYPES is None else [d for d in spec.dtypes if d in _DTYPES]:
+            out.append(pytest.param(op, wrt, fw, dtype, id=f"{op}-{wrt}-{fw}-{dtype}"))
+    return out
+
+
+def _label(op, wrt, fw, dtype):
+    return f"{op}.grad[{wrt}][{fw}, {dtype}, {PROFILE.name}]"
+
+
+def _run(op, wrt, framework, check):
+    spec, ad = registry.get(op), adapter(framework)
+    gspec, fn = grads.grad_spec(spec, wrt), grads.grad_function(ad, spec, wrt)
+
+    @given(problems(PROFILE, spec=spec))
+    def prop(problem):
+        check(spec, gspec, ad, fn, problem, np.random.default_rng(problem.seed))
+
+    prop()
+
+
+@pytest.mark.parametrize("op,wrt,framework,dtype", _cases(row_invariant_only=True))
+def test_grad_invariance(op, wrt, framework, dtype):
+    def check(spec, gspec, ad, fn, problem, rng):
+        inputs = spec.make_inputs(rng, problem.plan.full, problem.features, dtype)
+        properties.check_batch_invariance(gspec, ad, fn, inputs, problem.plan, dtype, rng,
+                                          label=_label(op, wrt, framework, dtype))
+
+    _run(op, wrt, framework, check)
+
+
+@pytest.mark.parametrize("op,wrt,framework,dtype", _cases())
+def test_grad_determinism(op, wrt, framework, dtype):
+    def check(spec, gspec, ad, fn, problem, rng):
+        inputs = spec.make_inputs(rng, problem.plan.full, problem.features, dtype)
+        properties.check_determinism(gspec, ad, fn, inputs, label=_label(op, wrt, framework, dtype))
+
+    _run(op, wrt, framework, check)
+
+
+@pytest.mark.parametrize("op,wrt,framework,dtype", _cases())
+def test_grad_accuracy(op, wrt, framework, dtype):
+    def check(spec, gspec, ad, fn, problem, rng):
+        inputs = spec.make_inputs(rng, min(problem.plan.full, 96), problem.features, dtype)
+        properties.check_accuracy(gspec, ad, fn, inputs, dtype, label=_label(op, wrt, framework, dtype),
+                                  atol_by_scale=True)
+
+    _run(op, wrt, framework, check)
+
+
+@pytest.mark.parametrize("op,wrt,framework,dtype", _cases())
+def test_training_forward_is_the_inference_forward(op, wrt, framework, dtype):
+    def check(spec, gspec, ad, fn, problem, rng):
+        inputs = spec.make_inputs(rng, problem.plan.full, problem.features, dtype)
+        grads.check_forward_parity(spec, ad, inputs, wrt, label=_label(op, wrt, framework, dtype))
+
+    _run(op, wrt, framework, check)
+
+
+def _control_cases():
+    return [pytest.param(op, fw, name, id=f"{op}-{fw}-{name}")
+            for op, wrt, fw in grads.cases() if wrt == registry.get(op).batch_arg
+            for name in registry.get(op).grad_controls]
+
+
+@pytest.mark.parametrize("op,framework,name", _control_cases())
+def test_grad_invariance_catches_control(op, framework, name):
+    """A gradient whose row reduction is split by the batch size is caught."""
+    spec, ad = registry.get(op), adapter(framework)
+    gspec = grads.grad_spec(spec, spec.batch_arg)
+    fn = ad.control(gspec, name)
+
+    @settings(max_examples=max(PROFILE.max_examples, 30), phases=[Phase.generate], database=None)
+    @given(problems(PROFILE, min_features=16, spec=spec))
+    def prop(problem):
+        rng = np.random.default_rng(problem.seed)
+        inputs = spec.make_inputs(rng, problem.plan.full, problem.features, "float32")
+        properties.check_batch_invariance(gspec, ad, fn, inputs, problem.plan, "float32", rng,
+                                          label=f"{gspec.name}[{framework} control {name}]")
+
+    with pytest.raises(properties.BatchVarianceError, match="batch invariance violated"):
+        prop()
+
+
+def test_every_differentiable_op_has_a_control_or_is_a_pointwise_broadcast():
+    """The gradient properties can fail: each op family with a row reduction
+    in its backward has a control that the invariance property catches."""
+    with_controls = {op for op, _, name in (c.values for c in _control_cases())}
+    assert {"matmul", "rms_norm", "softmax"} <= with_controls
