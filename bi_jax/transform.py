@@ -42,8 +42,8 @@ may, except those in ``_EXACT`` (elementwise, layout, gathers, overwriting
 scatters, and comparisons such as ``reduce_max`` or ``sort``), so a primitive
 missing from the list is refused rather than passed.
 
-The result composes with ``jax.jit``; it is a forward-only transform (the
-kernels have no derivative rules).
+The result composes with ``jax.jit`` and with ``jax.grad``/``jax.vjp`` for
+the ops with backward rules (``bi_jax.ops.grad``; attention has none yet).
 """
 
 from __future__ import annotations

@@ -131,27 +131,39 @@ def test_log_softmax_rows_alone_and_in_a_batch(n):
             np.testing.assert_array_equal(_bits(f(x[r : r + 1])), _bits(full[r : r + 1]), err_msg=f"seed {seed} row {r}")
 
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 @pytest.mark.parametrize(
-    "op,call",
+    "op,call,reference",
     [
-        ("sum", lambda x: bi_jax.sum(x, axis=-1).sum()),
-        ("mean", lambda x: bi_jax.mean(x, axis=-1).sum()),
-        ("softmax", lambda x: bi_jax.softmax(x)[0, 0]),
-        ("log_softmax", lambda x: bi_jax.log_softmax(x)[0, 0]),
-        ("rms_norm", lambda x: bi_jax.rms_norm(x).sum()),
-        ("matmul", lambda x: bi_jax.matmul(x, x.T).sum()),
-        ("linear", lambda x: bi_jax.linear(x, x).sum()),
-        ("dot_general", lambda x: bi_jax.dot_general(x, x, (((1,), (1,)), ((), ()))).sum()),
+        ("sum", lambda x: bi_jax.sum(x, axis=-1).sum(), lambda x: jnp.sum(x, axis=-1).sum()),
+        ("mean", lambda x: bi_jax.mean(x, axis=-1).sum(), lambda x: jnp.mean(x, axis=-1).sum()),
+        ("softmax", lambda x: bi_jax.softmax(x)[0, 0], lambda x: jax.nn.softmax(x)[0, 0]),
+        ("log_softmax", lambda x: bi_jax.log_softmax(x)[0, 0], lambda x: jax.nn.log_softmax(x)[0, 0]),
+        ("rms_norm", lambda x: bi_jax.rms_norm(x).sum(),
+         lambda x: (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)).sum()),
+        ("matmul", lambda x: bi_jax.matmul(x, x.T).sum(), lambda x: jnp.matmul(x, x.T, precision=_HIGHEST).sum()),
+        ("linear", lambda x: bi_jax.linear(x, x).sum(), lambda x: jnp.matmul(x, x.T, precision=_HIGHEST).sum()),
+        ("dot_general", lambda x: bi_jax.dot_general(x, x, (((1,), (1,)), ((), ()))).sum(),
+         lambda x: jnp.matmul(x, x.T, precision=_HIGHEST).sum()),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-def test_gradients_are_refused_by_name(op, call):
-    """No derivative rules yet: jax.grad names the op instead of failing
-    inside Pallas with an empty AssertionError."""
+def test_gradients_run_through_the_backward_rules(op, call, reference):
+    """``jax.grad`` through each op runs its backward rule (bi_ kernels) and
+    agrees with the gradient of the plain JAX expression."""
     x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 4)), jnp.float32)
-    with pytest.raises(NotImplementedError, match=f"bi_jax.{op} has no derivative rule"):
-        jax.grad(call)(x)
-    call(x)  # the forward still runs
+    np.testing.assert_allclose(np.asarray(jax.grad(call)(x)), np.asarray(jax.grad(reference)(x)), rtol=1e-5,
+                               atol=1e-5, err_msg=op)
+
+
+def test_attention_gradients_are_refused_by_name():
+    """Attention has no backward yet: jax.grad names the op instead of
+    failing inside Pallas with an empty AssertionError."""
+    q = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 2, 64)), jnp.float32)
+    with pytest.raises(NotImplementedError, match="bi_jax.attention has no derivative rule"):
+        jax.grad(lambda q: bi_jax.attention(q, q, q).sum())(q)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -45,8 +45,9 @@ from bi_core.matmul import (
     tile_config,
     wgmma_config,
 )
-from bi_jax._checks import check_float_array, forward_only, interpret_mode
+from bi_jax._checks import check_float_array, interpret_mode
 from bi_jax.ops._wgmma_matmul import wgmma_matmul
+from bi_jax.ops.grad import with_product_backward
 
 __all__ = ["matmul", "linear", "dot_general", "einsum", "launch"]
 
@@ -376,7 +377,10 @@ def _batched_product(out_dtype: str, precision: str, b_kmajor: bool):
 
 @functools.lru_cache(maxsize=None)
 def _batched(out_dtype: str, precision: str, b_kmajor: bool, op: str):
-    return forward_only(op, _batched_product(out_dtype, precision, b_kmajor))
+    def run(a3, b3, kmajor):  # the backward's products: the same kernels and precision
+        return _run(a3, b3, None, a3.dtype, precision, kmajor, op)
+
+    return with_product_backward(_batched_product(out_dtype, precision, b_kmajor), b_kmajor, run)
 
 
 def _run(a3, b3, bias, out_dtype, precision, b_kmajor, op="matmul"):

@@ -19,8 +19,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, reduce_tree, rms_norm_config, rstd_asm, sum_tree
-from bi_jax._checks import check_eps, check_float_array, forward_only, interpret_mode
+from bi_jax._checks import check_eps, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
+from bi_jax.ops.grad import with_rms_norm_backward
 
 __all__ = ["rms_norm", "launch"]
 
@@ -187,5 +188,5 @@ def rms_norm(x: jax.Array, weight: jax.Array | None = None, eps: float = 1e-6) -
     def run(x2d, weight):
         return launch_rows("rms_norm", lambda part: launch(part, weight, eps, interpret=interpret), x2d, interpret)
 
-    y = forward_only("rms_norm", run)(x2d, weight)
+    y = with_rms_norm_backward(run, eps)(x2d, weight)
     return y.reshape(x.shape)

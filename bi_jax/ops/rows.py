@@ -20,8 +20,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rows import DIV_ASM, EXP_ASM, FOLD_ASM, LOG_ASM, RCP_ASM, row_config, split_segments, sum_tree
-from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, forward_only, interpret_mode
+from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
 from bi_jax.ops._row_launch import launch_rows
+from bi_jax.ops.grad import with_rows_backward
 from bi_jax.ops.rms_norm import _sum_tree
 
 __all__ = ["sum", "mean", "softmax", "log_softmax", "launch"]
@@ -218,7 +219,8 @@ def launch(mode: str, x2d, split: bool | None = None, interpret: bool | None = N
 
 def _rows(mode: str, x2d):
     interpret = interpret_mode(mode)
-    run = forward_only(mode, lambda x: launch_rows(mode, lambda part: launch(mode, part, interpret=interpret), x, interpret))
+    run = with_rows_backward(mode, lambda x: launch_rows(mode, lambda part: launch(mode, part, interpret=interpret), x,
+                                                         interpret), x2d.shape, x2d.dtype)
     return run(x2d)
 
 

@@ -115,7 +115,7 @@ MATMUL = OpSpec(
     tolerances=TOLERANCES,
     impls={
         "torch": Impl("matmul", _torch_matmul, "cuBLAS (torch.matmul)", grad=True),
-        "jax": Impl("matmul", _jax_dot, "XLA (jnp.dot)"),
+        "jax": Impl("matmul", _jax_dot, "XLA (jnp.dot)", grad=True),
     },
     bench=Bench(features=BENCH_SHAPES, bound="compute", work=_flops),
     controls={"split_by_batch": _split_matmul},
@@ -155,7 +155,7 @@ LINEAR = OpSpec(
     tolerances=TOLERANCES,
     impls={
         "torch": Impl("linear", _torch_linear, "torch.nn.functional.linear", grad=True),
-        "jax": Impl("linear", _jax_linear, "XLA (x @ w.T + b)"),
+        "jax": Impl("linear", _jax_linear, "XLA (x @ w.T + b)", grad=True),
     },
     grads={"x": lambda i, g: g @ i["weight"], "weight": lambda i, g: np.einsum("msn,msk->nk", g, i["x"]),
            "bias": lambda i, g: g.sum(axis=(0, 1))},
@@ -185,7 +185,7 @@ BMM = OpSpec(
     tolerances=TOLERANCES,
     impls={
         "torch": Impl("matmul", _torch_matmul, "torch.matmul", grad=True),
-        "jax": Impl("matmul", _jax_matmul, "XLA (jnp.matmul)"),
+        "jax": Impl("matmul", _jax_matmul, "XLA (jnp.matmul)", grad=True),
     },
     grads={"a": lambda i, g: g @ np.swapaxes(i["b"], -1, -2), "b": lambda i, g: np.swapaxes(i["a"], -1, -2) @ g},
     max_features=256,

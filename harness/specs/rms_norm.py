@@ -100,7 +100,8 @@ SPEC = OpSpec(
     },
     impls={
         "torch": Impl("rms_norm", _torch_default, "torch.nn.functional.rms_norm", grad=True),
-        "jax": Impl("rms_norm", lambda x, weight=None, eps=EPS: _jax_default(x, weight, eps), "XLA (fused expression)"),
+        "jax": Impl("rms_norm", lambda x, weight=None, eps=EPS: _jax_default(x, weight, eps), "XLA (fused expression)",
+                    grad=True),
     },
     kwargs={"eps": EPS},
     bench=Bench(features=(4096, 8192), bound="memory", work=_bytes),

@@ -131,7 +131,7 @@ _SOFTMAX_CROSS = (100, 4096, 32000, 262144)
 def _impls(name: str, jax_path: str) -> dict[str, Impl]:
     return {
         "torch": Impl(name, _torch(name), f"torch.{name}", kwargs=_DIM, grad=True),
-        "jax": Impl(name, _jax(jax_path), jax_path.replace("jax.numpy", "jnp"), kwargs=_AXIS),
+        "jax": Impl(name, _jax(jax_path), jax_path.replace("jax.numpy", "jnp"), kwargs=_AXIS, grad=True),
     }
 
 

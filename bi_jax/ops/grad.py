@@ -1,0 +1,105 @@
+"""Backward passes of the bi_ ops (``jax.custom_vjp`` rules).
+
+Each rule wraps the kernel's launch on 2-D rows (or 3-D operands for the
+products), so the forward of ``jax.vjp``/``jax.grad`` is the inference
+kernel itself: a training forward gives exactly the inference bits. The
+backward is built from the bi_ kernels and elementwise ``jnp`` ops, as in
+``bi_torch.ops.grad``:
+
+- each reduction over a row (softmax's, RMSNorm's) is a bi_ ``sum``/``mean``
+  launch or a bi_ product, so input gradients are batch-invariant per row;
+- each sum over the tokens (a weight's, a bias's, RMSNorm's weight
+  gradient) is a bi_ product or ``sum`` with a fixed order for a given
+  number of tokens: a given batch always gives the same bits. Those sums
+  change with the tokens in the batch, as the math says.
+
+Elementwise steps run in fp32 and round once to the input's dtype. The
+rules are first-order (a gradient of a gradient goes through the backward's
+own kernels, which have these rules too, but is not tested). Attention has
+no backward yet: ``jax.grad`` through it raises.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _product_backward(run):
+    def backward(kmajor, residuals, g):
+        a3, b3, bias = residuals
+        g = g.astype(a3.dtype)  # an fp32 output's cotangent, rounded to the operands' dtype
+        if kmajor:  # out = a3 @ b3^T, b3 (batch, N, K)
+            grad_a = run(g, b3, False)
+            grad_b = run(jnp.swapaxes(g, 1, 2), a3, False)
+        else:  # out = a3 @ b3, b3 (batch, K, N)
+            grad_a = run(g, b3, True)
+            grad_b = run(jnp.swapaxes(a3, 1, 2), g, False)
+        grad_bias = None
+        if bias is not None:
+            from bi_jax.ops.rows import _rows
+
+            grad_bias = _rows("sum", g.reshape(-1, g.shape[-1]).T).astype(bias.dtype)
+        return grad_a, grad_b.astype(b3.dtype), grad_bias
+
+    return backward
+
+
+def with_product_backward(fn, kmajor: bool, run):
+    """``fn(a3, b3, bias)`` (the kernel's 3-D product for one static
+    configuration; ``kmajor``: ``b3`` is ``(batch, N, K)``) with a backward
+    from ``run(a3, b3, kmajor)``, the bi_ product in ``a3``'s dtype."""
+    wrapped = jax.custom_vjp(fn)
+    backward = _product_backward(run)
+    wrapped.defvjp(lambda a3, b3, bias: (fn(a3, b3, bias), (a3, b3, bias)),
+                   lambda residuals, g: backward(kmajor, residuals, g))
+    return wrapped
+
+
+def with_rms_norm_backward(fn, eps: float):
+    """``fn(x2d, weight)`` (the RMSNorm kernel) with its backward."""
+    from bi_jax.ops.rows import _rows
+
+    def backward(residuals, g):
+        x2d, weight = residuals
+        x32, g32 = x2d.astype(jnp.float32), g.astype(jnp.float32)
+        gw = g32 if weight is None else g32 * weight.astype(jnp.float32)
+        rstd = jax.lax.rsqrt(_rows("mean", x32 * x32)[:, None] + jnp.float32(eps))
+        # r * (g w - x r^2 mean(g w x)), the mean over the row.
+        dot = _rows("mean", gw * x32)[:, None]
+        grad_x = (rstd * (gw - x32 * (rstd * rstd) * dot)).astype(x2d.dtype)
+        grad_w = None
+        if weight is not None:
+            grad_w = _rows("sum", (g32 * (x32 * rstd)).T).astype(weight.dtype)
+        return grad_x, grad_w
+
+    wrapped = jax.custom_vjp(fn)
+    wrapped.defvjp(lambda x2d, weight: (fn(x2d, weight), (x2d, weight)), backward)
+    return wrapped
+
+
+def with_rows_backward(mode: str, fn, shape, dtype):
+    """``fn(x2d)`` (a row kernel: sum, mean, softmax, log_softmax, on rows
+    of ``shape`` and ``dtype``) with its backward."""
+    from bi_jax.ops.rows import _rows
+
+    def forward(x2d):
+        out = fn(x2d)
+        return out, out if mode in ("softmax", "log_softmax") else None
+
+    def backward(y, g):
+        g32 = g.astype(jnp.float32)
+        if mode == "sum":
+            grad = jnp.broadcast_to(g32[:, None], shape)
+        elif mode == "mean":
+            grad = jnp.broadcast_to(g32[:, None] / jnp.float32(shape[1]), shape)
+        elif mode == "softmax":
+            y32 = y.astype(jnp.float32)
+            grad = y32 * (g32 - _rows("sum", g32 * y32)[:, None])
+        else:  # log_softmax
+            grad = g32 - jnp.exp(y.astype(jnp.float32)) * _rows("sum", g32)[:, None]
+        return (grad.astype(dtype),)
+
+    wrapped = jax.custom_vjp(fn)
+    wrapped.defvjp(forward, backward)
+    return wrapped
