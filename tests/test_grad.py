@@ -19,8 +19,10 @@ from tests_profile import PROFILE
 
 
 # In the CPU interpreters every example runs a forward and a backward: float16
-# (the same kernels and code paths as bfloat16) is left to the GPU run.
+# (the same kernels and code paths as bfloat16) is left to the GPU run, and
+# each property draws half the examples.
 _DTYPES = None if PROFILE.native else ("float32", "bfloat16")
+_EXAMPLES = PROFILE.max_examples if PROFILE.native else max(4, PROFILE.max_examples // 2)
 
 
 def _cases(row_invariant_only=False):
@@ -42,6 +44,7 @@ def _run(op, wrt, framework, check):
     spec, ad = registry.get(op), adapter(framework)
     gspec, fn = grads.grad_spec(spec, wrt), grads.grad_function(ad, spec, wrt)
 
+    @settings(max_examples=_EXAMPLES)
     @given(problems(PROFILE, spec=spec))
     def prop(problem):
         check(spec, gspec, ad, fn, problem, np.random.default_rng(problem.seed))

@@ -107,3 +107,12 @@ def test_compile_example_runs_as_written():
     run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "compiled rows agree: True"
+
+
+def test_training_example_runs_as_written():
+    code = _example("training forward == inference")
+    run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == ["training forward == inference: True",
+                                       "row gradient alone == in the batch: True",
+                                       "JAX weight gradient: (512, 256) float32"], run.stdout
