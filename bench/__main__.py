@@ -102,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of the sweep: host time per call of the torch drop-in paths (bi_ direct, the "
                         "dispatch mode, the process-wide switch) and Llama generation under each, and a JAX "
                         "decoder's generation under the transform (GPU only; writes host_cost.json)")
+    p.add_argument("--backward", action="store_true",
+                   help="instead of the sweep: forward + backward of each op with a backward pass, bi_ against the "
+                        "framework's default (GPU only; --quick: fewer token counts; writes backward.json)")
     p.add_argument("--e2e", action="store_true",
                    help="instead of the sweep: continuous batching end to end (bench/e2e): each request served under "
                         "several arrival schedules by each framework's engine, default and bi_ kernels; distinct "
@@ -147,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import host_cost
 
         for path in host_cost.run(args.out, console, args.frameworks, quick=args.quick):
+            console.print(f"wrote {path}")
+        return 0
+    if args.backward:
+        if not profile.native:
+            p.error("--backward times GPU kernels; this machine has no GPU")
+        from bench import backward
+
+        for path in backward.run(args.out, console, args.frameworks, quick=args.quick):
             console.print(f"wrote {path}")
         return 0
     if args.e2e:

@@ -209,6 +209,14 @@ def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(PROFILE.native, reason="the GPU-only modes run on a GPU")
+@pytest.mark.parametrize("flag", ["--backward", "--host-cost"])
+def test_gpu_only_modes_say_so_without_a_gpu(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([flag])
+    assert exit_.value.code == 2 and "this machine has no GPU" in capsys.readouterr().err
+
+
 def test_help_shows_ops_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
