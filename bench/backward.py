@@ -74,7 +74,9 @@ def _jax_ms(step, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def measure(frameworks, quick: bool = False, console=None) -> list[dict]:
+def measure(frameworks, quick: bool = False, console=None, path: Path | None = None) -> list[dict]:
+    """The rows, each also written to ``path`` (JSON) as soon as it is
+    measured (a run cut by a time limit keeps what it measured)."""
     from harness import registry
     from harness.frameworks import adapter
 
@@ -104,6 +106,8 @@ def measure(frameworks, quick: bool = False, console=None) -> list[dict]:
                 if "default_ms" in row and "bi_ms" in row:
                     row["ratio"] = row["default_ms"] / row["bi_ms"]
                 rows.append(row)
+                if path is not None:
+                    path.write_text(json.dumps(rows, indent=1))
                 if console is not None:
                     console.print(f"backward {spec.name} {framework} M={m}: default {row.get('default_ms', '-')} ms, "
                                   f"bi_ {row.get('bi_ms', row.get('bi_error'))}")
@@ -113,7 +117,9 @@ def measure(frameworks, quick: bool = False, console=None) -> list[dict]:
 def run(out: Path, console, frameworks, quick: bool = False) -> list[Path]:
     from rich.table import Table
 
-    rows = measure(frameworks, quick, console)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "backward.json"
+    rows = measure(frameworks, quick, console, path)
     table = Table(title="forward + backward of one op (bf16; loss sum(out**2)/2; default time / bi_ time)")
     for col in ("op", "framework", "features", "M", "inputs", "default ms", "bi_ ms", "ratio"):
         table.add_column(col)
@@ -123,7 +129,4 @@ def run(out: Path, console, frameworks, quick: bool = False) -> list[Path]:
                       f"{r['bi_ms']:.3f}" if "bi_ms" in r else r.get("bi_error", "-"),
                       f"{r['ratio']:.2f}x" if "ratio" in r else "-")
     console.print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "backward.json"
-    path.write_text(json.dumps(rows, indent=1))
     return [path]
