@@ -91,7 +91,8 @@ def measure(frameworks, quick: bool = False, console=None, path: Path | None = N
                 continue
             ad = adapter(framework)
             kwargs = spec.call_kwargs(framework)
-            for m in QUICK_M if quick else M_VALUES:
+            limit = spec.bench.max_batch(features) if spec.bench.max_batch else None
+            for m in sorted({min(m, limit) if limit else m for m in (QUICK_M if quick else M_VALUES)}):
                 inputs = ad.natives(spec.make_inputs(np.random.default_rng(0), m, features, "bfloat16"))
                 wrt = tuple(spec.grads)
                 make, time_ms = (_torch_step, _torch_ms) if framework == "torch" else (_jax_step, _jax_ms)

@@ -22,6 +22,7 @@ from bi_core import attention as contract
 from bi_torch import _plan
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
 from bi_torch._launch import cdiv, fast, recording, sm_count
+from bi_torch.ops import grad as _grad
 
 __all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "paged_attention", "launch"]
 
@@ -665,6 +666,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, wind
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(q, k, v)
+    if _grad.needed(q, k, v) and window is None and kv_lengths is None:
+        return _grad.attention(q, k, v, causal, scale, split_kv)
     with recording() as launches:
         out = _dense("attention", q, k, v, causal=causal, scale=scale, window=window, bottom_right=True,
                      split_kv=split_kv, kv_lengths=kv_lengths)

@@ -19,8 +19,18 @@ backward is built from the bi_ kernels and elementwise torch ops only:
 Elementwise steps run in fp32 and round once to the input's dtype; torch's
 elementwise kernels compute each element alone, so they keep both
 properties. Gradients of gradients are not supported
-(``once_differentiable``). Attention has no backward yet: it still refuses
-inputs that require grad.
+(``once_differentiable``).
+
+Attention (``attention``: full or causal, GQA, any scale) has a backward
+composed of the same kernels: the probabilities recomputed in fp32 by bi_
+products and a bi_ softmax, then the products of the standard backward
+(``dV = P^T dO``, ``dP = dO V^T``, ``dS = P (dP - rowsum(dO O))``, ``dQ = dS K``,
+``dK = dS^T Q``), fp32 throughout, one rounding. It keeps the properties
+above (a query row's gradient depends only on its own sequence) but holds
+the (B, H, Lq, Lk) probabilities in memory and runs far slower than a fused
+flash-attention backward: it is for correctness and proofs, not speed.
+Windows, key lengths, masks, varlen and paged attention still refuse inputs
+that require grad.
 """
 
 from __future__ import annotations
@@ -172,6 +182,61 @@ class _Reduce(torch.autograd.Function):
         if ctx.op == "mean":
             g32 = g32 / ctx.count
         return g32.expand(ctx.shape).to(ctx.x_dtype), None, None, None, None
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, split_kv):
+        from bi_torch.ops.attention import attention
+
+        out = attention(q, k, v, causal=causal, scale=scale, split_kv=split_kv)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        from bi_torch.ops.matmul import matmul as bi_matmul
+        from bi_torch.ops.rows import softmax as bi_softmax
+        from bi_torch.ops.rows import sum as bi_sum
+
+        q, k, v, out = ctx.saved_tensors
+        b, lq, hq, d = q.shape
+        lk, hkv = k.shape[1], k.shape[2]
+        group = hq // hkv
+        scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d)
+
+        def heads(t, repeat=1):  # (B, L, H, D) -> (B, H * repeat, L, D) in fp32
+            t = t.float().permute(0, 2, 1, 3)
+            return t.repeat_interleave(repeat, dim=1) if repeat > 1 else t
+
+        qh, kh, vh, oh, gh = heads(q), heads(k, group), heads(v, group), heads(out), heads(g)
+        scores = bi_matmul(qh, kh.transpose(-1, -2)) * scale
+        visible = None
+        if ctx.causal:  # query i at position lk - lq + i sees keys up to it
+            visible = (torch.arange(lk, device=q.device)[None, :]
+                       <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))
+            scores = scores.masked_fill(~visible, float("-inf"))
+        p = bi_softmax(scores, -1)
+        if visible is not None:
+            p = p.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # a query that sees no key: zeros
+        delta = bi_sum(gh * oh, -1, keepdim=True)
+        ds = p * (bi_matmul(gh, vh.transpose(-1, -2)) - delta) * scale
+
+        def kv_heads(t):  # (B, Hq, Lk, D) -> (B, Lk, Hkv, D): the group's gradients summed (bi_ sum)
+            if group > 1:
+                t = bi_sum(t.reshape(b, hkv, group, lk, d), 2)
+            return t.permute(0, 2, 1, 3)
+
+        grad_q = bi_matmul(ds, kh).permute(0, 2, 1, 3).to(q.dtype)
+        grad_k = kv_heads(bi_matmul(ds.transpose(-1, -2), qh)).to(k.dtype)
+        grad_v = kv_heads(bi_matmul(p.transpose(-1, -2), gh)).to(v.dtype)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def attention(q, k, v, causal, scale, split_kv):
+    return _Attention.apply(q, k, v, causal, scale, split_kv)
 
 
 def matmul(a, b, bias, out_dtype):

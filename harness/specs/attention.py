@@ -66,6 +66,26 @@ def reference(inputs, causal: bool = True) -> np.ndarray:
     return out.reshape(b, lq, hq, d)
 
 
+def _grads(inputs, g, causal: bool = True):
+    """float64 gradients (q, k, v) of the attention for the cotangent ``g``."""
+    q, k, v = (inputs[n] for n in ("q", "k", "v"))
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    grp = hq // hkv
+    qg, gg = q.reshape(b, lq, hkv, grp, d), g.reshape(b, lq, hkv, grp, d)
+    s = np.einsum("bqhgd,bkhd->bhgqk", qg, k) / np.sqrt(d)
+    if causal:
+        s = np.where(np.arange(lk)[None, :] <= (np.arange(lq) + lk - lq)[:, None], s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    dp = np.einsum("bqhgd,bkhd->bhgqk", gg, v)
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True)) / np.sqrt(d)
+    dq = np.einsum("bhgqk,bkhd->bqhgd", ds, k).reshape(q.shape)
+    dk = np.einsum("bhgqk,bqhgd->bkhd", ds, qg)
+    dv = np.einsum("bhgqk,bqhgd->bkhd", p, gg)
+    return dq, dk, dv
+
+
 def _torch_sdpa(q, k, v, causal=True):
     """torch's SDPA, fastest backend first (cuDNN, flash, efficient, math)."""
     import torch
@@ -163,6 +183,8 @@ _COMMON = dict(
 ATTENTION = OpSpec(
     name="attention",
     make_inputs=make_prefill,
+    # The torch kernel has a backward (composed of bi_ products and softmax).
+    grads={name: (lambda i, g, n=n: _grads(i, g)[n]) for n, name in enumerate(("q", "k", "v"))},
     bench=Bench(
         features=tuple((s, *LLAMA) for s in (1024, 4096, 16384)),
         bound="compute",
@@ -174,7 +196,7 @@ ATTENTION = OpSpec(
     ),
     max_features=2048,  # sequence lengths of the properties
     cross_features=(1, 100, 1000, 4096),
-    **_COMMON,
+    **{**_COMMON, "impls": {**_IMPLS, "torch": Impl("attention", _torch_sdpa, "torch SDPA (cuDNN first)", grad=True)}},
 )
 
 ATTENTION_DECODE = OpSpec(
