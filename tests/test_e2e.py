@@ -108,3 +108,67 @@ def test_invariance_verifying_drafts_gives_the_single_decodes_tokens():
 def test_invariance_negative_control_engine_is_caught():
     runs = _runs(_torch("control"))
     assert not _same_logits(runs), "the control's logits did not change with the schedule: the check cannot fail"
+
+
+def _training_sequences(out, rids):
+    return [(np.concatenate([WORK.prompts[r], out["completions"][r]]), len(WORK.prompts[r])) for r in rids]
+
+
+@pytest.fixture(scope="module")
+def sampled():
+    """The bi_ torch engine and one continuous-batching run with seeded
+    sampling, its logits recorded."""
+    engine = _torch("bi", temperature=0.8)
+    return engine, run_schedule(engine, WORK, SERVING, 1, logits=True)
+
+
+def _trained_requests(out):
+    # In the CPU interpreter a training step costs seconds per token: the two
+    # shortest sequences there, every one on a GPU.
+    rids = sorted(out["completions"], key=lambda r: len(WORK.prompts[r]))
+    return rids if PROFILE.native else rids[:2]
+
+
+def test_training_on_the_engines_samples_is_on_policy(sampled):
+    """The training forward over whole sequences (dense causal attention,
+    under autograd) gives the sampler's logits for every generated position
+    bit for bit (continuous batching, seeded sampling), so the same
+    log-probabilities; three training steps give the same gradient bits."""
+    import torch
+
+    from bench.e2e import training
+
+    engine, out = sampled
+    rids = _trained_requests(out)
+    steps = [training.torch_step(engine, _training_sequences(out, rids)) for _ in range(3)]
+    for j, rid in enumerate(rids):
+        assert np.array_equal(steps[0]["logits"][j].view(np.int32), out["logits"][rid].view(np.int32)), rid
+        assert np.array_equal(steps[0]["logprobs"][j],
+                              training.sampler_logprobs(engine, out["logits"][rid], out["completions"][rid])), rid
+    grads = steps[0]["grads"]
+    assert len(grads) == len(engine.w) - 1  # every weight but the embedding
+    assert all(bool(g.abs().sum() > 0) for g in grads.values())
+    for other in steps[1:]:
+        assert all(torch.equal(grads[n], other["grads"][n]) for n in grads)
+
+
+def test_the_on_policy_check_can_fail(sampled):
+    """A training forward with another attention kernel (torch's SDPA) gives
+    other logits bits than the sampler's: the comparison above sees a
+    changed kernel."""
+    import torch
+
+    from bench.e2e import training
+
+    import bi_torch
+
+    engine, out = sampled
+    rids = _trained_requests(out)[:1]
+    real = bi_torch.attention
+    try:
+        bi_torch.attention = lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True).transpose(1, 2)
+        step = training.torch_step(engine, _training_sequences(out, rids))
+    finally:
+        bi_torch.attention = real
+    assert not all(np.array_equal(step["logits"][j], out["logits"][r]) for j, r in enumerate(rids))

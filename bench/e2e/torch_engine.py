@@ -152,6 +152,34 @@ class TorchEngine:
     def _rope(self, x, positions):
         return rope(x, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
 
+    def hidden(self, tokens, positions, attend):
+        """The layers over ``tokens`` (T,) at ``positions`` (T,): the last
+        hidden states (T, hidden). ``attend(layer, q, k, v)`` gives the
+        attention output (T, heads, head_dim) for the layer's rotated queries
+        and keys and its values."""
+        c = self.config
+        t = tokens.shape[0]
+        nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        x = self.w["embed"][tokens]
+        for i in range(c.layers):
+            h = self._norm(x, self.w[f"{i}.attn_norm"])
+            qkv = self._matmul(h, self.w[f"{i}.qkv"])
+            q = self._rope(qkv[:, :nq].view(t, c.heads, c.head_dim), positions)
+            k = self._rope(qkv[:, nq:nq + nkv].view(t, c.kv_heads, c.head_dim), positions)
+            attn = attend(i, q, k, qkv[:, nq + nkv:].view(t, c.kv_heads, c.head_dim))
+            x = x + self._matmul(attn.reshape(t, nq), self.w[f"{i}.o"])
+            h = self._norm(x, self.w[f"{i}.mlp_norm"])
+            gate_up = self._matmul(h, self.w[f"{i}.gate_up"])
+            act = mlp_activation(gate_up, c.intermediate)
+            x = x + self._matmul(act, self.w[f"{i}.down"])
+        return x
+
+    def scores(self, x):
+        """fp32 logits of hidden states (rows, hidden)."""
+        import torch
+
+        return self._matmul(self._norm(x, self.w["norm"]), self.w["head"], out_dtype=torch.float32)
+
     def step(self, step: Step, logits: bool = False):
         """Run ``step``; returns the token sampled at each sample row (a host
         array) and, with ``logits``, the fp32 logits it was sampled from."""
@@ -159,25 +187,15 @@ class TorchEngine:
 
         c = self.config
         batch = self._batch(step)
-        t = len(step.tokens)
-        nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+
+        def attend(i, q, k, v):  # the step's keys and values into the cache, then paged attention
+            self.k_cache[i][batch["page"], batch["slot"]] = k
+            self.v_cache[i][batch["page"], batch["slot"]] = v
+            return self._attention(q, i, batch)
+
         with torch.no_grad():
-            x = self.w["embed"][batch["tokens"]]
-            for i in range(c.layers):
-                h = self._norm(x, self.w[f"{i}.attn_norm"])
-                qkv = self._matmul(h, self.w[f"{i}.qkv"])
-                q = self._rope(qkv[:, :nq].view(t, c.heads, c.head_dim), batch["positions"])
-                k = self._rope(qkv[:, nq:nq + nkv].view(t, c.kv_heads, c.head_dim), batch["positions"])
-                self.k_cache[i][batch["page"], batch["slot"]] = k
-                self.v_cache[i][batch["page"], batch["slot"]] = qkv[:, nq + nkv:].view(t, c.kv_heads, c.head_dim)
-                attn = self._attention(q, i, batch)
-                x = x + self._matmul(attn.reshape(t, nq), self.w[f"{i}.o"])
-                h = self._norm(x, self.w[f"{i}.mlp_norm"])
-                gate_up = self._matmul(h, self.w[f"{i}.gate_up"])
-                act = mlp_activation(gate_up, c.intermediate)
-                x = x + self._matmul(act, self.w[f"{i}.down"])
-            last = self._norm(x[batch["rows"]], self.w["norm"])
-            scores = self._matmul(last, self.w["head"], out_dtype=torch.float32)
+            x = self.hidden(batch["tokens"], batch["positions"], attend)
+            scores = self.scores(x[batch["rows"]])
             if self.temperature > 0:
                 u = weights.torch_uniform_noise(batch["seeds"], batch["positions_out"], c.vocab)
                 sampled = (scores / self.temperature + gumbel(u)).argmax(dim=-1)  # Gumbel-max

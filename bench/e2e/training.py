@@ -1,0 +1,80 @@
+"""One training step on the engine's own samples: what on-policy RL needs.
+
+The serving engine (``bench/e2e/torch_engine.py``, the bi_ kernels) generates
+under continuous batching and records the fp32 logits each token was
+sampled from. The training forward runs the same model over each whole
+sequence (prompt and completion) at once, with the same code
+(``TorchEngine.hidden``) but dense causal attention (``bi_torch.attention``)
+instead of the paged cache, under autograd; its loss is the negative sum of
+the completions' log-probabilities. On-policy means: the training forward's
+logits of every generated position are the sampler's, bit for bit (so are
+the log-probabilities computed from them), and the step's gradients are the
+same bits on every run.
+
+The embedding table is not trained here: its gradient is a scatter-add over
+the tokens, which this library does not provide yet.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+
+@contextmanager
+def _trainable(engine):
+    """The engine's weights as leaves that require grad (all but the
+    embedding), for the block; its own weights after."""
+    saved = engine.w
+    engine.w = {n: t.detach().clone().requires_grad_(n != "embed") for n, t in saved.items()}
+    try:
+        yield engine.w
+    finally:
+        engine.w = saved
+
+
+def torch_step(engine, sequences) -> dict:
+    """``sequences``: (tokens, prompt length) pairs, the tokens a prompt and
+    its completion. Returns per sequence the fp32 logits of the generated
+    positions and the log-probabilities of the generated tokens, and the
+    gradient of every trained weight."""
+    import torch
+
+    import bi_torch
+
+    if engine.impl != "bi":
+        raise ValueError(f"the training step runs the bi_ kernels; the engine's impl is {engine.impl!r}")
+
+    def dense(i, q, k, v):  # the whole sequence at once, causal
+        return bi_torch.attention(q[None], k[None], v[None], causal=True)[0]
+
+    logits, logprobs = [], []
+    with _trainable(engine) as params:
+        loss = None
+        for tokens, prompt in sequences:
+            tok = torch.as_tensor(np.asarray(tokens), device=engine.device, dtype=torch.long)
+            positions = torch.arange(tok.shape[0], device=engine.device)
+            x = engine.hidden(tok, positions, dense)
+            scores = engine.scores(x[prompt - 1:tok.shape[0] - 1])  # the positions that sampled the completion
+            chosen = bi_torch.log_softmax(scores, -1).gather(-1, tok[prompt:, None])[:, 0]
+            logits.append(scores.detach().cpu().numpy())
+            logprobs.append(chosen.detach().cpu().numpy())
+            term = -bi_torch.sum(chosen)
+            loss = term if loss is None else loss + term
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+    return {"logits": logits, "logprobs": logprobs, "grads": grads}
+
+
+def sampler_logprobs(engine, logits: np.ndarray, tokens) -> np.ndarray:
+    """The log-probabilities of ``tokens`` under the sampler's fp32 logits,
+    by the same bi_ log_softmax, on the engine's device."""
+    import torch
+
+    import bi_torch
+
+    with torch.no_grad():
+        lp = bi_torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits)).to(engine.device), -1)
+        index = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=engine.device)
+        return lp.gather(-1, index[:, None])[:, 0].cpu().numpy()
