@@ -23,6 +23,10 @@ from tests_profile import PROFILE
 # each property draws half the examples.
 _DTYPES = None if PROFILE.native else ("float32", "bfloat16")
 _EXAMPLES = PROFILE.max_examples if PROFILE.native else max(4, PROFILE.max_examples // 2)
+# Attention's backward (five products and a softmax over (L, L) scores per
+# head) takes minutes per property in the interpreter: its properties run on
+# the GPU; test_attention_backward_in_the_interpreter covers it on the CPU.
+_GPU_ONLY = {"attention"}
 
 
 def _cases(row_invariant_only=False):
@@ -31,8 +35,9 @@ def _cases(row_invariant_only=False):
         spec = registry.get(op)
         if row_invariant_only and not grads.row_invariant(spec, wrt):
             continue
+        marks = [pytest.mark.gpu] if op in _GPU_ONLY else []
         for dtype in spec.dtypes if _DTYPES is None else [d for d in spec.dtypes if d in _DTYPES]:
-            out.append(pytest.param(op, wrt, fw, dtype, id=f"{op}-{wrt}-{fw}-{dtype}"))
+            out.append(pytest.param(op, wrt, fw, dtype, id=f"{op}-{wrt}-{fw}-{dtype}", marks=marks))
     return out
 
 
@@ -108,3 +113,29 @@ def test_every_differentiable_op_has_a_control_or_is_a_pointwise_broadcast():
     in its backward has a control that the invariance property catches."""
     with_controls = {op for op, _, name in (c.values for c in _control_cases())}
     assert {"matmul", "rms_norm", "softmax"} <= with_controls
+
+
+def test_attention_backward_in_the_interpreter():
+    """bi_torch.attention's backward, small: causal GQA against the float64
+    gradients (queries before and after the keys' end), and a sequence's query
+    gradient alone equals its gradient in a batch."""
+    import torch
+
+    import bi_torch
+    from harness.specs import attention as spec
+
+    rng = np.random.default_rng(0)
+    ad = adapter("torch")
+    for lq, lk in ((5, 5), (3, 9)):
+        inputs = {n: rng.standard_normal(s, dtype=np.float32) for n, s in
+                  (("q", (2, lq, 4, 64)), ("k", (2, lk, 2, 64)), ("v", (2, lk, 2, 64)))}
+        q, k, v = (ad.to_native(inputs[n]).requires_grad_() for n in ("q", "k", "v"))
+        out = bi_torch.attention(q, k, v, causal=True)
+        got = torch.autograd.grad(out, (q, k, v), out.detach())
+        want = spec._grads({n: a.astype(np.float64) for n, a in inputs.items()}, ad.to_numpy(out).astype(np.float64))
+        for name, g, w in zip("qkv", got, want):
+            np.testing.assert_allclose(ad.to_numpy(g), w, rtol=1e-4, atol=1e-4, err_msg=f"{name} ({lq}, {lk})")
+    q1 = q[1:2].detach().requires_grad_()
+    out1 = bi_torch.attention(q1, k[1:2].detach(), v[1:2].detach(), causal=True)
+    (alone,) = torch.autograd.grad(out1, q1, out1.detach())
+    assert torch.equal(alone, got[0][1:2])
