@@ -90,20 +90,3 @@ def _check_cpu_backend(op: str) -> None:
 def _cpu_asked_for() -> bool:
     """Whether JAX was told to use the CPU (``JAX_PLATFORMS=cpu``)."""
     return "cpu" in str(jax.config.jax_platforms or "").split(",")
-
-
-def forward_only(op: str, fn):
-    """``fn`` (arrays in, an array out) with a derivative rule that refuses
-    clearly: the kernels have no backward pass yet, and without a rule
-    ``jax.grad`` through a Pallas call failed with an empty AssertionError."""
-    wrapped = jax.custom_jvp(fn)
-
-    def refuse(primals, tangents):
-        raise NotImplementedError(
-            f"bi_jax.{op} has no derivative rule yet: the bi_jax kernels are forward-only (inference), so "
-            "jax.grad, jax.jvp and jax.vjp through them are not supported; differentiate a reference "
-            "implementation, or apply jax.lax.stop_gradient to the inputs"
-        )
-
-    wrapped.defjvp(refuse)
-    return wrapped

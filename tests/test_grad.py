@@ -115,27 +115,25 @@ def test_every_differentiable_op_has_a_control_or_is_a_pointwise_broadcast():
     assert {"matmul", "rms_norm", "softmax"} <= with_controls
 
 
-def test_attention_backward_in_the_interpreter():
-    """bi_torch.attention's backward, small: causal GQA against the float64
-    gradients (queries before and after the keys' end), and a sequence's query
-    gradient alone equals its gradient in a batch."""
-    import torch
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_attention_backward_in_the_interpreter(framework):
+    """Attention's backward, small: causal GQA against the float64 gradients
+    (queries before and after the keys' end), and a sequence's gradients
+    alone equal its gradients in a batch."""
+    from harness.specs import attention as spec_module
 
-    import bi_torch
-    from harness.specs import attention as spec
-
+    spec, ad = registry.get("attention"), adapter(framework)
+    kernel = ad.kernel(spec)
     rng = np.random.default_rng(0)
-    ad = adapter("torch")
     for lq, lk in ((5, 5), (3, 9)):
         inputs = {n: rng.standard_normal(s, dtype=np.float32) for n, s in
                   (("q", (2, lq, 4, 64)), ("k", (2, lk, 2, 64)), ("v", (2, lk, 2, 64)))}
-        q, k, v = (ad.to_native(inputs[n]).requires_grad_() for n in ("q", "k", "v"))
-        out = bi_torch.attention(q, k, v, causal=True)
-        got = torch.autograd.grad(out, (q, k, v), out.detach())
-        want = spec._grads({n: a.astype(np.float64) for n, a in inputs.items()}, ad.to_numpy(out).astype(np.float64))
-        for name, g, w in zip("qkv", got, want):
-            np.testing.assert_allclose(ad.to_numpy(g), w, rtol=1e-4, atol=1e-4, err_msg=f"{name} ({lq}, {lk})")
-    q1 = q[1:2].detach().requires_grad_()
-    out1 = bi_torch.attention(q1, k[1:2].detach(), v[1:2].detach(), causal=True)
-    (alone,) = torch.autograd.grad(out1, q1, out1.detach())
-    assert torch.equal(alone, got[0][1:2])
+        native = ad.natives(inputs)
+        out = ad.call(kernel, spec, native).astype(np.float64)
+        want = spec_module._grads({n: a.astype(np.float64) for n, a in inputs.items()}, out)
+        for n, (name, w) in enumerate(zip("qkv", want)):
+            fn = grads.grad_function(ad, spec, name)
+            got = ad.call(fn, spec, native)
+            np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4, err_msg=f"{name} ({lq}, {lk})")
+            alone = ad.call(fn, spec, ad.take_batch_rows(spec, native, 1, 2))
+            assert np.array_equal(alone, got[1:2]), f"{name}: the sequence alone differs ({lq}, {lk})"

@@ -158,12 +158,14 @@ def test_gradients_run_through_the_backward_rules(op, call, reference):
                                atol=1e-5, err_msg=op)
 
 
-def test_attention_gradients_are_refused_by_name():
-    """Attention has no backward yet: jax.grad names the op instead of
+def test_attention_gradients_without_a_rule_are_refused_by_name():
+    """Dense attention trains; a window (or a mask, lengths, varlen, pages)
+    has no backward yet: jax.grad names the op and what it lacks instead of
     failing inside Pallas with an empty AssertionError."""
     q = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 2, 64)), jnp.float32)
-    with pytest.raises(NotImplementedError, match="bi_jax.attention has no derivative rule"):
-        jax.grad(lambda q: bi_jax.attention(q, q, q).sum())(q)
+    assert jax.grad(lambda q: bi_jax.attention(q, q, q, causal=True).sum())(q).shape == q.shape
+    with pytest.raises(NotImplementedError, match=r"bi_jax.attention has no derivative rule for this call \(a window\)"):
+        jax.grad(lambda q: bi_jax.attention(q, q, q, window=2).sum())(q)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from bi_core import attention as contract
-from bi_jax._checks import check_float_array, forward_only, interpret_mode
+from bi_jax._checks import check_float_array, interpret_mode
+from bi_jax.ops.grad import with_attention_backward
 from bi_jax.ops.matmul import _tile_dot
 
 __all__ = ["attention", "dot_product_attention", "varlen_attention", "paged_attention", "launch"]
@@ -436,7 +437,7 @@ def _jitted(statics: tuple):
         return launch(q, k, v, cu_q=cu_q, cu_k=cu_k, kv_lens=kv_lens, block_table=block_table, mask=mask,
                       bias=bias, **kw)
 
-    return forward_only("attention", jax.jit(run))
+    return with_attention_backward(jax.jit(run), kw)
 
 
 def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, mask=None, bias=None, **statics):

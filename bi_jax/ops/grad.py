@@ -15,8 +15,10 @@ backward is built from the bi_ kernels and elementwise ``jnp`` ops, as in
 
 Elementwise steps run in fp32 and round once to the input's dtype. The
 rules are first-order (a gradient of a gradient goes through the backward's
-own kernels, which have these rules too, but is not tested). Attention has
-no backward yet: ``jax.grad`` through it raises.
+own kernels, which have these rules too, but is not tested). Dense attention
+(full or causal) has a backward composed of bi_ products and softmax
+(``with_attention_backward``); with masks, biases, lengths, windows, varlen or
+pages ``jax.grad`` raises.
 """
 
 from __future__ import annotations
@@ -99,6 +101,76 @@ def with_rows_backward(mode: str, fn, shape, dtype):
         else:  # log_softmax
             grad = g32 - jnp.exp(y.astype(jnp.float32)) * _rows("sum", g32)[:, None]
         return (grad.astype(dtype),)
+
+    wrapped = jax.custom_vjp(fn)
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
+def with_attention_backward(fn, statics: dict):
+    """``fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)`` (the
+    attention launch for one static configuration) with a backward for dense
+    attention, full or causal, without masks, biases, key lengths or
+    windows: composed of bi_ products, softmax and sums in fp32 (as
+    ``bi_torch.ops.grad``'s), the probabilities recomputed."""
+    import math
+
+    from bi_core import attention as contract
+    from bi_jax.ops.matmul import matmul as bi_matmul
+    from bi_jax.ops.rows import _rows
+
+    left, right = statics["window"]
+    # The kernel takes scale * log2(e) (rounded to fp32); the backward the scale.
+    scale = statics["qk_scale"] / math.log2(math.e)
+
+    def forward(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias):
+        given = [name for name, a in (("cu_seqlens", cu_q), ("cu_seqlens_k", cu_k), ("key lengths", kv_lens),
+                                      ("block_table", block_table), ("mask", mask), ("bias", bias)) if a is not None]
+        if given or left != contract.UNBOUNDED or right not in (0, contract.UNBOUNDED):
+            raise NotImplementedError(
+                "bi_jax.attention has no derivative rule for this call (" + (", ".join(given) or "a window") +
+                "): only dense attention, full or causal, trains (attention(q, k, v, causal=...), "
+                "dot_product_attention without mask, bias, lengths or window); the rest is forward-only")
+        out = fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
+        return out, (q, k, v, out)
+
+    def backward(residuals, g):
+        q, k, v, out = residuals
+        b, lq, hq, d = q.shape
+        lk, hkv = k.shape[1], k.shape[2]
+        group = hq // hkv
+
+        def heads(t, repeat=1):  # (B, L, H, D) -> (B, H * repeat, L, D) in fp32
+            t = jnp.swapaxes(t.astype(jnp.float32), 1, 2)
+            return jnp.repeat(t, repeat, axis=1) if repeat > 1 else t
+
+        def rows(mode, t):  # a bi_ row op over the last axis of any shape
+            return _rows(mode, t.reshape(-1, t.shape[-1])).reshape(t.shape[:-1] + ((t.shape[-1],) if mode in (
+                "softmax", "log_softmax") else ()))
+
+        qh, kh, vh, oh, gh = heads(q), heads(k, group), heads(v, group), heads(out), heads(g)
+        scores = bi_matmul(qh, jnp.swapaxes(kh, -1, -2)) * jnp.float32(scale)
+        visible = None
+        if right == 0:  # causal: query i sees keys up to its position
+            offset = lk - lq if statics["bottom_right"] else 0
+            visible = jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + offset
+            scores = jnp.where(visible, scores, -jnp.inf)
+        p = rows("softmax", scores)
+        if visible is not None:
+            p = jnp.where(visible.any(-1, keepdims=True), p, 0.0)  # a query that sees no key: zeros
+        delta = rows("sum", gh * oh)[..., None]
+        ds = p * (bi_matmul(gh, jnp.swapaxes(vh, -1, -2)) - delta) * jnp.float32(scale)
+
+        def kv_heads(t):  # (B, Hq, Lk, D) -> (B, Lk, Hkv, D): the group's gradients summed (bi_ sum)
+            if group > 1:
+                t = jnp.moveaxis(t.reshape(b, hkv, group, lk, d), 2, -1)
+                t = _rows("sum", t.reshape(-1, group)).reshape(b, hkv, lk, d)
+            return jnp.swapaxes(t, 1, 2)
+
+        grad_q = jnp.swapaxes(bi_matmul(ds, kh), 1, 2).astype(q.dtype)
+        grad_k = kv_heads(bi_matmul(jnp.swapaxes(ds, -1, -2), qh)).astype(k.dtype)
+        grad_v = kv_heads(bi_matmul(jnp.swapaxes(p, -1, -2), gh)).astype(v.dtype)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
     wrapped = jax.custom_vjp(fn)
     wrapped.defvjp(forward, backward)

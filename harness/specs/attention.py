@@ -183,7 +183,7 @@ _COMMON = dict(
 ATTENTION = OpSpec(
     name="attention",
     make_inputs=make_prefill,
-    # The torch kernel has a backward (composed of bi_ products and softmax).
+    # Both kernels have a backward (composed of bi_ products and softmax).
     grads={name: (lambda i, g, n=n: _grads(i, g)[n]) for n, name in enumerate(("q", "k", "v"))},
     bench=Bench(
         features=tuple((s, *LLAMA) for s in (1024, 4096, 16384)),
@@ -196,7 +196,8 @@ ATTENTION = OpSpec(
     ),
     max_features=2048,  # sequence lengths of the properties
     cross_features=(1, 100, 1000, 4096),
-    **{**_COMMON, "impls": {**_IMPLS, "torch": Impl("attention", _torch_sdpa, "torch SDPA (cuDNN first)", grad=True)}},
+    **{**_COMMON, "impls": {"torch": Impl("attention", _torch_sdpa, "torch SDPA (cuDNN first)", grad=True),
+                            "jax": Impl("attention", _jax_default, "jax.nn.dot_product_attention (cudnn)", grad=True)}},
 )
 
 ATTENTION_DECODE = OpSpec(
