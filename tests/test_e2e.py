@@ -114,12 +114,18 @@ def _training_sequences(out, rids):
     return [(np.concatenate([WORK.prompts[r], out["completions"][r]]), len(WORK.prompts[r])) for r in rids]
 
 
-@pytest.fixture(scope="module")
-def sampled():
-    """The bi_ torch engine and one continuous-batching run with seeded
-    sampling, its logits recorded."""
-    engine = _torch("bi", temperature=0.8)
-    return engine, run_schedule(engine, WORK, SERVING, 1, logits=True)
+@pytest.fixture(scope="module", params=["torch", "jax"])
+def sampled(request):
+    """A framework, its bi_ engine and one continuous-batching run with
+    seeded sampling, its logits recorded."""
+    engine = (_torch if request.param == "torch" else _jax)("bi", temperature=0.8)
+    return request.param, engine, run_schedule(engine, WORK, SERVING, 1, logits=True)
+
+
+def _train(framework, engine, sequences):
+    from bench.e2e import training
+
+    return (training.torch_step if framework == "torch" else training.jax_step)(engine, sequences)
 
 
 def _trained_requests(out):
@@ -134,41 +140,50 @@ def test_training_on_the_engines_samples_is_on_policy(sampled):
     under autograd) gives the sampler's logits for every generated position
     bit for bit (continuous batching, seeded sampling), so the same
     log-probabilities; three training steps give the same gradient bits."""
-    import torch
-
     from bench.e2e import training
 
-    engine, out = sampled
+    framework, engine, out = sampled
     rids = _trained_requests(out)
-    steps = [training.torch_step(engine, _training_sequences(out, rids)) for _ in range(3)]
+    steps = [_train(framework, engine, _training_sequences(out, rids)) for _ in range(3)]
     for j, rid in enumerate(rids):
         assert np.array_equal(steps[0]["logits"][j].view(np.int32), out["logits"][rid].view(np.int32)), rid
-        assert np.array_equal(steps[0]["logprobs"][j],
-                              training.sampler_logprobs(engine, out["logits"][rid], out["completions"][rid])), rid
-    grads = steps[0]["grads"]
+        if framework == "torch":  # the sampler's log-probabilities by the same bi_ log_softmax
+            assert np.array_equal(steps[0]["logprobs"][j],
+                                  training.sampler_logprobs(engine, out["logits"][rid], out["completions"][rid])), rid
+    grads = {n: np.asarray(g.cpu() if hasattr(g, "cpu") else g) for n, g in steps[0]["grads"].items()}
     assert len(grads) == len(engine.w) - 1  # every weight but the embedding
-    assert all(bool(g.abs().sum() > 0) for g in grads.values())
+    assert all(np.abs(g).sum() > 0 for g in grads.values())
     for other in steps[1:]:
-        assert all(torch.equal(grads[n], other["grads"][n]) for n in grads)
+        assert all(np.array_equal(grads[n], np.asarray(other["grads"][n].cpu() if hasattr(other["grads"][n], "cpu")
+                                                                   else other["grads"][n])) for n in grads)
 
 
 def test_the_on_policy_check_can_fail(sampled):
-    """A training forward with another attention kernel (torch's SDPA) gives
-    other logits bits than the sampler's: the comparison above sees a
-    changed kernel."""
-    import torch
-
-    from bench.e2e import training
-
-    import bi_torch
-
-    engine, out = sampled
+    """A training forward with another attention kernel (the framework's
+    own) gives other logits bits than the sampler's: the comparison above
+    sees a changed kernel."""
+    framework, engine, out = sampled
     rids = _trained_requests(out)[:1]
-    real = bi_torch.attention
+    if framework == "torch":
+        import torch
+
+        import bi_torch as package
+
+        def other(q, k, v, causal):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+            ).transpose(1, 2)
+    else:
+        import jax
+
+        import bi_jax as package
+
+        def other(q, k, v, causal):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    real = package.attention
     try:
-        bi_torch.attention = lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True).transpose(1, 2)
-        step = training.torch_step(engine, _training_sequences(out, rids))
+        package.attention = other
+        step = _train(framework, engine, _training_sequences(out, rids))
     finally:
-        bi_torch.attention = real
+        package.attention = real
     assert not all(np.array_equal(step["logits"][j], out["logits"][r]) for j, r in enumerate(rids))

@@ -80,23 +80,56 @@ class JaxEngine:
 
     # --- jitted parts -----------------------------------------------------------
 
+    def _ops(self):
+        """(norm, matmul) of the engine's implementation."""
+        import jax
+        import jax.numpy as jnp
+
+        c = self.config
+        if self.impl == "bi":
+            import bi_jax
+
+            return functools.partial(bi_jax.rms_norm, eps=c.eps), bi_jax.matmul
+
+        def norm(x, w):
+            xf = x.astype(jnp.float32)
+            r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.eps)
+            return (xf * r * w.astype(jnp.float32)).astype(x.dtype)
+        return norm, jnp.matmul
+
+    def block(self, p, x, cos, sin, attend):
+        """One layer with weights ``p`` over ``x`` (T, hidden) with the RoPE
+        tables of its positions; ``attend(q, k, v)`` gives the attention
+        output (T, heads, head_dim) and anything else to return beside the
+        new ``x``."""
+        c = self.config
+        norm, mm = self._ops()
+        nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        t = x.shape[0]
+        h = norm(x, p["attn_norm"])
+        qkv = mm(h, p["qkv"])
+        q = rope(qkv[:, :nq].reshape(t, c.heads, c.head_dim), cos, sin)
+        k = rope(qkv[:, nq:nq + nkv].reshape(t, c.kv_heads, c.head_dim), cos, sin)
+        attn, extra = attend(q, k, qkv[:, nq + nkv:].reshape(t, c.kv_heads, c.head_dim))
+        x = x + mm(attn.reshape(t, nq), p["o"])
+        h = norm(x, p["mlp_norm"])
+        act = mlp_activation(mm(h, p["gate_up"]), c.intermediate)
+        return x + mm(act, p["down"]), extra
+
+    def scores(self, w_norm, w_head, h):
+        """fp32 logits of hidden states (rows, hidden)."""
+        import jax.numpy as jnp
+
+        norm, mm = self._ops()
+        return mm(norm(h, w_norm), w_head, preferred_element_type=jnp.float32)
+
     def _jit_layer(self):
         import jax
         import jax.numpy as jnp
 
         c, bi = self.config, self.impl == "bi"
-        nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
         if bi:
             import bi_jax
-
-            norm = functools.partial(bi_jax.rms_norm, eps=c.eps)
-            mm = bi_jax.matmul
-        else:
-            def norm(x, w):
-                xf = x.astype(jnp.float32)
-                r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.eps)
-                return (xf * r * w.astype(jnp.float32)).astype(x.dtype)
-            mm = jnp.matmul
 
         def attention(q, k_cache, v_cache, ix, max_q, max_k):
             if bi:
@@ -114,20 +147,12 @@ class JaxEngine:
             return out[ix["seq"], ix["index"]]
 
         def layer(p, x, k_cache, v_cache, ix, max_q, max_k):
-            t = x.shape[0]
-            h = norm(x, p["attn_norm"])
-            qkv = mm(h, p["qkv"])
-            q = rope(qkv[:, :nq].reshape(t, c.heads, c.head_dim), ix["cos"], ix["sin"])
-            k = rope(qkv[:, nq:nq + nkv].reshape(t, c.kv_heads, c.head_dim), ix["cos"], ix["sin"])
-            v = qkv[:, nq + nkv:].reshape(t, c.kv_heads, c.head_dim)
-            k_cache = k_cache.at[ix["page"], ix["slot"]].set(k)
-            v_cache = v_cache.at[ix["page"], ix["slot"]].set(v)
-            attn = attention(q, k_cache, v_cache, ix, max_q, max_k)
-            x = x + mm(attn.reshape(t, nq), p["o"])
-            h = norm(x, p["mlp_norm"])
-            gate_up = mm(h, p["gate_up"])
-            act = mlp_activation(gate_up, c.intermediate)
-            return x + mm(act, p["down"]), k_cache, v_cache
+            def attend(q, k, v):  # the step's keys and values into the cache, then attention over the pages
+                kc, vc = k_cache.at[ix["page"], ix["slot"]].set(k), v_cache.at[ix["page"], ix["slot"]].set(v)
+                return attention(q, kc, vc, ix, max_q, max_k), (kc, vc)
+
+            x, (k_cache_, v_cache_) = self.block(p, x, ix["cos"], ix["sin"], attend)
+            return x, k_cache_, v_cache_
 
         return jax.jit(layer, static_argnames=("max_q", "max_k"), donate_argnums=(2, 3))
 
@@ -135,20 +160,10 @@ class JaxEngine:
         import jax
         import jax.numpy as jnp
 
-        c, bi, temperature = self.config, self.impl == "bi", self.temperature
-        if bi:
-            import bi_jax
+        c, temperature = self.config, self.temperature
 
         def head(w_norm, w_head, x, last, seeds, positions_out):
-            h = x[last]
-            if bi:
-                logits = bi_jax.matmul(bi_jax.rms_norm(h, w_norm, eps=c.eps), w_head,
-                                       preferred_element_type=jnp.float32)
-            else:
-                hf = h.astype(jnp.float32)
-                r = jax.lax.rsqrt(jnp.mean(hf * hf, axis=-1, keepdims=True) + c.eps)
-                logits = jnp.matmul((hf * r * w_norm.astype(jnp.float32)).astype(h.dtype), w_head,
-                                    preferred_element_type=jnp.float32)
+            logits = self.scores(w_norm, w_head, x[last])
             if temperature > 0:
                 u = weights.jax_uniform_noise(seeds, positions_out, c.vocab)
                 return jnp.argmax(logits / temperature + gumbel(u), axis=-1), logits

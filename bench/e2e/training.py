@@ -11,6 +11,10 @@ logits of every generated position are the sampler's, bit for bit (so are
 the log-probabilities computed from them), and the step's gradients are the
 same bits on every run.
 
+The JAX twin (``jax_step``) runs ``JaxEngine.block`` over each sequence with
+dense causal ``bi_jax.attention``, one jitted layer function under
+``jax.vjp``, the gradients of the sequences added in order.
+
 The embedding table is not trained here: its gradient is a scatter-add over
 the tokens, which this library does not provide yet.
 """
@@ -78,3 +82,43 @@ def sampler_logprobs(engine, logits: np.ndarray, tokens) -> np.ndarray:
         lp = bi_torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits)).to(engine.device), -1)
         index = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=engine.device)
         return lp.gather(-1, index[:, None])[:, 0].cpu().numpy()
+
+
+def jax_step(engine, sequences) -> dict:
+    """``torch_step`` for the JAX engine: per sequence the fp32 logits of the
+    generated positions and the generated tokens' log-probabilities, and the
+    gradients of every weight but the embedding (numpy arrays)."""
+    import jax
+    import jax.numpy as jnp
+
+    import bi_jax
+
+    if engine.impl != "bi":
+        raise ValueError(f"the training step runs the bi_ kernels; the engine's impl is {engine.impl!r}")
+    c = engine.config
+
+    def dense(q, k, v):
+        return bi_jax.attention(q[None], k[None], v[None], causal=True)[0], None
+
+    @jax.jit
+    def layer(p, x, cos, sin):
+        return engine.block(p, x, cos, sin, dense)[0]
+
+    def loss(params, tokens, prompt):
+        x = engine.w["embed"][tokens]
+        positions = jnp.arange(tokens.shape[0])
+        cos, sin = engine.cos[positions][:, None, :], engine.sin[positions][:, None, :]
+        for i in range(c.layers):
+            x = layer({k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(f"{i}.")}, x, cos, sin)
+        scores = engine.scores(params["norm"], params["head"], x[prompt - 1:tokens.shape[0] - 1])
+        chosen = jnp.take_along_axis(bi_jax.log_softmax(scores, -1), tokens[prompt:, None], axis=-1)[:, 0]
+        return -bi_jax.sum(chosen), (scores, chosen)
+
+    params = {n: w for n, w in engine.w.items() if n != "embed"}
+    total, logits, logprobs = None, [], []
+    for tokens, prompt in sequences:
+        (_, (scores, chosen)), grads = jax.value_and_grad(loss, has_aux=True)(params, jnp.asarray(tokens), prompt)
+        logits.append(np.asarray(scores))
+        logprobs.append(np.asarray(chosen))
+        total = grads if total is None else jax.tree_util.tree_map(jnp.add, total, grads)
+    return {"logits": logits, "logprobs": logprobs, "grads": {n: np.asarray(g) for n, g in total.items()}}
