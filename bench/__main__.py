@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -144,22 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)
-    if args.host_cost:
-        if not profile.native:
-            p.error("--host-cost measures host time around GPU launches; this machine has no GPU")
-        from bench import host_cost
-
-        for path in host_cost.run(args.out, console, args.frameworks, quick=args.quick):
-            console.print(f"wrote {path}")
-        return 0
-    if args.backward:
-        if not profile.native:
-            p.error("--backward times GPU kernels; this machine has no GPU")
-        from bench import backward
-
-        for path in backward.run(args.out, console, args.frameworks, quick=args.quick):
-            console.print(f"wrote {path}")
-        return 0
+    gpu_only = {"host_cost": "--host-cost measures host time around GPU launches",
+                "backward": "--backward times GPU kernels"}
+    for mode, what in gpu_only.items():
+        if getattr(args, mode):
+            if not profile.native:
+                p.error(f"{what}; this machine has no GPU")
+            module = importlib.import_module(f"bench.{mode}")
+            for path in module.run(args.out, console, args.frameworks, quick=args.quick):
+                console.print(f"wrote {path}")
+            return 0
     if args.e2e:
         from bench.e2e import command
 
