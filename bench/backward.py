@@ -121,7 +121,8 @@ def run(out: Path, console, frameworks, quick: bool = False) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "backward.json"
     rows = measure(frameworks, quick, console, path)
-    table = Table(title="forward + backward of one op (bf16; loss sum(out**2)/2; default time / bi_ time)")
+    table = Table(title="forward + backward of one op (bf16; loss: half the squared norm of the output; "
+                        "default time / bi_ time)")
     for col in ("op", "framework", "features", "M", "inputs", "default ms", "bi_ ms", "ratio"):
         table.add_column(col)
     for r in rows:
