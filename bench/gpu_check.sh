@@ -31,7 +31,8 @@ if [[ $what == tests || $what == all ]]; then
   part=${BI_TEST_PART:-tests}
   # -v: each test's result goes to the log as it ends (a run cut by a time
   # limit keeps the names of what passed and failed).
-  python3 -m pytest ${BI_TEST_PATHS:-tests} -v -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
+  # Failure reports as they happen (tests/conftest.py), not only at the end.
+  BI_FAILURE_LOG="$OUT/$part.failures.txt" python3 -m pytest ${BI_TEST_PATHS:-tests} -v -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
     ${BI_TEST_ARGS:-} ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/$part.log" | tail -60
   status=$?
 fi

@@ -64,7 +64,8 @@ def _grad_spec(spec: OpSpec, wrt: str) -> OpSpec:
                   for d, t in spec.tolerances.items()}
     return dataclasses.replace(spec, name=f"{spec.name}.grad[{wrt}]", reference=reference, tolerances=tolerances,
                                controls=dict(spec.grad_controls) if wrt == spec.batch_arg else {}, grads={},
-                               grad_controls={}, default_varies=None, bench=None, host_features=None)
+                               grad_controls={}, default_varies=None, bench=None, host_features=None,
+                               row_elements=spec.grad_row_elements or spec.row_elements)
 
 
 def row_invariant(spec: OpSpec, wrt: str) -> bool:

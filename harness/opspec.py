@@ -127,6 +127,10 @@ class OpSpec:
     # batched inputs per batch row (caps the batch at the profile's budget).
     max_features: int | None = None
     row_elements: Callable[[Any], int] | None = None
+    # The same for the gradient properties, where a backward holds more per
+    # row than the forward (attention's (heads, L, L) scores); default
+    # ``row_elements``.
+    grad_row_elements: Callable[[Any], int] | None = None
     # GPU checks: feature sizes of the cross-framework equality test, and
     # of the every-batch-size sweep (by dtype) up to ``sweep_batch`` rows.
     cross_features: tuple = (4096, 8192)

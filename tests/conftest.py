@@ -39,6 +39,16 @@ def pytest_report_header(config):
     return f"bi device profile: {PROFILE.name} (BI_DEVICE={os.environ.get('BI_DEVICE', 'auto')})"
 
 
+def pytest_runtest_logreport(report):
+    """``BI_FAILURE_LOG=PATH``: each failure's report is appended to PATH as it
+    happens (a run cut by a time limit, or with xdist workers, keeps the
+    reasons, which pytest otherwise prints only at the end)."""
+    path = os.environ.get("BI_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if PROFILE.native:
         return

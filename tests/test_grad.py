@@ -137,3 +137,26 @@ def test_attention_backward_in_the_interpreter(framework):
             np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4, err_msg=f"{name} ({lq}, {lk})")
             alone = ad.call(fn, spec, ad.take_batch_rows(spec, native, 1, 2))
             assert np.array_equal(alone, got[1:2]), f"{name}: the sequence alone differs ({lq}, {lk})"
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_attention_backward_chunks_change_no_bits(framework, monkeypatch):
+    """The backward walks the batch in chunks of whole sequences
+    (``bi_core.attention.backward_chunks``): one sequence per chunk gives the
+    bits of one chunk for the whole batch."""
+    import bi_core.attention as contract
+
+    spec, ad = registry.get("attention"), adapter(framework)
+    rng = np.random.default_rng(1)
+    inputs = {n: rng.standard_normal(s, dtype=np.float32) for n, s in
+              (("q", (3, 6, 4, 64)), ("k", (3, 6, 2, 64)), ("v", (3, 6, 2, 64)))}
+    whole = [ad.call(grads.grad_function(ad, spec, n), spec, ad.natives(inputs)) for n in "qkv"]
+    monkeypatch.setattr(contract, "BACKWARD_SCORE_ELEMENTS", 4 * 6 * 6)
+    assert contract.backward_chunks(3, 4, 6, 6) == [(0, 1), (1, 2), (2, 3)]
+    if framework == "jax":
+        import jax
+
+        jax.clear_caches()  # the backward is traced again with the new chunks
+    for name, want in zip("qkv", whole):
+        got = ad.call(grads.grad_function(ad, spec, name), spec, ad.natives(inputs))
+        assert np.array_equal(got, want), f"{name}: chunked gradients differ"

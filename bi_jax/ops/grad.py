@@ -134,8 +134,7 @@ def with_attention_backward(fn, statics: dict):
         out = fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
         return out, (q, k, v, out)
 
-    def backward(residuals, g):
-        q, k, v, out = residuals
+    def chunk_backward(q, k, v, out, g):  # whole sequences: (grad_q, grad_k, grad_v)
         b, lq, hq, d = q.shape
         lk, hkv = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -167,10 +166,18 @@ def with_attention_backward(fn, statics: dict):
                 t = _rows("sum", t.reshape(-1, group)).reshape(b, hkv, lk, d)
             return jnp.swapaxes(t, 1, 2)
 
-        grad_q = jnp.swapaxes(bi_matmul(ds, kh), 1, 2).astype(q.dtype)
-        grad_k = kv_heads(bi_matmul(jnp.swapaxes(ds, -1, -2), qh)).astype(k.dtype)
-        grad_v = kv_heads(bi_matmul(jnp.swapaxes(p, -1, -2), gh)).astype(v.dtype)
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+        return (jnp.swapaxes(bi_matmul(ds, kh), 1, 2).astype(q.dtype),
+                kv_heads(bi_matmul(jnp.swapaxes(ds, -1, -2), qh)).astype(k.dtype),
+                kv_heads(bi_matmul(jnp.swapaxes(p, -1, -2), gh)).astype(v.dtype))
+
+    def backward(residuals, g):
+        q, k, v, out = residuals
+        # Chunks of whole sequences (bi_core.attention.backward_chunks): the
+        # scores' memory does not grow with the batch; no bits change.
+        parts = [chunk_backward(q[s:e], k[s:e], v[s:e], out[s:e], g[s:e])
+                 for s, e in contract.backward_chunks(q.shape[0], q.shape[2], q.shape[1], k.shape[1])]
+        grads = parts[0] if len(parts) == 1 else tuple(jnp.concatenate(p, 0) for p in zip(*parts))
+        return (*grads, None, None, None, None, None, None)
 
     wrapped = jax.custom_vjp(fn)
     wrapped.defvjp(forward, backward)

@@ -55,14 +55,14 @@ def reference(inputs, causal: bool = True) -> np.ndarray:
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     qg = q.reshape(b, lq, hkv, g, d)
-    s = np.einsum("bqhgd,bkhd->bhgqk", qg, k) / np.sqrt(d)
+    s = np.einsum("bqhgd,bkhd->bhgqk", qg, k, optimize=True) / np.sqrt(d)
     if causal:
         pos = np.arange(lq) + lk - lq
         s = np.where(np.arange(lk)[None, :] <= pos[:, None], s, -np.inf)
     s = s - s.max(axis=-1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
-    out = np.einsum("bhgqk,bkhd->bqhgd", p, v)
+    out = np.einsum("bhgqk,bkhd->bqhgd", p, v, optimize=True)
     return out.reshape(b, lq, hq, d)
 
 
@@ -73,16 +73,16 @@ def _grads(inputs, g, causal: bool = True):
     lk, hkv = k.shape[1], k.shape[2]
     grp = hq // hkv
     qg, gg = q.reshape(b, lq, hkv, grp, d), g.reshape(b, lq, hkv, grp, d)
-    s = np.einsum("bqhgd,bkhd->bhgqk", qg, k) / np.sqrt(d)
+    s = np.einsum("bqhgd,bkhd->bhgqk", qg, k, optimize=True) / np.sqrt(d)
     if causal:
         s = np.where(np.arange(lk)[None, :] <= (np.arange(lq) + lk - lq)[:, None], s, -np.inf)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
-    dp = np.einsum("bqhgd,bkhd->bhgqk", gg, v)
+    dp = np.einsum("bqhgd,bkhd->bhgqk", gg, v, optimize=True)
     ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True)) / np.sqrt(d)
-    dq = np.einsum("bhgqk,bkhd->bqhgd", ds, k).reshape(q.shape)
-    dk = np.einsum("bhgqk,bqhgd->bkhd", ds, qg)
-    dv = np.einsum("bhgqk,bqhgd->bkhd", p, gg)
+    dq = np.einsum("bhgqk,bkhd->bqhgd", ds, k, optimize=True).reshape(q.shape)
+    dk = np.einsum("bhgqk,bqhgd->bkhd", ds, qg, optimize=True)
+    dv = np.einsum("bhgqk,bqhgd->bkhd", p, gg, optimize=True)
     return dq, dk, dv
 
 
@@ -195,6 +195,8 @@ ATTENTION = OpSpec(
         length_axis="sequence length S",
     ),
     max_features=2048,  # sequence lengths of the properties
+    # The backward's fp32 scores: (4 heads, s, s) per sequence.
+    grad_row_elements=lambda s: 4 * s * s,
     cross_features=(1, 100, 1000, 4096),
     **{**_COMMON, "impls": {"torch": Impl("attention", _torch_sdpa, "torch SDPA (cuDNN first)", grad=True),
                             "jax": Impl("attention", _jax_default, "jax.nn.dot_product_attention (cudnn)", grad=True)}},
