@@ -187,3 +187,29 @@ def test_the_on_policy_check_can_fail(sampled):
     finally:
         package.attention = real
     assert not all(np.array_equal(step["logits"][j], out["logits"][r]) for j, r in enumerate(rids))
+
+
+def test_attention_groups_split_decodes_from_prefill_chunks():
+    from bench.e2e.groups import SHORT, attention_groups
+
+    q_lens, kv_lens = np.array([1, 20, 0, 1, SHORT]), np.array([5, 20, 9, 40, 30])
+    short, long_ = attention_groups(q_lens, kv_lens, size=lambda n, least: max(least, 1 << (n - 1).bit_length()))
+    assert short.seqs.tolist() == [0, 3, 4, 0] and (short.max_q, short.max_k) == (8, 64)
+    # Token starts: 0, 1, 21, 21, 22; padding queries point one past the tokens (30).
+    assert short.queries[:, :2].tolist() == [[0, 30], [21, 30], [22, 23], [30, 30]]
+    assert long_.seqs.tolist() == [1] and long_.queries[0].tolist() == list(range(1, 21)) + [30] * 12
+    assert [g.max_q for g in attention_groups(q_lens, kv_lens)] == [SHORT, 20]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_default_engine_computes_the_bi_engines_logits_within_rounding(framework):
+    """The default engines' attention (gathered keys, decodes and prefill
+    chunks in separate padded calls) is the same attention: their logits
+    agree with the bi_ engine's to fp32 rounding."""
+    if framework == "jax":
+        pytest.importorskip("jax")
+    make = _torch if framework == "torch" else _jax
+    default, bi = (run_schedule(make(impl), WORK, SERVING, 1, logits=True) for impl in ("default", "bi"))
+    assert default["completions"] == bi["completions"]
+    for r in bi["logits"]:
+        np.testing.assert_allclose(default["logits"][r], bi["logits"][r], rtol=1e-4, atol=1e-4, err_msg=f"request {r}")

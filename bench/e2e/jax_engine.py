@@ -3,7 +3,8 @@
 ``impl="bi"``: the bi_jax kernels (rms_norm, matmul, paged attention).
 ``impl="default"``: what JAX gives: the same expressions through XLA
 (``x @ w``, a jnp RMSNorm), and attention by ``jax.nn.dot_product_attention``
-over each sequence's keys gathered from its pages.
+over each sequence's keys gathered from its pages, decodes and prefill chunks
+apart (``bench.e2e.groups``).
 
 Under ``jit`` every shape is static, so a step is padded: its token count to
 a bucket (powers of two, at least 16), its sequence count to a bucket, and
@@ -22,6 +23,7 @@ import numpy as np
 
 from bench.e2e import weights
 from bench.e2e.config import ModelConfig, rope_tables, weight_specs
+from bench.e2e.groups import attention_groups
 from bench.e2e.scheduler import Step
 
 
@@ -131,30 +133,35 @@ class JaxEngine:
         if bi:
             import bi_jax
 
-        def attention(q, k_cache, v_cache, ix, max_q, max_k):
+        def attention(q, k_cache, v_cache, ix, max_q, shapes):
             if bi:
                 return bi_jax.paged_attention(q, k_cache, v_cache, ix["table"], ix["kv_lens"],
                                               cu_seqlens_q=ix["cu"], max_seqlen_q=max_q)
-            b = ix["table"].shape[0]
-            slots = jnp.arange(max_k)
-            pages = ix["table"][:, slots // self.page_size]
-            k = k_cache[pages, slots % self.page_size]  # (B, Lk, Hkv, D)
-            v = v_cache[pages, slots % self.page_size]
-            qp = jnp.zeros((b, max_q, c.heads, c.head_dim), q.dtype).at[ix["seq"], ix["index"]].set(q)
-            qpos = (ix["kv_lens"] - ix["q_lens"])[:, None] + jnp.arange(max_q)
-            mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < ix["kv_lens"][:, None, None])
-            out = jax.nn.dot_product_attention(qp, k, v, mask=mask[:, None])
-            return out[ix["seq"], ix["index"]]
+            # Per group (bench.e2e.groups: decodes apart from prefill chunks),
+            # each sequence's keys gathered from its pages, padded, masked.
+            q_ext = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], q.dtype)])  # the padding queries' row
+            out = jnp.zeros_like(q_ext)
+            for (seqs, queries), (g_max_q, g_max_k) in zip(ix["groups"], shapes):
+                slots = jnp.arange(g_max_k)
+                pages = ix["table"][seqs][:, slots // self.page_size]
+                k = k_cache[pages, slots % self.page_size]  # (G, Lk, Hkv, D)
+                v = v_cache[pages, slots % self.page_size]
+                kv_lens = ix["kv_lens"][seqs]
+                qpos = (kv_lens - ix["q_lens"][seqs])[:, None] + jnp.arange(g_max_q)
+                mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < kv_lens[:, None, None])
+                o = jax.nn.dot_product_attention(q_ext[queries], k, v, mask=mask[:, None])
+                out = out.at[queries.reshape(-1)].set(o.reshape((-1,) + o.shape[2:]))
+            return out[:-1]
 
-        def layer(p, x, k_cache, v_cache, ix, max_q, max_k):
+        def layer(p, x, k_cache, v_cache, ix, max_q, shapes):
             def attend(q, k, v):  # the step's keys and values into the cache, then attention over the pages
                 kc, vc = k_cache.at[ix["page"], ix["slot"]].set(k), v_cache.at[ix["page"], ix["slot"]].set(v)
-                return attention(q, kc, vc, ix, max_q, max_k), (kc, vc)
+                return attention(q, kc, vc, ix, max_q, shapes), (kc, vc)
 
             x, (k_cache_, v_cache_) = self.block(p, x, ix["cos"], ix["sin"], attend)
             return x, k_cache_, v_cache_
 
-        return jax.jit(layer, static_argnames=("max_q", "max_k"), donate_argnums=(2, 3))
+        return jax.jit(layer, static_argnames=("max_q", "shapes"), donate_argnums=(2, 3))
 
     def _jit_head(self):
         import jax
@@ -195,10 +202,10 @@ class JaxEngine:
         table[b_real] = self.scratch + np.arange(self.pages_per_seq)
         positions = np.concatenate([step.positions, np.arange(pad)]).astype(np.int32)
         seq = np.repeat(np.arange(b), lens)
-        index = np.arange(t) - cu[:-1][seq]
         kv_lens = cached + lens
         max_q = bucket(max(int(lens.max()), 1), least=1)
-        max_k = bucket(int(kv_lens.max()), least=self.page_size)
+        groups = [] if self.impl == "bi" else attention_groups(
+            q_lens, kv_lens[:b_real], tokens=t, size=lambda n, least: bucket(n, least=least))
         s_real = len(step.sample_rows)
         s = bucket(max(s_real, 1), least=8)
         last = np.zeros(s, np.int32)
@@ -210,21 +217,22 @@ class JaxEngine:
         tokens = np.zeros(t, np.int32)
         tokens[:t_real] = step.tokens
         ix = {"cu": cu, "table": table, "kv_lens": kv_lens.astype(np.int32), "q_lens": lens,
-              "page": table[seq, positions // self.page_size], "slot": positions % self.page_size,
-              "seq": seq.astype(np.int32), "index": index.astype(np.int32)}
+              "page": table[seq, positions // self.page_size], "slot": positions % self.page_size}
         ix = {k: jnp.asarray(v) for k, v in ix.items()}
+        ix["groups"] = [(jnp.asarray(g.seqs), jnp.asarray(g.queries)) for g in groups]
+        shapes = tuple((g.max_q, g.max_k) for g in groups)
         ix["cos"], ix["sin"] = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        return (jnp.asarray(tokens), ix, max_q, max_k, jnp.asarray(last), jnp.asarray(seeds), jnp.asarray(pos_out),
+        return (jnp.asarray(tokens), ix, max_q, shapes, jnp.asarray(last), jnp.asarray(seeds), jnp.asarray(pos_out),
                 s_real)
 
     def step(self, step: Step, logits: bool = False):
         """Run ``step``; the token sampled at each sample row (a host array)
         and, with ``logits``, the fp32 logits it was sampled from."""
-        tokens, ix, max_q, max_k, last, seeds, pos_out, s_real = self._padded(step)
+        tokens, ix, max_q, shapes, last, seeds, pos_out, s_real = self._padded(step)
         x = self.w["embed"][tokens]
         for i, p in enumerate(self.layers):
             k_cache, v_cache = self.caches[i]
-            x, k_cache, v_cache = self._layer(p, x, k_cache, v_cache, ix, max_q=max_q, max_k=max_k)
+            x, k_cache, v_cache = self._layer(p, x, k_cache, v_cache, ix, max_q=max_q, shapes=shapes)
             self.caches[i] = (k_cache, v_cache)
         sampled, scores = self._head(self.w["norm"], self.w["head"], x, last, seeds, pos_out)
         out = np.asarray(sampled)[:s_real]

@@ -4,7 +4,8 @@ prefill chunks and decodes over a paged KV cache.
 ``impl="bi"``: the bi_torch kernels (rms_norm, matmul, paged attention).
 ``impl="default"``: what PyTorch gives: ``F.rms_norm``, ``torch.matmul``
 (cuBLAS), and attention by ``F.scaled_dot_product_attention`` over each
-sequence's keys gathered from its pages (PyTorch has no paged attention).
+sequence's keys gathered from its pages (PyTorch has no paged attention),
+decodes and prefill chunks in separate calls (``bench.e2e.groups``).
 ``impl="control"``: the default, with products that sum K in two halves when
 the step has an odd number of tokens (a negative control for the tests).
 Everything else is the same code in both: the embedding gather, rotary
@@ -18,6 +19,7 @@ import numpy as np
 
 from bench.e2e import weights
 from bench.e2e.config import ModelConfig, rope_tables, weight_specs
+from bench.e2e.groups import attention_groups
 from bench.e2e.scheduler import Step
 
 
@@ -107,24 +109,30 @@ class TorchEngine:
         return self._gathered_sdpa(q, layer, batch)
 
     def _gathered_sdpa(self, q, layer, batch):
-        """Each sequence's queries against its keys gathered from the pages,
-        padded to the step's longest; causal, aligned to the end of the keys."""
+        """Per group of sequences (``bench.e2e.groups``: decodes apart from
+        prefill chunks), the queries against each sequence's keys gathered
+        from its pages, padded to the group's longest; causal, aligned to the
+        end of the keys."""
         import torch
 
         c = self.config
-        b, lk = batch["table"].shape[0], batch["max_k"]
-        slots = torch.arange(lk, device=self.device)
-        pages = batch["table"].long()[:, slots // self.page_size]  # (B, Lk)
-        k = self.k_cache[layer][pages, slots % self.page_size]  # (B, Lk, Hkv, D)
-        v = self.v_cache[layer][pages, slots % self.page_size]
-        qp = q.new_zeros((b, batch["max_q"], c.heads, c.head_dim))
-        qp[batch["seq_of_token"], batch["index_in_seq"]] = q
-        # Query i of sequence b sits at key position kv_lens[b] - q_len[b] + i.
-        qpos = batch["kv_lens"][:, None] - batch["q_lens"][:, None] + torch.arange(batch["max_q"], device=self.device)
-        mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < batch["kv_lens"][:, None, None])
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], enable_gqa=True)
-        return out.transpose(1, 2)[batch["seq_of_token"], batch["index_in_seq"]]
+        q_ext = torch.cat([q, q.new_zeros((1,) + q.shape[1:])])  # the padding queries' row
+        out = q.new_zeros(q_ext.shape)
+        for g in batch["groups"]:
+            seqs, queries = g["seqs"], g["queries"]
+            slots = torch.arange(g["max_k"], device=self.device)
+            pages = batch["table"].long()[seqs][:, slots // self.page_size]  # (G, Lk)
+            k = self.k_cache[layer][pages, slots % self.page_size]  # (G, Lk, Hkv, D)
+            v = self.v_cache[layer][pages, slots % self.page_size]
+            kv_lens = batch["kv_lens"][seqs]
+            # Query i of a sequence sits at key position kv_len - q_len + i.
+            qpos = (kv_lens - batch["q_lens"][seqs])[:, None] + torch.arange(g["max_q"], device=self.device)
+            mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < kv_lens[:, None, None])
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q_ext[queries].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
+                enable_gqa=True)
+            out[queries.reshape(-1)] = o.transpose(1, 2).reshape(-1, c.heads, c.head_dim)
+        return out[:-1]
 
     # --- one step ------------------------------------------------------------------
 
@@ -142,9 +150,12 @@ class TorchEngine:
         def dev(a, dtype=torch.int32):
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
 
-        return {"tokens": dev(step.tokens, torch.long), "positions": dev(pos, torch.long), "cu": dev(step.cu_seqlens),
-                "table": dev(step.block_table), "kv_lens": dev(kv_lens), "q_lens": dev(q_lens),
-                "max_q": int(q_lens.max()), "max_k": int(kv_lens.max()), "page": dev(page, torch.long),
+        groups = [] if self.impl == "bi" else [
+            {"seqs": dev(g.seqs, torch.long), "queries": dev(g.queries, torch.long), "max_q": g.max_q,
+             "max_k": g.max_k} for g in attention_groups(q_lens, kv_lens)]
+        return {"groups": groups, "tokens": dev(step.tokens, torch.long), "positions": dev(pos, torch.long),
+                "cu": dev(step.cu_seqlens), "table": dev(step.block_table), "kv_lens": dev(kv_lens),
+                "q_lens": dev(q_lens), "max_q": int(q_lens.max()), "page": dev(page, torch.long),
                 "slot": dev(pos % self.page_size, torch.long), "seq_of_token": dev(seq, torch.long),
                 "index_in_seq": dev(index, torch.long), "rows": dev(step.sample_rows, torch.long),
                 "seeds": dev(step.seeds, torch.long), "positions_out": dev(step.positions_out)}
