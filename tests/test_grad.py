@@ -49,7 +49,7 @@ def _run(op, wrt, framework, dtype, check, max_rows=None):
     label = f"{op}.grad[{wrt}][{framework}, {dtype}, {PROFILE.name}]"
 
     @settings(max_examples=_EXAMPLES)
-    @given(problems(PROFILE, spec=spec))
+    @given(problems(PROFILE, spec=gspec))  # the gradient's batch budget (grad_row_elements)
     def prop(problem):
         rng = np.random.default_rng(problem.seed)
         rows = problem.plan.full if max_rows is None else min(problem.plan.full, max_rows)
@@ -97,7 +97,7 @@ def test_grad_invariance_catches_control(op, framework, name):
     fn = ad.control(gspec, name)
 
     @settings(max_examples=max(PROFILE.max_examples, 30), phases=[Phase.generate], database=None)
-    @given(problems(PROFILE, min_features=16, spec=spec))
+    @given(problems(PROFILE, min_features=16, spec=gspec))
     def prop(problem):
         rng = np.random.default_rng(problem.seed)
         inputs = spec.make_inputs(rng, problem.plan.full, problem.features, "float32")
