@@ -7,6 +7,7 @@ imported, because the Triton interpreter is chosen at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -50,6 +51,28 @@ CPU = Profile(
 )
 
 
+# Parallel test processes on one GPU (pytest-xdist): torch's share of the GPU
+# memory, split between the workers (tests/conftest.py caps each process), the
+# rest left to JAX and the CUDA contexts.
+TORCH_MEMORY_SHARE = 0.6
+# GPU memory a property may need per element of the profile's budget (inputs,
+# fp32 copies, outputs, a control's partial sums). Measured: at 2**25
+# elements, 14 GB per worker (6 workers on an H200) was too little for the
+# matmul split-by-batch control at 32000 features.
+BYTES_PER_BUDGET_ELEMENT = 512
+
+
+def gpu_profile(memory_bytes: int, workers: int) -> Profile:
+    """The GPU profile for ``workers`` test processes sharing a GPU of
+    ``memory_bytes``: the element budget shrinks to what one worker's share
+    holds (never past the single-process budget, 2**25)."""
+    share = int(memory_bytes * TORCH_MEMORY_SHARE / max(1, workers)) if workers > 1 else memory_bytes
+    budget = min(GPU.max_elements, share // BYTES_PER_BUDGET_ELEMENT)
+    if budget >= GPU.max_elements:
+        return GPU
+    return dataclasses.replace(GPU, max_elements=budget, max_batch=min(GPU.max_batch, budget))
+
+
 def _cuda_available() -> bool:
     """Whether the installed frameworks can run on a CUDA GPU: torch's CUDA
     build sees one, or (without torch) the driver sees one and JAX's CUDA
@@ -82,6 +105,11 @@ def configure() -> Profile:
             raise RuntimeError("BI_DEVICE=gpu but no framework here can use a CUDA GPU")
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             raise RuntimeError("BI_DEVICE=gpu conflicts with TRITON_INTERPRET=1")
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        if workers > 1 and importlib.util.find_spec("torch") is not None:
+            import torch
+
+            return gpu_profile(torch.cuda.get_device_properties(0).total_memory, workers)
         return GPU
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

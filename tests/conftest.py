@@ -36,7 +36,8 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 def pytest_report_header(config):
-    return f"bi device profile: {PROFILE.name} (BI_DEVICE={os.environ.get('BI_DEVICE', 'auto')})"
+    return (f"bi device profile: {PROFILE.name}, {PROFILE.max_elements} elements per input "
+            f"(BI_DEVICE={os.environ.get('BI_DEVICE', 'auto')})")
 
 
 def pytest_runtest_logreport(report):
@@ -83,10 +84,13 @@ def _share_the_gpu():
     beside it ran out of memory, even with the cache returned after each test
     (2, then 1, of 127 rms_norm tests with 4 processes on an H100). Each
     process caps torch's share of the GPU; at the cap torch frees its cache
-    and retries."""
+    and retries. The profile's element budget shrinks to fit the share
+    (``harness.devices.gpu_profile``)."""
+    from harness.devices import TORCH_MEMORY_SHARE
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if PROFILE.native and workers > 1:
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(0.6 / workers)
+        torch.cuda.set_per_process_memory_fraction(TORCH_MEMORY_SHARE / workers)
     yield

@@ -123,3 +123,17 @@ def test_probes_run_as_modules():
         run = subprocess.run([sys.executable, "-m", f"bench.probes.{name}", "--help"], capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0 and "usage: python -m bench.probes." in run.stdout, (name, run.stderr[-1500:])
+
+
+def test_gpu_profile_fits_each_test_process_share_of_the_gpu():
+    """Parallel GPU test processes draw problems that fit their share of the
+    memory: the budget shrinks with the workers, never grows past 2**25."""
+    from harness.devices import BYTES_PER_BUDGET_ELEMENT, GPU, TORCH_MEMORY_SHARE, gpu_profile
+
+    h200 = 141 * 2**30
+    assert gpu_profile(h200, 1) is GPU and gpu_profile(h200, 2) is GPU
+    many = gpu_profile(h200, 16)
+    assert many.max_elements == int(h200 * TORCH_MEMORY_SHARE / 16) // BYTES_PER_BUDGET_ELEMENT < GPU.max_elements
+    assert many.max_elements * BYTES_PER_BUDGET_ELEMENT <= h200 * TORCH_MEMORY_SHARE / 16
+    assert many.max_batch <= many.max_elements and many.feature_sizes == GPU.feature_sizes
+    assert gpu_profile(80 * 2**30, 4).max_elements < gpu_profile(80 * 2**30, 2).max_elements
