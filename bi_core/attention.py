@@ -296,3 +296,10 @@ def backward_chunks(batch: int, heads: int, q_len: int, kv_len: int) -> list[tup
     per_sequence = max(1, heads * q_len * kv_len)
     size = max(1, BACKWARD_SCORE_ELEMENTS // per_sequence)
     return [(s, min(batch, s + size)) for s in range(0, batch, size)] or [(0, 0)]
+
+
+def backward_blocks(head_dim: int) -> tuple[int, int]:
+    """(query rows, keys) per tile of the fused attention backward
+    (``bi_torch.ops.attention_grad``). Part of its contract: each gradient
+    element sums its tiles in a fixed order, so these sizes fix the bits."""
+    return (32, 32) if head_dim > 128 else (64, 64)

@@ -1,8 +1,7 @@
-"""Where attention's composed backward (``bi_torch.ops.grad._Attention``)
-first depends on the batch: each intermediate of a sequence's backward,
-computed in a batch of several sequences and alone (a view of the batch, as
-the property's "slice" plans take it, and a copy), compared bitwise; then
-the autograd gradients themselves. Lengths and dtypes of the gradient
+"""Whether attention's gradients (``bi_torch.ops.attention_grad``, through
+autograd) of a sequence depend on the batch: computed in a batch of several
+sequences and alone (a view of the batch, as the property's "slice" plans
+take it, and a copy), compared bitwise. Lengths and dtypes of the gradient
 properties, plans on and off::
 
     python -m bench.probes.attention_grad_bits [--out DIR] [--lengths 1,37,...]
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 from pathlib import Path
 
 import torch
@@ -20,36 +18,6 @@ import torch
 import bi_torch
 from bi_torch import _plan
 from bench.probes._log import jsonl_emitter
-
-
-def stages(q, k, v, g, causal=True):
-    """The backward's intermediates, as ``_Attention.backward`` computes them."""
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = hq // hkv
-    scale = 1.0 / math.sqrt(d)
-
-    def heads(t, repeat=1):
-        t = t.float().permute(0, 2, 1, 3)
-        return t.repeat_interleave(repeat, dim=1) if repeat > 1 else t
-
-    out = {}
-    with torch.no_grad():
-        o = bi_torch.attention(q, k, v, causal=causal)
-        out["forward"] = o
-        qh, kh, vh, oh, gh = heads(q), heads(k, group), heads(v, group), heads(o), heads(g)
-        out["scores"] = bi_torch.matmul(qh, kh.transpose(-1, -2))
-        scores = out["scores"] * scale
-        visible = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        out["p"] = p = bi_torch.softmax(scores, -1)
-        out["delta"] = delta = bi_torch.sum(gh * oh, -1, keepdim=True)
-        out["dp"] = dp = bi_torch.matmul(gh, vh.transpose(-1, -2))
-        out["ds"] = ds = p * (dp - delta) * scale
-        out["dq"] = bi_torch.matmul(ds, kh)
-        out["dk_heads"] = bi_torch.matmul(ds.transpose(-1, -2), qh)
-        out["dv_heads"] = bi_torch.matmul(p.transpose(-1, -2), gh)
-    return out
 
 
 def gradients(q, k, v):
@@ -84,14 +52,10 @@ def main() -> None:
         q = torch.randn(*shape, 4, 64, device=device, generator=gen).to(dtype)
         k, v = (torch.randn(*shape, 1, 64, device=device, generator=gen).to(dtype) for _ in range(2))
         full_grads = gradients(q, k, v)
-        g = bi_torch.attention(q, k, v, causal=True)
-        full = stages(q, k, v, g)
         for layout in ("view", "copy"):
             pick = (lambda t: t[row:row + 1]) if layout == "view" else (lambda t: t[row:row + 1].clone())
-            alone = stages(pick(q), pick(k), pick(v), pick(g))
             alone_grads = gradients(pick(q), pick(k), pick(v))
             emit({"plans": plans, "length": length, "dtype": str(dtype).removeprefix("torch."), "alone": layout,
-                  "stages_differ": _first_diff(full, alone, row),
                   "gradients_differ": _first_diff(full_grads, alone_grads, row)})
     _plan.ENABLED = True
     # The product alone: a 4-D fp32 batch against one of its matrices.

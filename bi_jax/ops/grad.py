@@ -111,8 +111,10 @@ def with_attention_backward(fn, statics: dict):
     """``fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)`` (the
     attention launch for one static configuration) with a backward for dense
     attention, full or causal, without masks, biases, key lengths or
-    windows: composed of bi_ products, softmax and sums in fp32 (as
-    ``bi_torch.ops.grad``'s), the probabilities recomputed."""
+    windows: composed of bi_ products, softmax and sums in fp32, the
+    probabilities recomputed (torch's backward is a fused kernel,
+    ``bi_torch.ops.attention_grad``: the two frameworks' attention gradients
+    are not bitwise equal)."""
     import math
 
     from bi_core import attention as contract

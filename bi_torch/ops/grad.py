@@ -21,18 +21,12 @@ elementwise kernels compute each element alone, so they keep both
 properties. Gradients of gradients are not supported
 (``once_differentiable``).
 
-Attention (``attention``: full or causal, GQA, any scale) has a backward
-composed of the same kernels: the probabilities recomputed in fp32 by bi_
-products and a bi_ softmax, then the products of the standard backward
-(``dV = P^T dO``, ``dP = dO V^T``, ``dS = P (dP - rowsum(dO O))``, ``dQ = dS K``,
-``dK = dS^T Q``), fp32 throughout, one rounding. It keeps the properties
-above (a query row's gradient depends only on its own sequence) but holds
-(H, Lq, Lk) fp32 probabilities per sequence in memory, for chunks of whole
-sequences of at most ``bi_core.attention.BACKWARD_SCORE_ELEMENTS`` elements
-(1 GiB; one sequence at least), and runs far slower than a fused
-flash-attention backward: it is for correctness and proofs, not speed.
-Windows, key lengths, masks, varlen and paged attention still refuse inputs
-that require grad.
+Attention (``attention``: full or causal, GQA, any scale) has a fused
+backward (``bi_torch.ops.attention_grad``: log-sum-exp statistics, then dK/dV
+per key block and dQ per query block, each summed in a fixed order, no
+atomics, no (L, L) array). It keeps the properties above: a sequence's
+gradients depend only on that sequence. Windows, key lengths, masks, varlen
+and paged attention still refuse inputs that require grad.
 """
 
 from __future__ import annotations
@@ -41,8 +35,6 @@ import math
 
 import torch
 from torch.autograd.function import once_differentiable
-
-from bi_core import attention as contract
 
 
 def needed(*tensors) -> bool:
@@ -201,53 +193,11 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        from bi_torch.ops.attention_grad import attention_backward
+
         q, k, v, out = ctx.saved_tensors
-        scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        parts = [_attention_backward(q[s:e], k[s:e], v[s:e], out[s:e], g[s:e], ctx.causal, scale)
-                 for s, e in contract.backward_chunks(q.shape[0], q.shape[2], q.shape[1], k.shape[1])]
-        if len(parts) == 1:
-            grad_q, grad_k, grad_v = parts[0]
-        else:
-            grad_q, grad_k, grad_v = (torch.cat(p, 0) for p in zip(*parts))
+        grad_q, grad_k, grad_v = attention_backward(q, k, v, out, g, ctx.causal, ctx.scale)
         return grad_q, grad_k, grad_v, None, None, None
-
-
-def _attention_backward(q, k, v, out, g, causal, scale):
-    """Attention's gradients for a chunk of whole sequences (probabilities
-    recomputed; bi_ products, softmax and sums in fp32; one rounding)."""
-    from bi_torch.ops.matmul import matmul as bi_matmul
-    from bi_torch.ops.rows import softmax as bi_softmax
-    from bi_torch.ops.rows import sum as bi_sum
-
-    b, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
-    group = hq // hkv
-
-    def heads(t, repeat=1):  # (B, L, H, D) -> (B, H * repeat, L, D) in fp32
-        t = t.float().permute(0, 2, 1, 3)
-        return t.repeat_interleave(repeat, dim=1) if repeat > 1 else t
-
-    qh, kh, vh, oh, gh = heads(q), heads(k, group), heads(v, group), heads(out), heads(g)
-    scores = bi_matmul(qh, kh.transpose(-1, -2)) * scale
-    visible = None
-    if causal:  # query i at position lk - lq + i sees keys up to it
-        visible = (torch.arange(lk, device=q.device)[None, :]
-                   <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))
-        scores = scores.masked_fill(~visible, float("-inf"))
-    p = bi_softmax(scores, -1)
-    if visible is not None:
-        p = p.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # a query that sees no key: zeros
-    delta = bi_sum(gh * oh, -1, keepdim=True)
-    ds = p * (bi_matmul(gh, vh.transpose(-1, -2)) - delta) * scale
-
-    def kv_heads(t):  # (B, Hq, Lk, D) -> (B, Lk, Hkv, D): the group's gradients summed (bi_ sum)
-        if group > 1:
-            t = bi_sum(t.reshape(b, hkv, group, lk, d), 2)
-        return t.permute(0, 2, 1, 3)
-
-    return (bi_matmul(ds, kh).permute(0, 2, 1, 3).to(q.dtype),
-            kv_heads(bi_matmul(ds.transpose(-1, -2), qh)).to(k.dtype),
-            kv_heads(bi_matmul(p.transpose(-1, -2), gh)).to(v.dtype))
 
 
 def attention(q, k, v, causal, scale, split_kv):

@@ -1,0 +1,199 @@
+"""A fused backward for dense attention (full or causal, GQA): three Triton
+kernels, no atomics, no (L, L) array in memory.
+
+1. ``_stats_kernel``, a program per (sequence, query head, block of queries):
+   each query's log-sum-exp over its visible keys (the probabilities are
+   recomputed from it) and ``delta = rowsum(dO * O)``, in fp32.
+2. ``_dkdv_kernel``, a program per (sequence, KV head, block of keys): dK and
+   dV summed over the group's query heads in head order, and over the query
+   blocks in increasing order.
+3. ``_dq_kernel``, a program per (sequence, query head, block of queries): dQ
+   summed over the key blocks in increasing order.
+
+Every program reads one sequence and walks it in an order fixed by the
+lengths and ``bi_core.attention.backward_blocks`` alone, so a sequence's
+gradients do not depend on the batch, and every run gives the same bits.
+Products take the inputs' dtype on the tensor cores with fp32 accumulation
+(fp32 inputs: full fp32), as flash-attention's backward does; the
+probabilities and ``dS`` are rounded to the inputs' dtype for their products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from bi_core import attention as contract
+
+
+@triton.jit
+def _scores(q, k_ptrs, kpos, qpos, lk, offset, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) scores of a query tile against the keys at ``kpos``,
+    and which are visible."""
+    k = tl.load(k_ptrs, mask=(kpos < lk)[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
+    valid = (kpos < lk)[None, :]
+    if CAUSAL:
+        valid = valid & (kpos[None, :] <= qpos[:, None] + offset)
+    return s, valid, k
+
+
+@triton.jit
+def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, scale,
+                  sqb, sql, sqh, skb, skl, skh, sob, sol, soh, sgb, sgl, sgh,
+                  HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // HQ, bh % HQ
+    qpos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    q_ok = (qpos < lq)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + qpos.to(tl.int64)[:, None] * sql + d[None, :], mask=q_ok, other=0.0)
+    o = tl.load(O + b * sob + h * soh + qpos.to(tl.int64)[:, None] * sol + d[None, :], mask=q_ok, other=0.0)
+    g = tl.load(DO + b * sgb + h * sgh + qpos.to(tl.int64)[:, None] * sgl + d[None, :], mask=q_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
+    kv = K + b * skb + (h // G) * skh
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    hi = lk
+    if CAUSAL:
+        hi = tl.minimum(lk, tile * BLOCK_M + BLOCK_M + offset)
+    for n0 in range(0, hi, BLOCK_N):
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        s, valid, _ = _scores(q, kv + kpos.to(tl.int64)[:, None] * skl + d[None, :], kpos, qpos, lk, offset, scale,
+                              CAUSAL, PRECISION)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        m = m_new
+    # A query that sees no key: +inf, so that its probabilities are exp(-inf) = 0.
+    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("inf"))
+    rows = bh * lq + qpos
+    tl.store(LSE + rows, lse, mask=qpos < lq)
+    tl.store(DELTA + rows, delta, mask=qpos < lq)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale,
+                 sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh,
+                 sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
+                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, hkv = bh // HKV, bh % HKV
+    kpos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    k_ok = (kpos < lk)[:, None]
+    k = tl.load(K + b * skb + hkv * skh + kpos.to(tl.int64)[:, None] * skl + d[None, :], mask=k_ok, other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + kpos.to(tl.int64)[:, None] * svl + d[None, :], mask=k_ok, other=0.0)
+    dk = tl.zeros((BLOCK_N, D), tl.float32)
+    dv = tl.zeros((BLOCK_N, D), tl.float32)
+    lo = 0
+    if CAUSAL:  # the first query that sees this tile's first key
+        lo = tl.maximum(tile * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    for j in range(G):  # the group's query heads, in order
+        h = hkv * G + j
+        qh = Q + b * sqb + h * sqh
+        gh = DO + b * sgb + h * sgh
+        stats = (b * (HKV * G) + h) * lq
+        for m0 in range(lo, lq, BLOCK_M):
+            qpos = m0 + tl.arange(0, BLOCK_M)
+            q_ok = (qpos < lq)[:, None]
+            q = tl.load(qh + qpos.to(tl.int64)[:, None] * sql + d[None, :], mask=q_ok, other=0.0)
+            g = tl.load(gh + qpos.to(tl.int64)[:, None] * sgl + d[None, :], mask=q_ok, other=0.0)
+            lse = tl.load(LSE + stats + qpos, mask=qpos < lq, other=float("inf"))
+            delta = tl.load(DELTA + stats + qpos, mask=qpos < lq, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
+            valid = (kpos < lk)[None, :] & (qpos < lq)[:, None]
+            if CAUSAL:
+                valid = valid & (kpos[None, :] <= qpos[:, None] + offset)
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
+            dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
+            ds = p * (dp - delta[:, None]) * scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
+    tl.store(DK + b * sdkb + hkv * sdkh + kpos.to(tl.int64)[:, None] * sdkl + d[None, :],
+             dk.to(DK.dtype.element_ty), mask=k_ok)
+    tl.store(DV + b * sdvb + hkv * sdvh + kpos.to(tl.int64)[:, None] * sdvl + d[None, :],
+             dv.to(DV.dtype.element_ty), mask=k_ok)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale,
+               sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh, sdqb, sdql, sdqh,
+               HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // HQ, bh % HQ
+    qpos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    q_ok = (qpos < lq)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + qpos.to(tl.int64)[:, None] * sql + d[None, :], mask=q_ok, other=0.0)
+    g = tl.load(DO + b * sgb + h * sgh + qpos.to(tl.int64)[:, None] * sgl + d[None, :], mask=q_ok, other=0.0)
+    lse = tl.load(LSE + bh * lq + qpos, mask=qpos < lq, other=float("inf"))
+    delta = tl.load(DELTA + bh * lq + qpos, mask=qpos < lq, other=0.0)
+    kh = K + b * skb + (h // G) * skh
+    vh = V + b * svb + (h // G) * svh
+    dq = tl.zeros((BLOCK_M, D), tl.float32)
+    hi = lk
+    if CAUSAL:
+        hi = tl.minimum(lk, tile * BLOCK_M + BLOCK_M + offset)
+    for n0 in range(0, hi, BLOCK_N):
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        s, valid, k = _scores(q, kh + kpos.to(tl.int64)[:, None] * skl + d[None, :], kpos, qpos, lk, offset, scale,
+                              CAUSAL, PRECISION)
+        v = tl.load(vh + kpos.to(tl.int64)[:, None] * svl + d[None, :], mask=(kpos < lk)[:, None], other=0.0)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
+        ds = p * (dp - delta[:, None]) * scale
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=tl.float32)
+    tl.store(DQ + b * sdqb + h * sdqh + qpos.to(tl.int64)[:, None] * sdql + d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_ok)
+
+
+def _rows_unit(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, g: torch.Tensor,
+                       causal: bool, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
+    output gradient ``g``; ``(B, L, H, D)`` layouts as ``bi_torch.attention``,
+    causal queries aligned to the end of the keys. In the inputs' dtype."""
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    contract.check_head_dim(d, "attention backward")
+    if hq % hkv:
+        raise ValueError(f"attention backward: {hq} query heads are not a multiple of {hkv} KV heads")
+    q, k, v, out, g = (_rows_unit(t) for t in (q, k, v, out, g.to(q.dtype)))
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    group = hq // hkv
+    block_m, block_n = contract.backward_blocks(d)
+    precision = "ieee"  # fp32 inputs: full fp32 products (16-bit inputs: the flag is unused)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if b == 0 or lq == 0 or hq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    if lk == 0:
+        return dq.zero_(), dk, dv
+    lse = torch.empty((b * hq, lq), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    offset = lk - lq
+    strides = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    common = dict(D=d, G=group, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), PRECISION=precision)
+    _stats_kernel[(triton.cdiv(lq, block_m), b * hq)](
+        q, k, out, g, lse, delta, lq, lk, offset, scale, *strides(q), *strides(k), *strides(out), *strides(g),
+        HQ=hq, **common)
+    _dkdv_kernel[(triton.cdiv(lk, block_n), b * hkv)](
+        q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale, *strides(q), *strides(k), *strides(v), *strides(g),
+        *strides(dk), *strides(dv), HKV=hkv, **common)
+    _dq_kernel[(triton.cdiv(lq, block_m), b * hq)](
+        q, k, v, g, lse, delta, dq, lq, lk, offset, scale, *strides(q), *strides(k), *strides(v), *strides(g),
+        *strides(dq), HQ=hq, **common)
+    return dq, dk, dv
