@@ -162,6 +162,27 @@ def test_attention_backward_chunks_change_no_bits(framework, monkeypatch):
         assert np.array_equal(got, want), f"{name}: chunked gradients differ"
 
 
+def _float64_attention_grads(q, k, v, causal, dtype):
+    """torch autograd through a float64 softmax attention (queries that see
+    no key: zero output, zero gradients); the cotangent is the output rounded
+    to ``dtype``. Returns (that output, (dq, dk, dv) in float64)."""
+    import torch
+
+    lq, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    lk, hkv = k.shape[1], k.shape[2]
+    leaves = [(t.double() if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t, np.float64)))
+              .detach().requires_grad_() for t in (q, k, v)]
+    qd, kd, vd = (t.transpose(1, 2) for t in leaves)
+    kd, vd = (t.repeat_interleave(hq // hkv, 1) for t in (kd, vd))
+    s = qd @ kd.transpose(-1, -2) / d ** 0.5
+    if causal:
+        seen = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        s = s.masked_fill(~seen, float("-inf"))
+    out64 = (torch.nan_to_num(torch.softmax(s, -1)) @ vd).transpose(1, 2)
+    out = out64.detach().to(dtype)
+    return out, torch.autograd.grad(out64, leaves, out.double())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_fused_attention_backward(dtype):
     """``bi_torch.ops.attention_grad``: against float64 gradients, and against
@@ -179,17 +200,7 @@ def test_torch_fused_attention_backward(dtype):
     for b, lq, lk, hq, hkv, d, causal in ((2, 70, 70, 4, 1, 64, True), (2, 3, 90, 2, 1, 128, True),
                                           (2, 9, 4, 2, 2, 64, True), (2, 33, 40, 2, 2, 64, False)):
         q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dt) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
-        leaves = [t.double().requires_grad_() for t in (q, k, v)]
-        qd, kd, vd = (t.transpose(1, 2) for t in leaves)
-        kd, vd = (t.repeat_interleave(hq // hkv, 1) for t in (kd, vd))
-        s = qd @ kd.transpose(-1, -2) / d ** 0.5
-        if causal:
-            seen = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-            s = s.masked_fill(~seen, float("-inf"))
-        p = torch.nan_to_num(torch.softmax(s, -1))  # rows that see no key: zeros
-        out64 = (p @ vd).transpose(1, 2)
-        out = out64.detach().to(dt)  # the cotangent: the output, rounded as the kernel's
-        want = torch.autograd.grad(out64, leaves, out.double())
+        out, want = _float64_attention_grads(q, k, v, causal, dt)
         got = attention_backward(q, k, v, out, out, causal)
         for name, x, w in zip("qkv", got, want):
             assert x.dtype == dt and x.shape == w.shape
@@ -197,3 +208,34 @@ def test_torch_fused_attention_backward(dtype):
                                        msg=lambda m: f"{name} {(lq, lk, hq, hkv, d)}: {m}")
         alone = attention_backward(q[1:], k[1:], v[1:], out[1:], out[1:], causal)
         assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {(lq, lk)}"
+
+
+def test_jax_attention_backward_in_query_blocks(monkeypatch):
+    """JAX's composed backward in blocks of queries
+    (``bi_core.attention.BACKWARD_QUERY_BLOCK``, here 2): float64 gradients,
+    causal blocks whose queries see no key (more queries than keys), and a
+    sequence alone gets its bits in the batch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import bi_core.attention as contract
+    import bi_jax
+
+    monkeypatch.setattr(contract, "BACKWARD_QUERY_BLOCK", 2)
+    jax.clear_caches()
+    rng = np.random.default_rng(2)
+    for lq, lk, causal in ((5, 5, True), (9, 4, True), (3, 7, False)):
+        q, k, v = (rng.standard_normal((2, n, h, 64), dtype=np.float32) for n, h in ((lq, 4), (lk, 2), (lk, 2)))
+        out, want = _float64_attention_grads(q, k, v, causal, torch.float32)
+        cot = jnp.asarray(out.numpy())
+
+        def grads(q, k, v, cot=cot):
+            _, vjp = jax.vjp(lambda *a: bi_jax.attention(*a, causal=causal), q, k, v)
+            return vjp(cot)
+
+        got = grads(*(jnp.asarray(t) for t in (q, k, v)))
+        for name, x, w in zip("qkv", got, want):
+            np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
+        alone = grads(*(jnp.asarray(t[1:]) for t in (q, k, v)), cot=cot[1:])
+        assert all(np.array_equal(np.asarray(x)[1:], np.asarray(y)) for x, y in zip(got, alone)), (lq, lk)
