@@ -134,3 +134,57 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def llama_layer_weights(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, dtype, device,
+                        seed: int = 0) -> dict:
+    """A Llama decoder layer's full weights, drawn from ``seed`` (the same on
+    every rank)."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*shape, scale):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+    return {"attn_norm": 1 + draw(hidden, scale=0.1), "mlp_norm": 1 + draw(hidden, scale=0.1),
+            "q": draw(heads * head_dim, hidden, scale=hidden ** -0.5),
+            "k": draw(kv_heads * head_dim, hidden, scale=hidden ** -0.5),
+            "v": draw(kv_heads * head_dim, hidden, scale=hidden ** -0.5),
+            "o": draw(hidden, heads * head_dim, scale=(heads * head_dim) ** -0.5),
+            "gate": draw(intermediate, hidden, scale=hidden ** -0.5),
+            "up": draw(intermediate, hidden, scale=hidden ** -0.5),
+            "down": draw(hidden, intermediate, scale=intermediate ** -0.5)}
+
+
+def sharded_llama_layer(x, w: dict, heads: int, kv_heads: int, head_dim: int, rank: int, world: int, group=None):
+    """One Llama decoder layer (no RoPE: the sharding is the point) over
+    ``x`` (B, L, hidden), tensor-parallel over ``world`` ranks: the query and
+    KV heads and the MLP's intermediate features split in rank order,
+    column-parallel in, row-parallel out (``bi_torch.distributed``); norms
+    and residuals replicated. Every rank returns the same (B, L, hidden)."""
+    import bi_torch
+    from bi_torch import distributed as tp
+
+    b, length, hidden = x.shape
+
+    def rows(name, parts):  # this rank's rows of a weight split in ``parts`` equal blocks
+        n = w[name].shape[0] // world
+        return w[name][rank * n:(rank + 1) * n]
+
+    def cols(name):
+        n = w[name].shape[1] // world
+        return w[name][:, rank * n:(rank + 1) * n]
+
+    hq, hkv = heads // world, kv_heads // world
+    h = bi_torch.rms_norm(x, w["attn_norm"], 1e-5)
+    q = tp.column_parallel_linear(h, rows("q", world), group=group).view(b, length, hq, head_dim)
+    k = tp.column_parallel_linear(h, rows("k", world), group=group).view(b, length, hkv, head_dim)
+    v = tp.column_parallel_linear(h, rows("v", world), group=group).view(b, length, hkv, head_dim)
+    attn = bi_torch.attention(q, k, v, causal=True).reshape(b, length, hq * head_dim)
+    x = x + tp.row_parallel_linear(attn, cols("o"), group=group)
+    h = bi_torch.rms_norm(x, w["mlp_norm"], 1e-5)
+    gate = tp.column_parallel_linear(h, rows("gate", world), group=group).float()
+    up = tp.column_parallel_linear(h, rows("up", world), group=group).float()
+    act = (gate / (1.0 + (-gate).exp()) * up).to(x.dtype)
+    return x + tp.row_parallel_linear(act, cols("down"), group=group)

@@ -79,8 +79,36 @@ def _torch_worker(rank, port):
         assert caught, "the size-dependent control was not caught"
         with pytest.raises(TypeError, match="x must be a torch.Tensor"):
             tp.all_reduce(x.numpy())
+
+        # A Llama decoder layer sharded over the ranks: a probe sequence's
+        # bits alone and among others.
+        from bench.tp_check import llama_layer_weights, sharded_llama_layer
+
+        shape = dict(heads=8, kv_heads=4, head_dim=64)
+        w = llama_layer_weights(96, intermediate=128, dtype=torch.float32, device="cpu", **shape)
+        seqs = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1))
+        batch = sharded_llama_layer(seqs, w, rank=rank, world=WORLD, **shape)
+        alone = sharded_llama_layer(seqs[1:2], w, rank=rank, world=WORLD, **shape)
+        assert torch.equal(alone, batch[1:2]), f"rank {rank}: the probe sequence alone differs"
+        every = tp.all_gather(batch[None], 0)
+        assert all(torch.equal(every[0], e) for e in every), "ranks got different layer outputs"
+        torch.testing.assert_close(batch, _plain_llama_layer(seqs, w, **shape), rtol=1e-4, atol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+def _plain_llama_layer(x, w, heads, kv_heads, head_dim):
+    """The same layer on one device with PyTorch's own ops (the accuracy reference)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, length, _ = x.shape
+    h = F.rms_norm(x, (x.shape[-1],), w["attn_norm"], 1e-5)
+    q, k, v = (F.linear(h, w[n]).view(b, length, -1, head_dim).transpose(1, 2) for n in "qkv")
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    x = x + F.linear(attn.reshape(b, length, -1), w["o"])
+    h = F.rms_norm(x, (x.shape[-1],), w["mlp_norm"], 1e-5)
+    return x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
 
 
 def _free_port():
