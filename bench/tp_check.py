@@ -188,3 +188,35 @@ def sharded_llama_layer(x, w: dict, heads: int, kv_heads: int, head_dim: int, ra
     up = tp.column_parallel_linear(h, rows("up", world), group=group).float()
     act = (gate / (1.0 + (-gate).exp()) * up).to(x.dtype)
     return x + tp.row_parallel_linear(act, cols("down"), group=group)
+
+
+def sharded_llama_layer_jax(x, w: dict, head_dim: int, axis_name):
+    """:func:`sharded_llama_layer` in JAX, inside ``jax.shard_map``: ``w``
+    holds this device's shards (the rows of q, k, v, gate and up, the columns
+    of o and down; the norms whole), ``x`` (B, L, hidden) is replicated."""
+    import jax.numpy as jnp
+
+    import bi_jax
+    from bi_jax import distributed as tp
+
+    b, length, _ = x.shape
+    h = bi_jax.rms_norm(x, w["attn_norm"], eps=1e-5)
+    q, k, v = (tp.column_parallel_linear(h, w[n], axis_name=axis_name).reshape(b, length, -1, head_dim)
+               for n in "qkv")
+    attn = bi_jax.attention(q, k, v, causal=True).reshape(b, length, -1)
+    x = x + tp.row_parallel_linear(attn, w["o"], axis_name=axis_name)
+    h = bi_jax.rms_norm(x, w["mlp_norm"], eps=1e-5)
+    gate = tp.column_parallel_linear(h, w["gate"], axis_name=axis_name).astype(jnp.float32)
+    up = tp.column_parallel_linear(h, w["up"], axis_name=axis_name).astype(jnp.float32)
+    act = (gate / (1.0 + jnp.exp(-gate)) * up).astype(x.dtype)
+    return x + tp.row_parallel_linear(act, w["down"], axis_name=axis_name)
+
+
+def jax_layer_specs():
+    """``shard_map`` in_specs of :func:`sharded_llama_layer_jax`'s weights
+    over the mesh axis ``"tp"``."""
+    from jax.sharding import PartitionSpec as P
+
+    rows, cols = P("tp", None), P(None, "tp")
+    return {"attn_norm": P(), "mlp_norm": P(), "q": rows, "k": rows, "v": rows, "o": cols, "gate": rows,
+            "up": rows, "down": cols}

@@ -163,6 +163,21 @@ _JAX_SCRIPT = textwrap.dedent(f"""
     one = _size_dependent_sum(list(np.asarray(parts(x[2:3], w))))
     every = _size_dependent_sum(list(np.asarray(parts(x, w))))
     assert not np.array_equal(one, every[2:3]), "the size-dependent control was not caught"
+
+    # A Llama decoder layer sharded over the devices: a probe sequence alone and in a batch.
+    import torch
+    from bench.tp_check import jax_layer_specs, llama_layer_weights, sharded_llama_layer_jax
+    from tests.test_distributed import _plain_llama_layer
+    w_t = llama_layer_weights(96, heads=8, kv_heads=4, head_dim=64, intermediate=128, dtype=torch.float32,
+                              device="cpu")
+    seqs_t = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1))
+    w, seqs = {{n: jnp.asarray(t.numpy()) for n, t in w_t.items()}}, jnp.asarray(seqs_t.numpy())
+    layer = jax.jit(jax.shard_map(lambda x, w: sharded_llama_layer_jax(x, w, 64, "tp"), mesh=mesh,
+                                  in_specs=(P(), jax_layer_specs()), out_specs=P(), check_vma=False))
+    batch = np.asarray(layer(seqs, w))
+    assert np.array_equal(np.asarray(layer(seqs[1:2], w)), batch[1:2]), "the probe sequence alone differs"
+    want = _plain_llama_layer(seqs_t, w_t, heads=8, kv_heads=4, head_dim=64).numpy()
+    np.testing.assert_allclose(batch, want, rtol=1e-4, atol=1e-4)
     print("ok")
 """)
 
