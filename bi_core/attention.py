@@ -282,28 +282,8 @@ __all__ = [
 ]
 
 
-# The composed backward of dense attention (bi_jax.ops.grad) materialises fp32
-# (heads, block, Lk) scores per sequence for blocks of BACKWARD_QUERY_BLOCK
-# queries (part of its contract: dK and dV add the blocks in order). It walks
-# the batch in chunks of whole sequences whose scores stay within
-# BACKWARD_SCORE_ELEMENTS (1 GiB in fp32), so memory does not grow with the
-# batch; every kernel it calls is batch-invariant, so the chunking changes no
-# bits.
-BACKWARD_QUERY_BLOCK = 512
-BACKWARD_SCORE_ELEMENTS = 1 << 28
-
-
-def backward_chunks(batch: int, heads: int, q_len: int, kv_len: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]``: the sequences of each chunk of attention's
-    composed backward (at least one sequence per chunk), for ``q_len`` queries
-    (a query block's) at a time."""
-    per_sequence = max(1, heads * q_len * kv_len)
-    size = max(1, BACKWARD_SCORE_ELEMENTS // per_sequence)
-    return [(s, min(batch, s + size)) for s in range(0, batch, size)] or [(0, 0)]
-
-
 def backward_blocks(head_dim: int) -> tuple[int, int]:
     """(query rows, keys) per tile of the fused attention backward
-    (``bi_torch.ops.attention_grad``). Part of its contract: each gradient
+    (``bi_torch.ops.attention_grad``, ``bi_jax.ops.attention_grad``). Part of its contract: each gradient
     element sums its tiles in a fixed order, so these sizes fix the bits."""
     return (32, 32) if head_dim > 128 else (64, 64)

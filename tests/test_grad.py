@@ -139,29 +139,6 @@ def test_attention_backward_in_the_interpreter(framework):
             assert np.array_equal(alone, got[1:2]), f"{name}: the sequence alone differs ({lq}, {lk})"
 
 
-@pytest.mark.parametrize("framework", ["jax"])
-def test_attention_backward_chunks_change_no_bits(framework, monkeypatch):
-    """JAX's composed backward walks the batch in chunks of whole sequences
-    (``bi_core.attention.backward_chunks``): one sequence per chunk gives the
-    bits of one chunk for the whole batch."""
-    import bi_core.attention as contract
-
-    spec, ad = registry.get("attention"), adapter(framework)
-    rng = np.random.default_rng(1)
-    inputs = {n: rng.standard_normal(s, dtype=np.float32) for n, s in
-              (("q", (3, 6, 4, 64)), ("k", (3, 6, 2, 64)), ("v", (3, 6, 2, 64)))}
-    whole = [ad.call(grads.grad_function(ad, spec, n), spec, ad.natives(inputs)) for n in "qkv"]
-    monkeypatch.setattr(contract, "BACKWARD_SCORE_ELEMENTS", 4 * 6 * 6)
-    assert contract.backward_chunks(3, 4, 6, 6) == [(0, 1), (1, 2), (2, 3)]
-    if framework == "jax":
-        import jax
-
-        jax.clear_caches()  # the backward is traced again with the new chunks
-    for name, want in zip("qkv", whole):
-        got = ad.call(grads.grad_function(ad, spec, name), spec, ad.natives(inputs))
-        assert np.array_equal(got, want), f"{name}: chunked gradients differ"
-
-
 def _float64_attention_grads(q, k, v, causal, dtype):
     """torch autograd through a float64 softmax attention (queries that see
     no key: zero output, zero gradients); the cotangent is the output rounded
@@ -210,32 +187,22 @@ def test_torch_fused_attention_backward(dtype):
         assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {(lq, lk)}"
 
 
-def test_jax_attention_backward_in_query_blocks(monkeypatch):
-    """JAX's composed backward in blocks of queries
-    (``bi_core.attention.BACKWARD_QUERY_BLOCK``, here 2): float64 gradients,
-    causal blocks whose queries see no key (more queries than keys), and a
-    sequence alone gets its bits in the batch."""
-    import jax
+def test_jax_fused_attention_backward():
+    """``bi_jax.ops.attention_grad`` (float32; bfloat16 takes the same code):
+    against float64 gradients, with queries that see no key, and a sequence
+    alone gets its bits in the batch."""
     import jax.numpy as jnp
     import torch
 
-    import bi_core.attention as contract
-    import bi_jax
+    from bi_jax.ops.attention_grad import attention_backward
 
-    monkeypatch.setattr(contract, "BACKWARD_QUERY_BLOCK", 2)
-    jax.clear_caches()
     rng = np.random.default_rng(2)
-    for lq, lk, causal in ((5, 5, True), (9, 4, True), (3, 7, False)):
-        q, k, v = (rng.standard_normal((2, n, h, 64), dtype=np.float32) for n, h in ((lq, 4), (lk, 2), (lk, 2)))
+    for lq, lk, hq, hkv, causal in ((70, 70, 2, 1, True), (9, 4, 2, 2, True), (33, 40, 2, 2, False)):
+        q, k, v = (rng.standard_normal((2, n, h, 64), dtype=np.float32) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, torch.float32)
-        cot = jnp.asarray(out.numpy())
-
-        def grads(q, k, v, cot=cot):
-            _, vjp = jax.vjp(lambda *a: bi_jax.attention(*a, causal=causal), q, k, v)
-            return vjp(cot)
-
-        got = grads(*(jnp.asarray(t) for t in (q, k, v)))
+        o = jnp.asarray(out.numpy())
+        got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal)
         for name, x, w in zip("qkv", got, want):
             np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
-        alone = grads(*(jnp.asarray(t[1:]) for t in (q, k, v)), cot=cot[1:])
+        alone = attention_backward(*(jnp.asarray(t[1:]) for t in (q, k, v)), o[1:], o[1:], causal=causal)
         assert all(np.array_equal(np.asarray(x)[1:], np.asarray(y)) for x, y in zip(got, alone)), (lq, lk)

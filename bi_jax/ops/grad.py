@@ -16,8 +16,8 @@ backward is built from the bi_ kernels and elementwise ``jnp`` ops, as in
 Elementwise steps run in fp32 and round once to the input's dtype. The
 rules are first-order (a gradient of a gradient goes through the backward's
 own kernels, which have these rules too, but is not tested). Dense attention
-(full or causal) has a backward composed of bi_ products and softmax
-(``with_attention_backward``); with masks, biases, lengths, windows, varlen or
+(full or causal) has a fused backward (``bi_jax.ops.attention_grad``, through
+``with_attention_backward``); with masks, biases, lengths, windows, varlen or
 pages ``jax.grad`` raises.
 """
 
@@ -111,15 +111,10 @@ def with_attention_backward(fn, statics: dict):
     """``fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)`` (the
     attention launch for one static configuration) with a backward for dense
     attention, full or causal, without masks, biases, key lengths or
-    windows: composed of bi_ products, softmax and sums in fp32, the
-    probabilities recomputed a block of queries at a time (torch's backward is a fused kernel,
-    ``bi_torch.ops.attention_grad``: the two frameworks' attention gradients
-    are not bitwise equal)."""
+    windows: the fused kernels of ``bi_jax.ops.attention_grad``."""
     import math
 
     from bi_core import attention as contract
-    from bi_jax.ops.matmul import matmul as bi_matmul
-    from bi_jax.ops.rows import _rows
 
     left, right = statics["window"]
     # The kernel takes scale * log2(e) (rounded to fp32); the backward the scale.
@@ -136,65 +131,12 @@ def with_attention_backward(fn, statics: dict):
         out = fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
         return out, (q, k, v, out)
 
-    def chunk_backward(q, k, v, out, g):  # whole sequences: (grad_q, grad_k, grad_v)
-        b, lq, hq, d = q.shape
-        lk, hkv = k.shape[1], k.shape[2]
-        group = hq // hkv
-
-        def heads(t, repeat=1):  # (B, L, H, D) -> (B, H * repeat, L, D) in fp32
-            t = jnp.swapaxes(t.astype(jnp.float32), 1, 2)
-            return jnp.repeat(t, repeat, axis=1) if repeat > 1 else t
-
-        def rows(mode, t):  # a bi_ row op over the last axis of any shape
-            return _rows(mode, t.reshape(-1, t.shape[-1])).reshape(t.shape[:-1] + ((t.shape[-1],) if mode in (
-                "softmax", "log_softmax") else ()))
-
-        qh, kh, vh, oh, gh = heads(q), heads(k, group), heads(v, group), heads(out), heads(g)
-        delta = rows("sum", gh * oh)[..., None]
-        causal = right == 0
-        offset = (lk - lq if statics["bottom_right"] else 0) if causal else 0
-        # Blocks of queries (bi_core.attention.BACKWARD_QUERY_BLOCK, a function
-        # of the length alone): (H, block, keys) scores at a time; a causal
-        # block takes only the keys its last query sees. dK and dV add the
-        # blocks' products in block order, in fp32.
-        dq_blocks, dk, dv = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
-        for i0 in range(0, lq, contract.BACKWARD_QUERY_BLOCK):
-            i1 = min(lq, i0 + contract.BACKWARD_QUERY_BLOCK)
-            keys = min(lk, max(0, i1 + offset)) if causal else lk
-            if keys == 0:  # no query of the block sees a key
-                dq_blocks.append(jnp.zeros((b, hq, i1 - i0, d), jnp.float32))
-                continue
-            qb, gb, kb, vb = qh[:, :, i0:i1], gh[:, :, i0:i1], kh[:, :, :keys], vh[:, :, :keys]
-            scores = bi_matmul(qb, jnp.swapaxes(kb, -1, -2)) * jnp.float32(scale)
-            visible = None
-            if causal:  # query i sees keys up to its position
-                visible = jnp.arange(keys)[None, :] <= jnp.arange(i0, i1)[:, None] + offset
-                scores = jnp.where(visible, scores, -jnp.inf)
-            p = rows("softmax", scores)
-            if visible is not None:
-                p = jnp.where(visible.any(-1, keepdims=True), p, 0.0)  # a query that sees no key: zeros
-            ds = p * (bi_matmul(gb, jnp.swapaxes(vb, -1, -2)) - delta[:, :, i0:i1]) * jnp.float32(scale)
-            dq_blocks.append(bi_matmul(ds, kb))
-            dk = dk.at[:, :, :keys].add(bi_matmul(jnp.swapaxes(ds, -1, -2), qb))
-            dv = dv.at[:, :, :keys].add(bi_matmul(jnp.swapaxes(p, -1, -2), gb))
-        dq = dq_blocks[0] if len(dq_blocks) == 1 else jnp.concatenate(dq_blocks, axis=2)
-
-        def kv_heads(t):  # (B, Hq, Lk, D) -> (B, Lk, Hkv, D): the group's gradients summed (bi_ sum)
-            if group > 1:
-                t = jnp.moveaxis(t.reshape(b, hkv, group, lk, d), 2, -1)
-                t = _rows("sum", t.reshape(-1, group)).reshape(b, hkv, lk, d)
-            return jnp.swapaxes(t, 1, 2)
-
-        return jnp.swapaxes(dq, 1, 2).astype(q.dtype), kv_heads(dk).astype(k.dtype), kv_heads(dv).astype(v.dtype)
-
     def backward(residuals, g):
+        from bi_jax.ops.attention_grad import attention_backward
+
         q, k, v, out = residuals
-        # Chunks of whole sequences (bi_core.attention.backward_chunks): the
-        # scores' memory does not grow with the batch; no bits change.
-        q_rows = min(q.shape[1], contract.BACKWARD_QUERY_BLOCK)
-        parts = [chunk_backward(q[s:e], k[s:e], v[s:e], out[s:e], g[s:e])
-                 for s, e in contract.backward_chunks(q.shape[0], q.shape[2], q_rows, k.shape[1])]
-        grads = parts[0] if len(parts) == 1 else tuple(jnp.concatenate(p, 0) for p in zip(*parts))
+        grads = attention_backward(q, k, v, out, g, causal=right == 0, scale=scale,
+                                   bottom_right=statics["bottom_right"])
         return (*grads, None, None, None, None, None, None)
 
     wrapped = jax.custom_vjp(fn)

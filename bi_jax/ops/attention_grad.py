@@ -1,0 +1,182 @@
+"""A fused backward for dense attention (full or causal, GQA) in Pallas, the
+twin of ``bi_torch.ops.attention_grad``: three kernels, no atomics, no (L, L)
+array.
+
+1. statistics, a program per (query block, sequence x query head): each
+   query's log-sum-exp over its visible keys and ``delta = rowsum(dO * O)``;
+2. dK and dV, a program per (key block, sequence x KV head): the group's query
+   heads in order, the query blocks in increasing order;
+3. dQ, a program per (query block, sequence x query head): the key blocks in
+   increasing order.
+
+A program reads one sequence and walks it in an order fixed by the lengths
+and ``bi_core.attention.backward_blocks``: a sequence's gradients do not
+depend on the batch. Products take the inputs' dtype with fp32 accumulation
+(fp32 inputs: full fp32); in the interpreter they are written out one term
+at a time (``bi_jax.ops.matmul._tile_dot``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from bi_core import attention as contract
+from bi_jax._checks import interpret_mode
+from bi_jax.ops.matmul import _tile_dot
+
+_NEG_INF = float("-inf")
+
+
+def _rows(index, d):
+    return index[:, None], jnp.arange(d, dtype=jnp.int32)[None, :]
+
+
+def _load(ref, rows, ok, d):
+    return pltriton.load(ref.at[_rows(rows, d)], mask=jnp.broadcast_to(ok[:, None], (rows.shape[0], d)), other=0.0)
+
+
+def _visible(qpos, kpos, st):
+    ok = (kpos < st["lk"])[None, :] & (qpos < st["lq"])[:, None]
+    if st["causal"]:
+        ok = ok & (kpos[None, :] <= qpos[:, None] + st["offset"])
+    return ok
+
+
+def _dot(a, b, st):
+    return _tile_dot(a, b, st["precision"], interpreted=st["interpret"])
+
+
+def _stats_kernel(q_ref, k_ref, o_ref, g_ref, lse_ref, delta_ref, *, st):
+    bm, bn, d, hq, group = st["bm"], st["bn"], st["d"], st["hq"], st["group"]
+    tile, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // hq, bh % hq
+    qpos = tile * bm + jnp.arange(bm, dtype=jnp.int32)
+    q_ok = qpos < st["lq"]
+    qrows = (b * st["lq"] + qpos) * hq + h
+    q = _load(q_ref, qrows, q_ok, d)
+    delta = jnp.sum(_load(o_ref, qrows, q_ok, d).astype(jnp.float32) * _load(g_ref, qrows, q_ok, d).astype(jnp.float32),
+                    axis=1)
+    hi = st["lk"]
+    if st["causal"]:
+        hi = jnp.clip(tile * bm + bm + st["offset"], 0, st["lk"])
+
+    def body(n, ml):
+        m, l = ml
+        kpos = n * bn + jnp.arange(bn, dtype=jnp.int32)
+        k = _load(k_ref, (b * st["lk"] + kpos) * st["hkv"] + h // group, kpos < st["lk"], d)
+        s = jnp.where(_visible(qpos, kpos, st), _dot(q, k.T, st) * st["scale"], _NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+        return m_new, l * jnp.exp(m - safe) + jnp.sum(jnp.exp(s - safe[:, None]), axis=1)
+
+    m, l = lax.fori_loop(0, (hi + bn - 1) // bn, body,
+                         (jnp.full((bm,), _NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32)))
+    # A query that sees no key: +inf, so that its probabilities are exp(-inf) = 0.
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), float("inf"))
+    pltriton.store(lse_ref.at[bh * st["lq"] + qpos], lse, mask=q_ok)
+    pltriton.store(delta_ref.at[bh * st["lq"] + qpos], delta, mask=q_ok)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st):
+    bm, bn, d, hkv, group = st["bm"], st["bn"], st["d"], st["hkv"], st["group"]
+    tile, bh = pl.program_id(0), pl.program_id(1)
+    b, hk = bh // hkv, bh % hkv
+    kpos = tile * bn + jnp.arange(bn, dtype=jnp.int32)
+    k_ok = kpos < st["lk"]
+    krows = (b * st["lk"] + kpos) * hkv + hk
+    k, v = _load(k_ref, krows, k_ok, d), _load(v_ref, krows, k_ok, d)
+    lo = 0
+    if st["causal"]:  # the first query block that sees this tile's first key
+        lo = jnp.maximum(tile * bn - st["offset"], 0) // bm
+    dk = dv = jnp.zeros((bn, d), jnp.float32)
+    for j in range(group):  # the group's query heads, in order
+        h = hk * group + j
+
+        def body(i, acc, h=h):
+            dk, dv = acc
+            qpos = i * bm + jnp.arange(bm, dtype=jnp.int32)
+            q_ok = qpos < st["lq"]
+            qrows = (b * st["lq"] + qpos) * st["hq"] + h
+            q, g = _load(q_ref, qrows, q_ok, d), _load(g_ref, qrows, q_ok, d)
+            stats = (b * st["hq"] + h) * st["lq"] + qpos
+            lse = pltriton.load(lse_ref.at[stats], mask=q_ok, other=float("inf"))
+            delta = pltriton.load(delta_ref.at[stats], mask=q_ok, other=0.0)
+            s = _dot(q, k.T, st) * st["scale"]
+            p = jnp.where(_visible(qpos, kpos, st), jnp.exp(s - lse[:, None]), 0.0)
+            dv = dv + _dot(p.astype(g.dtype).T, g, st)
+            ds = p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
+            dk = dk + _dot(ds.astype(q.dtype).T, q, st)
+            return dk, dv
+
+        dk, dv = lax.fori_loop(lo, (st["lq"] + bm - 1) // bm, body, (dk, dv))
+    pltriton.store(dk_ref.at[_rows(krows, d)], dk.astype(dk_ref.dtype), mask=jnp.broadcast_to(k_ok[:, None], (bn, d)))
+    pltriton.store(dv_ref.at[_rows(krows, d)], dv.astype(dv_ref.dtype), mask=jnp.broadcast_to(k_ok[:, None], (bn, d)))
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dq_ref, *, st):
+    bm, bn, d, hq, group = st["bm"], st["bn"], st["d"], st["hq"], st["group"]
+    tile, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // hq, bh % hq
+    qpos = tile * bm + jnp.arange(bm, dtype=jnp.int32)
+    q_ok = qpos < st["lq"]
+    qrows = (b * st["lq"] + qpos) * hq + h
+    q, g = _load(q_ref, qrows, q_ok, d), _load(g_ref, qrows, q_ok, d)
+    lse = pltriton.load(lse_ref.at[bh * st["lq"] + qpos], mask=q_ok, other=float("inf"))
+    delta = pltriton.load(delta_ref.at[bh * st["lq"] + qpos], mask=q_ok, other=0.0)
+    hi = st["lk"]
+    if st["causal"]:
+        hi = jnp.clip(tile * bm + bm + st["offset"], 0, st["lk"])
+
+    def body(n, dq):
+        kpos = n * bn + jnp.arange(bn, dtype=jnp.int32)
+        krows = (b * st["lk"] + kpos) * st["hkv"] + h // group
+        k, v = _load(k_ref, krows, kpos < st["lk"], d), _load(v_ref, krows, kpos < st["lk"], d)
+        s = _dot(q, k.T, st) * st["scale"]
+        p = jnp.where(_visible(qpos, kpos, st), jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
+        return dq + _dot(ds.astype(k.dtype), k, st)
+
+    dq = lax.fori_loop(0, (hi + bn - 1) // bn, body, jnp.zeros((bm, d), jnp.float32))
+    pltriton.store(dq_ref.at[_rows(qrows, d)], dq.astype(dq_ref.dtype), mask=jnp.broadcast_to(q_ok[:, None], (bm, d)))
+
+
+def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = None, bottom_right: bool = True,
+                       interpret=None):
+    """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
+    output gradient ``g``; ``(B, L, H, D)`` layouts; causal queries aligned to
+    the end of the keys (``bottom_right``) or to their start; in the inputs'
+    dtype."""
+    interpret = interpret_mode("attention backward") if interpret is None else interpret
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    contract.check_head_dim(d, "attention backward")
+    if hq % hkv:
+        raise ValueError(f"attention backward: {hq} query heads are not a multiple of {hkv} KV heads")
+    g = g.astype(q.dtype)
+    if b == 0 or lq == 0 or lk == 0:
+        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+    bm, bn = contract.backward_blocks(d)
+    ieee = q.dtype == jnp.float32
+    st = dict(bm=bm, bn=bn, d=d, hq=hq, hkv=hkv, group=hq // hkv, lq=lq, lk=lk, offset=lk - lq if bottom_right else 0, causal=bool(causal),
+              scale=1.0 / math.sqrt(d) if scale is None else float(scale), interpret=bool(interpret),
+              precision=lax.Precision.HIGHEST if ieee else lax.Precision.DEFAULT)
+    flat = [a.reshape(-1, d) for a in (q, k, v, out, g)]
+    fq, fk, fv, fo, fg = flat
+    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    stats_shape = jax.ShapeDtypeStruct((b * hq * lq,), jnp.float32)
+    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
+    lse, delta = call(functools.partial(_stats_kernel, st=st), grid=(pl.cdiv(lq, bm), b * hq),
+                      out_shape=(stats_shape, stats_shape), name="bi_attention_bwd_stats")(fq, fk, fo, fg)
+    dk, dv = call(functools.partial(_dkdv_kernel, st=st), grid=(pl.cdiv(lk, bn), b * hkv),
+                  out_shape=(jax.ShapeDtypeStruct(fk.shape, k.dtype), jax.ShapeDtypeStruct(fv.shape, v.dtype)),
+                  name="bi_attention_bwd_dkdv")(fq, fk, fv, fg, lse, delta)
+    dq = call(functools.partial(_dq_kernel, st=st), grid=(pl.cdiv(lq, bm), b * hq),
+              out_shape=jax.ShapeDtypeStruct(fq.shape, q.dtype), name="bi_attention_bwd_dq")(fq, fk, fv, fg, lse, delta)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
