@@ -53,6 +53,20 @@ def _dot(a, b, st):
     return _tile_dot(a, b, st["precision"], interpreted=st["interpret"])
 
 
+def _key_end(tile, st):
+    """One past the last key a block of queries sees."""
+    if st["causal"]:
+        return jnp.clip(tile * st["bm"] + st["bm"] + st["offset"], 0, st["lk"])
+    return st["lk"]
+
+
+def _p_ds(q, k, v, g, lse, delta, qpos, kpos, st):
+    """The probabilities of a (queries, keys) tile and ``dS`` (with the scale)."""
+    s = _dot(q, k.T, st) * st["scale"]
+    p = jnp.where(_visible(qpos, kpos, st), jnp.exp(s - lse[:, None]), 0.0)
+    return p, p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
+
+
 def _stats_kernel(q_ref, k_ref, o_ref, g_ref, lse_ref, delta_ref, *, st):
     bm, bn, d, hq, group = st["bm"], st["bn"], st["d"], st["hq"], st["group"]
     tile, bh = pl.program_id(0), pl.program_id(1)
@@ -63,10 +77,6 @@ def _stats_kernel(q_ref, k_ref, o_ref, g_ref, lse_ref, delta_ref, *, st):
     q = _load(q_ref, qrows, q_ok, d)
     delta = jnp.sum(_load(o_ref, qrows, q_ok, d).astype(jnp.float32) * _load(g_ref, qrows, q_ok, d).astype(jnp.float32),
                     axis=1)
-    hi = st["lk"]
-    if st["causal"]:
-        hi = jnp.clip(tile * bm + bm + st["offset"], 0, st["lk"])
-
     def body(n, ml):
         m, l = ml
         kpos = n * bn + jnp.arange(bn, dtype=jnp.int32)
@@ -76,7 +86,7 @@ def _stats_kernel(q_ref, k_ref, o_ref, g_ref, lse_ref, delta_ref, *, st):
         safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
         return m_new, l * jnp.exp(m - safe) + jnp.sum(jnp.exp(s - safe[:, None]), axis=1)
 
-    m, l = lax.fori_loop(0, (hi + bn - 1) // bn, body,
+    m, l = lax.fori_loop(0, (_key_end(tile, st) + bn - 1) // bn, body,
                          (jnp.full((bm,), _NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32)))
     # A query that sees no key: +inf, so that its probabilities are exp(-inf) = 0.
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), float("inf"))
@@ -108,10 +118,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             stats = (b * st["hq"] + h) * st["lq"] + qpos
             lse = pltriton.load(lse_ref.at[stats], mask=q_ok, other=float("inf"))
             delta = pltriton.load(delta_ref.at[stats], mask=q_ok, other=0.0)
-            s = _dot(q, k.T, st) * st["scale"]
-            p = jnp.where(_visible(qpos, kpos, st), jnp.exp(s - lse[:, None]), 0.0)
+            p, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st)
             dv = dv + _dot(p.astype(g.dtype).T, g, st)
-            ds = p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
             dk = dk + _dot(ds.astype(q.dtype).T, q, st)
             return dk, dv
 
@@ -130,20 +138,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dq_ref, *, st):
     q, g = _load(q_ref, qrows, q_ok, d), _load(g_ref, qrows, q_ok, d)
     lse = pltriton.load(lse_ref.at[bh * st["lq"] + qpos], mask=q_ok, other=float("inf"))
     delta = pltriton.load(delta_ref.at[bh * st["lq"] + qpos], mask=q_ok, other=0.0)
-    hi = st["lk"]
-    if st["causal"]:
-        hi = jnp.clip(tile * bm + bm + st["offset"], 0, st["lk"])
-
     def body(n, dq):
         kpos = n * bn + jnp.arange(bn, dtype=jnp.int32)
         krows = (b * st["lk"] + kpos) * st["hkv"] + h // group
         k, v = _load(k_ref, krows, kpos < st["lk"], d), _load(v_ref, krows, kpos < st["lk"], d)
-        s = _dot(q, k.T, st) * st["scale"]
-        p = jnp.where(_visible(qpos, kpos, st), jnp.exp(s - lse[:, None]), 0.0)
-        ds = p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
+        _, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st)
         return dq + _dot(ds.astype(k.dtype), k, st)
 
-    dq = lax.fori_loop(0, (hi + bn - 1) // bn, body, jnp.zeros((bm, d), jnp.float32))
+    dq = lax.fori_loop(0, (_key_end(tile, st) + bn - 1) // bn, body, jnp.zeros((bm, d), jnp.float32))
     pltriton.store(dq_ref.at[_rows(qrows, d)], dq.astype(dq_ref.dtype), mask=jnp.broadcast_to(q_ok[:, None], (bm, d)))
 
 

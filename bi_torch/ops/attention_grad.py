@@ -30,15 +30,34 @@ from bi_core import attention as contract
 
 
 @triton.jit
-def _scores(q, k_ptrs, kpos, qpos, lk, offset, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) scores of a query tile against the keys at ``kpos``,
-    and which are visible."""
-    k = tl.load(k_ptrs, mask=(kpos < lk)[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
-    valid = (kpos < lk)[None, :]
+def _at(base, b, h, pos, sb, sl, sh, d):
+    """Pointers to the rows ``pos`` of head ``h`` of sequence ``b``."""
+    return base + b * sb + h * sh + pos.to(tl.int64)[:, None] * sl + d[None, :]
+
+
+@triton.jit
+def _visible(qpos, kpos, lq, lk, offset, CAUSAL: tl.constexpr):
+    ok = (kpos < lk)[None, :] & (qpos < lq)[:, None]
     if CAUSAL:
-        valid = valid & (kpos[None, :] <= qpos[:, None] + offset)
-    return s, valid, k
+        ok = ok & (kpos[None, :] <= qpos[:, None] + offset)
+    return ok
+
+
+@triton.jit
+def _key_end(tile, lk, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key a block of queries sees."""
+    if CAUSAL:
+        return tl.minimum(lk, tile * BLOCK_M + BLOCK_M + offset)
+    return lk
+
+
+@triton.jit
+def _p_ds(q, k, v, g, lse, delta, valid, scale, PRECISION: tl.constexpr):
+    """The probabilities of a (queries, keys) tile and ``dS`` (with the scale)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
+    return p, p * (dp - delta[:, None]) * scale
 
 
 @triton.jit
@@ -52,21 +71,17 @@ def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, scale,
     qpos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q_ok = (qpos < lq)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + qpos.to(tl.int64)[:, None] * sql + d[None, :], mask=q_ok, other=0.0)
-    o = tl.load(O + b * sob + h * soh + qpos.to(tl.int64)[:, None] * sol + d[None, :], mask=q_ok, other=0.0)
-    g = tl.load(DO + b * sgb + h * sgh + qpos.to(tl.int64)[:, None] * sgl + d[None, :], mask=q_ok, other=0.0)
+    q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
+    o = tl.load(_at(O, b, h, qpos, sob, sol, soh, d), mask=q_ok, other=0.0)
+    g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
-    kv = K + b * skb + (h // G) * skh
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
-    hi = lk
-    if CAUSAL:
-        hi = tl.minimum(lk, tile * BLOCK_M + BLOCK_M + offset)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(0, _key_end(tile, lk, offset, BLOCK_M, CAUSAL), BLOCK_N):
         kpos = n0 + tl.arange(0, BLOCK_N)
-        s, valid, _ = _scores(q, kv + kpos.to(tl.int64)[:, None] * skl + d[None, :], kpos, qpos, lk, offset, scale,
-                              CAUSAL, PRECISION)
-        s = tl.where(valid, s, float("-inf"))
+        k = tl.load(_at(K, b, h // G, kpos, skb, skl, skh, d), mask=(kpos < lk)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
+        s = tl.where(_visible(qpos, kpos, lq, lk, offset, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
@@ -90,8 +105,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale,
     kpos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     k_ok = (kpos < lk)[:, None]
-    k = tl.load(K + b * skb + hkv * skh + kpos.to(tl.int64)[:, None] * skl + d[None, :], mask=k_ok, other=0.0)
-    v = tl.load(V + b * svb + hkv * svh + kpos.to(tl.int64)[:, None] * svl + d[None, :], mask=k_ok, other=0.0)
+    k = tl.load(_at(K, b, hkv, kpos, skb, skl, skh, d), mask=k_ok, other=0.0)
+    v = tl.load(_at(V, b, hkv, kpos, svb, svl, svh, d), mask=k_ok, other=0.0)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
     lo = 0
@@ -99,29 +114,19 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale,
         lo = tl.maximum(tile * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
     for j in range(G):  # the group's query heads, in order
         h = hkv * G + j
-        qh = Q + b * sqb + h * sqh
-        gh = DO + b * sgb + h * sgh
         stats = (b * (HKV * G) + h) * lq
         for m0 in range(lo, lq, BLOCK_M):
             qpos = m0 + tl.arange(0, BLOCK_M)
             q_ok = (qpos < lq)[:, None]
-            q = tl.load(qh + qpos.to(tl.int64)[:, None] * sql + d[None, :], mask=q_ok, other=0.0)
-            g = tl.load(gh + qpos.to(tl.int64)[:, None] * sgl + d[None, :], mask=q_ok, other=0.0)
+            q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
+            g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
             lse = tl.load(LSE + stats + qpos, mask=qpos < lq, other=float("inf"))
             delta = tl.load(DELTA + stats + qpos, mask=qpos < lq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
-            valid = (kpos < lk)[None, :] & (qpos < lq)[:, None]
-            if CAUSAL:
-                valid = valid & (kpos[None, :] <= qpos[:, None] + offset)
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, PRECISION)
             dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
-            dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
-            ds = p * (dp - delta[:, None]) * scale
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
-    tl.store(DK + b * sdkb + hkv * sdkh + kpos.to(tl.int64)[:, None] * sdkl + d[None, :],
-             dk.to(DK.dtype.element_ty), mask=k_ok)
-    tl.store(DV + b * sdvb + hkv * sdvh + kpos.to(tl.int64)[:, None] * sdvl + d[None, :],
-             dv.to(DV.dtype.element_ty), mask=k_ok)
+    tl.store(_at(DK, b, hkv, kpos, sdkb, sdkl, sdkh, d), dk.to(DK.dtype.element_ty), mask=k_ok)
+    tl.store(_at(DV, b, hkv, kpos, sdvb, sdvl, sdvh, d), dv.to(DV.dtype.element_ty), mask=k_ok)
 
 
 @triton.jit
@@ -135,27 +140,19 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale,
     qpos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q_ok = (qpos < lq)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + qpos.to(tl.int64)[:, None] * sql + d[None, :], mask=q_ok, other=0.0)
-    g = tl.load(DO + b * sgb + h * sgh + qpos.to(tl.int64)[:, None] * sgl + d[None, :], mask=q_ok, other=0.0)
+    q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
+    g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
     lse = tl.load(LSE + bh * lq + qpos, mask=qpos < lq, other=float("inf"))
     delta = tl.load(DELTA + bh * lq + qpos, mask=qpos < lq, other=0.0)
-    kh = K + b * skb + (h // G) * skh
-    vh = V + b * svb + (h // G) * svh
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    hi = lk
-    if CAUSAL:
-        hi = tl.minimum(lk, tile * BLOCK_M + BLOCK_M + offset)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(0, _key_end(tile, lk, offset, BLOCK_M, CAUSAL), BLOCK_N):
         kpos = n0 + tl.arange(0, BLOCK_N)
-        s, valid, k = _scores(q, kh + kpos.to(tl.int64)[:, None] * skl + d[None, :], kpos, qpos, lk, offset, scale,
-                              CAUSAL, PRECISION)
-        v = tl.load(vh + kpos.to(tl.int64)[:, None] * svl + d[None, :], mask=(kpos < lk)[:, None], other=0.0)
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
-        ds = p * (dp - delta[:, None]) * scale
+        k_ok = (kpos < lk)[:, None]
+        k = tl.load(_at(K, b, h // G, kpos, skb, skl, skh, d), mask=k_ok, other=0.0)
+        v = tl.load(_at(V, b, h // G, kpos, svb, svl, svh, d), mask=k_ok, other=0.0)
+        _, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=tl.float32)
-    tl.store(DQ + b * sdqb + h * sdqh + qpos.to(tl.int64)[:, None] * sdql + d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_ok)
+    tl.store(_at(DQ, b, h, qpos, sdqb, sdql, sdqh, d), dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
 def _rows_unit(t: torch.Tensor) -> torch.Tensor:
