@@ -195,7 +195,7 @@ ATTENTION = OpSpec(
         length_axis="sequence length S",
     ),
     max_features=2048,  # sequence lengths of the properties
-    # The backward's fp32 scores: (4 heads, s, s) per sequence.
+    # The backward recomputes (4 heads, s, s) scores per sequence: its time, and the test problems, grow as s^2.
     grad_row_elements=lambda s: 4 * s * s,
     cross_features=(1, 100, 1000, 4096),
     **{**_COMMON, "impls": {"torch": Impl("attention", _torch_sdpa, "torch SDPA (cuDNN first)", grad=True),
