@@ -206,3 +206,21 @@ def test_jax_fused_attention_backward():
             np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
         alone = attention_backward(*(jnp.asarray(t[1:]) for t in (q, k, v)), o[1:], o[1:], causal=causal)
         assert all(np.array_equal(np.asarray(x)[1:], np.asarray(y)) for x, y in zip(got, alone)), (lq, lk)
+
+
+def test_jax_mean_gradient_is_one_division_per_row():
+    """``mean``'s gradient in JAX is ``g / n`` rounded once, for any batch: XLA
+    turns a division by a scalar into a product with its rounded reciprocal
+    for some shapes only (on the CPU, two rows multiplied where one divided)."""
+    import jax
+    import jax.numpy as jnp
+
+    import bi_jax
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 96), dtype=np.float32))
+    for rows in (1, 2, 4):
+        g = jnp.asarray(np.random.default_rng(rows).standard_normal(rows, dtype=np.float32))
+        _, vjp = jax.vjp(lambda x: bi_jax.mean(x, axis=-1), x[:rows])
+        (got,) = vjp(g)
+        want = np.broadcast_to((np.asarray(g) / np.float32(96))[:, None], (rows, 96))
+        assert np.array_equal(np.asarray(got), want), f"{rows} rows"

@@ -94,7 +94,13 @@ def with_rows_backward(mode: str, fn, shape, dtype):
         if mode == "sum":
             grad = jnp.broadcast_to(g32[:, None], shape)
         elif mode == "mean":
-            grad = jnp.broadcast_to(g32[:, None] / jnp.float32(shape[1]), shape)
+            # One IEEE division per row, by a divisor XLA cannot see: it turns
+            # a division by a scalar (constant or broadcast) into a product with
+            # the rounded reciprocal for some shapes and not others (on the CPU
+            # a batch of 1 divided, of 2 multiplied: a row's bits followed the
+            # batch).
+            count = jax.lax.optimization_barrier(jnp.full(g32.shape, shape[1], jnp.float32))
+            grad = jnp.broadcast_to((g32 / count)[:, None], shape)
         elif mode == "softmax":
             y32 = y.astype(jnp.float32)
             grad = y32 * (g32 - _rows("sum", g32 * y32)[:, None])

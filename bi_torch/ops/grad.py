@@ -176,7 +176,10 @@ class _Reduce(torch.autograd.Function):
             for d in ctx.dims:
                 g32 = g32.unsqueeze(d)
         if ctx.op == "mean":
-            g32 = g32 / ctx.count
+            # A device tensor divisor: an IEEE division per element (a Python
+            # number would be turned into a multiplication by its rounded
+            # reciprocal on CUDA: two roundings).
+            g32 = g32 / torch.full((), ctx.count, dtype=torch.float32, device=g32.device)
         return g32.expand(ctx.shape).to(ctx.x_dtype), None, None, None, None
 
 
