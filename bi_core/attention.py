@@ -267,6 +267,13 @@ ADD_ASM = "add.rn.f32 $0, $1, $2;"
 # $0 = $1 / $2, correctly rounded
 DIV_ASM = "div.rn.f32 $0, $1, $2;"
 
+def backward_blocks(head_dim: int) -> tuple[int, int]:
+    """(query rows, keys) per tile of the fused attention backward
+    (``bi_torch.ops.attention_grad``, ``bi_jax.ops.attention_grad``). Part of its contract: each gradient
+    element sums its tiles in a fixed order, so these sizes fix the bits."""
+    return (32, 32) if head_dim > 128 else (64, 64)
+
+
 __all__ = [
     "block_n",
     "SPLIT",
@@ -279,11 +286,6 @@ __all__ = [
     "num_splits",
     "spread_splits",
     "f32_hex",
+    "backward_blocks",
 ]
 
-
-def backward_blocks(head_dim: int) -> tuple[int, int]:
-    """(query rows, keys) per tile of the fused attention backward
-    (``bi_torch.ops.attention_grad``, ``bi_jax.ops.attention_grad``). Part of its contract: each gradient
-    element sums its tiles in a fixed order, so these sizes fix the bits."""
-    return (32, 32) if head_dim > 128 else (64, 64)
