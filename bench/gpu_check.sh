@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh tests    # the suite (BI_TEST_K: a pytest -k expression, to run it in parts;
 #                                    #   BI_TEST_WORKERS: pytest-xdist workers, default 4;
 #                                    #   BI_TEST_ARGS: more pytest arguments, e.g. -x;
-#                                    #   BI_TEST_PATHS: test files, default tests)
+#                                    #   BI_TEST_PATHS: test files, default tests;
+#                                    #   BI_MAX_EXAMPLES: Hypothesis examples per property)
 #   bash bench/gpu_check.sh bench    # python -m bench (BI_BENCH_ARGS: extra arguments)
 #   bash bench/gpu_check.sh spread DIR [DIR ...]
 #                                    # the JAX timing twice per tree (this one, or another checkout

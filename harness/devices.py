@@ -1,6 +1,8 @@
 """Device selection: native GPU runs or CPU interpreters.
 
 ``BI_DEVICE`` = ``auto`` (default), ``gpu`` or ``cpu`` picks where kernels run.
+``BI_MAX_EXAMPLES`` overrides the profile's Hypothesis examples per property
+(a shorter GPU run; say how many examples a run drew when quoting it).
 ``configure()`` must run before ``triton``, ``bi_torch`` or ``jax`` is
 imported, because the Triton interpreter is chosen at import time.
 """
@@ -94,7 +96,18 @@ def _find(module: str) -> bool:
 
 @lru_cache(maxsize=1)
 def configure() -> Profile:
-    """Resolve ``BI_DEVICE`` and set the interpreter switches for a CPU run."""
+    """Resolve ``BI_DEVICE`` and set the interpreter switches for a CPU run
+    (``BI_MAX_EXAMPLES``: the examples per property, if set)."""
+    profile = _configure()
+    examples = os.environ.get("BI_MAX_EXAMPLES")
+    if examples:
+        if not examples.isdigit() or int(examples) < 1:
+            raise ValueError(f"BI_MAX_EXAMPLES must be a positive integer, not {examples!r}")
+        profile = dataclasses.replace(profile, max_examples=int(examples))
+    return profile
+
+
+def _configure() -> Profile:
     choice = requested_device()
     # JAX would otherwise reserve most of the GPU memory that torch needs too.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -137,3 +137,17 @@ def test_gpu_profile_fits_each_test_process_share_of_the_gpu():
     assert many.max_elements * BYTES_PER_BUDGET_ELEMENT <= h200 * TORCH_MEMORY_SHARE / 16
     assert many.max_batch <= many.max_elements and many.feature_sizes == GPU.feature_sizes
     assert gpu_profile(80 * 2**30, 4).max_elements < gpu_profile(80 * 2**30, 2).max_elements
+
+
+def test_max_examples_override(monkeypatch):
+    """``BI_MAX_EXAMPLES`` sets the examples per property; nonsense is refused."""
+    from harness import devices
+
+    configure = devices.configure.__wrapped__  # the uncached resolution
+    monkeypatch.setenv("BI_MAX_EXAMPLES", "3")
+    assert configure().max_examples == 3
+    monkeypatch.setenv("BI_MAX_EXAMPLES", "0")
+    with pytest.raises(ValueError, match="BI_MAX_EXAMPLES"):
+        configure()
+    monkeypatch.delenv("BI_MAX_EXAMPLES")
+    assert configure().max_examples in (devices.GPU.max_examples, devices.CPU.max_examples)
