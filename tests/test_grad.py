@@ -187,6 +187,49 @@ def test_torch_fused_attention_backward(dtype):
         assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {(lq, lk)}"
 
 
+def test_torch_row_backward_kernels():
+    """``bi_torch.ops.rows_grad`` through autograd, against float64 torch:
+    RMSNorm with and without a weight, each input alone requiring grad, rows
+    longer than a chunk; softmax and log_softmax over a leading dimension and
+    into another dtype; rows alone get their batch bits, and the weight
+    gradient is the same for the same batch."""
+    import torch
+
+    import bi_torch
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (5, 100, 1500):  # one chunk, one ragged chunk, two chunks
+        x = torch.randn(6, 3, n, generator=gen)
+        w = torch.randn(n, generator=gen)
+        g = torch.randn(6, 3, n, generator=gen)
+        for with_w, wrt in ((True, "xw"), (True, "x"), (True, "w"), (False, "x")):
+            xs = x.clone().requires_grad_("x" in wrt)
+            ws = w.clone().requires_grad_("w" in wrt) if with_w else None
+            leaves = [t for t in (xs, ws) if t is not None and t.requires_grad]
+            got = torch.autograd.grad(bi_torch.rms_norm(xs, ws, 1e-6), leaves, g)
+            x64 = x.double().requires_grad_("x" in wrt)
+            w64 = w.double().requires_grad_("w" in wrt) if with_w else None
+            y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 if w64 is None else w64)
+            want = torch.autograd.grad(y64, [t for t in (x64, w64) if t is not None and t.requires_grad], g.double())
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n} {wrt}: {m}")
+            if "x" in wrt:
+                alone = torch.autograd.grad(bi_torch.rms_norm(xs[2:3], ws, 1e-6), xs, g[2:3])[0]
+                assert torch.equal(alone[2:3], got[0][2:3]), (n, wrt)
+            again = torch.autograd.grad(bi_torch.rms_norm(xs, ws, 1e-6), leaves, g)
+            assert all(torch.equal(a, b) for a, b in zip(got, again)), (n, wrt)
+        for op in ("softmax", "log_softmax"):
+            xs = x.clone().to(torch.bfloat16).requires_grad_()
+            got = torch.autograd.grad(getattr(bi_torch, op)(xs, 0, dtype=torch.float32), xs, g)[0]
+            assert got.dtype == torch.bfloat16
+            x64 = xs.detach().double().requires_grad_()
+            want = torch.autograd.grad(getattr(torch, op)(x64, 0), x64, g.double())[0]
+            torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2, msg=lambda m: f"{op} {n}: {m}")
+            alone = torch.autograd.grad(getattr(bi_torch, op)(xs[:, 1:2], 0, dtype=torch.float32), xs,
+                                        g[:, 1:2])[0]
+            assert torch.equal(alone[:, 1:2], got[:, 1:2]), (op, n)
+
+
 def test_jax_fused_attention_backward():
     """``bi_jax.ops.attention_grad`` (float32; bfloat16 takes the same code):
     against float64 gradients, with queries that see no key, and a sequence

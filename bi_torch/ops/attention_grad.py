@@ -21,6 +21,7 @@ probabilities and ``dS`` are rounded to the inputs' dtype for their products.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -159,11 +160,30 @@ def _rows_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+class Launch(NamedTuple):
+    """A backward kernel's tile (query rows, keys) and launch settings."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def launches(d: int) -> dict[str, Launch]:
+    """The launch of each kernel at head dim ``d``: the contract's tiles
+    (``bi_core.attention.backward_blocks``) and Triton's default settings."""
+    block_m, block_n = contract.backward_blocks(d)
+    return {kernel: Launch(block_m, block_n) for kernel in ("stats", "dkdv", "dq")}
+
+
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, g: torch.Tensor,
-                       causal: bool, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       causal: bool, scale: float | None = None,
+                       config: dict[str, Launch] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
     output gradient ``g``; ``(B, L, H, D)`` layouts as ``bi_torch.attention``,
-    causal queries aligned to the end of the keys. In the inputs' dtype."""
+    causal queries aligned to the end of the keys. In the inputs' dtype.
+    ``config``: launches by kernel name (``launches``' by default), for
+    probes that time other tiles."""
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     contract.check_head_dim(d, "attention backward")
@@ -172,7 +192,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     q, k, v, out, g = (_rows_unit(t) for t in (q, k, v, out, g.to(q.dtype)))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     group = hq // hkv
-    block_m, block_n = contract.backward_blocks(d)
+    cfg = {**launches(d), **(config or {})}
     precision = "ieee"  # fp32 inputs: full fp32 products (16-bit inputs: the flag is unused)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if b == 0 or lq == 0 or hq == 0:
@@ -183,14 +203,21 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     delta = torch.empty_like(lse)
     offset = lk - lq
     strides = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
-    common = dict(D=d, G=group, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), PRECISION=precision)
-    _stats_kernel[(triton.cdiv(lq, block_m), b * hq)](
-        q, k, out, g, lse, delta, lq, lk, offset, scale, *strides(q), *strides(k), *strides(out), *strides(g),
-        HQ=hq, **common)
-    _dkdv_kernel[(triton.cdiv(lk, block_n), b * hkv)](
-        q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale, *strides(q), *strides(k), *strides(v), *strides(g),
-        *strides(dk), *strides(dv), HKV=hkv, **common)
-    _dq_kernel[(triton.cdiv(lq, block_m), b * hq)](
-        q, k, v, g, lse, delta, dq, lq, lk, offset, scale, *strides(q), *strides(k), *strides(v), *strides(g),
-        *strides(dq), HQ=hq, **common)
+    common = dict(D=d, G=group, CAUSAL=bool(causal), PRECISION=precision)
+
+    def launch(kernel, rows, heads, *args, **consts):
+        c = cfg[kernel]
+        grid = (triton.cdiv(rows, c.block_n if kernel == "dkdv" else c.block_m), b * heads)
+        kernels[kernel][grid](*args, **consts, **common, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                              num_warps=c.num_warps, num_stages=c.num_stages)
+
+    launch("stats", lq, hq, q, k, out, g, lse, delta, lq, lk, offset, scale,
+           *strides(q), *strides(k), *strides(out), *strides(g), HQ=hq)
+    launch("dkdv", lk, hkv, q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale,
+           *strides(q), *strides(k), *strides(v), *strides(g), *strides(dk), *strides(dv), HKV=hkv)
+    launch("dq", lq, hq, q, k, v, g, lse, delta, dq, lq, lk, offset, scale,
+           *strides(q), *strides(k), *strides(v), *strides(g), *strides(dq), HQ=hq)
     return dq, dk, dv
+
+
+kernels = {"stats": _stats_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}

@@ -3,18 +3,20 @@
 A bi_ op called on tensors that require grad, with grad mode on, runs as one
 of these functions. The forward is the op's inference path itself (under
 ``no_grad``), so a training forward gives exactly the inference bits. The
-backward is built from the bi_ kernels and elementwise torch ops only:
+backward is built from bi_ kernels and elementwise torch ops only:
 
-- every reduction over a row (softmax's and RMSNorm's row dot products) is
-  a bi_ ``sum``/``mean`` or a bi_ product, whose order depends on the row
-  length alone, so **input gradients are batch-invariant per row**: a row's
-  gradient depends only on that row's input and output gradient;
+- every reduction over a row (RMSNorm's ``sum(g w x)``, softmax's
+  ``sum(g y)``) runs in a fused row kernel (``bi_torch.ops.rows_grad``) or a
+  bi_ ``sum``/product, whose order depends on the row length alone, so
+  **input gradients are batch-invariant per row**: a row's gradient depends
+  only on that row's input and output gradient;
 - every sum over the tokens of a batch (a weight's, a bias's or RMSNorm's
-  weight gradient; a product's broadcast batch dimensions) is a bi_ product
-  or ``sum`` with a fixed order for a given number of tokens, so **a given
-  batch always gives the same bits** (run-to-run determinism, no atomics).
-  These sums change with the tokens in the batch, as the math says they
-  must: adding, removing or reordering rows changes a weight gradient's bits.
+  weight gradient; a product's broadcast batch dimensions) is a bi_ product,
+  a bi_ ``sum`` or ``rows_grad``'s ordered partial sums, with a fixed order
+  for a given number of tokens, so **a given batch always gives the same
+  bits** (run-to-run determinism, no atomics). These sums change with the
+  tokens in the batch, as the math says they must: adding, removing or
+  reordering rows changes a weight gradient's bits.
 
 Elementwise steps run in fp32 and round once to the input's dtype; torch's
 elementwise kernels compute each element alone, so they keep both
@@ -112,23 +114,12 @@ class _RmsNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g, _):
-        from bi_torch.ops.rows import mean as bi_mean
-        from bi_torch.ops.rows import sum as bi_sum
+        from bi_torch.ops.rows_grad import rms_norm_backward
 
         x, weight, rstd = ctx.saved_tensors
         need_x, need_w, _ = ctx.needs_input_grad
-        x32, g32 = x.float(), g.float()
-        gw = g32 if weight is None else g32 * weight.float()
-        grad_x = grad_w = None
-        if need_x:
-            # d/dx of x * r * w with r = (mean(x^2) + eps)^-1/2:
-            # r * (g w - x r^2 mean(g w x)), the mean over the row.
-            dot = bi_mean(gw * x32, -1, keepdim=True)
-            grad_x = (rstd * (gw - x32 * (rstd * rstd) * dot)).to(x.dtype)
-        if need_w:
-            n = x.shape[-1]
-            grad_w = bi_sum((g32 * (x32 * rstd)).reshape(-1, n), 0).to(weight.dtype)
-        return grad_x, grad_w, None
+        grad_x, grad_w = rms_norm_backward(x, weight, rstd, g, need_x, need_w)
+        return grad_x if need_x else None, grad_w, None
 
 
 class _Normalise(torch.autograd.Function):
@@ -144,17 +135,12 @@ class _Normalise(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        from bi_torch.ops.rows import sum as bi_sum
+        from bi_torch.ops.rows_grad import normalise_backward
 
         (y,) = ctx.saved_tensors
-        y32, g32 = y.float(), g.float()
         if y.ndim == 0:
             return torch.zeros_like(g, dtype=ctx.x_dtype), None, None, None
-        if ctx.op == "softmax":
-            grad = y32 * (g32 - bi_sum(g32 * y32, ctx.dim, keepdim=True))
-        else:  # log_softmax
-            grad = g32 - torch.exp(y32) * bi_sum(g32, ctx.dim, keepdim=True)
-        return grad.to(ctx.x_dtype), None, None, None
+        return normalise_backward(ctx.op, y, g, ctx.dim, ctx.x_dtype), None, None, None
 
 
 class _Reduce(torch.autograd.Function):
