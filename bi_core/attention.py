@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -274,6 +275,27 @@ def backward_blocks(head_dim: int) -> tuple[int, int]:
     return (32, 32) if head_dim > 128 else (64, 64)
 
 
+class BackwardLaunch(NamedTuple):
+    """One kernel of the fused attention backward: its tile (query rows,
+    keys) and Triton launch settings."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+BACKWARD_KERNELS = ("stats", "dkdv", "dq")
+
+
+def backward_launches(head_dim: int) -> dict[str, BackwardLaunch]:
+    """The launch of each backward kernel (``BACKWARD_KERNELS``) at
+    ``head_dim``: the contract's tiles (``backward_blocks``) and Triton's
+    default settings."""
+    block_m, block_n = backward_blocks(head_dim)
+    return {kernel: BackwardLaunch(block_m, block_n) for kernel in BACKWARD_KERNELS}
+
+
 __all__ = [
     "block_n",
     "SPLIT",
@@ -287,5 +309,8 @@ __all__ = [
     "spread_splits",
     "f32_hex",
     "backward_blocks",
+    "BackwardLaunch",
+    "BACKWARD_KERNELS",
+    "backward_launches",
 ]
 

@@ -7,8 +7,8 @@ bf16, causal, 32 query / 8 KV heads, head dim 128. For each candidate launch
 of the dK/dV kernel and of the dQ kernel (the other kernels at their
 defaults): the backward's time (``triton.testing.do_bench``) and how many
 elements of dQ, dK, dV differ from the default launches' bits. Beside them,
-PyTorch's SDPA forward + backward and bi_'s forward, for scale. One JSON line
-per point.
+PyTorch's SDPA forward + backward and bi_'s forward, for scale. The same for
+the Pallas twin (``--frameworks jax``). One JSON line per point.
 """
 
 from __future__ import annotations
@@ -22,15 +22,24 @@ import triton
 import triton.testing
 
 from bench.probes._log import jsonl_emitter
-from bi_torch.ops.attention_grad import Launch, attention_backward, launches
+from bi_core.attention import BackwardLaunch as Launch
+from bi_core.attention import backward_launches as launches
+from bi_torch.ops.attention_grad import attention_backward
 
 H, HKV, D = 32, 8, 128
 SHAPES = ((64, 1024), (4, 4096))  # (sequences, length): the benchmark's shape, and a long one
+# Pallas: fewer candidates (each compiles through XLA too).
+JAX_CANDIDATES = {
+    "dkdv": [Launch(m, n, w, s) for (m, n), w, s in
+             itertools.product(((64, 64), (32, 128)), (4, 8), (1, 2, 3))],
+    "dq": [Launch(m, n, w, s) for (m, n), w, s in
+           itertools.product(((64, 64), (128, 32)), (4, 8), (1, 2, 3))],
+}
 CANDIDATES = {
     "dkdv": [Launch(m, n, w, s) for (m, n), w, s in
-             itertools.product(((64, 64), (32, 64), (32, 128), (64, 128), (16, 128)), (4, 8), (2, 3, 4))],
+             itertools.product(((64, 64), (32, 64), (32, 128), (64, 128)), (4, 8), (2, 3))],
     "dq": [Launch(m, n, w, s) for (m, n), w, s in
-           itertools.product(((64, 64), (128, 32), (128, 64), (64, 32)), (4, 8), (2, 3, 4))],
+           itertools.product(((64, 64), (128, 32), (128, 64), (64, 32)), (4, 8), (2, 3))],
 }
 
 
@@ -43,8 +52,13 @@ def main() -> None:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--kernels", default="dkdv,dq")
+    p.add_argument("--frameworks", default="torch,jax")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_grad_tune")
+    if "jax" in args.frameworks:
+        jax_part(emit, args.kernels.split(","))
+    if "torch" not in args.frameworks:
+        return
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # noqa: E731
 
     from bi_torch import attention
@@ -80,6 +94,73 @@ def main() -> None:
                     rec["ms"] = bench(lambda: attention_backward(q, k, v, out, g, True, config={kernel: cand}))
                     rec["tflops"] = round(flops / rec["ms"] / 1e9, 1)
                 except triton.runtime.errors.OutOfResources as e:
+                    rec["error"] = repr(e)[:200]
+                emit(rec)
+
+
+def jax_part(emit, kernels) -> None:
+    """The Pallas backward (``bi_jax.ops.attention_grad``) under ``jax.jit``:
+    each candidate launch's wall time (median of 20 synchronised calls) and
+    bits against the default launches'; cuDNN's forward + backward through
+    ``jax.nn.dot_product_attention`` for scale."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import bi_jax
+    from bi_jax.ops.attention_grad import attention_backward as jax_backward
+
+    def wall_ms(fn, *xs):
+        jax.block_until_ready(fn(*xs))
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*xs))
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    rng = np.random.default_rng(0)
+    for b, seq in SHAPES:
+        q = jnp.asarray(rng.standard_normal((b, seq, H, D)), jnp.bfloat16)
+        k = jnp.asarray(rng.standard_normal((b, seq, HKV, D)), jnp.bfloat16)
+        v = jnp.asarray(rng.standard_normal((b, seq, HKV, D)), jnp.bfloat16)
+        out = bi_jax.attention(q, k, v, causal=True)
+        g = jnp.asarray(rng.standard_normal(out.shape), jnp.bfloat16)
+        flops = b * H * 7 * 2 * seq * seq * D / 2
+        shape = {"framework": "jax", "b": b, "seq": seq}
+
+        @jax.jit
+        def cudnn(q, k, v, g):
+            f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            o, pull = jax.vjp(f, q, k, v)
+            return pull(g)
+
+        try:
+            emit({**shape, "what": "jax.nn.dot_product_attention forward+backward", "ms": wall_ms(cudnn, q, k, v, g)})
+        except Exception as e:  # reported: the default may refuse a shape
+            emit({**shape, "what": "jax.nn.dot_product_attention forward+backward", "error": repr(e)[:200]})
+
+        def backward(config):
+            return jax.jit(lambda q, k, v, o, g: jax_backward(q, k, v, o, g, causal=True, config=config))
+
+        ref = backward(None)(q, k, v, out, g)
+        ms = wall_ms(backward(None), q, k, v, out, g)
+        emit({**shape, "what": "bi_ backward (default launches)", "ms": ms, "tflops": round(flops / ms / 1e9, 1)})
+        for kernel in kernels:
+            for cand in JAX_CANDIDATES[kernel]:
+                rec = {**shape, "kernel": kernel, "launch": list(cand)}
+                try:
+                    fn = backward({kernel: cand})
+                    got = fn(q, k, v, out, g)
+                    rec["differing"] = sum(int(jnp.sum(jax.lax.bitcast_convert_type(x, jnp.int16) !=
+                                                       jax.lax.bitcast_convert_type(y, jnp.int16)))
+                                           for x, y in zip(got, ref))
+                    rec["ms"] = wall_ms(fn, q, k, v, out, g)
+                    rec["tflops"] = round(flops / rec["ms"] / 1e9, 1)
+                except Exception as e:  # a launch past the shared memory: reported
                     rec["error"] = repr(e)[:200]
                 emit(rec)
 

@@ -149,12 +149,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dq_ref, *, st):
     pltriton.store(dq_ref.at[_rows(qrows, d)], dq.astype(dq_ref.dtype), mask=jnp.broadcast_to(q_ok[:, None], (bm, d)))
 
 
+# Triton's software pipelining depth for the Pallas kernels (``num_stages``):
+# their loops are ``fori_loop``s of loads and products.
+PALLAS_STAGES = 1
+
+
 def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = None, bottom_right: bool = True,
-                       interpret=None):
+                       interpret=None, config: dict | None = None):
     """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
     output gradient ``g``; ``(B, L, H, D)`` layouts; causal queries aligned to
     the end of the keys (``bottom_right``) or to their start; in the inputs'
-    dtype."""
+    dtype. ``config``: ``bi_core.attention.BackwardLaunch``es by kernel name
+    (default: ``backward_launches`` with ``PALLAS_STAGES``), for probes that
+    time other tiles."""
     interpret = interpret_mode("attention backward") if interpret is None else interpret
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -164,21 +171,25 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
     g = g.astype(q.dtype)
     if b == 0 or lq == 0 or lk == 0:
         return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
-    bm, bn = contract.backward_blocks(d)
+    launches = {name: c._replace(num_stages=PALLAS_STAGES) for name, c in contract.backward_launches(d).items()}
+    launches.update(config or {})
     ieee = q.dtype == jnp.float32
-    st = dict(bm=bm, bn=bn, d=d, hq=hq, hkv=hkv, group=hq // hkv, lq=lq, lk=lk, offset=lk - lq if bottom_right else 0, causal=bool(causal),
-              scale=1.0 / math.sqrt(d) if scale is None else float(scale), interpret=bool(interpret),
-              precision=lax.Precision.HIGHEST if ieee else lax.Precision.DEFAULT)
-    flat = [a.reshape(-1, d) for a in (q, k, v, out, g)]
-    fq, fk, fv, fo, fg = flat
-    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    st = dict(d=d, hq=hq, hkv=hkv, group=hq // hkv, lq=lq, lk=lk, offset=lk - lq if bottom_right else 0,
+              causal=bool(causal), scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+              interpret=bool(interpret), precision=lax.Precision.HIGHEST if ieee else lax.Precision.DEFAULT)
+    fq, fk, fv, fo, fg = (a.reshape(-1, d) for a in (q, k, v, out, g))
+
+    def call(name, kernel, rows, heads, out_shape):
+        c = launches[name]
+        grid = (pl.cdiv(rows, c.block_n if name == "dkdv" else c.block_m), b * heads)
+        params = pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
+        return pl.pallas_call(functools.partial(kernel, st={**st, "bm": c.block_m, "bn": c.block_n}), grid=grid,
+                              out_shape=out_shape, compiler_params=params, interpret=interpret,
+                              name=f"bi_attention_bwd_{name}")
+
     stats_shape = jax.ShapeDtypeStruct((b * hq * lq,), jnp.float32)
-    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
-    lse, delta = call(functools.partial(_stats_kernel, st=st), grid=(pl.cdiv(lq, bm), b * hq),
-                      out_shape=(stats_shape, stats_shape), name="bi_attention_bwd_stats")(fq, fk, fo, fg)
-    dk, dv = call(functools.partial(_dkdv_kernel, st=st), grid=(pl.cdiv(lk, bn), b * hkv),
-                  out_shape=(jax.ShapeDtypeStruct(fk.shape, k.dtype), jax.ShapeDtypeStruct(fv.shape, v.dtype)),
-                  name="bi_attention_bwd_dkdv")(fq, fk, fv, fg, lse, delta)
-    dq = call(functools.partial(_dq_kernel, st=st), grid=(pl.cdiv(lq, bm), b * hq),
-              out_shape=jax.ShapeDtypeStruct(fq.shape, q.dtype), name="bi_attention_bwd_dq")(fq, fk, fv, fg, lse, delta)
+    lse, delta = call("stats", _stats_kernel, lq, hq, (stats_shape, stats_shape))(fq, fk, fo, fg)
+    dk, dv = call("dkdv", _dkdv_kernel, lk, hkv, (jax.ShapeDtypeStruct(fk.shape, k.dtype),
+                                                  jax.ShapeDtypeStruct(fv.shape, v.dtype)))(fq, fk, fv, fg, lse, delta)
+    dq = call("dq", _dq_kernel, lq, hq, jax.ShapeDtypeStruct(fq.shape, q.dtype))(fq, fk, fv, fg, lse, delta)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

@@ -21,7 +21,6 @@ probabilities and ``dS`` are rounded to the inputs' dtype for their products.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -160,29 +159,14 @@ def _rows_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class Launch(NamedTuple):
-    """A backward kernel's tile (query rows, keys) and launch settings."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def launches(d: int) -> dict[str, Launch]:
-    """The launch of each kernel at head dim ``d``: the contract's tiles
-    (``bi_core.attention.backward_blocks``) and Triton's default settings."""
-    block_m, block_n = contract.backward_blocks(d)
-    return {kernel: Launch(block_m, block_n) for kernel in ("stats", "dkdv", "dq")}
-
-
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, g: torch.Tensor,
                        causal: bool, scale: float | None = None,
-                       config: dict[str, Launch] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config: dict[str, contract.BackwardLaunch] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
     output gradient ``g``; ``(B, L, H, D)`` layouts as ``bi_torch.attention``,
     causal queries aligned to the end of the keys. In the inputs' dtype.
-    ``config``: launches by kernel name (``launches``' by default), for
+    ``config``: launches by kernel name (default:
+    ``bi_core.attention.backward_launches``), for
     probes that time other tiles."""
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -192,7 +176,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     q, k, v, out, g = (_rows_unit(t) for t in (q, k, v, out, g.to(q.dtype)))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     group = hq // hkv
-    cfg = {**launches(d), **(config or {})}
+    cfg = {**contract.backward_launches(d), **(config or {})}
     precision = "ieee"  # fp32 inputs: full fp32 products (16-bit inputs: the flag is unused)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if b == 0 or lq == 0 or hq == 0:
