@@ -23,6 +23,7 @@ from tests_profile import PROFILE
 # each property draws half the examples.
 _DTYPES = None if PROFILE.native else ("float32", "bfloat16")
 _EXAMPLES = PROFILE.max_examples if PROFILE.native else max(4, PROFILE.max_examples // 2)
+_TORCH_DEVICE = "cuda" if PROFILE.native else "cpu"  # for tests that build torch tensors themselves
 # Attention's backward (five products and a softmax over (L, L) scores per
 # head) takes minutes per property in the interpreter: its properties run on
 # the GPU; test_attention_backward_in_the_interpreter covers it on the CPU.
@@ -178,12 +179,13 @@ def test_torch_fused_attention_backward(dtype):
                                           (2, 9, 4, 2, 2, 64, True), (2, 33, 40, 2, 2, 64, False)):
         q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dt) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, dt)
-        got = attention_backward(q, k, v, out, out, causal)
+        got = [t.cpu() for t in attention_backward(*(t.to(_TORCH_DEVICE) for t in (q, k, v, out, out)), causal)]
         for name, x, w in zip("qkv", got, want):
             assert x.dtype == dt and x.shape == w.shape
             torch.testing.assert_close(x.double(), w, rtol=tol, atol=tol * max(1.0, float(w.abs().max())),
                                        msg=lambda m: f"{name} {(lq, lk, hq, hkv, d)}: {m}")
-        alone = attention_backward(q[1:], k[1:], v[1:], out[1:], out[1:], causal)
+        alone = [t.cpu() for t in attention_backward(*(t[1:].to(_TORCH_DEVICE) for t in (q, k, v, out, out)),
+                                                     causal)]
         assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {(lq, lk)}"
 
 
@@ -199,9 +201,7 @@ def test_torch_row_backward_kernels():
 
     gen = torch.Generator().manual_seed(0)
     for n in (5, 100, 1500):  # one chunk, one ragged chunk, two chunks
-        x = torch.randn(6, 3, n, generator=gen)
-        w = torch.randn(n, generator=gen)
-        g = torch.randn(6, 3, n, generator=gen)
+        x, w, g = (torch.randn(*shape, generator=gen).to(_TORCH_DEVICE) for shape in ((6, 3, n), (n,), (6, 3, n)))
         for with_w, wrt in ((True, "xw"), (True, "x"), (True, "w"), (False, "x")):
             xs = x.clone().requires_grad_("x" in wrt)
             ws = w.clone().requires_grad_("w" in wrt) if with_w else None

@@ -53,10 +53,13 @@ def main() -> None:
     p.add_argument("--frameworks", default="torch,jax")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_grad_tune")
+    if "torch" in args.frameworks:
+        torch_part(emit, args.kernels.split(","))
     if "jax" in args.frameworks:
         jax_part(emit, args.kernels.split(","))
-    if "torch" not in args.frameworks:
-        return
+
+
+def torch_part(emit, kernels) -> None:
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # noqa: E731
 
     from bi_torch import attention
@@ -83,7 +86,7 @@ def main() -> None:
         emit({**shape, "what": "bi_ backward (default launches)", "launches": {n: list(c) for n, c in
                                                                               launches(D).items()},
               "ms": ms, "tflops": round(flops / ms / 1e9, 1)})
-        for kernel in args.kernels.split(","):
+        for kernel in kernels:
             for cand in CANDIDATES[kernel]:
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
                 try:
@@ -121,6 +124,16 @@ def jax_part(emit, kernels) -> None:
         return statistics.median(times)
 
     rng = np.random.default_rng(0)
+    # The first call's wall time (tracing, XLA and Triton compiles) per dtype:
+    # every new sequence length compiles the Pallas kernels again.
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for seq in (500, 501):
+            q = jnp.asarray(rng.standard_normal((2, seq, H, D)), dtype)
+            k = jnp.asarray(rng.standard_normal((2, seq, HKV, D)), dtype)
+            t0 = time.perf_counter()
+            jax.block_until_ready(jax.jit(lambda q, k: jax_backward(q, k, k, q, q, causal=True))(q, k))
+            emit({"framework": "jax", "what": "first call (compile)", "dtype": jnp.dtype(dtype).name, "seq": seq,
+                  "s": round(time.perf_counter() - t0, 2)})
     for b, seq in SHAPES[:1]:  # every new shape compiles each candidate again
         q = jnp.asarray(rng.standard_normal((b, seq, H, D)), jnp.bfloat16)
         k = jnp.asarray(rng.standard_normal((b, seq, HKV, D)), jnp.bfloat16)
