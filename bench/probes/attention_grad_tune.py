@@ -53,10 +53,11 @@ def main() -> None:
     p.add_argument("--frameworks", default="torch,jax")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_grad_tune")
+    kernels = [k for k in args.kernels.split(",") if k]  # --kernels '': the default launches alone
     if "torch" in args.frameworks:
-        torch_part(emit, args.kernels.split(","))
+        torch_part(emit, kernels)
     if "jax" in args.frameworks:
-        jax_part(emit, args.kernels.split(","))
+        jax_part(emit, kernels)
 
 
 def torch_part(emit, kernels) -> None:

@@ -25,7 +25,8 @@ import triton.language as tl
 
 from bi_torch._checks import canonical
 
-RMS_NORM, SOFTMAX, LOG_SOFTMAX = 0, 1, 2
+# The ops, as Triton constants (a kernel reads only constexpr globals).
+RMS_NORM, SOFTMAX, LOG_SOFTMAX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 def _tile(n: int) -> tuple[int, int, int]:
@@ -99,7 +100,7 @@ def _launch(op: int, x2d, g2d, w, rstd, dx, dw_part) -> None:
     _row_grad_kernel[(triton.cdiv(m, rows),)](
         x2d, g2d, w if w is not None else x2d, rstd if rstd is not None else x2d, dx,
         dw_part if dw_part is not None else dx, m, n, 1.0 / n if n else 0.0,
-        OP=op, HAS_WEIGHT=w is not None, WRITE_DW=dw_part is not None, ROWS=rows, BLOCK=block, num_warps=warps)
+        OP=op.value, HAS_WEIGHT=w is not None, WRITE_DW=dw_part is not None, ROWS=rows, BLOCK=block, num_warps=warps)
 
 
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, g: torch.Tensor,
