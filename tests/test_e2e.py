@@ -34,7 +34,7 @@ def _jax(impl, temperature=0.0):
     from bench.e2e.jax_engine import JaxEngine
 
     return JaxEngine(CONFIG, impl=impl, num_pages=SERVING.num_pages, page_size=SERVING.page_size,
-                     pages_per_seq=SERVING.pages_per_seq, dtype="float32", temperature=temperature)
+                     pages_per_seq=SERVING.pages_per_seq, max_seqs=SERVING.max_seqs, dtype="float32", temperature=temperature)
 
 
 def _runs(engine, schedules=(1, 2)):

@@ -56,7 +56,7 @@ def _engine(framework: str, impl: str, setup: Setup, temperature: float, device:
     from bench.e2e.jax_engine import JaxEngine
 
     return JaxEngine(setup.model, impl=impl, num_pages=s.num_pages, page_size=s.page_size,
-                     pages_per_seq=s.pages_per_seq, dtype=setup.dtype, temperature=temperature)
+                     pages_per_seq=s.pages_per_seq, max_seqs=s.max_seqs, dtype=setup.dtype, temperature=temperature)
 
 
 SPECULATE = 3  # draft tokens per verification step

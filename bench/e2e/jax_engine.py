@@ -7,8 +7,11 @@ over each sequence's keys gathered from its pages, decodes and prefill chunks
 apart (``bench.e2e.groups``).
 
 Under ``jit`` every shape is static, so a step is padded: its token count to
-a bucket (powers of two, at least 16), its sequence count to a bucket, and
-its longest query run to a bucket. The padding tokens form one more sequence
+a bucket (powers of two, at least 16) and its sequence count to the engine's
+most sequences per step (``max_seqs``, plus the padding sequence), and the
+longest query run is bounded by the token bucket: one compilation per token
+bucket, so a new arrival schedule meets no new shape once its token counts
+have been seen. The padding tokens form one more sequence
 of their own, whose keys go to scratch pages past the cache's own; rows are
 computed independently (that is the point of the bi_ kernels), so padding
 changes no real row's bits. One layer is one jitted function, reused by
@@ -60,13 +63,14 @@ def bucket(n: int, least: int = 16) -> int:
 
 class JaxEngine:
     def __init__(self, config: ModelConfig, *, impl: str, num_pages: int, page_size: int, pages_per_seq: int,
-                 seed: int = 0, dtype: str = "bfloat16", temperature: float = 0.0) -> None:
+                 max_seqs: int, seed: int = 0, dtype: str = "bfloat16", temperature: float = 0.0) -> None:
         import jax.numpy as jnp
 
         if impl not in ("bi", "default"):
             raise ValueError(f"impl must be 'bi' or 'default', got {impl!r}")
         self.config, self.impl, self.page_size, self.temperature = config, impl, page_size, float(temperature)
         self.pages_per_seq = pages_per_seq
+        self.seq_slots = bucket(max_seqs + 1, least=8)  # one more sequence for the padding tokens
         self.w = {name: weights.jax_tensor(shape, seed, index, scale, dtype, offset)
                   for index, (name, shape, scale, offset) in enumerate(weight_specs(config))}
         self.layers = [{k.split(".", 1)[1]: v for k, v in self.w.items() if k.startswith(f"{i}.")}
@@ -188,7 +192,9 @@ class JaxEngine:
         b_real, t_real = len(q_lens), len(step.tokens)
         t = bucket(t_real)
         pad = t - t_real
-        b = bucket(b_real + 1, least=8)  # one more sequence for the padding tokens
+        b = self.seq_slots
+        if b_real + 1 > b:
+            raise ValueError(f"a step of {b_real} sequences: the engine holds at most {b - 1}")
         if pad > self.pages_per_seq * self.page_size:
             raise ValueError(f"a step of {t_real} tokens pads {pad}: more than a sequence's pages hold")
         lens = np.zeros(b, np.int32)
@@ -203,7 +209,7 @@ class JaxEngine:
         positions = np.concatenate([step.positions, np.arange(pad)]).astype(np.int32)
         seq = np.repeat(np.arange(b), lens)
         kv_lens = cached + lens
-        max_q = bucket(max(int(lens.max()), 1), least=1)
+        max_q = t  # a bound on every sequence's queries, the padding's included
         groups = [] if self.impl == "bi" else attention_groups(
             q_lens, kv_lens[:b_real], tokens=t, size=lambda n, least: bucket(n, least=least))
         s_real = len(step.sample_rows)

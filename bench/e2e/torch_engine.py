@@ -128,9 +128,12 @@ class TorchEngine:
             # Query i of a sequence sits at key position kv_len - q_len + i.
             qpos = (kv_lens - batch["q_lens"][seqs])[:, None] + torch.arange(g["max_q"], device=self.device)
             mask = (slots[None, None, :] <= qpos[:, :, None]) & (slots[None, None, :] < kv_lens[:, None, None])
+            # The KV heads repeated for their query heads, as transformers' SDPA
+            # attention does: with a mask, ``enable_gqa`` would leave torch only
+            # its math backend, and the memory-efficient one takes this form.
+            k, v = (t.repeat_interleave(c.heads // c.kv_heads, dim=2) for t in (k, v))
             o = torch.nn.functional.scaled_dot_product_attention(
-                q_ext[queries].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
-                enable_gqa=True)
+                q_ext[queries].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None])
             out[queries.reshape(-1)] = o.transpose(1, 2).reshape(-1, c.heads, c.head_dim)
         return out[:-1]
 
