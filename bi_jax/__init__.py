@@ -5,6 +5,7 @@ the same bits on the GPU.
 """
 
 from bi_jax.ops.attention import attention, dot_product_attention, paged_attention, varlen_attention
+from bi_jax.ops.embedding import embedding
 from bi_jax.ops.matmul import dot_general, einsum, linear, matmul
 from bi_jax.ops.rms_norm import rms_norm
 from bi_jax.ops.rows import log_softmax, mean, softmax, sum
@@ -17,6 +18,7 @@ __all__ = [
     "dot_general",
     "dot_product_attention",
     "einsum",
+    "embedding",
     "linear",
     "log_softmax",
     "matmul",

@@ -13,6 +13,7 @@ if _checks.interpreting():
     _interpreter.apply()
 
 from bi_torch.ops.attention import attention, paged_attention, scaled_dot_product_attention, varlen_attention
+from bi_torch.ops.embedding import embedding
 from bi_torch.ops.matmul import linear, matmul
 from bi_torch.ops.rms_norm import rms_norm
 from bi_torch.ops.rows import log_softmax, mean, softmax, sum
@@ -31,6 +32,7 @@ __all__ = [
     "attention",
     "compile_backend",
     "disable_batch_invariant_mode",
+    "embedding",
     "enable_batch_invariant_mode",
     "is_batch_invariant_mode",
     "is_batch_invariant_mode_enabled",

@@ -267,3 +267,95 @@ def test_jax_mean_gradient_is_one_division_per_row():
         (got,) = vjp(g)
         want = np.broadcast_to((np.asarray(g) / np.float32(96))[:, None], (rows, 96))
         assert np.array_equal(np.asarray(got), want), f"{rows} rows"
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedding_gradient_is_an_ordered_sum(framework, dtype):
+    """``embedding``'s weight gradient: each table row is the sum, in fp32 and
+    in token order, of the output gradients of the tokens that looked it up
+    (bit for bit against that sum, rounded once), rows nobody looked up are 0,
+    the forward is the gather, and every run gives the same bits; a repeated
+    id across sequences, the first and the last row, and empty ids."""
+    pytest.importorskip(framework)
+    rng = np.random.default_rng(0)
+    num_rows, h = 40, 300 if dtype == "float32" else 70
+    ids = rng.integers(0, num_rows, (3, 25))
+    ids[0, :6] = 7
+    ids[2, -3:] = 7
+    ids[1, 0], ids[1, 1] = 0, num_rows - 1
+    table = rng.standard_normal((num_rows, h)).astype(np.float32)
+    g = rng.standard_normal((3, 25, h)).astype(np.float32)
+    if framework == "torch":
+        import torch
+
+        import bi_torch
+
+        dt = getattr(torch, dtype)
+        w = torch.from_numpy(table).to(dt).to(_TORCH_DEVICE).requires_grad_()
+        t_ids, t_g = torch.from_numpy(ids).to(_TORCH_DEVICE), torch.from_numpy(g).to(dt).to(_TORCH_DEVICE)
+
+        def run(ids_, g_):
+            out = bi_torch.embedding(ids_, w)
+            assert torch.equal(out, w.detach()[ids_])
+            return torch.autograd.grad(out, w, g_)[0].float().cpu().numpy()
+
+        grad, again = run(t_ids, t_g), run(t_ids, t_g)
+        empty = run(t_ids[:0], t_g[:0])
+        g_used = t_g.float().cpu().numpy()
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        import bi_jax
+
+        dt = getattr(jnp, dtype)
+        w = jnp.asarray(table, dt)
+
+        def run(ids_, g_):
+            out, pull = jax.vjp(lambda w_: bi_jax.embedding(ids_, w_), w)
+            assert np.array_equal(np.asarray(out), np.asarray(w)[np.asarray(ids_)])
+            return np.asarray(pull(g_)[0]).astype(np.float32)
+
+        j_ids, j_g = jnp.asarray(ids, jnp.int32), jnp.asarray(g, dt)
+        grad, again = run(j_ids, j_g), run(j_ids, j_g)
+        empty = run(j_ids[:0], j_g[:0])
+        g_used = np.asarray(j_g).astype(np.float32)
+    assert np.array_equal(grad, again) and not empty.any()
+    flat_ids, flat_g = ids.reshape(-1), g_used.reshape(-1, h)
+    for row in range(num_rows):
+        acc = np.zeros(h, np.float32)
+        for pos in np.nonzero(flat_ids == row)[0]:  # token order
+            acc = acc + flat_g[pos]
+        want = acc if dtype == "float32" else _round_bf16(acc)
+        assert np.array_equal(grad[row], want), f"row {row}"
+
+
+def _round_bf16(x):
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_embedding_refuses_bad_input(framework):
+    pytest.importorskip(framework)
+    bi = __import__(f"bi_{framework}")
+    if framework == "torch":
+        import torch
+
+        table, ids = torch.zeros(4, 3), torch.tensor([1, 2])
+        with pytest.raises(TypeError, match="ids must be"):
+            bi.embedding(ids.float(), table)
+        with pytest.raises(ValueError, match="2-D floating-point"):
+            bi.embedding(ids, torch.zeros(4, 3, 2))
+        with pytest.raises(ValueError, match="2-D floating-point"):
+            bi.embedding(ids, torch.zeros(4, 3, dtype=torch.int32))
+    else:
+        import jax.numpy as jnp
+
+        table, ids = jnp.zeros((4, 3)), jnp.asarray([1, 2])
+        with pytest.raises(TypeError, match="ids must be"):
+            bi.embedding(ids.astype(jnp.float32), table)
+        with pytest.raises(ValueError, match="2-D floating-point"):
+            bi.embedding(ids, jnp.zeros((4, 3, 2)))

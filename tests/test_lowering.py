@@ -100,7 +100,7 @@ def _launches() -> tuple[list[dict], set[tuple[str, str]]]:
             inputs = ad.natives(spec.make_inputs(np.random.default_rng(0), 2, min(40, spec.max_features or 40),
                                                  "bfloat16"))
             grads.grad_function(ad, spec, wrt)(**inputs, **spec.call_kwargs("torch"))
-        _attention_entry_points(torch, bi_torch)
+        _other_entry_points(torch, bi_torch)
     finally:
         InterpretedFunction.run = run
 
@@ -116,10 +116,14 @@ def _launches() -> tuple[list[dict], set[tuple[str, str]]]:
     return list(seen.values()), kernels
 
 
-def _attention_entry_points(torch, bi_torch) -> None:
-    """Paged (decode, chunked prefill with new keys), varlen and masked SDPA
-    attention, which the op specs do not call."""
+def _other_entry_points(torch, bi_torch) -> None:
+    """What the op specs do not call: paged (decode, chunked prefill with new
+    keys), varlen and masked SDPA attention, split keys, segmented rows, the
+    embedding's gradient."""
     gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(10, 48, generator=gen).to(torch.bfloat16).requires_grad_()
+    ids = torch.tensor([[3, 1, 3], [0, 9, 3]])
+    torch.autograd.grad(bi_torch.embedding(ids, rows), rows, torch.ones(2, 3, 48, dtype=torch.bfloat16))
     hq, hkv, d, page = 4, 2, 64, 16
     kc, vc = (torch.randn(6, page, hkv, d, generator=gen, dtype=torch.float32).to(torch.bfloat16) for _ in range(2))
     table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
