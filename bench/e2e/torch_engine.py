@@ -174,7 +174,12 @@ class TorchEngine:
         c = self.config
         t = tokens.shape[0]
         nq, nkv = c.heads * c.head_dim, c.kv_heads * c.head_dim
-        x = self.w["embed"][tokens]
+        if self.impl == "bi":  # the same gather; its weight gradient in a fixed order
+            import bi_torch
+
+            x = bi_torch.embedding(tokens, self.w["embed"])
+        else:
+            x = self.w["embed"][tokens]
         for i in range(c.layers):
             h = self._norm(x, self.w[f"{i}.attn_norm"])
             qkv = self._matmul(h, self.w[f"{i}.qkv"])

@@ -15,8 +15,9 @@ The JAX twin (``jax_step``) runs ``JaxEngine.block`` over each sequence with
 dense causal ``bi_jax.attention``, one jitted layer function under
 ``jax.vjp``, the gradients of the sequences added in order.
 
-The embedding table is not trained here: its gradient is a scatter-add over
-the tokens, which this library does not provide yet.
+The embedding table is trained too: its gradient is ``embedding``'s ordered
+sum over the tokens (``bi_torch.embedding``, ``bi_jax.embedding``), not a
+scatter-add with atomics.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import numpy as np
 
 @contextmanager
 def _trainable(engine):
-    """The engine's weights as leaves that require grad (all but the
-    embedding), for the block; its own weights after."""
+    """The engine's weights as leaves that require grad, for the block; its
+    own weights after."""
     saved = engine.w
-    engine.w = {n: t.detach().clone().requires_grad_(n != "embed") for n, t in saved.items()}
+    engine.w = {n: t.detach().clone().requires_grad_() for n, t in saved.items()}
     try:
         yield engine.w
     finally:
@@ -87,7 +88,7 @@ def sampler_logprobs(engine, logits: np.ndarray, tokens) -> np.ndarray:
 def jax_step(engine, sequences) -> dict:
     """``torch_step`` for the JAX engine: per sequence the fp32 logits of the
     generated positions and the generated tokens' log-probabilities, and the
-    gradients of every weight but the embedding (numpy arrays)."""
+    gradients of every weight (numpy arrays)."""
     import jax
     import jax.numpy as jnp
 
@@ -105,7 +106,7 @@ def jax_step(engine, sequences) -> dict:
         return engine.block(p, x, cos, sin, dense)[0]
 
     def loss(params, tokens, prompt):
-        x = engine.w["embed"][tokens]
+        x = bi_jax.embedding(tokens, params["embed"])
         positions = jnp.arange(tokens.shape[0])
         cos, sin = engine.cos[positions][:, None, :], engine.sin[positions][:, None, :]
         for i in range(c.layers):
@@ -114,7 +115,7 @@ def jax_step(engine, sequences) -> dict:
         chosen = jnp.take_along_axis(bi_jax.log_softmax(scores, -1), tokens[prompt:, None], axis=-1)[:, 0]
         return -bi_jax.sum(chosen), (scores, chosen)
 
-    params = {n: w for n, w in engine.w.items() if n != "embed"}
+    params = dict(engine.w)
     total, logits, logprobs = None, [], []
     for tokens, prompt in sequences:
         (_, (scores, chosen)), grads = jax.value_and_grad(loss, has_aux=True)(params, jnp.asarray(tokens), prompt)
