@@ -16,7 +16,10 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
   here for ``log`` inside ``jax.nn.log_softmax``), which would make an
   element's bits depend on its position in the array, and so on the batch;
 * nested ``jit`` calls, ``custom_jvp`` / ``custom_vjp`` functions and
-  rematerialised blocks are evaluated the same way, inside;
+  rematerialised blocks are evaluated the same way, inside; so is a
+  ``shard_map``'s body, under a ``shard_map`` over the same mesh and specs
+  (except on the CPU backend with ``check_vma=True``, where the Pallas
+  interpreter cannot run a kernel inside it: that body runs as it is);
 * ``jax.nn.dot_product_attention`` (any ``implementation``: ``None``, ``"xla"``
   or ``"cudnn"``) runs :func:`bi_jax.dot_product_attention`, the fused kernel:
   while the transform traces, in that thread, the ``jax.nn`` attribute calls
@@ -33,9 +36,9 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
 Any other primitive on floats that may combine several elements into one
 (``reduce_prod``, cumulative sums, convolutions, generic ``reduce`` and
 ``reduce_window``, scatter-add (``.at[].add``, ``segment_sum``), FFTs, linear
-algebra, foreign calls and callbacks, a product or a sum in float64, and such
-primitives inside ``cond`` / ``while`` / ``scan`` / ``shard_map`` bodies, which
-the transform does not rewrite) is refused with ``BatchVarianceRisk`` when
+algebra, foreign calls and callbacks, collectives such as ``psum``, a product
+or a sum in float64, and such primitives inside ``cond`` / ``while`` /
+``scan`` bodies, which the transform does not rewrite) is refused with ``BatchVarianceRisk`` when
 ``strict=True``, else run as it is and counted in ``wrapped.unhandled``. What
 may combine elements is decided from the primitive: every primitive on floats
 may, except those in ``_EXACT`` (elementwise, layout, gathers, overwriting
@@ -199,6 +202,20 @@ class _Evaluator:
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
 
+    def shard_map(self, params, invals):
+        """A ``shard_map`` again over its mesh and specs and with its checks,
+        its body evaluated by this evaluator (so rewritten too)."""
+        body = params["jaxpr"]
+        manual = params.get("newly_manual_axes") or frozenset(params["mesh"].axis_names)
+
+        def per_shard(*xs):
+            return tuple(self.run(body, (), xs))
+
+        mapped = jax.shard_map(per_shard, mesh=params["mesh"], in_specs=params["in_specs"],
+                               out_specs=params["out_specs"], axis_names=set(manual),
+                               check_vma=params.get("check_vma", True))
+        return list(mapped(*invals))
+
     def apply(self, eqn, invals):
         name, params = eqn.primitive.name, eqn.params
         if name == "dot_general":
@@ -220,6 +237,13 @@ class _Evaluator:
                 return _bi_sum(x, axis=tuple(params["axes"]))
             if np.dtype(x.dtype).kind == "f":
                 self.risky(name, f"dtype {x.dtype}")
+        elif name == "shard_map" and not (self.cpu and params.get("check_vma", True)):
+            return self.shard_map(params, invals)
+        elif name == "shard_map" and _may_reduce(eqn):
+            # In the Pallas interpreter a kernel inside a checked shard_map
+            # fails JAX's varying-axes check: the body runs as it is.
+            self.risky(name, "its body runs as it is: on the CPU backend the kernels cannot run inside "
+                             "shard_map(check_vma=True); pass check_vma=False, or run on a GPU")
         elif _is_bi_kernel(eqn):
             self.handled[params["name"]] += 1  # a bi_jax op called inside the function
         elif name in _CALLS or name in _CUSTOM:

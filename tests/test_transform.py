@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bi_jax
+from tests_profile import PROFILE
 
 
 def _bits(a):
@@ -307,8 +308,8 @@ def test_strict_lets_primitives_that_move_or_compare_elements_run():
 
 def test_checkpointed_and_shard_mapped_functions():
     """A sum inside jax.checkpoint runs the kernel (jax names its primitive
-    remat2); a shard_map runs (strict refuses the sum inside, which the
-    transform does not rewrite)."""
+    remat2), and so does one inside a shard_map, over the same mesh and
+    specs (a psum inside stays a reduction the kernels do not cover)."""
     from jax.sharding import Mesh, PartitionSpec
 
     x = _data()[0]
@@ -316,10 +317,51 @@ def test_checkpointed_and_shard_mapped_functions():
     assert (_bits(checkpointed(x)) == _bits(bi_jax.sum(x, axis=-1))).all()
     assert checkpointed.handled["reduce_sum"] == 1
     mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
-    mapped = jax.shard_map(lambda x: jnp.sum(x, -1), mesh=mesh, in_specs=PartitionSpec("rows"),
-                           out_specs=PartitionSpec("rows"))
-    lenient = bi_jax.batch_invariant(mapped)
-    np.testing.assert_allclose(np.asarray(lenient(x)), np.asarray(x).sum(-1), rtol=1e-6)
-    assert lenient.unhandled
-    with pytest.raises(bi_jax.BatchVarianceRisk, match="inside its body"):
-        bi_jax.batch_invariant(mapped, strict=True)(x)
+    spec = PartitionSpec("rows")
+    mapped = bi_jax.batch_invariant(jax.shard_map(lambda x: jnp.sum(x, -1), mesh=mesh, in_specs=spec,
+                                                  out_specs=spec, check_vma=False), strict=True)
+    assert (_bits(jax.jit(mapped)(x)) == _bits(bi_jax.sum(x, axis=-1))).all()
+    assert mapped.handled["reduce_sum"] == 1 and not mapped.unhandled
+    psummed = jax.shard_map(lambda x: jax.lax.psum(jnp.sum(x, -1), "rows"), mesh=mesh, in_specs=spec,
+                            out_specs=PartitionSpec(), check_vma=False)
+    lenient = bi_jax.batch_invariant(psummed)
+    np.testing.assert_allclose(np.asarray(lenient(x)), np.asarray(x).sum(-1), rtol=1e-5)
+    assert lenient.handled["reduce_sum"] == 1 and lenient.unhandled["psum"] == 1
+    with pytest.raises(bi_jax.BatchVarianceRisk, match="psum"):
+        bi_jax.batch_invariant(psummed, strict=True)(x)
+
+
+@pytest.mark.skipif(PROFILE.native, reason="the CPU backend's limit")
+def test_a_checked_shard_map_on_the_cpu_runs_as_it_is():
+    """On the CPU backend the kernels cannot run inside
+    shard_map(check_vma=True) (the Pallas interpreter fails JAX's
+    varying-axes check): its body runs as it is, counted, and strict mode
+    says so."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    x = _data()[0]
+    mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
+    checked = jax.shard_map(lambda x: jnp.sum(x, -1), mesh=mesh, in_specs=PartitionSpec("rows"),
+                            out_specs=PartitionSpec("rows"))
+    lenient = bi_jax.batch_invariant(checked)
+    np.testing.assert_allclose(np.asarray(lenient(x)), np.asarray(x).sum(-1), rtol=1e-5)
+    assert lenient.unhandled["shard_map"] == 1
+    with pytest.raises(bi_jax.BatchVarianceRisk, match="check_vma=False"):
+        bi_jax.batch_invariant(checked, strict=True)(x)
+
+
+@pytest.mark.gpu
+def test_kernels_inside_a_checked_shard_map():
+    """On the GPU the bi_jax kernels run inside shard_map(check_vma=True)
+    (their outputs vary over the axes their inputs vary over,
+    ``bi_jax._pallas``), directly and through the transform."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    x = _data()[0]
+    mesh = Mesh(np.array(jax.devices()[:1]), ("rows",))
+    spec = PartitionSpec("rows")
+    direct = jax.shard_map(lambda x: bi_jax.sum(x, axis=-1), mesh=mesh, in_specs=spec, out_specs=spec)
+    assert (_bits(direct(x)) == _bits(bi_jax.sum(x, axis=-1))).all()
+    rewritten = bi_jax.batch_invariant(jax.shard_map(lambda x: jnp.sum(x, -1), mesh=mesh, in_specs=spec,
+                                                     out_specs=spec), strict=True)
+    assert (_bits(rewritten(x)) == _bits(bi_jax.sum(x, axis=-1))).all()

@@ -25,6 +25,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from bi_core import attention as contract
 from bi_jax._checks import check_float_array, interpret_mode
+from bi_jax._pallas import pallas_call
 from bi_jax.ops.grad import with_attention_backward
 from bi_jax.ops.matmul import _tile_dot
 
@@ -365,7 +366,7 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = jax.ShapeDtypeStruct((q.size // d, d), q.dtype)
     if not spread:
-        out = pl.pallas_call(
+        out = pallas_call(
             functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, 1), out_shape=out_shape,
             compiler_params=params, interpret=interpret, name="bi_attention",
         )(*flat, *index_args, *score_args)
@@ -375,11 +376,11 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         raise ValueError("attention: the split-KV workspace would exceed int32 row indices; pass split_kv=False")
     ws = (jax.ShapeDtypeStruct((ws_len,), jnp.float32), jax.ShapeDtypeStruct((ws_len,), jnp.float32),
           jax.ShapeDtypeStruct((ws_len, d), jnp.float32))
-    ws_m, ws_l, ws_acc = pl.pallas_call(
+    ws_m, ws_l, ws_acc = pallas_call(
         functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, splits), out_shape=ws,
         compiler_params=params, interpret=interpret, name="bi_attention_splits",
     )(*flat, *index_args, *score_args)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_merge_kernel, st=st), grid=(tiles, batch * hkv), out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
         name="bi_attention_merge",

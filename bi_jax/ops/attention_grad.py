@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from bi_core import attention as contract
 from bi_jax._checks import interpret_mode
+from bi_jax._pallas import pallas_call
 from bi_jax.ops.matmul import _tile_dot
 
 _NEG_INF = float("-inf")
@@ -183,7 +184,7 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
         c = launches[name]
         grid = (pl.cdiv(rows, c.block_n if name == "dkdv" else c.block_m), b * heads)
         params = pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
-        return pl.pallas_call(functools.partial(kernel, st={**st, "bm": c.block_m, "bn": c.block_n}), grid=grid,
+        return pallas_call(functools.partial(kernel, st={**st, "bm": c.block_m, "bn": c.block_n}), grid=grid,
                               out_shape=out_shape, compiler_params=params, interpret=interpret,
                               name=f"bi_attention_bwd_{name}")
 

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from bi_jax._checks import interpret_mode
+from bi_jax._pallas import pallas_call
 
 _BLOCK = 1024  # columns per program, at most
 
@@ -64,7 +65,7 @@ def embedding_backward(ids, g, num_rows: int, dtype, interpret=None):
     sorted_ids = flat[order]
     block = min(_BLOCK, 1 << (h - 1).bit_length())
     kernel = functools.partial(_grad_kernel, n=n, h=h, block=block)
-    return pl.pallas_call(kernel, grid=(n, pl.cdiv(h, block)), out_shape=jax.ShapeDtypeStruct((num_rows, h), dtype),
+    return pallas_call(kernel, grid=(n, pl.cdiv(h, block)), out_shape=jax.ShapeDtypeStruct((num_rows, h), dtype),
                           input_output_aliases={3: 0}, interpret=interpret,
                           compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
                           name="bi_embedding_grad")(sorted_ids, order, g.reshape(n, h), zeros)

@@ -46,6 +46,7 @@ from bi_core.matmul import (
     wgmma_config,
 )
 from bi_jax._checks import check_float_array, interpret_mode
+from bi_jax._pallas import pallas_call
 from bi_jax.ops._wgmma_matmul import wgmma_matmul
 from bi_jax.ops.grad import with_product_backward
 
@@ -225,7 +226,7 @@ def _triton_matmul(a3, b3, bias, out_dtype, cfg: TileConfig, *, precision, b_kma
         ptx=not interpret,
     )
     args = (a3, b3) if bias is None else (a3, b3, bias)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(pl.cdiv(m, cfg.block_m), pl.cdiv(n, cfg.block_n), batch),
         out_shape=jax.ShapeDtypeStruct((batch, m, n), out_dtype),

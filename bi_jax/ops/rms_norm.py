@@ -20,6 +20,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rms_norm import RmsNormLaunch, SumTree, launch_config, reduce_tree, rms_norm_config, rstd_asm, sum_tree
 from bi_jax._checks import check_eps, check_float_array, interpret_mode
+from bi_jax._pallas import pallas_call
 from bi_jax.ops._row_launch import launch_rows
 from bi_jax.ops.grad import with_rms_norm_backward
 
@@ -141,7 +142,7 @@ def launch(x2d, weight, eps: float, config: RmsNormLaunch | None = None, interpr
         ptx=not interpret,
     )
     args = (x2d,) if weight is None else (x2d, weight)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(config.split, m) if config.adjacent else (m, config.split),
         out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype),

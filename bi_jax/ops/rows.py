@@ -21,6 +21,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from bi_core.rows import DIV_ASM, EXP_ASM, FOLD_ASM, LOG_ASM, RCP_ASM, row_config, split_segments, sum_tree
 from bi_jax._checks import SUPPORTED_DTYPES, check_float_array, interpret_mode
+from bi_jax._pallas import pallas_call
 from bi_jax.ops._row_launch import launch_rows
 from bi_jax.ops.grad import with_rows_backward
 from bi_jax.ops.rms_norm import _sum_tree
@@ -193,12 +194,12 @@ def launch(mode: str, x2d, split: bool | None = None, interpret: bool | None = N
             raise ValueError(f"{mode}: only softmax and log_softmax over rows of more than {cfg.block} elements run in segments")
         grid = (m, cfg.num_chunks)
         stats = jax.ShapeDtypeStruct((m, cfg.num_chunks), jnp.float32)
-        seg_m, seg_s = pl.pallas_call(
+        seg_m, seg_s = pallas_call(
             functools.partial(_segment_stats_kernel, n=n, block=cfg.block, tree=tree, ptx=ptx),
             grid=grid, out_shape=(stats, stats), compiler_params=params, interpret=interpret,
             name=f"bi_{mode}_segment_stats",
         )(x2d)
-        return pl.pallas_call(
+        return pallas_call(
             functools.partial(_segment_write_kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks, ptx=ptx),
             grid=grid, out_shape=jax.ShapeDtypeStruct((m, n), x2d.dtype), compiler_params=params,
             interpret=interpret, name=f"bi_{mode}_segment_write",
@@ -207,7 +208,7 @@ def launch(mode: str, x2d, split: bool | None = None, interpret: bool | None = N
         _kernel, mode=mode, n=n, block=cfg.block, num_chunks=cfg.num_chunks, tree=tree, ptx=ptx,
     )
     out_shape = (m,) if mode in ("sum", "mean") else (m, n)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(m,),
         out_shape=jax.ShapeDtypeStruct(out_shape, x2d.dtype),

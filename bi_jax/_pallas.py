@@ -1,0 +1,38 @@
+"""``pallas_call`` for the bi_jax kernels, usable inside a checked ``shard_map``.
+
+Inside ``jax.shard_map(..., check_vma=True)`` (its default) every value's
+type says over which mesh axes it varies, and a Pallas call must declare it
+for its outputs. A bi_ kernel computes each output from its inputs alone, so
+its outputs vary over the axes any input varies over: the inputs that vary
+over fewer are cast to vary over all of them (``jax.lax.pcast``, a change of
+type, not of values) and the outputs declared so. Outside ``shard_map``
+nothing varies and this is ``pl.pallas_call``.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import pallas as pl
+from jax.sharding import ManualAxisType
+
+
+def _varying(a) -> frozenset:
+    mat = getattr(jax.typeof(a), "mat", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+    """``pl.pallas_call(kernel, out_shape=out_shape, **kwargs)`` whose
+    outputs vary over the union of its inputs' varying mesh axes."""
+
+    def call(*args):
+        varying = frozenset().union(*(_varying(a) for a in args))
+        if varying:
+            args = [jax.lax.pcast(a, tuple(sorted(varying - _varying(a))), to="varying")
+                    if varying - _varying(a) else a for a in args]
+        mat = ManualAxisType(varying=varying)
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape,
+                              is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
+        return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+
+    return call
