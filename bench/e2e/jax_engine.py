@@ -70,7 +70,7 @@ class JaxEngine:
             raise ValueError(f"impl must be 'bi' or 'default', got {impl!r}")
         self.config, self.impl, self.page_size, self.temperature = config, impl, page_size, float(temperature)
         self.pages_per_seq = pages_per_seq
-        self.seq_slots = bucket(max_seqs + 1, least=8)  # one more sequence for the padding tokens
+        self.seq_slots = max_seqs + 1  # one more sequence for the padding tokens
         self.w = {name: weights.jax_tensor(shape, seed, index, scale, dtype, offset)
                   for index, (name, shape, scale, offset) in enumerate(weight_specs(config))}
         self.layers = [{k.split(".", 1)[1]: v for k, v in self.w.items() if k.startswith(f"{i}.")}
