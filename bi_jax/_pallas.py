@@ -1,4 +1,5 @@
-"""``pallas_call`` for the bi_jax kernels, usable inside a checked ``shard_map``.
+"""``pallas_call`` (and ``varying`` for the Mosaic GPU matmul's ``plgpu.kernel``)
+for the bi_jax kernels, usable inside a checked ``shard_map``.
 
 Inside ``jax.shard_map(..., check_vma=True)`` (its default) every value's
 type says over which mesh axes it varies, and a Pallas call must declare it
@@ -21,18 +22,26 @@ def _varying(a) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset()
 
 
+def varying(args, out_shape):
+    """``(args, out_shape)`` for a kernel inside ``shard_map``: the args
+    cast to vary over every mesh axis any of them varies over, and the output
+    shapes declared to vary so."""
+    axes = frozenset().union(*(_varying(a) for a in args))
+    if axes:
+        args = [jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") if axes - _varying(a) else a
+                for a in args]
+    mat = ManualAxisType(varying=axes)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape,
+                          is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
+    return args, shapes
+
+
 def pallas_call(kernel, *, out_shape, **kwargs):
     """``pl.pallas_call(kernel, out_shape=out_shape, **kwargs)`` whose
     outputs vary over the union of its inputs' varying mesh axes."""
 
     def call(*args):
-        varying = frozenset().union(*(_varying(a) for a in args))
-        if varying:
-            args = [jax.lax.pcast(a, tuple(sorted(varying - _varying(a))), to="varying")
-                    if varying - _varying(a) else a for a in args]
-        mat = ManualAxisType(varying=varying)
-        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape,
-                              is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
+        args, shapes = varying(args, out_shape)
         return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
 
     return call

@@ -24,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from bi_core.matmul import WgmmaConfig
+from bi_jax._pallas import varying
 
 # The Mosaic GPU interpreter runs every CTA of the grid on numpy; a couple of
 # persistent CTAs exercise the same tile walk as the real grid.
@@ -186,9 +187,14 @@ def wgmma_matmul(
     n = b3.shape[1] if b_kmajor else b3.shape[2]
     grid = _INTERPRET_NUM_SMS if interpret else num_sms
     cfg = dataclasses.replace(cfg, stages=fitted_stages(cfg, a3.dtype, out_dtype))
+    if bias is not None:
+        # The epilogue reads whole bias tiles; pad so that none goes past the end.
+        bias = jnp.pad(bias, (0, -n % cfg.cta_n))
+    args, out_type = varying((a3, b3) if bias is None else (a3, b3, bias),
+                             jax.ShapeDtypeStruct((batch, m, n), out_dtype))
     kernel = plgpu.kernel(
         functools.partial(_body, cfg=cfg, has_bias=bias is not None, b_kmajor=b_kmajor),
-        out_type=jax.ShapeDtypeStruct((batch, m, n), out_dtype),
+        out_type=out_type,
         grid=(grid,),
         grid_names=("sm",),
         num_threads=cfg.compute_wgs + 1,
@@ -199,8 +205,4 @@ def wgmma_matmul(
         ),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    if bias is not None:
-        # The epilogue reads whole bias tiles; pad so that none goes past the end.
-        bias = jnp.pad(bias, (0, -n % cfg.cta_n))
-    args = (a3, b3) if bias is None else (a3, b3, bias)
     return kernel(*args)
