@@ -1,5 +1,6 @@
 """Every Triton kernel that the torch ops launch passes Triton's front end
-for a Hopper target, with the arguments and constants it is launched with.
+for a Hopper target, with the arguments and constants it is launched with;
+every bi_jax op lowers for a CUDA H100 (its Pallas kernels to Triton IR).
 
 The CPU suite runs the kernels in Triton's interpreter, which executes the
 kernel's Python as Python: code that the compiler refuses (a kernel reading a
@@ -11,6 +12,14 @@ points the specs do not reach) and lowers each distinct one to Triton IR
 which patches ``triton.language`` for itself. It covers the constants that
 small problems select; paths only large problems take (split rows, TMA
 descriptors) are left to the GPU run.
+
+For JAX the same holds of the Pallas interpreter; there each op (forward,
+and backward through ``jax.vjp``) is lowered with ``lowering_platforms=
+("cuda",)`` under an abstract H100 (``jax.sharding.AbstractDevice``), with the
+kernels' interpreter switched off, in a process of its own: Pallas lowers
+each kernel to Triton IR (or Mosaic GPU) there, no GPU needed. (Which matmul
+kernel runs is chosen as on a GPU:
+the Mosaic GPU one for bf16/fp16 products past 32 rows, lowered too.)
 """
 
 from __future__ import annotations
@@ -199,3 +208,89 @@ def test_every_torch_kernel_lowers_for_hopper():
     assert run.returncode == 0, run.stderr[-3000:]
     failures = json.loads(run.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(failures)
+
+
+_LOWER_JAX = """
+import numpy as np
+
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractDevice, AbstractMesh
+
+import bi_jax
+import bi_jax.ops.attention_grad
+import bi_jax.ops.embedding
+from harness import grads, registry
+from harness.frameworks import adapter
+
+for name, module in list(sys.modules.items()):  # compiled kernels: the interpreter off wherever it is asked
+    if name.startswith("bi_jax") and hasattr(module, "interpret_mode"):
+        module.interpret_mode = lambda op: False
+bi_jax.ops.matmul._num_sms = lambda: 132  # the H100's (the Mosaic GPU matmul's persistent grid)
+
+h100 = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                                          platform="cuda"))
+ad = adapter("jax")
+failures, lowered = [], 0
+
+
+def lower(label, fn, *args):
+    global lowered
+    try:
+        with jax.sharding.use_abstract_mesh(h100):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        if "triton" not in text and "mosaic_gpu" not in text:
+            failures.append(f"{label}: no GPU kernel in the lowered module")
+        lowered += 1
+    except Exception as e:
+        failures.append(f"{label}: {type(e).__name__}: {str(e)[:600]}")
+
+
+for spec in registry.all_specs():
+    if spec.impl("jax") is None:
+        continue
+    kw = spec.call_kwargs("jax")
+    for features in (8, 257):
+        features = min(features, spec.max_features or features)
+        for dtype in ("float32", "bfloat16"):
+            inputs = ad.natives(spec.make_inputs(np.random.default_rng(0), 40, features, dtype))
+            lower(f"{spec.name} {features} {dtype}", lambda inp, fn=ad.kernel(spec): fn(**inp, **kw), inputs)
+for op, wrt, framework in grads.cases():
+    if framework != "jax":
+        continue
+    spec = registry.get(op)
+    kw = spec.call_kwargs("jax")
+    inputs = ad.natives(spec.make_inputs(np.random.default_rng(0), 3, min(40, spec.max_features or 40), "bfloat16"))
+    lower(f"{op} grad {wrt}", lambda inp, fn=grads.grad_function(ad, spec, wrt): fn(**inp, **kw), inputs)
+ids = jnp.asarray([[3, 1, 3], [0, 9, 3]], jnp.int32)
+table = jnp.ones((10, 48), jnp.bfloat16)
+lower("embedding grad", lambda t: jax.vjp(lambda t: bi_jax.embedding(ids, t), t)[1](jnp.ones((2, 3, 48), t.dtype)),
+      table)
+cache = jnp.ones((6, 16, 2, 64), jnp.bfloat16)
+q = jnp.ones((2, 3, 4, 64), jnp.bfloat16)
+table_ = jnp.asarray([[0, 1, 2], [3, 4, 5]], jnp.int32)
+lens = jnp.asarray([20, 33], jnp.int32)
+lower("paged_attention", lambda q: bi_jax.paged_attention(q, cache, cache, table_, lens), q)
+cu = jnp.asarray([0, 5, 12], jnp.int32)
+packed = jnp.ones((12, 4, 64), jnp.bfloat16)
+lower("varlen_attention", lambda x: bi_jax.varlen_attention(x, x[:, :2], x[:, :2], cu, cu, 7, 7, causal=True), packed)
+lower("dot_product_attention mask", lambda x: bi_jax.dot_product_attention(
+    x, x, x, mask=jnp.tril(jnp.ones((9, 9), bool))[None, None]), jnp.ones((1, 9, 4, 64), jnp.float32))
+print("LOWERED", lowered)
+import json
+print(json.dumps(failures))
+"""
+
+
+def test_every_jax_op_lowers_for_a_cuda_h100():
+    pytest.importorskip("jax")
+    env = {k: v for k, v in os.environ.items() if k != "BI_JAX_INTERPRET"}
+    env["JAX_PLATFORMS"] = "cpu"
+    run = subprocess.run([sys.executable, "-c", _LOWER_JAX], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    failures = json.loads(lines[-1])
+    assert not failures, "\n".join(failures)
+    assert int(lines[-2].split()[1]) > 20
