@@ -56,7 +56,9 @@ def _grad_spec(spec: OpSpec, wrt: str) -> OpSpec:
     gradient = spec.grads[wrt]
 
     def reference(inputs):
-        dtype = np.asarray(inputs[spec.batch_arg]).dtype
+        # The output's dtype: the batch argument's, or (integer ids) the first float input's.
+        arrays = [np.asarray(inputs[spec.batch_arg]), *(np.asarray(v) for v in inputs.values())]
+        dtype = next(a.dtype for a in arrays if a.dtype in _FLOATS)
         cotangent = spec.reference(inputs).astype(dtype).astype(np.float64)
         return gradient(_f64(inputs), cotangent)
 
