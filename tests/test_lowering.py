@@ -236,12 +236,12 @@ ad = adapter("jax")
 failures, lowered = [], 0
 
 
-def lower(label, fn, *args):
+def lower(label, fn, *args, kernel=True):
     global lowered
     try:
         with jax.sharding.use_abstract_mesh(h100):
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        if "triton" not in text and "mosaic_gpu" not in text:
+        if kernel and "triton" not in text and "mosaic_gpu" not in text:
             failures.append(f"{label}: no GPU kernel in the lowered module")
         lowered += 1
     except Exception as e:
@@ -256,7 +256,9 @@ for spec in registry.all_specs():
         features = min(features, spec.max_features or features)
         for dtype in ("float32", "bfloat16"):
             inputs = ad.natives(spec.make_inputs(np.random.default_rng(0), 40, features, dtype))
-            lower(f"{spec.name} {features} {dtype}", lambda inp, fn=ad.kernel(spec): fn(**inp, **kw), inputs)
+            # (embedding's forward is XLA's gather: no kernel of its own)
+            lower(f"{spec.name} {features} {dtype}", lambda inp, fn=ad.kernel(spec): fn(**inp, **kw), inputs,
+                  kernel=spec.name != "embedding")
 for op, wrt, framework in grads.cases():
     if framework != "jax":
         continue
