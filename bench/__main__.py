@@ -104,8 +104,8 @@ def parser() -> argparse.ArgumentParser:
                         "dispatch mode, the process-wide switch) and Llama generation under each, and a JAX "
                         "decoder's generation under the transform (GPU only; writes host_cost.json)")
     p.add_argument("--backward", action="store_true",
-                   help="instead of the sweep: forward + backward of each op with a backward pass, bi_ against the "
-                        "framework's default (GPU only; --quick: fewer token counts; writes backward.json)")
+                   help="instead of the sweep: forward + backward of each op with a backward pass (of --ops), bi_ "
+                        "against the framework's default (GPU only; --quick: fewer token counts; writes backward.json)")
     p.add_argument("--e2e", action="store_true",
                    help="instead of the sweep: continuous batching end to end (bench/e2e): each request served under "
                         "several arrival schedules by each framework's engine, default and bi_ kernels; distinct "
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             if not profile.native:
                 p.error(f"{what}; this machine has no GPU")
             module = importlib.import_module(f"bench.{mode}")
-            for path in module.run(args.out, console, args.frameworks, quick=args.quick):
+            extra = {"ops": args.ops} if mode == "backward" else {}
+            for path in module.run(args.out, console, args.frameworks, quick=args.quick, **extra):
                 console.print(f"wrote {path}")
             return 0
     if args.e2e:

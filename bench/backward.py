@@ -74,7 +74,7 @@ def _jax_ms(step, reps: int = 30) -> float:
     return statistics.median(times)
 
 
-def measure(frameworks, quick: bool = False, console=None, path: Path | None = None) -> list[dict]:
+def measure(frameworks, quick: bool = False, console=None, path: Path | None = None, ops=None) -> list[dict]:
     """The rows, each also written to ``path`` (JSON) as soon as it is
     measured (a run cut by a time limit keeps what it measured)."""
     from harness import registry
@@ -82,7 +82,7 @@ def measure(frameworks, quick: bool = False, console=None, path: Path | None = N
 
     rows = []
     for spec in registry.all_specs():
-        if not spec.grads or spec.bench is None:
+        if not spec.grads or spec.bench is None or (ops is not None and spec.name not in ops):
             continue
         features = spec.bench.features[0]
         for framework in frameworks:
@@ -115,12 +115,13 @@ def measure(frameworks, quick: bool = False, console=None, path: Path | None = N
     return rows
 
 
-def run(out: Path, console, frameworks, quick: bool = False) -> list[Path]:
+def run(out: Path, console, frameworks, quick: bool = False, ops=None) -> list[Path]:
+    """``ops``: the op names to measure (default: every op with a backward)."""
     from rich.table import Table
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "backward.json"
-    rows = measure(frameworks, quick, console, path)
+    rows = measure(frameworks, quick, console, path, ops)
     table = Table(title="forward + backward of one op (bf16; loss: half the squared norm of the output; "
                         "default time / bi_ time)")
     for col in ("op", "framework", "features", "M", "inputs", "default ms", "bi_ ms", "ratio"):
