@@ -217,6 +217,14 @@ def test_gpu_only_modes_say_so_without_a_gpu(flag, capsys):
     assert exit_.value.code == 2 and "this machine has no GPU" in capsys.readouterr().err
 
 
+def test_backward_measures_only_the_ops_asked_for():
+    """``--backward --ops X`` times X alone: ops not asked for are not run
+    (none here, so nothing runs, GPU or not)."""
+    from bench import backward
+
+    assert backward.measure(("torch", "jax"), quick=True, ops=()) == []
+
+
 def test_help_shows_ops_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
