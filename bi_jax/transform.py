@@ -242,8 +242,14 @@ class _Evaluator:
         elif name == "shard_map" and _may_reduce(eqn):
             # In the Pallas interpreter a kernel inside a checked shard_map
             # fails JAX's varying-axes check: the body runs as it is.
-            self.risky(name, "its body runs as it is: on the CPU backend the kernels cannot run inside "
-                             "shard_map(check_vma=True); pass check_vma=False, or run on a GPU")
+            if self.strict:
+                raise BatchVarianceRisk(
+                    "batch_invariant: on the CPU backend the kernels cannot run inside shard_map(check_vma=True) "
+                    "(the Pallas interpreter fails JAX's varying-axes check), so its body would run as it is, "
+                    "XLA's reductions included. Pass check_vma=False to shard_map, run on a GPU, or use "
+                    "strict=False to run the body as it is (it is then counted in .unhandled)."
+                )
+            self.unhandled[name] += 1
         elif _is_bi_kernel(eqn):
             self.handled[params["name"]] += 1  # a bi_jax op called inside the function
         elif name in _CALLS or name in _CUSTOM:

@@ -337,6 +337,31 @@ def _round_bf16(x):
     return x.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
+@pytest.mark.skipif(PROFILE.native, reason="a CPU without the interpreter")
+def test_torch_embedding_for_training_needs_a_device_its_backward_runs_on():
+    """A CPU table that requires grad, without the Triton interpreter: refused
+    at the forward with the way out, not at the backward by Triton's driver;
+    without grad the gather runs."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BI_DEVICE")}
+    code = textwrap.dedent("""
+        import torch, bi_torch
+        ids, w = torch.tensor([1, 2]), torch.zeros(4, 3)
+        assert bi_torch.embedding(ids, w).shape == (2, 3)
+        try:
+            bi_torch.embedding(ids, w.requires_grad_())
+        except ValueError as e:
+            print("refused:", e)
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "refused: embedding:" in run.stdout and "TRITON_INTERPRET=1" in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_embedding_refuses_bad_input(framework):
     pytest.importorskip(framework)
@@ -351,6 +376,8 @@ def test_embedding_refuses_bad_input(framework):
             bi.embedding(ids, torch.zeros(4, 3, 2))
         with pytest.raises(ValueError, match="2-D floating-point"):
             bi.embedding(ids, torch.zeros(4, 3, dtype=torch.int32))
+        with pytest.raises(ValueError, match="same device"):
+            bi.embedding(ids.to("meta"), table)
     else:
         import jax.numpy as jnp
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bi_torch._checks import canonical
+from bi_torch._checks import canonical, check_launchable
 
 
 @triton.jit
@@ -73,7 +73,9 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows of a ``(num_embeddings, dim)`` floating-point table for integer
     ``ids`` of any shape (out-of-range ids fail as they do there). Its weight
     gradient is summed in a fixed order (module docstring), so a training
-    step gives the same bits on every run."""
+    step gives the same bits on every run. A table that requires grad must be
+    where the backward's kernel can run: a CUDA tensor, or a CPU tensor under
+    the Triton interpreter."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"embedding: ids must be an int32 or int64 tensor, got "
                         f"{getattr(ids, 'dtype', type(ids).__name__)}")
@@ -82,7 +84,9 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                          f"{getattr(weight, 'shape', type(weight).__name__)} "
                          f"{getattr(weight, 'dtype', '')}")
     if ids.device != weight.device:
-        raise ValueError(f"embedding: ids on {ids.device}, weight on {weight.device}")
+        raise ValueError(f"embedding: ids and weight must be on the same device; ids on {ids.device}, "
+                         f"weight on {weight.device}")
     if torch.is_grad_enabled() and weight.requires_grad:
+        check_launchable("embedding", weight)  # the backward's kernel
         return _Embedding.apply(ids, weight)
     return torch.nn.functional.embedding(ids, weight)
