@@ -386,3 +386,24 @@ def test_embedding_refuses_bad_input(framework):
             bi.embedding(ids.astype(jnp.float32), table)
         with pytest.raises(ValueError, match="2-D floating-point"):
             bi.embedding(ids, jnp.zeros((4, 3, 2)))
+
+
+def test_jax_embedding_ids_outside_the_table_as_jnp_take():
+    """Negative ids count from the end and ids past the table take no
+    gradient, as ``jnp.take``'s own transpose does (the kernel never writes
+    outside the table); tables past int32 offsets are refused."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    import bi_jax
+    from bi_jax.ops.embedding import embedding_backward
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((10, 8)), jnp.float32)
+    ids = jnp.asarray([1, 12, -1, 1, 9, -10], jnp.int32)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal((6, 8)), jnp.float32)
+    got = jax.vjp(lambda w: bi_jax.embedding(ids, w), w)[1](g)[0]
+    want = jax.vjp(lambda w: jnp.take(w, ids, axis=0), w)[1](g)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        jax.eval_shape(lambda g: embedding_backward(jnp.zeros((2,), jnp.int32), g, 2**20, jnp.float32),
+                       jax.ShapeDtypeStruct((2, 4096), jnp.float32))

@@ -27,7 +27,7 @@ from bi_jax._pallas import pallas_call
 _BLOCK = 1024  # columns per program, at most
 
 
-def _grad_kernel(sorted_ref, order_ref, g_ref, zeros_ref, out_ref, *, n, h, block):
+def _grad_kernel(sorted_ref, order_ref, g_ref, zeros_ref, out_ref, *, n, h, num_rows, block):
     del zeros_ref  # the output's initial zeros (aliased)
     j = pl.program_id(0)
     cols = pl.program_id(1) * block + jnp.arange(block, dtype=jnp.int32)
@@ -35,7 +35,9 @@ def _grad_kernel(sorted_ref, order_ref, g_ref, zeros_ref, out_ref, *, n, h, bloc
     row = sorted_ref[j]
     prev = sorted_ref[jnp.maximum(j - 1, 0)]
 
-    @pl.when((j == 0) | (prev != row))
+    # Ids outside the table (jnp.take fills their rows) take no gradient, as in
+    # jnp.take's own transpose, and write nothing.
+    @pl.when(((j == 0) | (prev != row)) & (row >= 0) & (row < num_rows))
     def _():
         def more(carry):
             k, _ = carry
@@ -57,6 +59,7 @@ def embedding_backward(ids, g, num_rows: int, dtype, interpret=None):
     interpret = interpret_mode("embedding backward") if interpret is None else interpret
     h = g.shape[-1]
     flat = ids.reshape(-1).astype(jnp.int32)
+    flat = jnp.where(flat < 0, flat + num_rows, flat)  # negative ids count from the end, as in jnp.take
     n = flat.shape[0]
     zeros = jnp.zeros((num_rows, h), dtype)
     if n == 0 or h == 0:
@@ -64,7 +67,10 @@ def embedding_backward(ids, g, num_rows: int, dtype, interpret=None):
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     sorted_ids = flat[order]
     block = min(_BLOCK, 1 << (h - 1).bit_length())
-    kernel = functools.partial(_grad_kernel, n=n, h=h, block=block)
+    if n * h >= 2**31 or num_rows * h >= 2**31:
+        raise ValueError(f"embedding backward: {n} x {h} gradients or a {num_rows} x {h} table past 2**31 elements "
+                         "(the kernel's offsets are int32)")
+    kernel = functools.partial(_grad_kernel, n=n, h=h, num_rows=num_rows, block=block)
     return pallas_call(kernel, grid=(n, pl.cdiv(h, block)), out_shape=jax.ShapeDtypeStruct((num_rows, h), dtype),
                           input_output_aliases={3: 0}, interpret=interpret,
                           compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
@@ -92,7 +98,8 @@ _embedding.defvjp(_forward, _backward)
 def embedding(ids, weight):
     """``jnp.take(weight, ids, axis=0)``: rows of a ``(num_embeddings, dim)``
     floating-point table for integer ``ids`` of any shape (out-of-range ids
-    as ``jnp.take`` treats them). Its weight gradient is
+    as ``jnp.take`` treats them: negative ones count from the end, others
+    give NaN rows and take no gradient). Its weight gradient is
     summed in a fixed order (module docstring), so a training step gives the
     same bits on every run."""
     ids, weight = jnp.asarray(ids), jnp.asarray(weight)
