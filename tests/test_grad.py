@@ -8,6 +8,8 @@ with inference, and the negative controls of the gradients.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import Phase, given, settings
@@ -170,23 +172,47 @@ def test_torch_fused_attention_backward(dtype):
     several tiles."""
     import torch
 
+    from bi_torch.ops.attention import _dense
     from bi_torch.ops.attention_grad import attention_backward
 
     dt = getattr(torch, dtype)
     tol = 1e-4 if dtype == "float32" else 6e-2
     gen = torch.Generator().manual_seed(0)
+
+    def forward_lse(q, k, v, causal, split_kv):
+        return _dense("attention", q, k, v, causal=causal, scale=None, window=None, bottom_right=True,
+                      split_kv=split_kv, with_lse=True)[1]
+
     for b, lq, lk, hq, hkv, d, causal in ((2, 70, 70, 4, 1, 64, True), (2, 3, 90, 2, 1, 128, True),
                                           (2, 9, 4, 2, 2, 64, True), (2, 33, 40, 2, 2, 64, False)):
+        shape = (lq, lk, hq, hkv, d)
         q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dt) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, dt)
-        got = [t.cpu() for t in attention_backward(*(t.to(_TORCH_DEVICE) for t in (q, k, v, out, out)), causal)]
-        for name, x, w in zip("qkv", got, want):
-            assert x.dtype == dt and x.shape == w.shape
-            torch.testing.assert_close(x.double(), w, rtol=tol, atol=tol * max(1.0, float(w.abs().max())),
-                                       msg=lambda m: f"{name} {(lq, lk, hq, hkv, d)}: {m}")
-        alone = [t.cpu() for t in attention_backward(*(t[1:].to(_TORCH_DEVICE) for t in (q, k, v, out, out)),
-                                                     causal)]
-        assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {(lq, lk)}"
+        dev = [t.to(_TORCH_DEVICE) for t in (q, k, v, out, out)]
+        # The forward's statistics: the same bits from one program per tile
+        # and from split-KV, a sequence's alone and in the batch, and each
+        # query's log2-sum-exp2 (+inf where it sees no key).
+        lse = forward_lse(*dev[:3], causal, False)
+        assert torch.equal(lse, forward_lse(*dev[:3], causal, True)), f"split-KV's lse differs {shape}"
+        assert torch.equal(lse[hq:], forward_lse(*(t[1:] for t in dev[:3]), causal, False)), f"lse alone {shape}"
+        s64 = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(hq // hkv, 2)) / d ** 0.5
+        if causal:
+            s64 = s64.masked_fill(torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + (lk - lq), float("-inf"))
+        lse64 = (torch.logsumexp(s64, -1) / math.log(2)).reshape(b * hq, lq)
+        lse64 = torch.where(torch.isneginf(lse64), float("inf"), lse64)
+        # (16-bit inputs: the row sums add the probabilities rounded to the inputs' dtype)
+        lse_tol = 1e-5 if dtype == "float32" else 1e-2
+        torch.testing.assert_close(lse.cpu().double(), lse64, rtol=lse_tol, atol=lse_tol,
+                                   msg=lambda m: f"lse {shape}: {m}")
+        for kept in (None, lse):  # the statistics recomputed by the backward, and the forward's
+            got = [t.cpu() for t in attention_backward(*dev, causal, lse=kept)]
+            for name, x, w in zip("qkv", got, want):
+                assert x.dtype == dt and x.shape == w.shape
+                torch.testing.assert_close(x.double(), w, rtol=tol, atol=tol * max(1.0, float(w.abs().max())),
+                                           msg=lambda m: f"{name} {shape} lse={kept is not None}: {m}")
+            alone = [t.cpu() for t in attention_backward(*(t[1:] for t in dev), causal,
+                                                         lse=None if kept is None else kept[hq:])]
+            assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {shape}"
 
 
 def test_torch_row_backward_kernels():

@@ -130,6 +130,17 @@ def _finish(big_l, big_acc, PTX: tl.constexpr):
 
 
 @triton.jit
+def _store_lse(WS_M, sh, ws_rows, tile, big_m, big_l, valid, BLOCK_M: tl.constexpr):
+    """Each row's log2-sum-exp2 of its scaled scores, ``m + log2(l)`` (+inf
+    for a row that sees no key), into the first plane of ``WS_M`` at the
+    workspace's row layout: the statistics the backward recomputes the
+    probabilities from (``bi_torch.ops.attention_grad``)."""
+    row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    lse = tl.where(big_l > 0, big_m + tl.log2(tl.where(big_l > 0, big_l, 1.0)), float("inf"))
+    tl.store(WS_M + row, lse, mask=valid)
+
+
+@triton.jit
 def _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed,
               VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
               K_STARTS: tl.constexpr = False):
@@ -273,6 +284,7 @@ def _attn_kernel(
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
     WHOLE: tl.constexpr = False, REVERSE: tl.constexpr = False, K_STARTS: tl.constexpr = False,
+    HAS_LSE: tl.constexpr = False,
 ):
     # REVERSE: the last (for causal masks the longest) tiles first; schedule only.
     if REVERSE:
@@ -354,6 +366,8 @@ def _attn_kernel(
         out = _finish(big_l, big_acc, PTX)
         o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
         tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
+        if HAS_LSE:
+            _store_lse(WS_M, sh, ws_rows, tile, big_m, big_l, valid, BLOCK_M)
 
 
 @fast
@@ -364,8 +378,11 @@ def _merge_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BPS: tl.constexpr, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, PTX: tl.constexpr, MERGE_STAGES: tl.constexpr = 4, K_STARTS: tl.constexpr = False,
+    HAS_LSE: tl.constexpr = False,
 ):
-    """Fold the splits' partials of one tile in split order, then the output."""
+    """Fold the splits' partials of one tile in split order, then the output
+    (and with ``HAS_LSE`` the rows' statistics, over split 0's, which this
+    program alone reads)."""
     tile = tl.program_id(0)
     sh = tl.program_id(1)
     s = sh // HKV
@@ -394,6 +411,8 @@ def _merge_kernel(
     h = hkv * G + g
     o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
     tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
+    if HAS_LSE:
+        _store_lse(WS_M, sh, ws_rows, tile, big_m, big_l, valid, BLOCK_M)
 
 
 # --- launch ------------------------------------------------------------------
@@ -414,7 +433,7 @@ def launch(
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
     block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
-    reverse=None, kv_starts=None,
+    reverse=None, kv_starts=None, with_lse=False,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -432,7 +451,11 @@ def launch(
     ``kv_starts`` (int32 ``(B,)``, dense keys only, not with ``cu_k``,
     ``kv_lens`` or a block table): sequence b's keys are its buffer's
     ``kv_starts[b]:kv_len``, counted from there as if they started the
-    buffer; the mask and bias keep the buffer's key axis."""
+    buffer; the mask and bias keep the buffer's key axis.
+    ``with_lse``: return ``(out, lse)`` with each row's log2-sum-exp2 of its
+    scaled scores, fp32 ``(batch * hkv, rows)`` in the tiles' row order
+    (query-major, the group's heads inside), the same bits from either
+    strategy (``dense_lse`` reorders it to query heads)."""
     if kv_starts is not None and (cu_k is not None or kv_lens is not None or block_table is not None):
         raise ValueError("attention launch: kv_starts is for dense keys without kv_lens")
     d = q.shape[-1]
@@ -460,11 +483,14 @@ def launch(
         ws_acc = torch.empty((splits, batch * hkv, ws_rows, d), dtype=torch.float32, device=dev)
     else:
         ws_m = ws_l = ws_acc = torch.empty(1, dtype=torch.float32, device=dev)
+        if with_lse:
+            ws_m = torch.empty((1, batch * hkv, ws_rows), dtype=torch.float32, device=dev)
     dummy = _empty_i32(dev)
     common = dict(
         HKV=hkv, G=group, D=d, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BPS=split_keys // block_n,
         VARLEN_Q=cu_q is not None, VARLEN_K=cu_k is not None, HAS_KV_LEN=kv_lens is not None,
         BOTTOM_RIGHT=bottom_right, PTX=not interpreting(), K_STARTS=kv_starts is not None,
+        HAS_LSE=bool(with_lse),
     )
     if kv_starts is not None:
         cu_k = kv_starts
@@ -489,7 +515,7 @@ def launch(
             *o_strides, q_len, kv_len, left, right, ws_rows,
             num_warps=4, MERGE_STAGES=merge_stages, **common,
         )
-    return out
+    return (out, ws_m[0]) if with_lse else out
 
 
 # --- checks --------------------------------------------------------------------
@@ -589,11 +615,13 @@ def _first_visible(t, batch):
 
 
 def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_lengths=None, kv_lengths=None,
-           mask=None, bias=None, from_first_visible=False):
+           mask=None, bias=None, from_first_visible=False, with_lse=False):
     """(B, Lq, Hq, D) x (B, Lk, Hkv, D) -> (B, Lq, Hq, D); ``mask`` (bool) and
     ``bias`` (float) broadcast to (B, Hq, Lq, Lk). ``from_first_visible``:
     each sequence's keys counted from the first one its mask or bias shows
-    (those before it are hidden, so they are left out)."""
+    (those before it are hidden, so they are left out). ``with_lse``: return
+    ``(out, lse)``, ``lse`` each query's log2-sum-exp2 of its scaled scores,
+    fp32 ``(B * Hq, Lq)`` (+inf where it sees no key), for the backward."""
     contract.check_split_kv(split_kv, op)
     contract.window_sides(causal, window, op)
     group = _check_qkv(op, q, k, v, 4, 4)
@@ -610,6 +638,9 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
                          "window or kv_lengths)")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device)
+    if with_lse and (b == 0 or lq == 0 or lk == 0):
+        lse = torch.full((b * hq, lq), float("inf"), dtype=torch.float32, device=q.device)
+        return out.zero_(), lse
     if b == 0 or lq == 0:
         return out
     kv_lens = None
@@ -622,13 +653,17 @@ def _dense(op, q, k, v, *, causal, scale, window, bottom_right, split_kv, q_leng
     if lk == 0 and kv_lens is None:
         return out.zero_()
     kv_starts = _first_visible(scores, b) if from_first_visible and scores is not None else None
-    launch(
+    got = launch(
         q, k, v, out, q_strides=_strides(q), k_strides=_strides(k), v_strides=_strides(v), o_strides=_strides(out),
         batch=b, hkv=hkv, group=group, q_len=lq, kv_len=lk, kv_lens=kv_lens, max_q_len=lq, max_kv_len=lk,
         scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
-        bottom_right=bottom_right, split_kv=split_kv, mask=mask, bias=bias, kv_starts=kv_starts,
+        bottom_right=bottom_right, split_kv=split_kv, mask=mask, bias=bias, kv_starts=kv_starts, with_lse=with_lse,
     )
-    return out
+    if not with_lse:
+        return out
+    # Tile rows (query, head of the group) of each (sequence, KV head) -> (sequence, query head) rows.
+    rows = got[1][:, :lq * group].reshape(b, hkv, lq, group)
+    return out, rows.permute(0, 1, 3, 2).reshape(b * hq, lq)
 
 
 def _strides(t):

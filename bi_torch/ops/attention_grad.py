@@ -2,8 +2,10 @@
 kernels, no atomics, no (L, L) array in memory.
 
 1. ``_stats_kernel``, a program per (sequence, query head, block of queries):
-   each query's log-sum-exp over its visible keys (the probabilities are
-   recomputed from it) and ``delta = rowsum(dO * O)``, in fp32.
+   ``delta = rowsum(dO * O)`` in fp32, and, unless the forward kept them
+   (autograd's path does: ``bi_torch.ops.attention._dense(with_lse=True)``),
+   each query's log2-sum-exp2 of its scaled scores ``s * scale * log2(e)``
+   over its visible keys, from which the probabilities are recomputed.
 2. ``_dkdv_kernel``, a program per (sequence, KV head, block of keys): dK and
    dV summed over the group's query heads in head order, and over the query
    blocks in increasing order.
@@ -52,49 +54,52 @@ def _key_end(tile, lk, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _p_ds(q, k, v, g, lse, delta, valid, scale, PRECISION: tl.constexpr):
-    """The probabilities of a (queries, keys) tile and ``dS`` (with the scale)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
-    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+def _p_ds(q, k, v, g, lse, delta, valid, scale, c, PRECISION: tl.constexpr):
+    """The probabilities of a (queries, keys) tile and ``dS`` (with the scale);
+    ``c = scale * log2(e)``, ``lse`` in log2 units."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * c
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
     return p, p * (dp - delta[:, None]) * scale
 
 
 @triton.jit
-def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, scale,
+def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, c,
                   sqb, sql, sqh, skb, skl, skh, sob, sol, soh, sgb, sgl, sgh,
                   HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                  HAS_LSE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // HQ, bh % HQ
     qpos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     q_ok = (qpos < lq)[:, None]
-    q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
     o = tl.load(_at(O, b, h, qpos, sob, sol, soh, d), mask=q_ok, other=0.0)
     g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, _key_end(tile, lk, offset, BLOCK_M, CAUSAL), BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(_at(K, b, h // G, kpos, skb, skl, skh, d), mask=(kpos < lk)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * scale
-        s = tl.where(_visible(qpos, kpos, lq, lk, offset, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
-        m = m_new
-    # A query that sees no key: +inf, so that its probabilities are exp(-inf) = 0.
-    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("inf"))
     rows = bh * lq + qpos
-    tl.store(LSE + rows, lse, mask=qpos < lq)
     tl.store(DELTA + rows, delta, mask=qpos < lq)
+    if not HAS_LSE:
+        q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        for n0 in range(0, _key_end(tile, lk, offset, BLOCK_M, CAUSAL), BLOCK_N):
+            kpos = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(_at(K, b, h // G, kpos, skb, skl, skh, d), mask=(kpos < lk)[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * c
+            s = tl.where(_visible(qpos, kpos, lq, lk, offset, CAUSAL), s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l = l * tl.exp2(m - safe) + tl.sum(tl.exp2(s - safe[:, None]), axis=1)
+            m = m_new
+        # A query that sees no key: +inf, so that its probabilities are exp2(-inf) = 0.
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("inf"))
+        tl.store(LSE + rows, lse, mask=qpos < lq)
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh,
                  sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -122,7 +127,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale,
             g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
             lse = tl.load(LSE + stats + qpos, mask=qpos < lq, other=float("inf"))
             delta = tl.load(DELTA + stats + qpos, mask=qpos < lq, other=0.0)
-            p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, PRECISION)
+            p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c,
+                         PRECISION)
             dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
     tl.store(_at(DK, b, hkv, kpos, sdkb, sdkl, sdkh, d), dk.to(DK.dtype.element_ty), mask=k_ok)
@@ -130,7 +136,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale, c,
                sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh, sdqb, sdql, sdqh,
                HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
@@ -150,7 +156,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale,
         k_ok = (kpos < lk)[:, None]
         k = tl.load(_at(K, b, h // G, kpos, skb, skl, skh, d), mask=k_ok, other=0.0)
         v = tl.load(_at(V, b, h // G, kpos, svb, svl, svh, d), mask=k_ok, other=0.0)
-        _, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, PRECISION)
+        _, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c,
+                         PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=tl.float32)
     tl.store(_at(DQ, b, h, qpos, sdqb, sdql, sdqh, d), dq.to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -161,19 +168,24 @@ def _rows_unit(t: torch.Tensor) -> torch.Tensor:
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, g: torch.Tensor,
                        causal: bool, scale: float | None = None,
-                       config: dict[str, contract.BackwardLaunch] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config: dict[str, contract.BackwardLaunch] | None = None,
+                       lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
     output gradient ``g``; ``(B, L, H, D)`` layouts as ``bi_torch.attention``,
     causal queries aligned to the end of the keys. In the inputs' dtype.
     ``config``: launches by kernel name (default:
     ``bi_core.attention.backward_launches``), for
-    probes that time other tiles."""
+    probes that time other tiles. ``lse``: the forward's statistics, fp32
+    ``(B * Hq, Lq)`` (``bi_torch.ops.attention._dense(with_lse=True)``);
+    without them a kernel recomputes them (one more ``QK^T`` product; other
+    gradient bits, as deterministic and batch-invariant)."""
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     contract.check_head_dim(d, "attention backward")
     if hq % hkv:
         raise ValueError(f"attention backward: {hq} query heads are not a multiple of {hkv} KV heads")
     q, k, v, out, g = (_rows_unit(t) for t in (q, k, v, out, g.to(q.dtype)))
+    c = contract.qk_scale(scale, d, "attention backward")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     group = hq // hkv
     cfg = {**contract.backward_launches(d), **(config or {})}
@@ -183,23 +195,27 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
         return dq, dk.zero_(), dv.zero_()
     if lk == 0:
         return dq.zero_(), dk, dv
-    lse = torch.empty((b * hq, lq), dtype=torch.float32, device=q.device)
+    if lse is not None and (lse.shape != (b * hq, lq) or lse.dtype != torch.float32 or lse.device != q.device):
+        raise ValueError(f"attention backward: lse must be float32 ({b * hq}, {lq}) on {q.device}, got "
+                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+    has_lse = lse is not None
+    lse = lse.contiguous() if has_lse else torch.empty((b * hq, lq), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     offset = lk - lq
     strides = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     common = dict(D=d, G=group, CAUSAL=bool(causal), PRECISION=precision)
 
     def launch(kernel, rows, heads, *args, **consts):
-        c = cfg[kernel]
-        grid = (triton.cdiv(rows, c.block_n if kernel == "dkdv" else c.block_m), b * heads)
-        kernels[kernel][grid](*args, **consts, **common, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                              num_warps=c.num_warps, num_stages=c.num_stages)
+        at = cfg[kernel]
+        grid = (triton.cdiv(rows, at.block_n if kernel == "dkdv" else at.block_m), b * heads)
+        kernels[kernel][grid](*args, **consts, **common, BLOCK_M=at.block_m, BLOCK_N=at.block_n,
+                              num_warps=at.num_warps, num_stages=at.num_stages)
 
-    launch("stats", lq, hq, q, k, out, g, lse, delta, lq, lk, offset, scale,
-           *strides(q), *strides(k), *strides(out), *strides(g), HQ=hq)
-    launch("dkdv", lk, hkv, q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale,
+    launch("stats", lq, hq, q, k, out, g, lse, delta, lq, lk, offset, c,
+           *strides(q), *strides(k), *strides(out), *strides(g), HQ=hq, HAS_LSE=has_lse)
+    launch("dkdv", lk, hkv, q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale, c,
            *strides(q), *strides(k), *strides(v), *strides(g), *strides(dk), *strides(dv), HKV=hkv)
-    launch("dq", lq, hq, q, k, v, g, lse, delta, dq, lq, lk, offset, scale,
+    launch("dq", lq, hq, q, k, v, g, lse, delta, dq, lq, lk, offset, scale, c,
            *strides(q), *strides(k), *strides(v), *strides(g), *strides(dq), HQ=hq)
     return dq, dk, dv
 

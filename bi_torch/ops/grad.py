@@ -172,10 +172,13 @@ class _Reduce(torch.autograd.Function):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, split_kv):
-        from bi_torch.ops.attention import attention
+        from bi_torch.ops.attention import _dense
 
-        out = attention(q, k, v, causal=causal, scale=scale, split_kv=split_kv)
-        ctx.save_for_backward(q, k, v, out)
+        # The inference forward's kernel (the same output bits), which also
+        # keeps each query's softmax statistics for the backward.
+        out, lse = _dense("attention", q, k, v, causal=causal, scale=scale, window=None, bottom_right=True,
+                          split_kv=split_kv, with_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale = causal, scale
         return out
 
@@ -184,8 +187,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, g):
         from bi_torch.ops.attention_grad import attention_backward
 
-        q, k, v, out = ctx.saved_tensors
-        grad_q, grad_k, grad_v = attention_backward(q, k, v, out, g, ctx.causal, ctx.scale)
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = attention_backward(q, k, v, out, g, ctx.causal, ctx.scale, lse=lse)
         return grad_q, grad_k, grad_v, None, None, None
 
 
