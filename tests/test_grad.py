@@ -275,6 +275,30 @@ def test_jax_fused_attention_backward():
             np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
         alone = attention_backward(*(jnp.asarray(t[1:]) for t in (q, k, v)), o[1:], o[1:], causal=causal)
         assert all(np.array_equal(np.asarray(x)[1:], np.asarray(y)) for x, y in zip(got, alone)), (lq, lk)
+        # The forward's statistics (autograd's path): the same bits with and
+        # without split-KV, and the backward from them as accurate.
+        lse = [_jax_forward_lse(q, k, v, causal, split) for split in (False, True)]
+        assert np.array_equal(*lse), f"split-KV's lse differs {(lq, lk)}"
+        got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal, lse=lse[0])
+        for name, x, w in zip("qkv", got, want):
+            np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
+
+
+def _jax_forward_lse(q, k, v, causal, split_kv):
+    """bi_jax's attention forward's statistics, in (sequence, query head,
+    query) order."""
+    import jax.numpy as jnp
+
+    from bi_core import attention as contract
+    from bi_jax.ops.attention import _row_major_strides, launch
+
+    (b, lq, hq, d), lk, hkv = q.shape, k.shape[1], k.shape[2]
+    qs, ks = _row_major_strides(q.shape)[:3], _row_major_strides(k.shape)[:3]
+    _, rows = launch(*(jnp.asarray(t) for t in (q, k, v)), batch=b, hkv=hkv, group=hq // hkv, q_strides=qs,
+                     k_strides=ks, v_strides=ks, q_len=lq, kv_len=lk, max_q_len=lq, max_kv_len=lk,
+                     qk_scale=contract.qk_scale(None, d), window=contract.window_sides(causal, None),
+                     bottom_right=True, split_kv=split_kv, with_lse=True)
+    return rows[:, :lq * (hq // hkv)].reshape(b, hkv, lq, hq // hkv).transpose(0, 1, 3, 2).reshape(-1)
 
 
 def test_jax_mean_gradient_is_one_division_per_row():

@@ -98,6 +98,15 @@ def _empty(bm, d):
             jnp.zeros((bm, d), jnp.float32))
 
 
+def _store_lse(lse_ref, row, big_m, big_l, valid):
+    """Each row's log2-sum-exp2 of its scaled scores, ``m + log2(l)`` (+inf
+    for a row that sees no key), at the workspace's row layout: the
+    statistics the backward recomputes the probabilities from
+    (``bi_jax.ops.attention_grad``)."""
+    lse = jnp.where(big_l > 0, big_m + jnp.log2(jnp.where(big_l > 0, big_l, 1.0)), float("inf"))
+    pltriton.store(lse_ref.at[row], lse, mask=valid)
+
+
 def _head_rows(rows, d):
     """The index of whole rows ``rows`` of a ``(rows, d)`` ref (2-D integer
     indices, so the lowering scales them by d in 64 bits past 4 GB)."""
@@ -256,14 +265,17 @@ def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, ma
             pltriton.store(ws_l_ref.at[row], l, mask=valid)
             pltriton.store(ws_acc_ref.at[_head_rows(row, d)], acc, mask=rmask)
         else:
-            (o_ref,) = out_refs
+            o_ref = out_refs[0]
             out = _finish(state[1], state[2], ptx)
             os_ = st["o_strides"]
             o_off = s * os_[0] + (q0 + qi) * os_[1] + h * os_[2]
             pltriton.store(o_ref.at[_head_rows(o_off, d)], out.astype(o_ref.dtype), mask=rmask)
+            if st["with_lse"]:
+                row = sh * st["ws_rows"] + tile * bm + jnp.arange(bm, dtype=jnp.int32)
+                _store_lse(out_refs[1], row, state[0], state[1], valid)
 
 
-def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref, o_ref, *, st):
+def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref, o_ref, *lse_ref, st):
     bm, d, g, ptx = st["block_m"], st["head_dim"], st["group"], st["ptx"]
     tile, sh = pl.program_id(0), pl.program_id(1)
     s, hk = sh // st["hkv"], sh % st["hkv"]
@@ -290,6 +302,8 @@ def _merge_kernel(ws_m_ref, ws_l_ref, ws_acc_ref, cu_q_ref, cu_k_ref, kv_len_ref
         os_ = st["o_strides"]
         o_off = s * os_[0] + (q0 + qi) * os_[1] + h * os_[2]
         pltriton.store(o_ref.at[_head_rows(o_off, d)], out.astype(o_ref.dtype), mask=rmask)
+        if st["with_lse"]:
+            _store_lse(lse_ref[0], row, big[0], big[1], valid)
 
 
 def _row_major_strides(shape):
@@ -315,7 +329,8 @@ def _broadcast_strides(a):
 
 def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len=0, kv_len=0, cu_q=None,
            cu_k=None, kv_lens=None, block_table=None, page_size=1, max_q_len, max_kv_len, qk_scale, window,
-           bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None, whole=None):
+           bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None, whole=None,
+           with_lse=False):
     """The kernels over every (tile, sequence x KV head[, split]) of
     row-major arrays (``*_strides``: element strides of batch or page, token
     or slot, head, each a multiple of the head dim); returns the output laid
@@ -324,7 +339,10 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     structure (``whole``: blocks that every row of a tile sees whole run without
     the bounds' selects; default from the tile's rows) give the same bits.
     ``mask`` (int16, nonzero: visible) and ``bias`` (float): dense forms only,
-    4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``."""
+    4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``. ``with_lse``: return
+    ``(out, lse)``, ``lse`` each row's log2-sum-exp2 of its scaled scores,
+    fp32 ``(batch * hkv, rows)`` in the tiles' row order (query-major, the
+    group's heads inside), the same bits from either strategy."""
     interpret = interpret_mode("attention") if interpret is None else interpret
     d = q.shape[-1]
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -356,7 +374,7 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         qk_scale=float(qk_scale), ieee=np.dtype(q.dtype) == np.dtype(jnp.float32), ptx=not interpret,
         spread=spread, ws_rows=ws_rows,
         whole=bool(bm >= contract.WHOLE_BLOCKS_FROM_ROWS if whole is None else whole), has_mask=mask is not None, has_bias=bias is not None,
-        mask_strides=_broadcast_strides(mask), bias_strides=_broadcast_strides(bias),
+        mask_strides=_broadcast_strides(mask), bias_strides=_broadcast_strides(bias), with_lse=bool(with_lse),
     )
     dummy = jnp.zeros((1,), jnp.int32)
     index_args = [a.reshape(-1).astype(jnp.int32) if a is not None else dummy
@@ -365,12 +383,20 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     score_args = [a.reshape(-1) if a is not None else dummy for a in (mask, bias)]
     params = pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out_shape = jax.ShapeDtypeStruct((q.size // d, d), q.dtype)
+    lse_shape = jax.ShapeDtypeStruct((batch * hkv * ws_rows,), jnp.float32)
+
+    def result(outs):
+        if not with_lse:
+            return outs.reshape(q.shape)
+        return outs[0].reshape(q.shape), outs[1].reshape(batch * hkv, ws_rows)
+
     if not spread:
         out = pallas_call(
-            functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, 1), out_shape=out_shape,
+            functools.partial(_attn_kernel, st=st), grid=(tiles, batch * hkv, 1),
+            out_shape=(out_shape, lse_shape) if with_lse else out_shape,
             compiler_params=params, interpret=interpret, name="bi_attention",
         )(*flat, *index_args, *score_args)
-        return out.reshape(q.shape)
+        return result(out)
     ws_len = splits * batch * hkv * ws_rows
     if ws_len > _MAX_ROWS:
         raise ValueError("attention: the split-KV workspace would exceed int32 row indices; pass split_kv=False")
@@ -381,11 +407,12 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         compiler_params=params, interpret=interpret, name="bi_attention_splits",
     )(*flat, *index_args, *score_args)
     out = pallas_call(
-        functools.partial(_merge_kernel, st=st), grid=(tiles, batch * hkv), out_shape=out_shape,
+        functools.partial(_merge_kernel, st=st), grid=(tiles, batch * hkv),
+        out_shape=(out_shape, lse_shape) if with_lse else out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
         name="bi_attention_merge",
     )(ws_m, ws_l, ws_acc, *index_args[:3])
-    return out.reshape(q.shape)
+    return result(out)
 
 
 # --- checks ------------------------------------------------------------------
@@ -438,7 +465,12 @@ def _jitted(statics: tuple):
         return launch(q, k, v, cu_q=cu_q, cu_k=cu_k, kv_lens=kv_lens, block_table=block_table, mask=mask,
                       bias=bias, **kw)
 
-    return with_attention_backward(jax.jit(run), kw)
+    def run_with_lse(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias):
+        # The training forward: the same launch, also keeping the rows' statistics.
+        return launch(q, k, v, cu_q=cu_q, cu_k=cu_k, kv_lens=kv_lens, block_table=block_table, mask=mask,
+                      bias=bias, with_lse=True, **kw)
+
+    return with_attention_backward(jax.jit(run), kw, jax.jit(run_with_lse))
 
 
 def _call(q, k, v, *, cu_q=None, cu_k=None, kv_lens=None, block_table=None, mask=None, bias=None, **statics):

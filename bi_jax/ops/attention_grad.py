@@ -2,8 +2,11 @@
 twin of ``bi_torch.ops.attention_grad``: three kernels, no atomics, no (L, L)
 array.
 
-1. statistics, a program per (query block, sequence x query head): each
-   query's log-sum-exp over its visible keys and ``delta = rowsum(dO * O)``;
+1. statistics, a program per (query block, sequence x query head):
+   ``delta = rowsum(dO * O)`` and, unless the forward kept them (autograd's
+   path does: ``bi_jax.ops.attention.launch(with_lse=True)``), each query's
+   log2-sum-exp2 of its scaled scores ``s * scale * log2(e)`` over its visible
+   keys;
 2. dK and dV, a program per (key block, sequence x KV head): the group's query
    heads in order, the query blocks in increasing order;
 3. dQ, a program per (query block, sequence x query head): the key blocks in
@@ -63,36 +66,50 @@ def _key_end(tile, st):
 
 def _p_ds(q, k, v, g, lse, delta, qpos, kpos, st):
     """The probabilities of a (queries, keys) tile and ``dS`` (with the scale)."""
-    s = _dot(q, k.T, st) * st["scale"]
-    p = jnp.where(_visible(qpos, kpos, st), jnp.exp(s - lse[:, None]), 0.0)
+    s = _dot(q, k.T, st) * st["c"]
+    p = jnp.where(_visible(qpos, kpos, st), jnp.exp2(s - lse[:, None]), 0.0)
     return p, p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
 
 
-def _stats_kernel(q_ref, k_ref, o_ref, g_ref, lse_ref, delta_ref, *, st):
-    bm, bn, d, hq, group = st["bm"], st["bn"], st["d"], st["hq"], st["group"]
+def _delta(o_ref, g_ref, delta_ref, st):
+    """Stores ``delta = rowsum(dO * O)`` of the program's queries; returns
+    (sequence, head, positions, in range, rows)."""
+    bm, d, hq = st["bm"], st["d"], st["hq"]
     tile, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // hq, bh % hq
     qpos = tile * bm + jnp.arange(bm, dtype=jnp.int32)
     q_ok = qpos < st["lq"]
     qrows = (b * st["lq"] + qpos) * hq + h
-    q = _load(q_ref, qrows, q_ok, d)
     delta = jnp.sum(_load(o_ref, qrows, q_ok, d).astype(jnp.float32) * _load(g_ref, qrows, q_ok, d).astype(jnp.float32),
                     axis=1)
+    pltriton.store(delta_ref.at[bh * st["lq"] + qpos], delta, mask=q_ok)
+    return b, h, qpos, q_ok, qrows
+
+
+def _delta_kernel(o_ref, g_ref, delta_ref, *, st):
+    _delta(o_ref, g_ref, delta_ref, st)
+
+
+def _stats_kernel(q_ref, k_ref, o_ref, g_ref, lse_ref, delta_ref, *, st):
+    bm, bn, d, group = st["bm"], st["bn"], st["d"], st["group"]
+    b, h, qpos, q_ok, qrows = _delta(o_ref, g_ref, delta_ref, st)
+    tile, bh = pl.program_id(0), pl.program_id(1)
+    q = _load(q_ref, qrows, q_ok, d)
+
     def body(n, ml):
         m, l = ml
         kpos = n * bn + jnp.arange(bn, dtype=jnp.int32)
         k = _load(k_ref, (b * st["lk"] + kpos) * st["hkv"] + h // group, kpos < st["lk"], d)
-        s = jnp.where(_visible(qpos, kpos, st), _dot(q, k.T, st) * st["scale"], _NEG_INF)
+        s = jnp.where(_visible(qpos, kpos, st), _dot(q, k.T, st) * st["c"], _NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-        return m_new, l * jnp.exp(m - safe) + jnp.sum(jnp.exp(s - safe[:, None]), axis=1)
+        return m_new, l * jnp.exp2(m - safe) + jnp.sum(jnp.exp2(s - safe[:, None]), axis=1)
 
     m, l = lax.fori_loop(0, (_key_end(tile, st) + bn - 1) // bn, body,
                          (jnp.full((bm,), _NEG_INF, jnp.float32), jnp.zeros((bm,), jnp.float32)))
-    # A query that sees no key: +inf, so that its probabilities are exp(-inf) = 0.
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), float("inf"))
+    # A query that sees no key: +inf, so that its probabilities are exp2(-inf) = 0.
+    lse = jnp.where(l > 0, m + jnp.log2(jnp.where(l > 0, l, 1.0)), float("inf"))
     pltriton.store(lse_ref.at[bh * st["lq"] + qpos], lse, mask=q_ok)
-    pltriton.store(delta_ref.at[bh * st["lq"] + qpos], delta, mask=q_ok)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st):
@@ -156,13 +173,16 @@ PALLAS_STAGES = 1
 
 
 def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = None, bottom_right: bool = True,
-                       interpret=None, config: dict | None = None):
+                       interpret=None, config: dict | None = None, lse=None):
     """(dQ, dK, dV) of ``out = attention(q, k, v, causal, scale)`` for the
     output gradient ``g``; ``(B, L, H, D)`` layouts; causal queries aligned to
     the end of the keys (``bottom_right``) or to their start; in the inputs'
     dtype. ``config``: ``bi_core.attention.BackwardLaunch``es by kernel name
     (default: ``backward_launches`` with ``PALLAS_STAGES``), for probes that
-    time other tiles."""
+    time other tiles. ``lse``: the forward's statistics, fp32 ``(B * Hq * Lq,)``
+    in (sequence, query head, query) order; without them a kernel recomputes
+    them (one more ``QK^T`` product; other gradient bits, as deterministic and
+    batch-invariant)."""
     interpret = interpret_mode("attention backward") if interpret is None else interpret
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -177,6 +197,7 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
     ieee = q.dtype == jnp.float32
     st = dict(d=d, hq=hq, hkv=hkv, group=hq // hkv, lq=lq, lk=lk, offset=lk - lq if bottom_right else 0,
               causal=bool(causal), scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+              c=contract.qk_scale(scale, d, "attention backward"),
               interpret=bool(interpret), precision=lax.Precision.HIGHEST if ieee else lax.Precision.DEFAULT)
     fq, fk, fv, fo, fg = (a.reshape(-1, d) for a in (q, k, v, out, g))
 
@@ -189,7 +210,12 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
                               name=f"bi_attention_bwd_{name}")
 
     stats_shape = jax.ShapeDtypeStruct((b * hq * lq,), jnp.float32)
-    lse, delta = call("stats", _stats_kernel, lq, hq, (stats_shape, stats_shape))(fq, fk, fo, fg)
+    if lse is None:
+        lse, delta = call("stats", _stats_kernel, lq, hq, (stats_shape, stats_shape))(fq, fk, fo, fg)
+    else:
+        if lse.shape != (b * hq * lq,) or lse.dtype != jnp.float32:
+            raise ValueError(f"attention backward: lse must be float32 ({b * hq * lq},), got {lse.dtype} {lse.shape}")
+        delta = call("stats", _delta_kernel, lq, hq, stats_shape)(fo, fg)
     dk, dv = call("dkdv", _dkdv_kernel, lk, hkv, (jax.ShapeDtypeStruct(fk.shape, k.dtype),
                                                   jax.ShapeDtypeStruct(fv.shape, v.dtype)))(fq, fk, fv, fg, lse, delta)
     dq = call("dq", _dq_kernel, lq, hq, jax.ShapeDtypeStruct(fq.shape, q.dtype))(fq, fk, fv, fg, lse, delta)

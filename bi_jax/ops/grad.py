@@ -113,11 +113,14 @@ def with_rows_backward(mode: str, fn, shape, dtype):
     return wrapped
 
 
-def with_attention_backward(fn, statics: dict):
+def with_attention_backward(fn, statics: dict, fn_with_lse):
     """``fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)`` (the
     attention launch for one static configuration) with a backward for dense
     attention, full or causal, without masks, biases, key lengths or
-    windows: the fused kernels of ``bi_jax.ops.attention_grad``."""
+    windows: the fused kernels of ``bi_jax.ops.attention_grad``.
+    ``fn_with_lse``: the same launch returning ``(out, lse)`` as
+    ``bi_jax.ops.attention.launch(with_lse=True)``; its statistics are the
+    backward's."""
     import math
 
     from bi_core import attention as contract
@@ -134,15 +137,18 @@ def with_attention_backward(fn, statics: dict):
                 "bi_jax.attention has no derivative rule for this call (" + (", ".join(given) or "a window") +
                 "): only dense attention, full or causal, trains (attention(q, k, v, causal=...), "
                 "dot_product_attention without mask, bias, lengths or window); the rest is forward-only")
-        out = fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
-        return out, (q, k, v, out)
+        out, rows = fn_with_lse(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
+        # Tile rows (query, head of the group) of each (sequence, KV head) -> (sequence, query head, query).
+        (b, lq, hq, _), hkv = q.shape, k.shape[2]
+        lse = rows[:, :lq * (hq // hkv)].reshape(b, hkv, lq, hq // hkv).transpose(0, 1, 3, 2).reshape(-1)
+        return out, (q, k, v, out, lse)
 
     def backward(residuals, g):
         from bi_jax.ops.attention_grad import attention_backward
 
-        q, k, v, out = residuals
+        q, k, v, out, lse = residuals
         grads = attention_backward(q, k, v, out, g, causal=right == 0, scale=scale,
-                                   bottom_right=statics["bottom_right"])
+                                   bottom_right=statics["bottom_right"], lse=lse)
         return (*grads, None, None, None, None, None, None)
 
     wrapped = jax.custom_vjp(fn)
