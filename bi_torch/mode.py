@@ -13,6 +13,9 @@ the CPU under the Triton interpreter):
     sum, sum.dim_IntList       -> bi_torch.sum
     mean.dim, mean             -> bi_torch.mean
     _fused_rms_norm            -> bi_torch.rms_norm
+    _softmax_backward_data, _log_softmax_backward_data, _fused_rms_norm_backward
+                               -> bi_torch.ops.rows_grad (autograd's backward)
+    embedding_dense_backward   -> bi_torch.ops.embedding (token order)
 
 and, one level up (a ``TorchFunctionMode`` entered with it),
 ``F.scaled_dot_product_attention`` -> ``bi_torch.scaled_dot_product_attention``,
@@ -154,6 +157,40 @@ def _fused_rms_norm_impl(x, normalized_shape, weight=None, eps=None):
     return _rms.rms_norm_with_rstd(x, weight, eps)
 
 
+def _softmax_backward_impl(g, out, dim, input_dtype):
+    from bi_torch.ops.rows_grad import normalise_backward
+
+    return normalise_backward("softmax", out, g, dim, input_dtype)
+
+
+def _log_softmax_backward_impl(g, out, dim, input_dtype):
+    from bi_torch.ops.rows_grad import normalise_backward
+
+    return normalise_backward("log_softmax", out, g, dim, input_dtype)
+
+
+def _fused_rms_norm_backward_impl(g, x, normalized_shape, rstd, weight, output_mask):
+    from bi_torch.ops.rows_grad import rms_norm_backward
+
+    if len(normalized_shape) != 1:
+        raise _Unsupported("rms_norm over more than one trailing dim")
+    need_x, need_w = output_mask
+    grad_x, grad_w = rms_norm_backward(x, weight, rstd, g, need_x, bool(need_w))
+    return grad_x if need_x else None, grad_w
+
+
+def _embedding_dense_backward_impl(g, indices, num_weights, padding_idx, scale_grad_by_freq):
+    from bi_torch.ops.embedding import embedding_backward
+
+    if scale_grad_by_freq:
+        raise _Unsupported("scale_grad_by_freq")
+    if indices.is_floating_point() or indices.is_complex():
+        raise _Unsupported(f"indices of dtype {indices.dtype}")
+    if padding_idx >= 0:  # the padding row's tokens give no gradient
+        indices = torch.where(indices == padding_idx, -1, indices)
+    return embedding_backward(indices, g, num_weights, g.dtype)
+
+
 class _Unsupported(Exception):
     """This call of a handled op needs the default kernel (dtype, layout)."""
 
@@ -220,6 +257,11 @@ _HANDLED = {
     aten.mean.dim: _mean_impl,
     aten.mean.default: _mean_all_impl,
     aten._fused_rms_norm.default: _fused_rms_norm_impl,
+    # Backward formulas (autograd above the mode)
+    aten._softmax_backward_data.default: _softmax_backward_impl,
+    aten._log_softmax_backward_data.default: _log_softmax_backward_impl,
+    aten._fused_rms_norm_backward.default: _fused_rms_norm_backward_impl,
+    aten.embedding_dense_backward.default: _embedding_dense_backward_impl,
 }
 
 # Strictness follows what an op does, not a list of risky ops: a

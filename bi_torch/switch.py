@@ -10,6 +10,12 @@ aten ops that the bi_ kernels implement::
     aten::mean.dim                     -> bi_torch.mean
     aten::_fused_rms_norm              -> bi_torch.rms_norm
 
+and the backward formulas of these under autograd::
+
+    aten::_softmax_backward_data, _log_softmax_backward_data,
+    aten::_fused_rms_norm_backward     -> bi_torch.ops.rows_grad
+    aten::embedding_dense_backward     -> bi_torch.ops.embedding (token order)
+
 and, through them, the ops that PyTorch builds from these (``F.linear``,
 ``torch.matmul``, ``torch.sum(x)``, ``torch.mean(x)``, ``F.rms_norm``,
 ``aten::_safe_softmax``, SDPA's math backend). It holds in every thread, as
@@ -48,8 +54,10 @@ kernels (``torch.cuda.graph``, or ``compile_backend(mode="reduce-overhead")``).
 
 Autograd runs above the overrides: under ``torch.autograd`` a forward
 product is computed by the bi_ kernel and its gradient products by the bi_
-kernel too (they are ``aten::mm`` calls), while the backward formulas of the
-other ops are PyTorch's.
+kernel too (they are ``aten::mm`` calls); softmax's, log_softmax's,
+RMSNorm's and the embedding's backward ops are overridden as above, so a
+training step gives the bits of the bi_ ops' own gradients. Attention's
+backward is not (SDPA is not overridden).
 """
 
 from __future__ import annotations
@@ -95,6 +103,18 @@ def _rms_fallback(x, normalized_shape, weight=None, eps=None):
     return (y * weight if weight is not None else y), rstd
 
 
+def _rms_backward_fallback(g, x, normalized_shape, rstd, weight, output_mask):
+    # No out= form: the composite, in x's dtype (float64 here).
+    dims = list(range(x.ndim - len(normalized_shape), x.ndim))
+    xhat = x * rstd
+    gw = g * weight if weight is not None else g
+    grad_x = rstd * (gw - xhat * (gw * xhat).mean(dims, keepdim=True)) if output_mask[0] else None
+    grad_w = None
+    if weight is not None and output_mask[1]:
+        grad_w = (g * xhat).reshape(-1, *weight.shape).sum(0)
+    return grad_x, grad_w
+
+
 # op name (overload) -> (bi_ implementation, PyTorch's kernel through out=).
 _OVERRIDES = {
     "mm": (_mode._mm_impl, lambda a, b: aten.mm.out(a, b, out=_empty(a))),
@@ -113,6 +133,17 @@ _OVERRIDES = {
                  lambda x, dim=None, keepdim=False, *, dtype=None: aten.mean.out(
                      x, dim, keepdim, dtype=dtype, out=_empty(x, dtype))),
     "_fused_rms_norm": (_mode._fused_rms_norm_impl, _rms_fallback),
+    # Backward formulas (autograd runs above the overrides)
+    "_softmax_backward_data": (_mode._softmax_backward_impl,
+                               lambda g, y, dim, dt: aten._softmax_backward_data.out(
+                                   g, y, dim, dt, grad_input=_empty(g, dt))),
+    "_log_softmax_backward_data": (_mode._log_softmax_backward_impl,
+                                   lambda g, y, dim, dt: aten._log_softmax_backward_data.out(
+                                       g, y, dim, dt, out=_empty(g, dt))),
+    "_fused_rms_norm_backward": (_mode._fused_rms_norm_backward_impl, _rms_backward_fallback),
+    "embedding_dense_backward": (_mode._embedding_dense_backward_impl,
+                                 lambda g, i, n, pad, freq: aten.embedding_dense_backward.out(
+                                     g, i, n, pad, freq, out=_empty(g))),
 }
 
 _FALLBACKS: Counter[str] = Counter()

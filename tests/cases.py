@@ -44,3 +44,31 @@ def control_cases():
             if spec.default_varies is not None:
                 out.append(pytest.param(spec.name, fw, "default", id=f"{spec.name}-{fw}-default", marks=[pytest.mark.gpu]))
     return out
+
+
+def training_step(device, ctx, direct=False, padding_idx=None, weight_grad=True):
+    """Gradients of a small embedding -> RMSNorm -> linear -> log_softmax ->
+    softmax step, through torch's functions under ``ctx`` or (``direct``)
+    the bi_ ops themselves."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    import bi_torch
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[1, 3, 0, 3], [2, 0, 1, 1]], device=device)
+    table, w, lin = (torch.randn(*s, generator=g).to(device).requires_grad_(r)
+                     for s, r in (((5, 64), True), ((64,), weight_grad), ((32, 64), True)))
+    with ctx or contextlib.nullcontext():
+        if direct:
+            x = bi_torch.embedding(ids, table)
+            y = bi_torch.log_softmax(bi_torch.linear(bi_torch.rms_norm(x, w, 1e-6), lin), -1)
+            z = bi_torch.softmax(y, -1)
+        else:
+            x = F.embedding(ids, table, padding_idx=padding_idx)
+            y = F.log_softmax(F.linear(F.rms_norm(x, (64,), w, 1e-6), lin), -1)
+            z = torch.softmax(y, -1)
+        (y * z).sum().backward()
+    return table.grad, w.grad, lin.grad

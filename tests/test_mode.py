@@ -360,3 +360,23 @@ def test_safe_softmax_is_routed_with_zeros_for_fully_masked_rows():
     assert (got[2] == 0).all() and torch.equal(_bits(got[3:4]), _bits(alone))
     assert torch.equal(_bits(got[[0, 1, 3, 4]]), _bits(bi_torch.softmax(x[[0, 1, 3, 4]], -1)))
     torch.testing.assert_close(got, torch.ops.aten._safe_softmax(x, -1))
+
+
+def test_strict_mode_trains_through_the_bi_backward_kernels():
+    """A training step under the strict mode: the backward formulas of
+    softmax, log_softmax and the embedding (and RMSNorm's where it is one op,
+    on the GPU) run bi_ kernels, nothing is refused, and the gradients are
+    the bi_ ops' own bits (RMSNorm aside on the CPU, where torch decomposes
+    it above the mode)."""
+    from cases import training_step
+
+    with bi_torch.set_batch_invariant_mode(strict=True) as mode:
+        got = training_step(DEVICE, None)
+    routed = {"aten._softmax_backward_data.default", "aten._log_softmax_backward_data.default",
+              "aten.embedding_dense_backward.default"}
+    if PROFILE.native:
+        routed.add("aten._fused_rms_norm_backward.default")
+    assert routed <= set(mode.handled), dict(mode.handled)
+    if PROFILE.native:
+        want = training_step(DEVICE, None, direct=True)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections import Counter
 
 import pytest
 import torch
 
 import bi_torch
 from bi_torch import switch
+from cases import training_step
 from tests_profile import PROFILE
 
 DEVICE = "cuda" if PROFILE.native else "cpu"
@@ -256,3 +258,29 @@ def test_calls_pytorch_refuses_raise_its_error_without_a_warning():
         with pytest.raises(RuntimeError, match="cannot be multiplied"):
             torch.mm(x, w)  # (6, 64) @ (32, 64)
     assert switch.fallbacks().get("mm", 0) == before
+
+
+def test_backward_formulas_run_the_bi_kernels(monkeypatch):
+    """Under the switch, softmax's, log_softmax's, RMSNorm's and the
+    embedding's backward ops are the bi_ kernels: a training step through
+    torch's functions calls each and gives the bi_ ops' own gradient bits
+    (the embedding's padding row none), with and without RMSNorm's weight
+    gradient."""
+    from bi_torch.ops import embedding, rows_grad
+
+    want = training_step(DEVICE, None, direct=True)
+    calls = Counter()
+    for module, name in ((embedding, "embedding_backward"), (rows_grad, "normalise_backward"),
+                         (rows_grad, "rms_norm_backward")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    got = training_step(DEVICE, bi_torch.enable_batch_invariant_mode())
+    assert calls == {"embedding_backward": 1, "normalise_backward": 2, "rms_norm_backward": 1}, calls
+    assert all(_same(a, b) for a, b in zip(got, want))
+    padded = training_step(DEVICE, bi_torch.enable_batch_invariant_mode(), padding_idx=0)
+    assert not padded[0][0].any() and _same(padded[0][1:], want[0][1:])
+    no_w = training_step(DEVICE, bi_torch.enable_batch_invariant_mode(), weight_grad=False)
+    assert no_w[1] is None and _same(no_w[0], want[0]) and _same(no_w[2], want[2])
+    assert not switch.fallbacks()

@@ -29,7 +29,7 @@ def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, BLOCK: tl.constexpr)
     ok = cols < h
     row = tl.load(SORTED_IDS + j)
     prev = tl.load(SORTED_IDS + tl.maximum(j - 1, 0))
-    if (j == 0) | (prev != row):
+    if ((j == 0) | (prev != row)) & (row >= 0):  # negative ids: no gradient
         acc = tl.zeros((BLOCK,), tl.float32)
         k = j
         while (k < n) & (tl.load(SORTED_IDS + tl.minimum(k, n - 1)) == row):
@@ -41,7 +41,8 @@ def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, BLOCK: tl.constexpr)
 
 def embedding_backward(ids: torch.Tensor, g: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
     """The gradient of ``weight[ids]`` with respect to a ``(num_rows, h)``
-    weight, for the output gradient ``g`` (``ids.shape + (h,)``)."""
+    weight, for the output gradient ``g`` (``ids.shape + (h,)``). Negative ids
+    contribute nothing (the drop-in mode marks ``padding_idx``'s tokens so)."""
     h = g.shape[-1]
     out = torch.zeros((num_rows, h), dtype=dtype, device=g.device)
     flat = ids.reshape(-1)
