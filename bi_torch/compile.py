@@ -10,6 +10,10 @@ and fallbacks as the process-wide switch (``bi_torch.switch``)::
     aten::sum.dim_IntList, sum         -> bi_torch::sum
     aten::mean.dim, mean               -> bi_torch::mean
     aten::_fused_rms_norm              -> bi_torch::rms_norm
+    aten::_softmax_backward_data, _log_softmax_backward_data
+                                       -> bi_torch::softmax_backward, log_softmax_backward
+    aten::_fused_rms_norm_backward     -> bi_torch::rms_norm_backward
+    aten::embedding_dense_backward     -> bi_torch::embedding_dense_backward
 
 and, in the graph Dynamo captures (before torch picks an SDPA backend),
 ``F.scaled_dot_product_attention`` -> ``bi_torch::scaled_dot_product_attention``;
@@ -40,9 +44,10 @@ was turned on are recompiled: Dynamo guards the backend a graph was compiled
 with. AOTAutograd's cache is bypassed in this backend (its key does not hold
 the decompositions, so it could return a graph compiled without them).
 
-Inference only: the custom ops have no autograd formula of their own; under
-autograd, the aten ops' formulas are traced above them, and the gradients'
-products run the bi_ kernels too.
+Training: the custom ops have no autograd formula of their own; under
+autograd, the aten ops' formulas are traced above them (AOTAutograd), and
+the backward graph's products, softmax, RMSNorm and embedding backward ops
+run the bi_ kernels too. The attention custom ops are inference-only.
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ _LOG_SOFTMAX = _kernel("_log_softmax")
 _SUM = _kernel("sum.dim_IntList")
 _MEAN = _kernel("mean.dim")
 _RMS = _kernel("_fused_rms_norm")
+_SOFTMAX_BACKWARD = _kernel("_softmax_backward_data")
+_LOG_SOFTMAX_BACKWARD = _kernel("_log_softmax_backward_data")
+_RMS_BACKWARD = _kernel("_fused_rms_norm_backward")
+_EMBEDDING_BACKWARD = _kernel("embedding_dense_backward")
 _SAFE_SOFTMAX = _switch._kernel(
     "_safe_softmax", _mode._safe_softmax_impl, lambda x, dim, dtype=None: aten._safe_softmax.default(x, dim, dtype))
 
@@ -131,6 +140,32 @@ def mean(x: Tensor, dim: Sequence[int] | None = None, keepdim: bool = False,
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
              eps: float | None = None) -> tuple[Tensor, Tensor]:
     return _fresh(_RMS(x, list(normalized_shape), weight, eps), (x, weight))
+
+
+@torch.library.custom_op("bi_torch::softmax_backward", mutates_args=())
+def softmax_backward(g: Tensor, out: Tensor, dim: int, input_dtype: torch.dtype) -> Tensor:
+    return _fresh(_SOFTMAX_BACKWARD(g, out, dim, input_dtype), (g, out))
+
+
+@torch.library.custom_op("bi_torch::log_softmax_backward", mutates_args=())
+def log_softmax_backward(g: Tensor, out: Tensor, dim: int, input_dtype: torch.dtype) -> Tensor:
+    return _fresh(_LOG_SOFTMAX_BACKWARD(g, out, dim, input_dtype), (g, out))
+
+
+@torch.library.custom_op("bi_torch::rms_norm_backward", mutates_args=())
+def rms_norm_backward(g: Tensor, x: Tensor, normalized_shape: Sequence[int], rstd: Tensor, weight: Tensor | None,
+                      need_x: bool, need_weight: bool) -> tuple[Tensor, Tensor]:
+    """``aten::_fused_rms_norm_backward``; an output not asked for is empty
+    (a custom op returns tensors only)."""
+    dx, dw = _RMS_BACKWARD(g, x, list(normalized_shape), rstd, weight, [need_x, need_weight])
+    return _fresh((dx if dx is not None else x.new_empty(0), dw if dw is not None else x.new_empty(0)),
+                  (g, x, rstd, weight))
+
+
+@torch.library.custom_op("bi_torch::embedding_dense_backward", mutates_args=())
+def embedding_dense_backward(g: Tensor, indices: Tensor, num_weights: int, padding_idx: int,
+                             scale_grad_by_freq: bool) -> Tensor:
+    return _fresh(_EMBEDDING_BACKWARD(g, indices, num_weights, padding_idx, scale_grad_by_freq), (g,))
 
 
 @torch.library.custom_op("bi_torch::attention", mutates_args=())
@@ -192,6 +227,18 @@ safe_softmax.register_fake(lambda x, dim, dtype=None: aten._safe_softmax.default
 sum.register_fake(lambda x, dim=None, keepdim=False, dtype=None: aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype))
 mean.register_fake(lambda x, dim=None, keepdim=False, dtype=None: aten.mean.dim(x, dim, keepdim, dtype=dtype))
 rms_norm.register_fake(lambda x, shape, weight=None, eps=None: aten._fused_rms_norm.default(x, shape, weight, eps))
+softmax_backward.register_fake(lambda g, out, dim, dt: aten._softmax_backward_data.default(g, out, dim, dt))
+log_softmax_backward.register_fake(lambda g, out, dim, dt: aten._log_softmax_backward_data.default(g, out, dim, dt))
+rms_norm_backward.register_fake(lambda g, x, shape, rstd, weight, need_x, need_w: (
+    torch.empty_like(x) if need_x else x.new_empty(0),
+    torch.empty_like(weight) if weight is not None and need_w else x.new_empty(0)))
+embedding_dense_backward.register_fake(lambda g, indices, n, pad, freq: g.new_empty((n, g.shape[-1])))
+
+
+def _rms_norm_backward(g, x, shape, rstd, weight, output_mask):
+    dx, dw = _OPS.rms_norm_backward.default(g, x, shape, rstd, weight, bool(output_mask[0]), bool(output_mask[1]))
+    return dx if output_mask[0] else None, dw if weight is not None and output_mask[1] else None
+
 
 _OPS = torch.ops.bi_torch
 DECOMPOSITIONS = {
@@ -209,6 +256,11 @@ DECOMPOSITIONS = {
     aten.mean.default: lambda x, *, dtype=None: _OPS.mean.default(x, None, False, dtype),
     aten._fused_rms_norm.default: lambda x, shape, weight=None, eps=None: _OPS.rms_norm.default(
         x, shape, weight, eps),
+    # Backward formulas (in the graphs AOTAutograd traces for training)
+    aten._softmax_backward_data.default: _OPS.softmax_backward.default,
+    aten._log_softmax_backward_data.default: _OPS.log_softmax_backward.default,
+    aten._fused_rms_norm_backward.default: _rms_norm_backward,
+    aten.embedding_dense_backward.default: _OPS.embedding_dense_backward.default,
 }
 """aten op -> the custom op that replaces it in a compiled graph."""
 

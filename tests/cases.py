@@ -46,10 +46,11 @@ def control_cases():
     return out
 
 
-def training_step(device, ctx, direct=False, padding_idx=None, weight_grad=True):
+def training_step(device, ctx, direct=False, padding_idx=None, weight_grad=True, compile=None):
     """Gradients of a small embedding -> RMSNorm -> linear -> log_softmax ->
     softmax step, through torch's functions under ``ctx`` or (``direct``)
-    the bi_ ops themselves."""
+    the bi_ ops themselves; ``compile``: a wrapper for the loss function
+    (``torch.compile`` with a backend)."""
     import contextlib
 
     import torch
@@ -61,7 +62,8 @@ def training_step(device, ctx, direct=False, padding_idx=None, weight_grad=True)
     ids = torch.tensor([[1, 3, 0, 3], [2, 0, 1, 1]], device=device)
     table, w, lin = (torch.randn(*s, generator=g).to(device).requires_grad_(r)
                      for s, r in (((5, 64), True), ((64,), weight_grad), ((32, 64), True)))
-    with ctx or contextlib.nullcontext():
+
+    def loss(ids, table, w, lin):
         if direct:
             x = bi_torch.embedding(ids, table)
             y = bi_torch.log_softmax(bi_torch.linear(bi_torch.rms_norm(x, w, 1e-6), lin), -1)
@@ -70,5 +72,8 @@ def training_step(device, ctx, direct=False, padding_idx=None, weight_grad=True)
             x = F.embedding(ids, table, padding_idx=padding_idx)
             y = F.log_softmax(F.linear(F.rms_norm(x, (64,), w, 1e-6), lin), -1)
             z = torch.softmax(y, -1)
-        (y * z).sum().backward()
+        return (y * z).sum()
+
+    with ctx or contextlib.nullcontext():
+        (compile(loss) if compile else loss)(ids, table, w, lin).backward()
     return table.grad, w.grad, lin.grad

@@ -154,3 +154,35 @@ def test_reduce_overhead_replays_cuda_graphs_with_the_eager_bits():
     alone = [t.clone() for t in compiled(x[3:4])]
     for g, a in zip(got, alone):
         assert _same(g[3:4], a)
+
+
+def test_a_compiled_training_step_gets_the_bi_gradients(monkeypatch):
+    """Under ``compile_backend`` the backward graph's softmax, log_softmax,
+    RMSNorm and embedding backward ops (and the products) are the bi_
+    kernels: the bi_ ops' own gradient bits, as eager under the switch. On
+    the CPU torch decomposes RMSNorm before the graph is traced (its backward
+    is then pointwise ops and bi_ sums): there the gradients it feeds are
+    only close."""
+    from collections import Counter
+
+    from bi_torch.ops import embedding, rows_grad
+    from cases import training_step
+
+    torch._dynamo.reset()
+    want = training_step(DEVICE, None, direct=True)
+    calls = Counter()
+    for module, name in ((embedding, "embedding_backward"), (rows_grad, "normalise_backward"),
+                         (rows_grad, "rms_norm_backward")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    got = training_step(DEVICE, None, compile=lambda f: torch.compile(f, backend=compile_backend()))
+    assert calls["embedding_backward"] == 1 and calls["normalise_backward"] == 2, calls
+    assert _same(got[2], want[2])
+    if PROFILE.native:
+        assert calls["rms_norm_backward"] == 1, calls
+        assert all(_same(a, b) for a, b in zip(got, want))
+    else:
+        for a, b in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
