@@ -64,6 +64,7 @@ def torch_part(emit, kernels) -> None:
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # noqa: E731
 
     from bi_torch import attention
+    from bi_torch.ops.attention import _dense
 
     torch.manual_seed(0)
     for b, seq in SHAPES:
@@ -87,6 +88,15 @@ def torch_part(emit, kernels) -> None:
         emit({**shape, "what": "bi_ backward (default launches)", "launches": {n: list(c) for n, c in
                                                                               launches(D).items()},
               "ms": ms, "tflops": round(flops / ms / 1e9, 1)})
+        # Autograd's path: the forward keeps the softmax statistics, the backward skips their QK^T.
+        lse = _dense("attention", q, k, v, causal=True, scale=None, window=None, bottom_right=True,
+                     split_kv=None, with_lse=True)[1]
+        ms = bench(lambda: attention_backward(q, k, v, out, g, True, lse=lse))
+        emit({**shape, "what": "bi_ backward from the forward's statistics", "ms": ms,
+              "tflops": round(flops * 6 / 7 / ms / 1e9, 1)})
+        emit({**shape, "what": "bi_ forward keeping the statistics", "ms": bench(lambda: _dense(
+            "attention", q, k, v, causal=True, scale=None, window=None, bottom_right=True, split_kv=None,
+            with_lse=True))})
         for kernel in kernels:
             for cand in CANDIDATES[kernel]:
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
