@@ -21,8 +21,12 @@ sequence's keys are counted from its first visible key
 (``bi_torch.ops.attention.sdpa_from_first_visible``: the kernel reads each
 sequence's start, nothing is copied).
 
+Training: without a mask (unpadded batches, where transformers passes none)
+the attention is ``bi_torch.attention``'s, with its fused backward; a padded
+batch's masked attention is forward-only (refused under autograd).
+
 Not supported, refused: ``softcap``, ``position_bias`` and attention sinks,
-dropout, gradients (the kernels are inference-only), and attention weights
+dropout, gradients through a mask, and attention weights
 (``output_attentions`` returns ``None`` for them, as ``sdpa`` does).
 """
 

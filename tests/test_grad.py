@@ -457,3 +457,32 @@ def test_jax_embedding_ids_outside_the_table_as_jnp_take():
     with pytest.raises(ValueError, match="2\\*\\*31"):
         jax.eval_shape(lambda g: embedding_backward(jnp.zeros((2,), jnp.int32), g, 2**20, jnp.float32),
                        jax.ShapeDtypeStruct((2, 4096), jnp.float32))
+
+
+def test_torch_sdpa_trains_through_the_fused_backward():
+    """``bi_torch.scaled_dot_product_attention`` under autograd, without a
+    mask: the output and gradients of ``bi_torch.attention`` on the
+    transposed tensors (causal GQA and full); a mask, or causal with fewer
+    queries than keys, is refused rather than differentiated otherwise."""
+    import torch
+
+    import bi_torch
+
+    gen = torch.Generator().manual_seed(5)
+    for causal, lq in ((True, 9), (False, 5)):
+        q, k, v = (torch.randn(2, h, n, 64, generator=gen).to(_TORCH_DEVICE) for h, n in ((4, lq), (2, 9), (2, 9)))
+        g = torch.randn(2, 4, lq, 64, generator=gen).to(_TORCH_DEVICE)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = bi_torch.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
+        got = torch.autograd.grad(out, leaves, g)
+        ref_leaves = [t.transpose(1, 2).clone().requires_grad_() for t in (q, k, v)]
+        ref = bi_torch.attention(*ref_leaves, causal=causal)
+        want = torch.autograd.grad(ref, ref_leaves, g.transpose(1, 2))
+        assert torch.equal(out.detach(), ref.detach().transpose(1, 2))
+        assert all(torch.equal(a, b.transpose(1, 2)) for a, b in zip(got, want))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        bi_torch.scaled_dot_product_attention(*leaves, attn_mask=torch.ones(5, 9, dtype=torch.bool,
+                                                                            device=_TORCH_DEVICE), enable_gqa=True)
+    with pytest.raises(NotImplementedError, match="as many queries as keys"):
+        bi_torch.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)

@@ -230,3 +230,33 @@ def test_hf_static_cache_prefill_gives_the_dynamic_caches_logits():
         cache = transformers.StaticCache(config=model.config, max_cache_len=len(probe) + 5)
         static = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
     assert torch.equal(dynamic, static)
+
+
+def test_hf_training_step_without_padding():
+    """A batch-invariant model trains on unpadded batches (no attention mask:
+    the bi_ attention's fused backward): a sequence's training logits alone
+    equal its logits in the batch, and two steps give the same gradient bits.
+    A padded batch (a mask) is refused under autograd, not differentiated
+    through another kernel."""
+    model = bhf.batch_invariant(_model()).train()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, WIDTH["vocab_size"], (3, 12), generator=g).to(DEVICE)
+    weights = torch.randn(3, 12, WIDTH["vocab_size"], generator=g).to(DEVICE, DTYPE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    logits, grads = step()
+    again = step()[1]
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+    assert all(bool(torch.isfinite(a).all()) for a in grads)
+    alone = model(input_ids=ids[1:2]).logits.detach()
+    assert torch.equal(alone, logits[1:2])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        model(input_ids=ids, attention_mask=mask)
+    model.eval()

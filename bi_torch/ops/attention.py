@@ -726,6 +726,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     ``bias * log2(e)`` overflows fp32 (``finfo(float32).min``): it counts as
     ``-inf``. A mask equal to the causal one gives ``is_causal``'s bits.
 
+    Gradients (inputs that require grad): without ``attn_mask``, through
+    ``bi_torch.attention``'s fused backward (causal: as many queries as
+    keys); with a mask the call is forward-only (refused under autograd).
+
     Not supported (refused, never approximated): ``dropout_p > 0``, a mask
     that requires grad, and inputs that are not 4-D.
     """
@@ -738,6 +742,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if dropout_p:
         raise NotImplementedError(f"{op}: dropout_p={dropout_p} is not supported (inference only)")
     _check_bhle(op, query, key, value, enable_gqa)
+    if _grad.needed(query, key, value) and attn_mask is None:
+        # Training: the fused backward (bi_torch.attention's), whose causal
+        # queries are aligned to the end of the keys: the same as torch's
+        # alignment to their start where there are as many queries as keys.
+        if is_causal and query.shape[2] != key.shape[2]:
+            raise NotImplementedError(
+                f"{op}: is_causal with {query.shape[2]} queries and {key.shape[2]} keys has no backward pass "
+                "(training needs as many queries as keys, or no mask); call under torch.no_grad() for inference")
+        out = _grad.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), bool(is_causal),
+                              scale, None)
+        return out.transpose(1, 2)
     boolean = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
     with recording() as launches:
         out = _dense(op, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
