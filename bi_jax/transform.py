@@ -7,6 +7,13 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
 * ``reduce_sum`` on those dtypes runs :func:`bi_jax.sum` (so ``jnp.mean``,
   ``jax.nn.softmax`` and ``jax.nn.log_softmax``, which XLA builds from
   ``reduce_max``, ``exp`` and ``reduce_sum``, reduce in the kernels' fixed order);
+* ``scatter-add`` of whole rows into a 2-D float array (the transpose of a
+  row gather: the gradient of ``jnp.take(table, ids, axis=0)`` or
+  ``table[ids]``, and ``jax.ops.segment_sum`` / ``.at[ids].add`` of rows)
+  runs the embedding gradient's kernel (``bi_jax.ops.embedding``): each
+  row's updates added in their order in fp32, rounded once, then added to
+  the operand; ids out of bounds are dropped (clamped under ``mode="clip"``),
+  as the scatter drops them;
 * everything else runs as it is: exact reductions (``reduce_max``,
   ``reduce_min``, ``argmax``, integer sums) and elementwise ops, except that
   on the CPU backend (where the kernels run in the Pallas interpreter)
@@ -35,7 +42,7 @@ The transform traces ``fn`` to a jaxpr and evaluates it equation by equation:
 
 Any other primitive on floats that may combine several elements into one
 (``reduce_prod``, cumulative sums, convolutions, generic ``reduce`` and
-``reduce_window``, scatter-add (``.at[].add``, ``segment_sum``), FFTs, linear
+``reduce_window``, scatter-add of anything but whole rows, FFTs, linear
 algebra, foreign calls and callbacks, collectives such as ``psum``, a product
 or a sum in float64, and such primitives inside ``cond`` / ``while`` /
 ``scan`` bodies, which the transform does not rewrite) is refused with ``BatchVarianceRisk`` when
@@ -145,6 +152,30 @@ def _bi_kernels(params):
                 yield from _bi_kernels(e.params)
 
 
+def _row_scatter_add(params, operand, indices, updates):
+    """``scatter-add`` of whole rows into a 2-D float operand through the
+    ordered embedding gradient; None for any other scatter-add."""
+    from jax.lax import GatherScatterMode
+
+    dims = params["dimension_numbers"]
+    if not (_is_float(operand) and operand.ndim == 2 and updates.dtype == operand.dtype
+            and np.issubdtype(np.dtype(indices.dtype), np.integer) and indices.ndim >= 1 and indices.shape[-1] == 1
+            and updates.shape == indices.shape[:-1] + operand.shape[1:]
+            and tuple(dims.update_window_dims) == (updates.ndim - 1,) and tuple(dims.inserted_window_dims) == (0,)
+            and tuple(dims.scatter_dims_to_operand_dims) == (0,) and not tuple(dims.operand_batching_dims)
+            and not tuple(dims.scatter_indices_batching_dims)):
+        return None
+    from bi_jax.ops.embedding import embedding_backward
+
+    rows = operand.shape[0]
+    ids = indices[..., 0].astype(jnp.int32)
+    if params["mode"] == GatherScatterMode.CLIP:
+        ids = jnp.clip(ids, 0, rows - 1)
+    else:  # dropped (the kernel skips ids past the table)
+        ids = jnp.where((ids < 0) | (ids >= rows), rows, ids)
+    return operand + embedding_backward(ids, updates, rows, operand.dtype)
+
+
 def _may_reduce(eqn) -> bool:
     """Whether an equation (or one nested in it) may combine several float
     elements into one: a primitive outside ``_EXACT`` on floats."""
@@ -237,6 +268,9 @@ class _Evaluator:
                 return _bi_sum(x, axis=tuple(params["axes"]))
             if np.dtype(x.dtype).kind == "f":
                 self.risky(name, f"dtype {x.dtype}")
+        elif name == "scatter-add" and (rows := _row_scatter_add(params, *invals)) is not None:
+            self.handled[name] += 1
+            return rows
         elif name == "shard_map" and not (self.cpu and params.get("check_vma", True)):
             return self.shard_map(params, invals)
         elif name == "shard_map" and _may_reduce(eqn):

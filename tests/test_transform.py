@@ -269,8 +269,9 @@ def _reducing_fns():
     return {
         "generic_reduce": lambda x: jax.lax.reduce(x, 0.0, lambda a, b: a + 2 * b, (1,)),
         "reduce_window": lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 4), (1, 4), "VALID"),
-        "scatter_add": lambda x: x.at[idx].add(x[:3]),
-        "segment_sum": lambda x: jax.ops.segment_sum(x, jnp.array([0, 0, 1, 1, 2, 2]), 3),
+        # (scatter-adds of whole rows are routed: test_row_scatter_add_runs_the_ordered_kernel)
+        "scatter_add": lambda x: x.at[idx, 1].add(x[:3, 0]),
+        "segment_sum": lambda x: jax.ops.segment_sum(x[:, 0], jnp.array([0, 0, 1, 1, 2, 2]), 3),
         "fft": lambda x: jnp.fft.rfft(x).real,
         "linalg": lambda x: jnp.linalg.cholesky(x[:, :6] @ x[:, :6].T + 8 * jnp.eye(6)),
         "cumsum": lambda x: jnp.cumsum(x, axis=-1),
@@ -365,3 +366,30 @@ def test_kernels_inside_a_checked_shard_map():
     rewritten = bi_jax.batch_invariant(jax.shard_map(lambda x: jnp.sum(x, -1), mesh=mesh, in_specs=spec,
                                                      out_specs=spec), strict=True)
     assert (_bits(rewritten(x)) == _bits(bi_jax.sum(x, axis=-1))).all()
+
+def test_row_scatter_add_runs_the_ordered_kernel():
+    """A scatter-add of whole rows (the gradient of a row gather,
+    ``segment_sum`` and ``.at[ids].add`` of rows) runs the embedding
+    gradient's kernel under the transform, strict: the gradient of
+    ``jnp.take`` is ``bi_jax.embedding``'s, bit for bit (bfloat16, where a
+    scatter adding in the dtype rounds otherwise), and ids past the segments
+    are dropped."""
+    from bi_jax.ops.embedding import embedding_backward
+
+    rng = np.random.default_rng(6)
+    table = jnp.asarray(rng.standard_normal((7, 16)), jnp.bfloat16)
+    ids = jnp.array([[1, 3, 6, 1], [3, 1, 1, 0]])
+
+    def loss(embed):
+        return lambda t: (embed(t).astype(jnp.float32) ** 2).sum()
+
+    wrapped = bi_jax.batch_invariant(jax.grad(loss(lambda t: jnp.take(t, ids, axis=0))), strict=True)
+    got = wrapped(table)
+    assert wrapped.handled["scatter-add"] == 1
+    want = jax.grad(loss(lambda t: bi_jax.embedding(ids, t)))(table)
+    assert np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    x = jnp.asarray(rng.standard_normal((6, 16)), jnp.bfloat16)
+    segments = jnp.array([0, 0, 0, 0, 2, 9])
+    seg = bi_jax.batch_invariant(lambda x: jax.ops.segment_sum(x, segments, 3), strict=True)
+    expect = embedding_backward(jnp.array([0, 0, 0, 0, 2, 3]), x, 3, jnp.bfloat16)  # 3: past the table
+    assert np.array_equal(np.asarray(seg(x), np.float32), np.asarray(expect, np.float32))
