@@ -16,6 +16,8 @@ the CPU under the Triton interpreter):
     _softmax_backward_data, _log_softmax_backward_data, _fused_rms_norm_backward
                                -> bi_torch.ops.rows_grad (autograd's backward)
     embedding_dense_backward   -> bi_torch.ops.embedding (token order)
+    nll_loss_forward, nll_loss_backward (no class weights)
+                               -> the picked log-probabilities summed by bi_torch.sum
 
 and, one level up (a ``TorchFunctionMode`` entered with it),
 ``F.scaled_dot_product_attention`` -> ``bi_torch.scaled_dot_product_attention``,
@@ -191,6 +193,44 @@ def _embedding_dense_backward_impl(g, indices, num_weights, padding_idx, scale_g
     return embedding_backward(indices, g, num_weights, g.dtype)
 
 
+def _nll_picked(x, target, weight, ignore_index):
+    """(-x[i, target[i]] where target[i] is not ignored, else 0; the
+    non-ignored mask), of a (N, C) or (C,) input."""
+    if weight is not None:
+        raise _Unsupported("class weights")
+    x2, t = (x, target) if x.ndim == 2 else (x.unsqueeze(0), target.reshape(1))
+    if x2.ndim != 2 or t.ndim != 1:
+        raise _Unsupported(f"input of {x.ndim} dims")
+    valid = t != ignore_index
+    picked = x2.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(valid, -picked, torch.zeros((), dtype=x.dtype, device=x.device)), valid
+
+
+def _nll_loss_forward_impl(x, target, weight, reduction, ignore_index):
+    """``F.nll_loss`` without class weights: the picked log-probabilities
+    (exact), summed over the tokens by ``bi_torch.sum`` in its fixed order
+    (one IEEE division by the token count for the mean)."""
+    picked, valid = _nll_picked(x, target, weight, ignore_index)
+    count = valid.sum().to(x.dtype)
+    if reduction == 0:  # none
+        return (picked if x.ndim == 2 else picked[0]), torch.zeros((), dtype=x.dtype, device=x.device)
+    total = _rows.sum(picked, 0, False)
+    return (total / count if reduction == 1 else total), count
+
+
+def _nll_loss_backward_impl(g, x, target, weight, reduction, ignore_index, total_weight):
+    """Its gradient: ``-g`` (over the token count for the mean) at each
+    non-ignored target, zeros elsewhere; one rounding per element."""
+    _, valid = _nll_picked(x.detach(), target, weight, ignore_index)
+    x2, t = (x, target) if x.ndim == 2 else (x.unsqueeze(0), target.reshape(1))
+    scale = -g / total_weight if reduction == 1 else -g
+    value = scale.reshape(-1) if reduction == 0 else scale.expand(t.shape)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    grad = torch.zeros_like(x2).scatter_(1, torch.where(valid, t, 0).unsqueeze(1),
+                                         torch.where(valid, value.to(x.dtype), zero).unsqueeze(1))
+    return grad if x.ndim == 2 else grad[0]
+
+
 class _Unsupported(Exception):
     """This call of a handled op needs the default kernel (dtype, layout)."""
 
@@ -262,6 +302,9 @@ _HANDLED = {
     aten._log_softmax_backward_data.default: _log_softmax_backward_impl,
     aten._fused_rms_norm_backward.default: _fused_rms_norm_backward_impl,
     aten.embedding_dense_backward.default: _embedding_dense_backward_impl,
+    # The loss of a training step (cross_entropy = log_softmax + nll_loss)
+    aten.nll_loss_forward.default: _nll_loss_forward_impl,
+    aten.nll_loss_backward.default: _nll_loss_backward_impl,
 }
 
 # Strictness follows what an op does, not a list of risky ops: a

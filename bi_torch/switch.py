@@ -15,6 +15,8 @@ and the backward formulas of these under autograd::
     aten::_softmax_backward_data, _log_softmax_backward_data,
     aten::_fused_rms_norm_backward     -> bi_torch.ops.rows_grad
     aten::embedding_dense_backward     -> bi_torch.ops.embedding (token order)
+    aten::nll_loss_forward, _backward  -> picked log-probabilities, bi_torch.sum
+                                          (``F.cross_entropy``, ``F.nll_loss``; no class weights)
 
 and, through them, the ops that PyTorch builds from these (``F.linear``,
 ``torch.matmul``, ``torch.sum(x)``, ``torch.mean(x)``, ``F.rms_norm``,
@@ -141,6 +143,12 @@ _OVERRIDES = {
                                    lambda g, y, dim, dt: aten._log_softmax_backward_data.out(
                                        g, y, dim, dt, out=_empty(g, dt))),
     "_fused_rms_norm_backward": (_mode._fused_rms_norm_backward_impl, _rms_backward_fallback),
+    "nll_loss_forward": (_mode._nll_loss_forward_impl,
+                         lambda x, t, w, red, ign: aten.nll_loss_forward.output(
+                             x, t, w, red, ign, output=_empty(x), total_weight=_empty(x))),
+    "nll_loss_backward": (_mode._nll_loss_backward_impl,
+                          lambda g, x, t, w, red, ign, tw: aten.nll_loss_backward.grad_input(
+                              g, x, t, w, red, ign, tw, grad_input=_empty(x))),
     "embedding_dense_backward": (_mode._embedding_dense_backward_impl,
                                  lambda g, i, n, pad, freq: aten.embedding_dense_backward.out(
                                      g, i, n, pad, freq, out=_empty(g))),

@@ -380,3 +380,38 @@ def test_strict_mode_trains_through_the_bi_backward_kernels():
     if PROFILE.native:
         want = training_step(DEVICE, None, direct=True)
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_trains_under_the_strict_mode(reduction):
+    """``F.cross_entropy`` (log_softmax + nll_loss, an ignored token) under
+    the strict mode: the loss is the picked log-probabilities summed by
+    ``bi_torch.sum`` (over the kept tokens' count for the mean), its
+    gradient one rounding per element; the process-wide switch gives the
+    same bits, and both are close to PyTorch's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 40, generator=g).to(DEVICE)
+    t = torch.tensor([1, 4, -100, 39, 0, 4], device=DEVICE)
+
+    def step(ctx):
+        leaf = x.clone().requires_grad_()
+        with ctx as entered:
+            loss = torch.nn.functional.cross_entropy(leaf, t, reduction=reduction)
+            (loss.sum() if reduction == "none" else loss).backward()
+        return loss.detach(), leaf.grad, entered
+
+    with torch.no_grad():
+        logp = bi_torch.log_softmax(x, -1)
+        keep = t != -100
+        picked = torch.where(keep, -logp.gather(1, torch.where(keep, t, 0)[:, None])[:, 0], 0.0)
+        want = {"none": picked, "sum": bi_torch.sum(picked, 0),
+                "mean": bi_torch.sum(picked, 0) / keep.sum().to(x.dtype)}[reduction]
+    loss, grad, mode = step(bi_torch.set_batch_invariant_mode(strict=True))
+    assert {"aten.nll_loss_forward.default", "aten.nll_loss_backward.default"} <= set(mode.handled)
+    assert torch.equal(_bits(loss), _bits(want))
+    switch_loss, switch_grad, _ = step(bi_torch.enable_batch_invariant_mode())
+    assert torch.equal(_bits(switch_loss), _bits(loss)) and torch.equal(_bits(switch_grad), _bits(grad))
+    default_loss, default_grad, _ = step(torch.enable_grad())
+    torch.testing.assert_close(loss, default_loss)
+    torch.testing.assert_close(grad, default_grad)
+    assert not grad[2].any()
