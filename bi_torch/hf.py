@@ -23,7 +23,10 @@ sequence's start, nothing is copied).
 
 Training: without a mask (unpadded batches, where transformers passes none)
 the attention is ``bi_torch.attention``'s, with its fused backward; a padded
-batch's masked attention is forward-only (refused under autograd).
+batch's masked attention is forward-only (refused under autograd). The
+wrapper covers ``forward`` and ``generate``: run ``loss.backward()`` under
+``set_batch_invariant_mode()`` too (or use ``process_wide=True``), so that the
+backward formulas run the bi_ kernels.
 
 Not supported, refused: ``softcap``, ``position_bias`` and attention sinks,
 dropout, gradients through a mask, and attention weights

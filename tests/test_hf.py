@@ -246,7 +246,10 @@ def test_hf_training_step_without_padding():
     def step():
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits
-        (logits * weights).sum().backward()
+        # The wrapper covers forward and generate: the backward under the mode too.
+        with bi_torch.set_batch_invariant_mode() as mode:
+            (logits * weights).sum().backward()
+        assert "aten.embedding_dense_backward.default" in mode.handled
         return logits.detach(), [p.grad.clone() for p in model.parameters()]
 
     logits, grads = step()
