@@ -77,3 +77,20 @@ def training_step(device, ctx, direct=False, padding_idx=None, weight_grad=True,
     with ctx or contextlib.nullcontext():
         (compile(loss) if compile else loss)(ids, table, w, lin).backward()
     return table.grad, w.grad, lin.grad
+
+
+def count_backward_kernels(monkeypatch):
+    """A Counter of calls of bi_torch's embedding, softmax and RMSNorm
+    backward entry points, counted from now on (``monkeypatch``: pytest's)."""
+    from collections import Counter
+
+    from bi_torch.ops import embedding, rows_grad
+
+    calls = Counter()
+    for module, name in ((embedding, "embedding_backward"), (rows_grad, "normalise_backward"),
+                         (rows_grad, "rms_norm_backward")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls

@@ -163,20 +163,11 @@ def test_a_compiled_training_step_gets_the_bi_gradients(monkeypatch):
     the CPU torch decomposes RMSNorm before the graph is traced (its backward
     is then pointwise ops and bi_ sums): there the gradients it feeds are
     only close."""
-    from collections import Counter
-
-    from bi_torch.ops import embedding, rows_grad
-    from cases import training_step
+    from cases import count_backward_kernels, training_step
 
     torch._dynamo.reset()
     want = training_step(DEVICE, None, direct=True)
-    calls = Counter()
-    for module, name in ((embedding, "embedding_backward"), (rows_grad, "normalise_backward"),
-                         (rows_grad, "rms_norm_backward")):
-        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
+    calls = count_backward_kernels(monkeypatch)
     got = training_step(DEVICE, None, compile=lambda f: torch.compile(f, backend=compile_backend()))
     assert calls["embedding_backward"] == 1 and calls["normalise_backward"] == 2, calls
     assert _same(got[2], want[2])

@@ -9,14 +9,13 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections import Counter
 
 import pytest
 import torch
 
 import bi_torch
 from bi_torch import switch
-from cases import training_step
+from cases import count_backward_kernels, training_step
 from tests_profile import PROFILE
 
 DEVICE = "cuda" if PROFILE.native else "cpu"
@@ -266,17 +265,9 @@ def test_backward_formulas_run_the_bi_kernels(monkeypatch):
     torch's functions calls each and gives the bi_ ops' own gradient bits
     (the embedding's padding row none), with and without RMSNorm's weight
     gradient."""
-    from bi_torch.ops import embedding, rows_grad
-
     want = training_step(DEVICE, None, direct=True)
     before = dict(switch.fallbacks())
-    calls = Counter()
-    for module, name in ((embedding, "embedding_backward"), (rows_grad, "normalise_backward"),
-                         (rows_grad, "rms_norm_backward")):
-        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
+    calls = count_backward_kernels(monkeypatch)
     got = training_step(DEVICE, bi_torch.enable_batch_invariant_mode())
     assert calls == {"embedding_backward": 1, "normalise_backward": 2, "rms_norm_backward": 1}, calls
     assert all(_same(a, b) for a, b in zip(got, want))
