@@ -208,14 +208,15 @@ def _nll_picked(x, target, weight, ignore_index):
 
 def _nll_loss_forward_impl(x, target, weight, reduction, ignore_index):
     """``F.nll_loss`` without class weights: the picked log-probabilities
-    (exact), summed over the tokens by ``bi_torch.sum`` in its fixed order
-    (one IEEE division by the token count for the mean)."""
+    (exact), summed over the tokens in fp32 by ``bi_torch.sum`` in its fixed
+    order (then one IEEE division by the kept-token count for the mean),
+    rounded to x's dtype."""
     picked, valid = _nll_picked(x, target, weight, ignore_index)
-    count = valid.sum().to(x.dtype)
+    count = valid.sum().to(torch.float32)  # exact in fp32 (a bf16 count rounds past 256)
     if reduction == 0:  # none
         return (picked if x.ndim == 2 else picked[0]), torch.zeros((), dtype=x.dtype, device=x.device)
-    total = _rows.sum(picked, 0, False)
-    return (total / count if reduction == 1 else total), count
+    total = _rows.sum(picked, 0, False, dtype=torch.float32)
+    return (total / count if reduction == 1 else total).to(x.dtype), count.to(x.dtype)
 
 
 def _nll_loss_backward_impl(g, x, target, weight, reduction, ignore_index, total_weight):
@@ -223,7 +224,8 @@ def _nll_loss_backward_impl(g, x, target, weight, reduction, ignore_index, total
     non-ignored target, zeros elsewhere; one rounding per element."""
     _, valid = _nll_picked(x.detach(), target, weight, ignore_index)
     x2, t = (x, target) if x.ndim == 2 else (x.unsqueeze(0), target.reshape(1))
-    scale = -g / total_weight if reduction == 1 else -g
+    # The mean's divisor from the targets, in fp32 (``total_weight`` is in x's dtype).
+    scale = -g.float() / valid.sum().to(torch.float32) if reduction == 1 else -g
     value = scale.reshape(-1) if reduction == 0 else scale.expand(t.shape)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     grad = torch.zeros_like(x2).scatter_(1, torch.where(valid, t, 0).unsqueeze(1),

@@ -404,8 +404,8 @@ def test_cross_entropy_trains_under_the_strict_mode(reduction):
         logp = bi_torch.log_softmax(x, -1)
         keep = t != -100
         picked = torch.where(keep, -logp.gather(1, torch.where(keep, t, 0)[:, None])[:, 0], 0.0)
-        want = {"none": picked, "sum": bi_torch.sum(picked, 0),
-                "mean": bi_torch.sum(picked, 0) / keep.sum().to(x.dtype)}[reduction]
+        total = bi_torch.sum(picked, 0, dtype=torch.float32)
+        want = {"none": picked, "sum": total, "mean": total / keep.sum().to(torch.float32)}[reduction].to(x.dtype)
     loss, grad, mode = step(bi_torch.set_batch_invariant_mode(strict=True))
     assert {"aten.nll_loss_forward.default", "aten.nll_loss_backward.default"} <= set(mode.handled)
     assert torch.equal(_bits(loss), _bits(want))
@@ -415,3 +415,18 @@ def test_cross_entropy_trains_under_the_strict_mode(reduction):
     torch.testing.assert_close(loss, default_loss)
     torch.testing.assert_close(grad, default_grad)
     assert not grad[2].any()
+
+
+def test_cross_entropy_mean_counts_tokens_exactly_in_bfloat16():
+    """The mean's token count is exact past bfloat16's 256 (the count and
+    the sum stay fp32 until the one rounding), as PyTorch's loss is."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(301, 8, generator=g).to(DEVICE, torch.bfloat16)
+    t = torch.randint(0, 8, (301,), generator=g).to(DEVICE)
+    with bi_torch.set_batch_invariant_mode(strict=True):
+        loss = torch.nn.functional.cross_entropy(x, t)
+    with torch.no_grad():
+        picked = -bi_torch.log_softmax(x, -1).gather(1, t[:, None])[:, 0]
+        want = (bi_torch.sum(picked, 0, dtype=torch.float32) / 301.0).to(torch.bfloat16)
+    assert torch.equal(_bits(loss), _bits(want))
+    torch.testing.assert_close(loss.float(), torch.nn.functional.cross_entropy(x.float(), t), rtol=8e-3, atol=0)
