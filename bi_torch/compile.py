@@ -14,6 +14,7 @@ and fallbacks as the process-wide switch (``bi_torch.switch``)::
                                        -> bi_torch::softmax_backward, log_softmax_backward
     aten::_fused_rms_norm_backward     -> bi_torch::rms_norm_backward
     aten::embedding_dense_backward     -> bi_torch::embedding_dense_backward
+    aten::nll_loss_forward, _backward  -> bi_torch::nll_loss_forward, nll_loss_backward
 
 and, in the graph Dynamo captures (before torch picks an SDPA backend),
 ``F.scaled_dot_product_attention`` -> ``bi_torch::scaled_dot_product_attention``;
@@ -90,6 +91,8 @@ _SOFTMAX_BACKWARD = _kernel("_softmax_backward_data")
 _LOG_SOFTMAX_BACKWARD = _kernel("_log_softmax_backward_data")
 _RMS_BACKWARD = _kernel("_fused_rms_norm_backward")
 _EMBEDDING_BACKWARD = _kernel("embedding_dense_backward")
+_NLL = _kernel("nll_loss_forward")
+_NLL_BACKWARD = _kernel("nll_loss_backward")
 _SAFE_SOFTMAX = _switch._kernel(
     "_safe_softmax", _mode._safe_softmax_impl, lambda x, dim, dtype=None: aten._safe_softmax.default(x, dim, dtype))
 
@@ -168,6 +171,19 @@ def embedding_dense_backward(g: Tensor, indices: Tensor, num_weights: int, paddi
     return _fresh(_EMBEDDING_BACKWARD(g, indices, num_weights, padding_idx, scale_grad_by_freq), (g,))
 
 
+@torch.library.custom_op("bi_torch::nll_loss_forward", mutates_args=())
+def nll_loss_forward(x: Tensor, target: Tensor, weight: Tensor | None, reduction: int,
+                     ignore_index: int) -> tuple[Tensor, Tensor]:
+    return _fresh(_NLL(x, target, weight, reduction, ignore_index), (x, target, weight))
+
+
+@torch.library.custom_op("bi_torch::nll_loss_backward", mutates_args=())
+def nll_loss_backward(g: Tensor, x: Tensor, target: Tensor, weight: Tensor | None, reduction: int,
+                      ignore_index: int, total_weight: Tensor) -> Tensor:
+    return _fresh(_NLL_BACKWARD(g, x, target, weight, reduction, ignore_index, total_weight),
+                  (g, x, target, weight, total_weight))
+
+
 @torch.library.custom_op("bi_torch::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None) -> Tensor:
     """``bi_torch.attention`` (B, L, H, D) as one node of a compiled graph."""
@@ -233,6 +249,8 @@ rms_norm_backward.register_fake(lambda g, x, shape, rstd, weight, need_x, need_w
     torch.empty_like(x) if need_x else x.new_empty(0),
     torch.empty_like(weight) if weight is not None and need_w else x.new_empty(0)))
 embedding_dense_backward.register_fake(lambda g, indices, n, pad, freq: g.new_empty((n, g.shape[-1])))
+nll_loss_forward.register_fake(lambda x, t, w, red, ign: aten.nll_loss_forward.default(x, t, w, red, ign))
+nll_loss_backward.register_fake(lambda g, x, t, w, red, ign, tw: torch.empty_like(x))
 
 
 def _rms_norm_backward(g, x, shape, rstd, weight, output_mask):
@@ -261,6 +279,9 @@ DECOMPOSITIONS = {
     aten._log_softmax_backward_data.default: _OPS.log_softmax_backward.default,
     aten._fused_rms_norm_backward.default: _rms_norm_backward,
     aten.embedding_dense_backward.default: _OPS.embedding_dense_backward.default,
+    # The loss (F.cross_entropy, F.nll_loss)
+    aten.nll_loss_forward.default: _OPS.nll_loss_forward.default,
+    aten.nll_loss_backward.default: _OPS.nll_loss_backward.default,
 }
 """aten op -> the custom op that replaces it in a compiled graph."""
 

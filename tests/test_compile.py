@@ -177,3 +177,29 @@ def test_a_compiled_training_step_gets_the_bi_gradients(monkeypatch):
     else:
         for a, b in zip(got[:2], want[:2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_cross_entropy_gets_the_switchs_bits():
+    """``F.cross_entropy`` compiled with ``compile_backend``: its
+    ``nll_loss`` forward and backward are custom ops (not refused), with the
+    eager switch's loss and gradient bits."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 40, generator=g).to(DEVICE)
+    t = torch.tensor([1, 4, -100, 39, 0, 4], device=DEVICE)
+
+    def step(fn, ctx=None):
+        import contextlib
+
+        leaf = x.clone().requires_grad_()
+        with ctx or contextlib.nullcontext():
+            loss = fn(leaf)
+            loss.backward()
+        return loss.detach(), leaf.grad
+
+    def ce(leaf):
+        return F.cross_entropy(leaf, t)
+
+    got = step(torch.compile(ce, backend=compile_backend()))
+    want = step(ce, bi_torch.enable_batch_invariant_mode())
+    assert all(_same(a, b) for a, b in zip(got, want))
