@@ -173,7 +173,9 @@ def _row_scatter_add(params, operand, indices, updates):
         ids = jnp.clip(ids, 0, rows - 1)
     else:  # dropped (the kernel skips ids past the table)
         ids = jnp.where((ids < 0) | (ids >= rows), rows, ids)
-    return operand + embedding_backward(ids, updates, rows, operand.dtype)
+    # Rows no id reaches keep the operand's bits (a -0.0 stays -0.0, as in the scatter).
+    touched = jnp.zeros((rows,), bool).at[ids].set(True, mode="drop")
+    return jnp.where(touched[:, None], operand + embedding_backward(ids, updates, rows, operand.dtype), operand)
 
 
 def _may_reduce(eqn) -> bool:

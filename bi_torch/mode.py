@@ -16,7 +16,7 @@ the CPU under the Triton interpreter):
     _softmax_backward_data, _log_softmax_backward_data, _fused_rms_norm_backward
                                -> bi_torch.ops.rows_grad (autograd's backward)
     embedding_dense_backward   -> bi_torch.ops.embedding (token order)
-    nll_loss_forward, nll_loss_backward (no class weights)
+    nll_loss_forward, nll_loss_backward (no class weights, (N, C) or (C,) inputs)
                                -> the picked log-probabilities summed by bi_torch.sum
 
 and, one level up (a ``TorchFunctionMode`` entered with it),
@@ -224,8 +224,11 @@ def _nll_loss_backward_impl(g, x, target, weight, reduction, ignore_index, total
     non-ignored target, zeros elsewhere; one rounding per element."""
     _, valid = _nll_picked(x.detach(), target, weight, ignore_index)
     x2, t = (x, target) if x.ndim == 2 else (x.unsqueeze(0), target.reshape(1))
-    # The mean's divisor from the targets, in fp32 (``total_weight`` is in x's dtype).
-    scale = -g.float() / valid.sum().to(torch.float32) if reduction == 1 else -g
+    # The mean's divisor: the kept targets counted in fp32 where ``total_weight``
+    # (in x's dtype, so rounded past bf16's 256) is that count, else ``total_weight``.
+    count = valid.sum().to(torch.float32)
+    divisor = torch.where(count.to(total_weight.dtype) == total_weight, count, total_weight.float())
+    scale = -g.float() / divisor if reduction == 1 else -g
     value = scale.reshape(-1) if reduction == 0 else scale.expand(t.shape)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     grad = torch.zeros_like(x2).scatter_(1, torch.where(valid, t, 0).unsqueeze(1),

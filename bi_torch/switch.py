@@ -16,7 +16,8 @@ and the backward formulas of these under autograd::
     aten::_fused_rms_norm_backward     -> bi_torch.ops.rows_grad
     aten::embedding_dense_backward     -> bi_torch.ops.embedding (token order)
     aten::nll_loss_forward, _backward  -> picked log-probabilities, bi_torch.sum
-                                          (``F.cross_entropy``, ``F.nll_loss``; no class weights)
+                                          (``F.cross_entropy``, ``F.nll_loss`` of (N, C) or (C,)
+                                          inputs; no class weights)
 
 and, through them, the ops that PyTorch builds from these (``F.linear``,
 ``torch.matmul``, ``torch.sum(x)``, ``torch.mean(x)``, ``F.rms_norm``,
@@ -106,14 +107,18 @@ def _rms_fallback(x, normalized_shape, weight=None, eps=None):
 
 
 def _rms_backward_fallback(g, x, normalized_shape, rstd, weight, output_mask):
-    # No out= form: the composite, in x's dtype (float64 here).
+    # No out= form: the composite, in fp32 at least (float64 stays float64),
+    # rounded once to the inputs' dtypes.
+    work = torch.promote_types(x.dtype, torch.float32)
+    x32, g32, r32 = x.to(work), g.to(work), rstd.to(work)
+    w32 = weight.to(work) if weight is not None else None
     dims = list(range(x.ndim - len(normalized_shape), x.ndim))
-    xhat = x * rstd
-    gw = g * weight if weight is not None else g
-    grad_x = rstd * (gw - xhat * (gw * xhat).mean(dims, keepdim=True)) if output_mask[0] else None
+    xhat = x32 * r32
+    gw = g32 * w32 if w32 is not None else g32
+    grad_x = (r32 * (gw - xhat * (gw * xhat).mean(dims, keepdim=True))).to(x.dtype) if output_mask[0] else None
     grad_w = None
     if weight is not None and output_mask[1]:
-        grad_w = (g * xhat).reshape(-1, *weight.shape).sum(0)
+        grad_w = (g32 * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
     return grad_x, grad_w
 
 

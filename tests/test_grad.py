@@ -183,8 +183,12 @@ def test_torch_fused_attention_backward(dtype):
         return _dense("attention", q, k, v, causal=causal, scale=None, window=None, bottom_right=True,
                       split_kv=split_kv, with_lse=True)[1]
 
+    from bi_core.attention import SPLIT
+
+    # (the last: more keys than a split holds, so split_kv=True runs the merge kernel)
     for b, lq, lk, hq, hkv, d, causal in ((2, 70, 70, 4, 1, 64, True), (2, 3, 90, 2, 1, 128, True),
-                                          (2, 9, 4, 2, 2, 64, True), (2, 33, 40, 2, 2, 64, False)):
+                                          (2, 9, 4, 2, 2, 64, True), (2, 33, 40, 2, 2, 64, False),
+                                          (2, 20, SPLIT + 88, 2, 1, 64, True)):
         shape = (lq, lk, hq, hkv, d)
         q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dt) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, dt)
@@ -265,8 +269,12 @@ def test_jax_fused_attention_backward():
 
     from bi_jax.ops.attention_grad import attention_backward
 
+    from bi_core.attention import SPLIT
+
     rng = np.random.default_rng(2)
-    for lq, lk, hq, hkv, causal in ((70, 70, 2, 1, True), (9, 4, 2, 2, True), (33, 40, 2, 2, False)):
+    # (the last: more keys than a split holds, so split_kv=True runs the merge kernel)
+    for lq, lk, hq, hkv, causal in ((70, 70, 2, 1, True), (9, 4, 2, 2, True), (33, 40, 2, 2, False),
+                                    (12, SPLIT + 88, 2, 1, True)):
         q, k, v = (rng.standard_normal((2, n, h, 64), dtype=np.float32) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, torch.float32)
         o = jnp.asarray(out.numpy())

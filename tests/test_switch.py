@@ -276,3 +276,28 @@ def test_backward_formulas_run_the_bi_kernels(monkeypatch):
     no_w = training_step(DEVICE, bi_torch.enable_batch_invariant_mode(), weight_grad=False)
     assert no_w[1] is None and _same(no_w[0], want[0]) and _same(no_w[2], want[2])
     assert dict(switch.fallbacks()) == before  # nothing ran PyTorch's kernel
+
+
+def test_backward_ops_at_the_edges():
+    """The overridden backward ops where their inputs are unusual: an
+    embedding gradient with ids past the table (dropped, as PyTorch drops
+    them; the kernel writes nothing for them), softmax's backward of a 0-d
+    tensor (zero), and ``nll_loss_backward`` called with a ``total_weight``
+    of its own (honoured, as aten's contract says)."""
+    aten = torch.ops.aten
+    g = torch.ones(4, 6, device=DEVICE)
+    ids = torch.tensor([0, 1, 10, 2], device=DEVICE)
+    want = aten.embedding_dense_backward(g, ids, 10, -1, False)
+    x = torch.randn((), device=DEVICE, requires_grad=True)
+    logits = torch.randn(5, 7, device=DEVICE)
+    t = torch.tensor([1, 2, 3, -100, 6], device=DEVICE)
+    nll = aten.nll_loss_backward(torch.tensor(1.0, device=DEVICE), logits, t, None, 1, -100,
+                                 torch.tensor(3.0, device=DEVICE))
+    with bi_torch.enable_batch_invariant_mode():
+        got = aten.embedding_dense_backward(g, ids, 10, -1, False)
+        torch.softmax(x, 0).backward()
+        got_nll = aten.nll_loss_backward(torch.tensor(1.0, device=DEVICE), logits, t, None, 1, -100,
+                                         torch.tensor(3.0, device=DEVICE))
+    assert torch.equal(got, want) and float(got.sum()) == 18.0
+    assert x.grad is not None and float(x.grad) == 0.0
+    assert torch.equal(got_nll, nll) and abs(float(got_nll[0, 1]) + 1 / 3) < 1e-7

@@ -393,3 +393,7 @@ def test_row_scatter_add_runs_the_ordered_kernel():
     seg = bi_jax.batch_invariant(lambda x: jax.ops.segment_sum(x, segments, 3), strict=True)
     expect = embedding_backward(jnp.array([0, 0, 0, 0, 2, 3]), x, 3, jnp.bfloat16)  # 3: past the table
     assert np.array_equal(np.asarray(seg(x), np.float32), np.asarray(expect, np.float32))
+    # Rows no id reaches keep the operand's bits (-0.0 too), as the scatter leaves them.
+    m0 = jnp.zeros((3, 16), jnp.float32).at[1, 0].set(-0.0)
+    add = bi_jax.batch_invariant(lambda m: m.at[jnp.array([0])].add(jnp.ones((1, 16))), strict=True)
+    assert np.signbit(np.asarray(add(m0))[1, 0])

@@ -21,7 +21,7 @@ from bi_torch._checks import canonical, check_launchable
 
 
 @triton.jit
-def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, BLOCK: tl.constexpr):
+def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, num_rows, BLOCK: tl.constexpr):
     """Program (j, c): if sorted position j starts a run of equal ids, the
     sum of that run's gradient rows over columns block c, in position order."""
     j = tl.program_id(0)
@@ -29,7 +29,7 @@ def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, BLOCK: tl.constexpr)
     ok = cols < h
     row = tl.load(SORTED_IDS + j)
     prev = tl.load(SORTED_IDS + tl.maximum(j - 1, 0))
-    if ((j == 0) | (prev != row)) & (row >= 0):  # negative ids: no gradient
+    if ((j == 0) | (prev != row)) & (row >= 0) & (row < num_rows):  # ids outside the table: no gradient
         acc = tl.zeros((BLOCK,), tl.float32)
         k = j
         while (k < n) & (tl.load(SORTED_IDS + tl.minimum(k, n - 1)) == row):
@@ -41,8 +41,9 @@ def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, BLOCK: tl.constexpr)
 
 def embedding_backward(ids: torch.Tensor, g: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
     """The gradient of ``weight[ids]`` with respect to a ``(num_rows, h)``
-    weight, for the output gradient ``g`` (``ids.shape + (h,)``). Negative ids
-    contribute nothing (the drop-in mode marks ``padding_idx``'s tokens so)."""
+    weight, for the output gradient ``g`` (``ids.shape + (h,)``). Ids outside
+    ``[0, num_rows)`` contribute nothing (the drop-in mode marks
+    ``padding_idx``'s tokens -1), and nothing is written for them."""
     h = g.shape[-1]
     out = torch.zeros((num_rows, h), dtype=dtype, device=g.device)
     flat = ids.reshape(-1)
@@ -52,7 +53,7 @@ def embedding_backward(ids: torch.Tensor, g: torch.Tensor, num_rows: int, dtype:
     sorted_ids, order = torch.sort(flat, stable=True)
     g2d = canonical(g.reshape(n, h))
     block = min(1024, triton.next_power_of_2(h))
-    _embedding_grad_kernel[(n, triton.cdiv(h, block))](sorted_ids, order, g2d, out, n, h, BLOCK=block)
+    _embedding_grad_kernel[(n, triton.cdiv(h, block))](sorted_ids, order, g2d, out, n, h, num_rows, BLOCK=block)
     return out
 
 

@@ -132,6 +132,8 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.
 def normalise_backward(op: str, y: torch.Tensor, g: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """The input gradient of ``y = softmax(x, dim)`` or ``log_softmax``, in
     ``dtype``."""
+    if y.ndim == 0:  # one element: softmax is 1 (log_softmax 0) whatever x, so the gradient is 0
+        return torch.zeros((), dtype=dtype, device=y.device)
     moved_y, moved_g = y.movedim(dim, -1), g.movedim(dim, -1)
     n = moved_y.shape[-1]
     y2d = canonical(moved_y.reshape(-1, n))
