@@ -151,3 +151,25 @@ def test_max_examples_override(monkeypatch):
         configure()
     monkeypatch.delenv("BI_MAX_EXAMPLES")
     assert configure().max_examples in (devices.GPU.max_examples, devices.CPU.max_examples)
+
+
+def test_accuracy_takes_an_overflow_to_infinity_and_nothing_else():
+    """A reference past float16's largest value must come out as an infinity
+    of its sign; a wrong sign, a NaN or an overflow of an in-range value is
+    still an error."""
+    from types import SimpleNamespace
+
+    from harness import properties
+
+    ref = np.array([[74726.9, -70000.0, 3.0]])
+    spec = SimpleNamespace(reference=lambda inputs: ref, tolerance=lambda dtype: SimpleNamespace(rtol=8e-3, atol=1e-3))
+
+    def check(values):
+        out = np.array([values], dtype=np.float16)
+        adapter = SimpleNamespace(natives=lambda inputs: inputs, call=lambda fn, spec, native: out)
+        properties.check_accuracy(spec, adapter, None, {}, "float16")
+
+    check([np.inf, -np.inf, 3.0])
+    for values in ([-np.inf, -np.inf, 3.0], [np.inf, np.nan, 3.0], [np.inf, -np.inf, np.inf]):
+        with pytest.raises(properties.AccuracyError):
+            check(values)
