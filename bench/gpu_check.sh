@@ -5,7 +5,9 @@
 #                                    #   BI_TEST_WORKERS: pytest-xdist workers, default 4;
 #                                    #   BI_TEST_ARGS: more pytest arguments, e.g. -x;
 #                                    #   BI_TEST_PATHS: test files, default tests;
-#                                    #   BI_MAX_EXAMPLES: Hypothesis examples per property)
+#                                    #   BI_MAX_EXAMPLES: Hypothesis examples per property;
+#                                    #   BI_TEST_TIMEOUT: seconds, then pytest is interrupted and
+#                                    #   stops its workers, so nothing overlaps what runs next)
 #   bash bench/gpu_check.sh bench    # python -m bench (BI_BENCH_ARGS: extra arguments)
 #   bash bench/gpu_check.sh spread DIR [DIR ...]
 #                                    # the JAX timing twice per tree (this one, or another checkout
@@ -33,7 +35,10 @@ if [[ $what == tests || $what == all ]]; then
   # -v: each test's result goes to the log as it ends (a run cut by a time
   # limit keeps the names of what passed and failed).
   # Failure reports as they happen (tests/conftest.py), not only at the end.
-  BI_FAILURE_LOG="$OUT/$part.failures.txt" python3 -m pytest ${BI_TEST_PATHS:-tests} -v -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
+  # (a timeout around this script would leave pytest and its workers running)
+  limit=()
+  [[ -n ${BI_TEST_TIMEOUT:-} ]] && limit=(timeout -s INT -k 30 "$BI_TEST_TIMEOUT")
+  BI_FAILURE_LOG="$OUT/$part.failures.txt" "${limit[@]}" python3 -m pytest ${BI_TEST_PATHS:-tests} -v -rfExXs -n "${BI_TEST_WORKERS:-4}" --durations=15 --junitxml="$OUT/$part.xml" \
     ${BI_TEST_ARGS:-} ${BI_TEST_K:+-k "$BI_TEST_K"} 2>&1 | tee "$OUT/$part.log" | tail -60
   status=$?
 fi
