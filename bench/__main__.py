@@ -63,6 +63,16 @@ def _choices(kind: str, allowed: list[str], hint: str = ""):
     return parse
 
 
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not v >= 0 or v == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be finite and >= 0, got {text!r}")
+    return values
+
+
 def _prog() -> str:
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return "python -m bench" if name in ("", "__main__.py", "-c") else name
@@ -114,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
                    "on a GPU, 6 without)")
     p.add_argument("--e2e-runs", type=_positive_int, default=None, help="arrival schedules per engine for --e2e (default: 5 "
                    "on a GPU, 3 without)")
+    p.add_argument("--e2e-temperatures", type=_temperatures, default=None,
+                   help="comma-separated sampling temperatures for --e2e, 0 for greedy (default: 0,0.8); greedy "
+                        "also runs verification and the prefix cache")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for results.json, results.csv and plots/ (default: bench-results)")
     return p
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench.e2e import command
 
         for path in command.run(args.out, console, args.frameworks, profile.native, requests=args.e2e_requests,
-                                runs=args.e2e_runs):
+                                runs=args.e2e_runs, **({"temperatures": args.e2e_temperatures}
+                                                       if args.e2e_temperatures else {})):
             console.print(f"wrote {path}")
         return 0
     specs = [registry.get(o) for o in args.ops]

@@ -64,6 +64,33 @@ def test_schedules_batch_the_requests_differently():
     assert compositions(1) != compositions(2)
 
 
+def test_a_step_that_compiles_is_timed_again():
+    """A step during which the engine compiled runs twice and only the second
+    run counts; the tokens are the first run's."""
+    import time
+
+    class Compiling:
+        def __init__(self):
+            self.shapes, self.calls = set(), 0
+
+        def compilations(self):
+            return len(self.shapes)
+
+        def step(self, step):
+            self.calls += 1
+            if len(step.tokens) not in self.shapes:
+                self.shapes.add(len(step.tokens))
+                time.sleep(0.2)  # the compiler
+            return np.full(len(step.sample_rows), 7, np.int64)
+
+    engine = Compiling()
+    out = run_schedule(engine, WORK, SERVING, 1)
+    assert out["compiled_steps"] == len(engine.shapes) > 0
+    assert engine.calls == len(out["steps"]) + out["compiled_steps"]
+    assert out["seconds"] < 0.2
+    assert all(set(c) == {7} for c in out["completions"].values())
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_invariance_torch_engine_gives_each_request_one_completion(temperature):
     runs = _runs(_torch("bi", temperature))

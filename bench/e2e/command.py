@@ -10,6 +10,11 @@ With greedy decoding, also: speculative verification (each request's
 tokens as drafts, checked in steps of several queries) and a prefix cache
 (a workload whose prompts share prefixes, warm against cold), each against
 the plain run's tokens. Results to ``e2e.json`` and ``plots/e2e.png``.
+
+Throughput is generated tokens over serving time. A JAX engine compiles each
+new step shape under ``jit`` (the default's attention groups keep meeting new
+ones); such a step is run twice and its second run counted
+(``compiled_steps`` per run).
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None) -
                        "first_divergence_median": statistics.median(firsts) if firsts else None,
                        "tokens_per_s": generated / statistics.median(seconds), "seconds": seconds,
                        "steps": [len(r["steps"]) for r in runs],
+                       "compiled_steps": [r["compiled_steps"] for r in runs],
                        "distinct_per_request": {str(k): v["distinct"] for k, v in per_request.items()},
                        "first_divergence_per_request": {str(k): v["first_divergence"] for k, v in per_request.items()}}
                 if temperature == 0:

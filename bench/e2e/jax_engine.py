@@ -182,6 +182,10 @@ class JaxEngine:
 
         return jax.jit(head)
 
+    def compilations(self) -> int:
+        """Shapes compiled so far (``run_schedule`` times such steps again)."""
+        return self._layer._cache_size() + self._head._cache_size()
+
     # --- one step ------------------------------------------------------------------
 
     def _padded(self, step: Step):
