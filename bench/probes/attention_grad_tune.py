@@ -38,6 +38,9 @@ CANDIDATES = {
              itertools.product(((64, 64), (32, 64), (32, 128), (64, 128)), (4, 8), (2, 3))],
     "dq": [Launch(m, n, w, s) for (m, n), w, s in
            itertools.product(((64, 64), (128, 32), (128, 64), (64, 32)), (4, 8), (2, 3))],
+    # dK/dV with the scores computed keys-as-rows (``BackwardLaunch.key_rows``).
+    "dkdv_rows": [Launch(m, n, w, s, True) for (m, n), w, s in
+                  itertools.product(((64, 64), (64, 128), (128, 64), (32, 128)), (4, 8), (2, 3))],
 }
 
 
@@ -49,18 +52,30 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_grad_tune",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--kernels", default="dkdv,dq")
+    p.add_argument("--kernels", default="dkdv,dq", help="of dkdv, dq, dkdv_rows (torch only)")
     p.add_argument("--frameworks", default="torch,jax")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another version of bi_torch/ops/attention_grad.py (say, from an older commit), timed "
+                        "beside this one")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_grad_tune")
     kernels = [k for k in args.kernels.split(",") if k]  # --kernels '': the default launches alone
     if "torch" in args.frameworks:
-        torch_part(emit, kernels)
+        torch_part(emit, kernels, args.baseline)
     if "jax" in args.frameworks:
         jax_part(emit, kernels)
 
 
-def torch_part(emit, kernels) -> None:
+def _load_baseline(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attention_grad_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.attention_backward
+
+
+def torch_part(emit, kernels, baseline=None) -> None:
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # noqa: E731
 
     from bi_torch import attention
@@ -94,16 +109,26 @@ def torch_part(emit, kernels) -> None:
         ms = bench(lambda: attention_backward(q, k, v, out, g, True, lse=lse))
         emit({**shape, "what": "bi_ backward from the forward's statistics", "ms": ms,
               "tflops": round(flops * 6 / 7 / ms / 1e9, 1)})
+        if baseline is not None:
+            old = _load_baseline(baseline)
+            for _ in range(2):  # interleaved with this version's, twice
+                got = old(q, k, v, out, g, True, lse=lse)
+                emit({**shape, "what": f"baseline {baseline.name}: backward from the forward's statistics",
+                      "ms": bench(lambda: old(q, k, v, out, g, True, lse=lse)),
+                      "differing": _differing(got, attention_backward(q, k, v, out, g, True, lse=lse))})
+                emit({**shape, "what": "bi_ backward from the forward's statistics (again)",
+                      "ms": bench(lambda: attention_backward(q, k, v, out, g, True, lse=lse))})
         emit({**shape, "what": "bi_ forward keeping the statistics", "ms": bench(lambda: _dense(
             "attention", q, k, v, causal=True, scale=None, window=None, bottom_right=True, split_kv=None,
             with_lse=True))})
         for kernel in kernels:
             for cand in CANDIDATES[kernel]:
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
+                config = {kernel.split("_")[0]: cand}
                 try:
-                    got = attention_backward(q, k, v, out, g, True, config={kernel: cand})
+                    got = attention_backward(q, k, v, out, g, True, config=config)
                     rec["differing"] = _differing(got, ref)
-                    rec["ms"] = bench(lambda: attention_backward(q, k, v, out, g, True, config={kernel: cand}))
+                    rec["ms"] = bench(lambda: attention_backward(q, k, v, out, g, True, config=config))
                     rec["tflops"] = round(flops / rec["ms"] / 1e9, 1)
                 except triton.runtime.errors.OutOfResources as e:
                     rec["error"] = repr(e)[:200]
@@ -172,7 +197,7 @@ def jax_part(emit, kernels) -> None:
         ms = wall_ms(backward(None), q, k, v, out, g)
         emit({**shape, "what": "bi_ backward (default launches)", "ms": ms, "tflops": round(flops / ms / 1e9, 1)})
         for kernel in kernels:
-            for cand in JAX_CANDIDATES[kernel]:
+            for cand in JAX_CANDIDATES.get(kernel, ()):
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
                 try:
                     fn = backward({kernel: cand})

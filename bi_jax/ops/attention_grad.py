@@ -64,10 +64,13 @@ def _key_end(tile, st):
     return st["lk"]
 
 
-def _p_ds(q, k, v, g, lse, delta, qpos, kpos, st):
-    """The probabilities of a (queries, keys) tile and ``dS`` (with the scale)."""
+def _p_ds(q, k, v, g, lse, delta, qpos, kpos, st, mask=True):
+    """The probabilities of a (queries, keys) tile and ``dS`` (with the scale);
+    without ``mask`` every (query, key) pair of the tile is visible."""
     s = _dot(q, k.T, st) * st["c"]
-    p = jnp.where(_visible(qpos, kpos, st), jnp.exp2(s - lse[:, None]), 0.0)
+    p = jnp.exp2(s - lse[:, None])
+    if mask:
+        p = jnp.where(_visible(qpos, kpos, st), p, 0.0)
     return p, p * (_dot(g, v.T, st) - delta[:, None]) * st["scale"]
 
 
@@ -123,11 +126,21 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     lo = 0
     if st["causal"]:  # the first query block that sees this tile's first key
         lo = jnp.maximum(tile * bn - st["offset"], 0) // bm
+    # Query blocks [lo, mid_lo) and [mid_hi, end) need the mask (the diagonal,
+    # the last partial block); those between see every key of this tile and
+    # skip it (the same values: the mask keeps every element).
+    end = (st["lq"] + bm - 1) // bm
+    mid_lo = lo
+    if st["causal"]:  # the first query block that sees this tile's last key
+        mid_lo = jnp.maximum(lo, (jnp.maximum(tile * bn + bn - 1 - st["offset"], 0) + bm - 1) // bm)
+    interior = tile * bn + bn <= st["lk"]
+    mid_lo = jnp.where(interior, jnp.minimum(mid_lo, end), end)
+    mid_hi = jnp.where(interior, jnp.maximum(mid_lo, st["lq"] // bm), end)
     dk = dv = jnp.zeros((bn, d), jnp.float32)
     for j in range(group):  # the group's query heads, in order
         h = hk * group + j
 
-        def body(i, acc, h=h):
+        def body(i, acc, h=h, mask=True):
             dk, dv = acc
             qpos = i * bm + jnp.arange(bm, dtype=jnp.int32)
             q_ok = qpos < st["lq"]
@@ -136,12 +149,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             stats = (b * st["hq"] + h) * st["lq"] + qpos
             lse = pltriton.load(lse_ref.at[stats], mask=q_ok, other=float("inf"))
             delta = pltriton.load(delta_ref.at[stats], mask=q_ok, other=0.0)
-            p, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st)
+            p, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st, mask)
             dv = dv + _dot(p.astype(g.dtype).T, g, st)
             dk = dk + _dot(ds.astype(q.dtype).T, q, st)
             return dk, dv
 
-        dk, dv = lax.fori_loop(lo, (st["lq"] + bm - 1) // bm, body, (dk, dv))
+        acc = lax.fori_loop(lo, mid_lo, body, (dk, dv))
+        acc = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, mask=False), acc)
+        dk, dv = lax.fori_loop(mid_hi, end, body, acc)
     pltriton.store(dk_ref.at[_rows(krows, d)], dk.astype(dk_ref.dtype), mask=jnp.broadcast_to(k_ok[:, None], (bn, d)))
     pltriton.store(dv_ref.at[_rows(krows, d)], dv.astype(dv_ref.dtype), mask=jnp.broadcast_to(k_ok[:, None], (bn, d)))
 
@@ -156,14 +171,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dq_ref, *, st):
     q, g = _load(q_ref, qrows, q_ok, d), _load(g_ref, qrows, q_ok, d)
     lse = pltriton.load(lse_ref.at[bh * st["lq"] + qpos], mask=q_ok, other=float("inf"))
     delta = pltriton.load(delta_ref.at[bh * st["lq"] + qpos], mask=q_ok, other=0.0)
-    def body(n, dq):
+
+    def body(n, dq, mask=True):
         kpos = n * bn + jnp.arange(bn, dtype=jnp.int32)
         krows = (b * st["lk"] + kpos) * st["hkv"] + h // group
         k, v = _load(k_ref, krows, kpos < st["lk"], d), _load(v_ref, krows, kpos < st["lk"], d)
-        _, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st)
+        _, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st, mask)
         return dq + _dot(ds.astype(k.dtype), k, st)
 
-    dq = lax.fori_loop(0, (_key_end(tile, st) + bn - 1) // bn, body, jnp.zeros((bm, d), jnp.float32))
+    # Key blocks [0, mid) are visible to every query of this block (when it
+    # lies inside lq): no mask; the rest (the diagonal, the last partial
+    # block) take it. The same values, in the same order.
+    mid = st["lk"] // bn
+    if st["causal"]:
+        mid = jnp.minimum(mid, jnp.maximum(tile * bm + st["offset"] + 1, 0) // bn)
+    mid = jnp.where(tile * bm + bm <= st["lq"], mid, 0)
+    dq = lax.fori_loop(0, mid, functools.partial(body, mask=False), jnp.zeros((bm, d), jnp.float32))
+    dq = lax.fori_loop(mid, (_key_end(tile, st) + bn - 1) // bn, body, dq)
     pltriton.store(dq_ref.at[_rows(qrows, d)], dq.astype(dq_ref.dtype), mask=jnp.broadcast_to(q_ok[:, None], (bm, d)))
 
 

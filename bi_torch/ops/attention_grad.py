@@ -54,11 +54,14 @@ def _key_end(tile, lk, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _p_ds(q, k, v, g, lse, delta, valid, scale, c, PRECISION: tl.constexpr):
+def _p_ds(q, k, v, g, lse, delta, valid, scale, c, PRECISION: tl.constexpr, MASK: tl.constexpr):
     """The probabilities of a (queries, keys) tile and ``dS`` (with the scale);
-    ``c = scale * log2(e)``, ``lse`` in log2 units."""
+    ``c = scale * log2(e)``, ``lse`` in log2 units; ``valid`` applied only
+    with ``MASK`` (a tile whose pairs are all visible skips it)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=tl.float32) * c
-    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.exp2(s - lse[:, None])
+    if MASK:
+        p = tl.where(valid, p, 0.0)
     dp = tl.dot(g, tl.trans(v), input_precision=PRECISION, out_dtype=tl.float32)
     return p, p * (dp - delta[:, None]) * scale
 
@@ -99,11 +102,44 @@ def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, c,
 
 
 @triton.jit
+def _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
+               sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr, MASK: tl.constexpr):
+    """dK and dV of one block of queries added to ``dk``, ``dv``; without
+    ``MASK`` every (query, key) pair of the tile is visible. ``KEY_ROWS``:
+    the scores' tile computed as ``K Q^T`` (keys as rows) rather than
+    ``Q K^T`` then transposed (other bits, the same properties)."""
+    qpos = m0 + tl.arange(0, BLOCK_M)
+    q_ok = (qpos < lq)[:, None]
+    q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
+    g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
+    lse = tl.load(LSE + stats + qpos, mask=qpos < lq, other=float("inf"))
+    delta = tl.load(DELTA + stats + qpos, mask=qpos < lq, other=0.0)
+    if KEY_ROWS:
+        # The transposed tile, keys as rows: P^T and dS^T come out of their
+        # products in the layout that the dV and dK products take.
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * c
+        pt = tl.exp2(st - lse[None, :])
+        if MASK:
+            pt = tl.where(tl.trans(_visible(qpos, kpos, lq, lk, offset, CAUSAL)), pt, 0.0)
+        dpt = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
+        dst = pt * (dpt - delta[None, :]) * scale
+        dv = tl.dot(pt.to(g.dtype), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
+    else:
+        p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c, PRECISION,
+                      MASK)
+        dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh,
                  sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hkv = bh // HKV, bh % HKV
@@ -117,22 +153,43 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
     lo = 0
     if CAUSAL:  # the first query that sees this tile's first key
         lo = tl.maximum(tile * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    # Query blocks [lo, mid_lo) and [mid_hi, lq) need the mask (the diagonal,
+    # the last partial block); those between see every key of this tile, so
+    # their tiles skip it (the same values: the mask keeps every element).
+    mid_lo, mid_hi = lq, lq
+    if tile * BLOCK_N + BLOCK_N <= lk:
+        mid_lo = lo
+        if CAUSAL:  # the first query block that sees this tile's last key
+            mid_lo = tl.maximum(lo, tl.cdiv(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M)
+        mid_lo = tl.minimum(mid_lo, lq)
+        mid_hi = tl.maximum(mid_lo, lq // BLOCK_M * BLOCK_M)
     for j in range(G):  # the group's query heads, in order
         h = hkv * G + j
         stats = (b * (HKV * G) + h) * lq
-        for m0 in range(lo, lq, BLOCK_M):
-            qpos = m0 + tl.arange(0, BLOCK_M)
-            q_ok = (qpos < lq)[:, None]
-            q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
-            g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
-            lse = tl.load(LSE + stats + qpos, mask=qpos < lq, other=float("inf"))
-            delta = tl.load(DELTA + stats + qpos, mask=qpos < lq, other=0.0)
-            p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c,
-                         PRECISION)
-            dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
+        for m0 in range(lo, mid_lo, BLOCK_M):
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
+                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
+        for m0 in range(mid_lo, mid_hi, BLOCK_M):
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
+                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, False)
+        for m0 in range(mid_hi, lq, BLOCK_M):
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
+                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
     tl.store(_at(DK, b, hkv, kpos, sdkb, sdkl, sdkh, d), dk.to(DK.dtype.element_ty), mask=k_ok)
     tl.store(_at(DV, b, hkv, kpos, sdvb, sdvl, sdvh, d), dv.to(DV.dtype.element_ty), mask=k_ok)
+
+
+@triton.jit
+def _dq_tile(K, V, q, g, lse, delta, dq, b, hkv, n0, qpos, d, lq, lk, offset, scale, c,
+             skb, skl, skh, svb, svl, svh, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+             PRECISION: tl.constexpr, MASK: tl.constexpr):
+    """dQ of one block of keys added to ``dq``."""
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    k_ok = (kpos < lk)[:, None]
+    k = tl.load(_at(K, b, hkv, kpos, skb, skl, skh, d), mask=k_ok, other=0.0)
+    v = tl.load(_at(V, b, hkv, kpos, svb, svl, svh, d), mask=k_ok, other=0.0)
+    _, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c, PRECISION, MASK)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -151,14 +208,21 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale, c,
     lse = tl.load(LSE + bh * lq + qpos, mask=qpos < lq, other=float("inf"))
     delta = tl.load(DELTA + bh * lq + qpos, mask=qpos < lq, other=0.0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
-    for n0 in range(0, _key_end(tile, lk, offset, BLOCK_M, CAUSAL), BLOCK_N):
-        kpos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = (kpos < lk)[:, None]
-        k = tl.load(_at(K, b, h // G, kpos, skb, skl, skh, d), mask=k_ok, other=0.0)
-        v = tl.load(_at(V, b, h // G, kpos, svb, svl, svh, d), mask=k_ok, other=0.0)
-        _, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c,
-                         PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=tl.float32)
+    end = _key_end(tile, lk, offset, BLOCK_M, CAUSAL)
+    # Key blocks [0, mid) are visible to every query of this block (when it
+    # lies inside lq): no mask; the rest (the diagonal, the last partial
+    # block) take it. The same values, in the same order.
+    mid = 0
+    if tile * BLOCK_M + BLOCK_M <= lq:
+        mid = lk // BLOCK_N * BLOCK_N
+        if CAUSAL:
+            mid = tl.minimum(mid, tl.maximum(tile * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
+    for n0 in range(0, mid, BLOCK_N):
+        dq = _dq_tile(K, V, q, g, lse, delta, dq, b, h // G, n0, qpos, d, lq, lk, offset, scale, c,
+                      skb, skl, skh, svb, svl, svh, BLOCK_N, CAUSAL, PRECISION, False)
+    for n0 in range(mid, end, BLOCK_N):
+        dq = _dq_tile(K, V, q, g, lse, delta, dq, b, h // G, n0, qpos, d, lq, lk, offset, scale, c,
+                      skb, skl, skh, svb, svl, svh, BLOCK_N, CAUSAL, PRECISION, True)
     tl.store(_at(DQ, b, h, qpos, sdqb, sdql, sdqh, d), dq.to(DQ.dtype.element_ty), mask=q_ok)
 
 
@@ -214,7 +278,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     launch("stats", lq, hq, q, k, out, g, lse, delta, lq, lk, offset, c,
            *strides(q), *strides(k), *strides(out), *strides(g), HQ=hq, HAS_LSE=has_lse)
     launch("dkdv", lk, hkv, q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale, c,
-           *strides(q), *strides(k), *strides(v), *strides(g), *strides(dk), *strides(dv), HKV=hkv)
+           *strides(q), *strides(k), *strides(v), *strides(g), *strides(dk), *strides(dv), HKV=hkv,
+           KEY_ROWS=cfg["dkdv"].key_rows)
     launch("dq", lq, hq, q, k, v, g, lse, delta, dq, lq, lk, offset, scale, c,
            *strides(q), *strides(k), *strides(v), *strides(g), *strides(dq), HQ=hq)
     return dq, dk, dv
