@@ -186,9 +186,11 @@ def test_torch_fused_attention_backward(dtype):
     from bi_core.attention import SPLIT
 
     # (the last: more keys than a split holds, so split_kv=True runs the merge kernel)
+    # (200 and 150 queries: tiles that see every key, which skip the mask)
     for b, lq, lk, hq, hkv, d, causal in ((2, 70, 70, 4, 1, 64, True), (2, 3, 90, 2, 1, 128, True),
                                           (2, 9, 4, 2, 2, 64, True), (2, 33, 40, 2, 2, 64, False),
-                                          (2, 20, SPLIT + 88, 2, 1, 64, True)):
+                                          (2, 20, SPLIT + 88, 2, 1, 64, True), (2, 200, 200, 2, 1, 64, True),
+                                          (2, 150, 150, 2, 1, 64, False)):
         shape = (lq, lk, hq, hkv, d)
         q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dt) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, dt)
@@ -208,14 +210,15 @@ def test_torch_fused_attention_backward(dtype):
         lse_tol = 1e-5 if dtype == "float32" else 1e-2
         torch.testing.assert_close(lse.cpu().double(), lse64, rtol=lse_tol, atol=lse_tol,
                                    msg=lambda m: f"lse {shape}: {m}")
-        for kept in (None, lse):  # the statistics recomputed by the backward, and the forward's
-            got = [t.cpu() for t in attention_backward(*dev, causal, lse=kept)]
+        # The statistics recomputed by the backward, and the forward's; dK/dV keys as rows.
+        for kept, config in ((None, None), (lse, None), (lse, {"dkdv": _key_rows(d)})):
+            got = [t.cpu() for t in attention_backward(*dev, causal, lse=kept, config=config)]
             for name, x, w in zip("qkv", got, want):
                 assert x.dtype == dt and x.shape == w.shape
                 torch.testing.assert_close(x.double(), w, rtol=tol, atol=tol * max(1.0, float(w.abs().max())),
-                                           msg=lambda m: f"{name} {shape} lse={kept is not None}: {m}")
+                                           msg=lambda m: f"{name} {shape} lse={kept is not None} {config}: {m}")
             alone = [t.cpu() for t in attention_backward(*(t[1:] for t in dev), causal,
-                                                         lse=None if kept is None else kept[hq:])]
+                                                         lse=None if kept is None else kept[hq:], config=config)]
             assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {shape}"
 
 
@@ -260,6 +263,13 @@ def test_torch_row_backward_kernels():
             assert torch.equal(alone[:, 1:2], got[:, 1:2]), (op, n)
 
 
+def _key_rows(head_dim):
+    """The dK/dV launch with its scores computed keys-as-rows."""
+    from bi_core.attention import backward_launches
+
+    return backward_launches(head_dim)["dkdv"]._replace(key_rows=True)
+
+
 def test_jax_fused_attention_backward():
     """``bi_jax.ops.attention_grad`` (float32; bfloat16 takes the same code):
     against float64 gradients, with queries that see no key, and a sequence
@@ -274,7 +284,7 @@ def test_jax_fused_attention_backward():
     rng = np.random.default_rng(2)
     # (the last: more keys than a split holds, so split_kv=True runs the merge kernel)
     for lq, lk, hq, hkv, causal in ((70, 70, 2, 1, True), (9, 4, 2, 2, True), (33, 40, 2, 2, False),
-                                    (12, SPLIT + 88, 2, 1, True)):
+                                    (12, SPLIT + 88, 2, 1, True), (200, 200, 2, 1, True), (150, 150, 2, 1, False)):
         q, k, v = (rng.standard_normal((2, n, h, 64), dtype=np.float32) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
         out, want = _float64_attention_grads(q, k, v, causal, torch.float32)
         o = jnp.asarray(out.numpy())
@@ -287,9 +297,12 @@ def test_jax_fused_attention_backward():
         # without split-KV, and the backward from them as accurate.
         lse = [_jax_forward_lse(q, k, v, causal, split) for split in (False, True)]
         assert np.array_equal(*lse), f"split-KV's lse differs {(lq, lk)}"
-        got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal, lse=lse[0])
-        for name, x, w in zip("qkv", got, want):
-            np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
+        for config in (None, {"dkdv": _key_rows(64)}):  # dK/dV keys as rows too
+            got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal, lse=lse[0],
+                                     config=config)
+            for name, x, w in zip("qkv", got, want):
+                np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4,
+                                           err_msg=f"{name} {(lq, lk)} {config}")
 
 
 def _jax_forward_lse(q, k, v, causal, split_kv):

@@ -32,6 +32,7 @@ SHAPES = ((64, 1024), (4, 4096))  # (sequences, length): the benchmark's shape, 
 JAX_CANDIDATES = {
     "dkdv": [*(Launch(64, 64, w, s) for w, s in itertools.product((4, 8), (1, 2, 3))), Launch(32, 128, 8, 2)],
     "dq": [*(Launch(64, 64, w, s) for w, s in itertools.product((4, 8), (1, 2, 3))), Launch(128, 32, 8, 2)],
+    "dkdv_rows": [Launch(64, 64, w, s, True) for w, s in itertools.product((4, 8), (1, 2))],
 }
 CANDIDATES = {
     "dkdv": [Launch(m, n, w, s) for (m, n), w, s in
@@ -52,7 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_grad_tune",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--kernels", default="dkdv,dq", help="of dkdv, dq, dkdv_rows (torch only)")
+    p.add_argument("--kernels", default="dkdv,dq", help="of dkdv, dq, dkdv_rows")
     p.add_argument("--frameworks", default="torch,jax")
     p.add_argument("--baseline", type=Path, default=None,
                    help="another version of bi_torch/ops/attention_grad.py (say, from an older commit), timed "
@@ -200,7 +201,7 @@ def jax_part(emit, kernels) -> None:
             for cand in JAX_CANDIDATES.get(kernel, ()):
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
                 try:
-                    fn = backward({kernel: cand})
+                    fn = backward({kernel.split("_")[0]: cand})
                     got = fn(q, k, v, out, g)
                     rec["differing"] = sum(int(jnp.sum(jax.lax.bitcast_convert_type(x, jnp.int16) !=
                                                        jax.lax.bitcast_convert_type(y, jnp.int16)))
