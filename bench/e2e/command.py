@@ -100,9 +100,27 @@ def _release(framework: str) -> None:
             torch.cuda.empty_cache()
 
 
+def _share_jax_compilations() -> None:
+    """Each engine jits its own layer function, so a second engine of the
+    same kernels (another temperature) would compile every shape again; an
+    on-disk compilation cache for this process lets it reuse them (the
+    default engine meets ~100 attention-group shapes over 6 schedules).
+    A cache the user configured is kept. GPU runs only (the CPU run's tiny
+    model compiles fast, and a test process keeps its configuration)."""
+    import tempfile
+
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bi-e2e-xla-"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def measure(setup: Setup, frameworks, temperatures, device: str, console=None) -> dict:
     """Every (framework, temperature, impl): R runs under schedules 1..R,
     after one warm-up run under schedule 0 (compilations; not counted)."""
+    if "jax" in frameworks and device != "cpu":
+        _share_jax_compilations()
     work = workload(setup.requests, setup.min_prompt, setup.max_prompt, setup.new_tokens, setup.model.vocab)
     results = []
     completions = {}
