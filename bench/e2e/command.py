@@ -116,9 +116,11 @@ def _share_jax_compilations() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def measure(setup: Setup, frameworks, temperatures, device: str, console=None) -> dict:
+def measure(setup: Setup, frameworks, temperatures, device: str, console=None, partial: Path | None = None) -> dict:
     """Every (framework, temperature, impl): R runs under schedules 1..R,
-    after one warm-up run under schedule 0 (compilations; not counted)."""
+    after one warm-up run under schedule 0 (compilations; not counted).
+    ``partial``: a JSON file rewritten with the rows so far after each
+    engine (a run cut by a time limit keeps them)."""
     if "jax" in frameworks and device != "cpu":
         _share_jax_compilations()
     work = workload(setup.requests, setup.min_prompt, setup.max_prompt, setup.new_tokens, setup.model.vocab)
@@ -147,6 +149,10 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None) -
                 if temperature == 0:
                     row.update(_variants(engine, setup, runs[0]["completions"], work))
                 results.append(row)
+                if partial is not None:
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps({"setup": {**asdict(setup), "model": asdict(setup.model)},
+                                                   "results": results}, indent=1))
                 completions[framework, temperature, impl] = runs[0]["completions"]
                 if console is not None:
                     console.print(f"e2e {framework} {impl} T={temperature}: {row['requests_with_one_completion']}/"
@@ -198,7 +204,8 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
 
         setup = replace(setup, requests=requests or setup.requests, runs=runs or setup.runs)
     start = time.perf_counter()
-    data = measure(setup, frameworks, temperatures, "cuda" if native else "cpu", console)
+    data = measure(setup, frameworks, temperatures, "cuda" if native else "cpu", console,
+                   partial=out / "e2e.partial.json")
     data["wall_seconds"] = time.perf_counter() - start
     from rich.table import Table
 
@@ -225,5 +232,6 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
     out.mkdir(parents=True, exist_ok=True)
     path = out / "e2e.json"
     path.write_text(json.dumps(data, indent=1))
+    (out / "e2e.partial.json").unlink(missing_ok=True)
     plot(data, out / "plots" / "e2e.png")
     return [path, out / "plots" / "e2e.png"]
