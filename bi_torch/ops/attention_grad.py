@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from bi_core import attention as contract
+from bi_torch._launch import fast
 
 
 @triton.jit
@@ -66,6 +67,7 @@ def _p_ds(q, k, v, g, lse, delta, valid, scale, c, PRECISION: tl.constexpr, MASK
     return p, p * (dp - delta[:, None]) * scale
 
 
+@fast
 @triton.jit
 def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, c,
                   sqb, sql, sqh, skb, skl, skh, sob, sol, soh, sgb, sgl, sgh,
@@ -134,6 +136,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk
     return dk, dv
 
 
+@fast
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh,
@@ -192,6 +195,7 @@ def _dq_tile(K, V, q, g, lse, delta, dq, b, hkv, n0, qpos, d, lq, lk, offset, sc
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=tl.float32)
 
 
+@fast
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale, c,
                sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh, sdqb, sdql, sdqh,

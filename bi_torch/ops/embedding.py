@@ -18,8 +18,10 @@ import triton
 import triton.language as tl
 
 from bi_torch._checks import canonical, check_launchable
+from bi_torch._launch import fast
 
 
+@fast
 @triton.jit
 def _embedding_grad_kernel(SORTED_IDS, ORDER, G, OUT, n, h, num_rows, BLOCK: tl.constexpr):
     """Program (j, c): if sorted position j starts a run of equal ids, the

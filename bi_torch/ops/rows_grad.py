@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from bi_torch._checks import canonical
+from bi_torch._launch import fast
 
 # The ops, as Triton constants (a kernel reads only constexpr globals).
 RMS_NORM, SOFTMAX, LOG_SOFTMAX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -37,6 +38,7 @@ def _tile(n: int) -> tuple[int, int, int]:
     return rows, block, 4 if block * rows <= 4096 else 8
 
 
+@fast
 @triton.jit(do_not_specialize=["m"])
 def _row_grad_kernel(X, G, W, RSTD, DX, DW_PART, m, n, inv_n,
                      OP: tl.constexpr, HAS_WEIGHT: tl.constexpr, WRITE_DW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -81,6 +83,7 @@ def _row_grad_kernel(X, G, W, RSTD, DX, DW_PART, m, n, inv_n,
         tl.store(DX + base + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
 
 
+@fast
 @triton.jit(do_not_specialize=["parts"])
 def _column_sum_kernel(P, OUT, parts, n, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """``OUT[j] = sum_i P[i, j]``: tiles of ``ROWS`` partials in order, then
