@@ -263,6 +263,41 @@ def test_torch_row_backward_kernels():
             assert torch.equal(alone[:, 1:2], got[:, 1:2]), (op, n)
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_attention_backward_tiles_without_the_mask_give_the_masked_bits(framework, monkeypatch):
+    """From ``MASK_FREE_FROM`` tokens the gradient kernels run the tiles that
+    see every key without the mask, in loops of their own: the same values in
+    the same order, so dQ, dK, dV keep the single masked loop's bits (causal
+    with more keys than queries and the reverse, full, GQA, a last partial
+    block). A reordered or dropped tile fails this."""
+    from bi_core import attention as contract
+
+    rng = np.random.default_rng(5)
+    for lq, lk, causal in ((200, 200, True), (150, 230, True), (230, 150, True), (150, 150, False)):
+        q, k, v, o, g = (rng.standard_normal((2, n, h, 64), dtype=np.float32)
+                         for n, h in ((lq, 4), (lk, 2), (lk, 2), (lq, 4), (lq, 4)))
+        got = {}
+        for mask_free_from in (10 ** 9, 0):
+            monkeypatch.setattr(contract, "MASK_FREE_FROM", mask_free_from)
+            if framework == "torch":
+                import torch
+
+                from bi_torch.ops.attention_grad import attention_backward
+
+                dev = [torch.as_tensor(t).to(_TORCH_DEVICE, torch.bfloat16) for t in (q, k, v, o, g)]
+                got[mask_free_from] = [t.float().cpu().numpy() for t in attention_backward(*dev, causal)]
+            else:
+                import jax.numpy as jnp
+
+                from bi_jax.ops.attention_grad import attention_backward
+
+                dev = [jnp.asarray(t, jnp.bfloat16) for t in (q, k, v, o, g)]
+                got[mask_free_from] = [np.asarray(t.astype(jnp.float32))
+                                       for t in attention_backward(*dev, causal=causal)]
+        for name, a, b in zip("qkv", got[10 ** 9], got[0]):
+            assert np.array_equal(a.view(np.int32), b.view(np.int32)), f"d{name} {(lq, lk, causal)}"
+
+
 def _key_rows(head_dim):
     """The dK/dV launch with its scores computed keys-as-rows."""
     from bi_core.attention import backward_launches

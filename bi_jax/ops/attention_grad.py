@@ -136,6 +136,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     interior = tile * bn + bn <= st["lk"]
     mid_lo = jnp.where(interior, jnp.minimum(mid_lo, end), end)
     mid_hi = jnp.where(interior, jnp.maximum(mid_lo, st["lq"] // bm), end)
+    if not st["mask_free"]:  # one loop, every tile masked (bi_core.attention.MASK_FREE_FROM)
+        mid_lo = mid_hi = end
     dk = dv = jnp.zeros((bn, d), jnp.float32)
     for j in range(group):  # the group's query heads, in order
         h = hk * group + j
@@ -161,9 +163,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             dk = dk + _dot(ds.astype(q.dtype).T, q, st)
             return dk, dv
 
-        acc = lax.fori_loop(lo, mid_lo, body, (dk, dv))
-        acc = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, mask=False), acc)
-        dk, dv = lax.fori_loop(mid_hi, end, body, acc)
+        dk, dv = lax.fori_loop(lo, mid_lo, body, (dk, dv))
+        if st["mask_free"]:
+            acc = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, mask=False), (dk, dv))
+            dk, dv = lax.fori_loop(mid_hi, end, body, acc)
     pltriton.store(dk_ref.at[_rows(krows, d)], dk.astype(dk_ref.dtype), mask=jnp.broadcast_to(k_ok[:, None], (bn, d)))
     pltriton.store(dv_ref.at[_rows(krows, d)], dv.astype(dv_ref.dtype), mask=jnp.broadcast_to(k_ok[:, None], (bn, d)))
 
@@ -193,7 +196,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dq_ref, *, st):
     if st["causal"]:
         mid = jnp.minimum(mid, jnp.maximum(tile * bm + st["offset"] + 1, 0) // bn)
     mid = jnp.where(tile * bm + bm <= st["lq"], mid, 0)
-    dq = lax.fori_loop(0, mid, functools.partial(body, mask=False), jnp.zeros((bm, d), jnp.float32))
+    dq = jnp.zeros((bm, d), jnp.float32)
+    if st["mask_free"]:
+        dq = lax.fori_loop(0, mid, functools.partial(body, mask=False), dq)
+    else:  # one loop, every tile masked (bi_core.attention.MASK_FREE_FROM)
+        mid = 0
     dq = lax.fori_loop(mid, (_key_end(tile, st) + bn - 1) // bn, body, dq)
     pltriton.store(dq_ref.at[_rows(qrows, d)], dq.astype(dq_ref.dtype), mask=jnp.broadcast_to(q_ok[:, None], (bm, d)))
 
@@ -227,7 +234,8 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
     launches.update(config or {})
     ieee = q.dtype == jnp.float32
     st = dict(d=d, hq=hq, hkv=hkv, group=hq // hkv, lq=lq, lk=lk, offset=lk - lq if bottom_right else 0,
-              causal=bool(causal), scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+              causal=bool(causal), mask_free=max(lq, lk) >= contract.MASK_FREE_FROM,
+              scale=1.0 / math.sqrt(d) if scale is None else float(scale),
               c=contract.qk_scale(scale, d, "attention backward"),
               interpret=bool(interpret), precision=lax.Precision.HIGHEST if ieee else lax.Precision.DEFAULT)
     fq, fk, fv, fo, fg = (a.reshape(-1, d) for a in (q, k, v, out, g))

@@ -142,7 +142,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh,
                  sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr,
+                 MASK_FREE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hkv = bh // HKV, bh % HKV
@@ -156,28 +157,32 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
     lo = 0
     if CAUSAL:  # the first query that sees this tile's first key
         lo = tl.maximum(tile * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
-    # Query blocks [lo, mid_lo) and [mid_hi, lq) need the mask (the diagonal,
-    # the last partial block); those between see every key of this tile, so
-    # their tiles skip it (the same values: the mask keeps every element).
+    # MASK_FREE: query blocks [lo, mid_lo) and [mid_hi, lq) need the mask (the
+    # diagonal, the last partial block); those between see every key of this
+    # tile, so their tiles skip it (the same values: the mask keeps every
+    # element). Else one loop, every tile masked: the same bits.
     mid_lo, mid_hi = lq, lq
-    if tile * BLOCK_N + BLOCK_N <= lk:
-        mid_lo = lo
-        if CAUSAL:  # the first query block that sees this tile's last key
-            mid_lo = tl.maximum(lo, tl.cdiv(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M)
-        mid_lo = tl.minimum(mid_lo, lq)
-        mid_hi = tl.maximum(mid_lo, lq // BLOCK_M * BLOCK_M)
+    if MASK_FREE:
+        if tile * BLOCK_N + BLOCK_N <= lk:
+            mid_lo = lo
+            if CAUSAL:  # the first query block that sees this tile's last key
+                mid_lo = tl.maximum(lo, tl.cdiv(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M)
+                                    * BLOCK_M)
+            mid_lo = tl.minimum(mid_lo, lq)
+            mid_hi = tl.maximum(mid_lo, lq // BLOCK_M * BLOCK_M)
     for j in range(G):  # the group's query heads, in order
         h = hkv * G + j
         stats = (b * (HKV * G) + h) * lq
         for m0 in range(lo, mid_lo, BLOCK_M):
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
                                 sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
-        for m0 in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
-                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, False)
-        for m0 in range(mid_hi, lq, BLOCK_M):
-            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
-                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
+        if MASK_FREE:
+            for m0 in range(mid_lo, mid_hi, BLOCK_M):
+                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale,
+                                    c, sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, False)
+            for m0 in range(mid_hi, lq, BLOCK_M):
+                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale,
+                                    c, sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
     tl.store(_at(DK, b, hkv, kpos, sdkb, sdkl, sdkh, d), dk.to(DK.dtype.element_ty), mask=k_ok)
     tl.store(_at(DV, b, hkv, kpos, sdvb, sdvl, sdvh, d), dv.to(DV.dtype.element_ty), mask=k_ok)
 
@@ -200,7 +205,7 @@ def _dq_tile(K, V, q, g, lse, delta, dq, b, hkv, n0, qpos, d, lq, lk, offset, sc
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale, c,
                sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh, sdqb, sdql, sdqh,
                HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, MASK_FREE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // HQ, bh % HQ
@@ -213,17 +218,18 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, lq, lk, offset, scale, c,
     delta = tl.load(DELTA + bh * lq + qpos, mask=qpos < lq, other=0.0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     end = _key_end(tile, lk, offset, BLOCK_M, CAUSAL)
-    # Key blocks [0, mid) are visible to every query of this block (when it
-    # lies inside lq): no mask; the rest (the diagonal, the last partial
-    # block) take it. The same values, in the same order.
+    # MASK_FREE: key blocks [0, mid) are visible to every query of this block
+    # (when it lies inside lq): no mask; the rest (the diagonal, the last
+    # partial block) take it. The same values, in the same order.
     mid = 0
-    if tile * BLOCK_M + BLOCK_M <= lq:
-        mid = lk // BLOCK_N * BLOCK_N
-        if CAUSAL:
-            mid = tl.minimum(mid, tl.maximum(tile * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
-    for n0 in range(0, mid, BLOCK_N):
-        dq = _dq_tile(K, V, q, g, lse, delta, dq, b, h // G, n0, qpos, d, lq, lk, offset, scale, c,
-                      skb, skl, skh, svb, svl, svh, BLOCK_N, CAUSAL, PRECISION, False)
+    if MASK_FREE:
+        if tile * BLOCK_M + BLOCK_M <= lq:
+            mid = lk // BLOCK_N * BLOCK_N
+            if CAUSAL:
+                mid = tl.minimum(mid, tl.maximum(tile * BLOCK_M + offset + 1, 0) // BLOCK_N * BLOCK_N)
+        for n0 in range(0, mid, BLOCK_N):
+            dq = _dq_tile(K, V, q, g, lse, delta, dq, b, h // G, n0, qpos, d, lq, lk, offset, scale, c,
+                          skb, skl, skh, svb, svl, svh, BLOCK_N, CAUSAL, PRECISION, False)
     for n0 in range(mid, end, BLOCK_N):
         dq = _dq_tile(K, V, q, g, lse, delta, dq, b, h // G, n0, qpos, d, lq, lk, offset, scale, c,
                       skb, skl, skh, svb, svl, svh, BLOCK_N, CAUSAL, PRECISION, True)
@@ -270,6 +276,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     lse = lse.contiguous() if has_lse else torch.empty((b * hq, lq), dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     offset = lk - lq
+    mask_free = max(lq, lk) >= contract.MASK_FREE_FROM
     strides = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     common = dict(D=d, G=group, CAUSAL=bool(causal), PRECISION=precision)
 
@@ -283,9 +290,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
            *strides(q), *strides(k), *strides(out), *strides(g), HQ=hq, HAS_LSE=has_lse)
     launch("dkdv", lk, hkv, q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale, c,
            *strides(q), *strides(k), *strides(v), *strides(g), *strides(dk), *strides(dv), HKV=hkv,
-           KEY_ROWS=cfg["dkdv"].key_rows)
+           KEY_ROWS=cfg["dkdv"].key_rows, MASK_FREE=mask_free)
     launch("dq", lq, hq, q, k, v, g, lse, delta, dq, lq, lk, offset, scale, c,
-           *strides(q), *strides(k), *strides(v), *strides(g), *strides(dq), HQ=hq)
+           *strides(q), *strides(k), *strides(v), *strides(g), *strides(dq), HQ=hq, MASK_FREE=mask_free)
     return dq, dk, dv
 
 
