@@ -283,9 +283,6 @@ class BackwardLaunch(NamedTuple):
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
-    # dK/dV only: each tile's scores computed as K Q^T, keys as rows (the
-    # layout its dK and dV products take), rather than Q K^T transposed.
-    key_rows: bool = False
 
 
 BACKWARD_KERNELS = ("stats", "dkdv", "dq")

@@ -210,15 +210,14 @@ def test_torch_fused_attention_backward(dtype):
         lse_tol = 1e-5 if dtype == "float32" else 1e-2
         torch.testing.assert_close(lse.cpu().double(), lse64, rtol=lse_tol, atol=lse_tol,
                                    msg=lambda m: f"lse {shape}: {m}")
-        # The statistics recomputed by the backward, and the forward's; dK/dV keys as rows.
-        for kept, config in ((None, None), (lse, None), (lse, {"dkdv": _key_rows(d)})):
-            got = [t.cpu() for t in attention_backward(*dev, causal, lse=kept, config=config)]
+        for kept in (None, lse):  # the statistics recomputed by the backward, and the forward's
+            got = [t.cpu() for t in attention_backward(*dev, causal, lse=kept)]
             for name, x, w in zip("qkv", got, want):
                 assert x.dtype == dt and x.shape == w.shape
                 torch.testing.assert_close(x.double(), w, rtol=tol, atol=tol * max(1.0, float(w.abs().max())),
-                                           msg=lambda m: f"{name} {shape} lse={kept is not None} {config}: {m}")
+                                           msg=lambda m: f"{name} {shape} lse={kept is not None}: {m}")
             alone = [t.cpu() for t in attention_backward(*(t[1:] for t in dev), causal,
-                                                         lse=None if kept is None else kept[hq:], config=config)]
+                                                         lse=None if kept is None else kept[hq:])]
             assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {shape}"
 
 
@@ -298,13 +297,6 @@ def test_attention_backward_tiles_without_the_mask_give_the_masked_bits(framewor
             assert np.array_equal(a.view(np.int32), b.view(np.int32)), f"d{name} {(lq, lk, causal)}"
 
 
-def _key_rows(head_dim):
-    """The dK/dV launch with its scores computed keys-as-rows."""
-    from bi_core.attention import backward_launches
-
-    return backward_launches(head_dim)["dkdv"]._replace(key_rows=True)
-
-
 def test_jax_fused_attention_backward():
     """``bi_jax.ops.attention_grad`` (float32; bfloat16 takes the same code):
     against float64 gradients, with queries that see no key, and a sequence
@@ -332,12 +324,9 @@ def test_jax_fused_attention_backward():
         # without split-KV, and the backward from them as accurate.
         lse = [_jax_forward_lse(q, k, v, causal, split) for split in (False, True)]
         assert np.array_equal(*lse), f"split-KV's lse differs {(lq, lk)}"
-        for config in (None, {"dkdv": _key_rows(64)}):  # dK/dV keys as rows too
-            got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal, lse=lse[0],
-                                     config=config)
-            for name, x, w in zip("qkv", got, want):
-                np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4,
-                                           err_msg=f"{name} {(lq, lk)} {config}")
+        got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal, lse=lse[0])
+        for name, x, w in zip("qkv", got, want):
+            np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
 
 
 def _jax_forward_lse(q, k, v, causal, split_kv):

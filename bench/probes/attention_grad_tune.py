@@ -32,17 +32,12 @@ SHAPES = ((64, 1024), (4, 4096))  # (sequences, length): the benchmark's shape, 
 JAX_CANDIDATES = {
     "dkdv": [*(Launch(64, 64, w, s) for w, s in itertools.product((4, 8), (1, 2, 3))), Launch(32, 128, 8, 2)],
     "dq": [*(Launch(64, 64, w, s) for w, s in itertools.product((4, 8), (1, 2, 3))), Launch(128, 32, 8, 2)],
-    "dkdv_rows": [Launch(64, 64, w, s, True) for w, s in itertools.product((4, 8), (1, 2))],
 }
 CANDIDATES = {
     "dkdv": [Launch(m, n, w, s) for (m, n), w, s in
              itertools.product(((64, 64), (32, 64), (32, 128), (64, 128)), (4, 8), (2, 3))],
     "dq": [Launch(m, n, w, s) for (m, n), w, s in
            itertools.product(((64, 64), (128, 32), (128, 64), (64, 32)), (4, 8), (2, 3))],
-    # dK/dV with the scores computed keys-as-rows (``BackwardLaunch.key_rows``).
-    "dkdv_rows": [Launch(m, n, w, s, True) for m, n, w, s in
-                  ((64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 4, 2),
-                   (128, 64, 8, 2), (32, 128, 4, 2))],
 }
 
 
@@ -54,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_grad_tune",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--kernels", default="dkdv,dq", help="of dkdv, dq, dkdv_rows")
+    p.add_argument("--kernels", default="dkdv,dq", help="of dkdv, dq")
     p.add_argument("--frameworks", default="torch,jax")
     p.add_argument("--baseline", type=Path, default=None,
                    help="another version of bi_torch/ops/attention_grad.py (say, from an older commit), timed "
@@ -126,7 +121,7 @@ def torch_part(emit, kernels, baseline=None) -> None:
         for kernel in kernels:
             for cand in CANDIDATES[kernel]:
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
-                config = {kernel.split("_")[0]: cand}
+                config = {kernel: cand}
                 try:
                     got = attention_backward(q, k, v, out, g, True, config=config)
                     rec["differing"] = _differing(got, ref)
@@ -199,10 +194,10 @@ def jax_part(emit, kernels) -> None:
         ms = wall_ms(backward(None), q, k, v, out, g)
         emit({**shape, "what": "bi_ backward (default launches)", "ms": ms, "tflops": round(flops / ms / 1e9, 1)})
         for kernel in kernels:
-            for cand in JAX_CANDIDATES.get(kernel, ()):
+            for cand in JAX_CANDIDATES[kernel]:
                 rec = {**shape, "kernel": kernel, "launch": list(cand)}
                 try:
-                    fn = backward({kernel.split("_")[0]: cand})
+                    fn = backward({kernel: cand})
                     got = fn(q, k, v, out, g)
                     rec["differing"] = sum(int(jnp.sum(jax.lax.bitcast_convert_type(x, jnp.int16) !=
                                                        jax.lax.bitcast_convert_type(y, jnp.int16)))

@@ -153,13 +153,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, g_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             stats = (b * st["hq"] + h) * st["lq"] + qpos
             lse = pltriton.load(lse_ref.at[stats], mask=q_ok, other=float("inf"))
             delta = pltriton.load(delta_ref.at[stats], mask=q_ok, other=0.0)
-            if st["key_rows"]:
-                # The transposed tile, keys as rows (``BackwardLaunch.key_rows``).
-                pt = jnp.exp2(_dot(k, q.T, st) * st["c"] - lse[None, :])
-                if mask:
-                    pt = jnp.where(_visible(qpos, kpos, st).T, pt, 0.0)
-                dst = pt * (_dot(v, g.T, st) - delta[None, :]) * st["scale"]
-                return dk + _dot(dst.astype(q.dtype), q, st), dv + _dot(pt.astype(g.dtype), g, st)
             p, ds = _p_ds(q, k, v, g, lse, delta, qpos, kpos, st, mask)
             dv = dv + _dot(p.astype(g.dtype).T, g, st)
             dk = dk + _dot(ds.astype(q.dtype).T, q, st)
@@ -246,8 +239,7 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
         c = launches[name]
         grid = (pl.cdiv(rows, c.block_n if name == "dkdv" else c.block_m), b * heads)
         params = pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
-        return pallas_call(functools.partial(kernel, st={**st, "bm": c.block_m, "bn": c.block_n,
-                                                         "key_rows": c.key_rows}), grid=grid,
+        return pallas_call(functools.partial(kernel, st={**st, "bm": c.block_m, "bn": c.block_n}), grid=grid,
                               out_shape=out_shape, compiler_params=params, interpret=interpret,
                               name=f"bi_attention_bwd_{name}")
 

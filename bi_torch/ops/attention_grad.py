@@ -108,33 +108,19 @@ def _stats_kernel(Q, K, O, DO, LSE, DELTA, lq, lk, offset, c,
 @triton.jit
 def _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-               PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr, MASK: tl.constexpr):
+               PRECISION: tl.constexpr, MASK: tl.constexpr):
     """dK and dV of one block of queries added to ``dk``, ``dv``; without
-    ``MASK`` every (query, key) pair of the tile is visible. ``KEY_ROWS``:
-    the scores' tile computed as ``K Q^T`` (keys as rows) rather than
-    ``Q K^T`` then transposed (other bits, the same properties)."""
+    ``MASK`` every (query, key) pair of the tile is visible."""
     qpos = m0 + tl.arange(0, BLOCK_M)
     q_ok = (qpos < lq)[:, None]
     q = tl.load(_at(Q, b, h, qpos, sqb, sql, sqh, d), mask=q_ok, other=0.0)
     g = tl.load(_at(DO, b, h, qpos, sgb, sgl, sgh, d), mask=q_ok, other=0.0)
     lse = tl.load(LSE + stats + qpos, mask=qpos < lq, other=float("inf"))
     delta = tl.load(DELTA + stats + qpos, mask=qpos < lq, other=0.0)
-    if KEY_ROWS:
-        # The transposed tile, keys as rows: P^T and dS^T come out of their
-        # products in the layout that the dV and dK products take.
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * c
-        pt = tl.exp2(st - lse[None, :])
-        if MASK:
-            pt = tl.where(tl.trans(_visible(qpos, kpos, lq, lk, offset, CAUSAL)), pt, 0.0)
-        dpt = tl.dot(v, tl.trans(g), input_precision=PRECISION, out_dtype=tl.float32)
-        dst = pt * (dpt - delta[None, :]) * scale
-        dv = tl.dot(pt.to(g.dtype), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
-    else:
-        p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c, PRECISION,
-                      MASK)
-        dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
+    p, ds = _p_ds(q, k, v, g, lse, delta, _visible(qpos, kpos, lq, lk, offset, CAUSAL), scale, c, PRECISION,
+                  MASK)
+    dv = tl.dot(tl.trans(p.to(g.dtype)), g, dv, input_precision=PRECISION, out_dtype=tl.float32)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION, out_dtype=tl.float32)
     return dk, dv
 
 
@@ -144,7 +130,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sgb, sgl, sgh,
                  sdkb, sdkl, sdkh, sdvb, sdvl, sdvh,
                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, KEY_ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  MASK_FREE: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -177,14 +163,14 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, lq, lk, offset, scale, c,
         stats = (b * (HKV * G) + h) * lq
         for m0 in range(lo, mid_lo, BLOCK_M):
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale, c,
-                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
+                                sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, True)
         if MASK_FREE:
             for m0 in range(mid_lo, mid_hi, BLOCK_M):
                 dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale,
-                                    c, sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, False)
+                                    c, sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, False)
             for m0 in range(mid_hi, lq, BLOCK_M):
                 dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, k, v, dk, dv, b, h, m0, kpos, d, stats, lq, lk, offset, scale,
-                                    c, sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, KEY_ROWS, True)
+                                    c, sqb, sql, sqh, sgb, sgl, sgh, BLOCK_M, CAUSAL, PRECISION, True)
     tl.store(_at(DK, b, hkv, kpos, sdkb, sdkl, sdkh, d), dk.to(DK.dtype.element_ty), mask=k_ok)
     tl.store(_at(DV, b, hkv, kpos, sdvb, sdvl, sdvh, d), dv.to(DV.dtype.element_ty), mask=k_ok)
 
@@ -292,7 +278,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
            *strides(q), *strides(k), *strides(out), *strides(g), HQ=hq, HAS_LSE=has_lse)
     launch("dkdv", lk, hkv, q, k, v, g, lse, delta, dk, dv, lq, lk, offset, scale, c,
            *strides(q), *strides(k), *strides(v), *strides(g), *strides(dk), *strides(dv), HKV=hkv,
-           KEY_ROWS=cfg["dkdv"].key_rows, MASK_FREE=mask_free)
+           MASK_FREE=mask_free)
     launch("dq", lq, hq, q, k, v, g, lse, delta, dq, lq, lk, offset, scale, c,
            *strides(q), *strides(k), *strides(v), *strides(g), *strides(dq), HQ=hq, MASK_FREE=mask_free)
     return dq, dk, dv
