@@ -7,7 +7,9 @@ bf16, causal, 32 query / 8 KV heads, head dim 128. For each candidate launch
 of the dK/dV kernel and of the dQ kernel (the other kernels at their
 defaults): the backward's time (``triton.testing.do_bench``) and how many
 elements of dQ, dK, dV differ from the default launches' bits. Beside them,
-PyTorch's SDPA forward + backward and bi_'s forward, for scale. The same for
+PyTorch's SDPA forward + backward, SDPA's forward and bi_'s forward, for
+scale, and the backward with its mask-free tiles on and off
+(``bi_core.attention.MASK_FREE_FROM``; the same bits, compared). The same for
 the Pallas twin (``--frameworks jax``). One JSON line per point.
 """
 
@@ -51,6 +53,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--kernels", default="dkdv,dq", help="of dkdv, dq")
     p.add_argument("--frameworks", default="torch,jax")
+    p.add_argument("--shapes", type=_shapes, default=SHAPES, help="sequences x length, comma-separated "
+                   "(default: 64x1024,4x4096)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="another version of bi_torch/ops/attention_grad.py (say, from an older commit), timed "
                         "beside this one")
@@ -58,9 +62,16 @@ def main() -> None:
     emit = jsonl_emitter(args.out, "attention_grad_tune")
     kernels = [k for k in args.kernels.split(",") if k]  # --kernels '': the default launches alone
     if "torch" in args.frameworks:
-        torch_part(emit, kernels, args.baseline)
+        torch_part(emit, kernels, args.baseline, args.shapes)
     if "jax" in args.frameworks:
         jax_part(emit, kernels)
+
+
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple(tuple(int(n) for n in item.split("x", 1)) for item in text.split(",") if item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are sequences x length, such as 64x1024: {text!r}") from None
 
 
 def _load_baseline(path: Path):
@@ -72,14 +83,15 @@ def _load_baseline(path: Path):
     return module.attention_backward
 
 
-def torch_part(emit, kernels, baseline=None) -> None:
+def torch_part(emit, kernels, baseline=None, shapes=SHAPES) -> None:
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40)  # noqa: E731
 
+    from bi_core import attention as contract
     from bi_torch import attention
     from bi_torch.ops.attention import _dense
 
     torch.manual_seed(0)
-    for b, seq in SHAPES:
+    for b, seq in shapes:
         q = torch.randn(b, seq, H, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -94,6 +106,9 @@ def torch_part(emit, kernels, baseline=None) -> None:
             return torch.autograd.grad(o, (qt, kt, vt), g.transpose(1, 2))
 
         emit({**shape, "what": "sdpa forward+backward", "ms": bench(sdpa)})
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        emit({**shape, "what": "sdpa forward", "ms": bench(
+            lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True))})
         emit({**shape, "what": "bi_ forward", "ms": bench(lambda: attention(q, k, v, causal=True))})
         ref = attention_backward(q, k, v, out, g, True)
         ms = bench(lambda: attention_backward(q, k, v, out, g, True))
@@ -103,9 +118,21 @@ def torch_part(emit, kernels, baseline=None) -> None:
         # Autograd's path: the forward keeps the softmax statistics, the backward skips their QK^T.
         lse = _dense("attention", q, k, v, causal=True, scale=None, window=None, bottom_right=True,
                      split_kv=None, with_lse=True)[1]
+        ref_lse = attention_backward(q, k, v, out, g, True, lse=lse)
         ms = bench(lambda: attention_backward(q, k, v, out, g, True, lse=lse))
         emit({**shape, "what": "bi_ backward from the forward's statistics", "ms": ms,
               "tflops": round(flops * 6 / 7 / ms / 1e9, 1)})
+        threshold = contract.MASK_FREE_FROM
+        try:  # the tiles that see every key with and without the mask (the same bits), interleaved twice
+            for _ in range(2):
+                for mask_free in (True, False):
+                    contract.MASK_FREE_FROM = 1 if mask_free else 1 << 40
+                    emit({**shape, "what": f"bi_ backward from the forward's statistics, mask-free tiles "
+                                           f"{'on' if mask_free else 'off'}",
+                          "ms": bench(lambda: attention_backward(q, k, v, out, g, True, lse=lse)),
+                          "differing": _differing(ref_lse, attention_backward(q, k, v, out, g, True, lse=lse))})
+        finally:
+            contract.MASK_FREE_FROM = threshold
         if baseline is not None:
             old = _load_baseline(baseline)
             for _ in range(2):  # interleaved with this version's, twice

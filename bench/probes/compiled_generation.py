@@ -1,6 +1,8 @@
 """Where the time of compiled generation goes (the host-cost Llama, B = 32,
 24 new tokens, transformers' static cache with ``reduce-overhead``): the
-default against the process-wide switch, and the switch with its static
+default against the process-wide switch, each also with one static cache
+kept across ``generate`` calls (``bench.host_cost``: its CUDA graphs replay
+instead of recording again), and the switch with its static
 cache run eagerly (``disable_compile``) to compare bits with. Per variant:
 wall time, Dynamo/Inductor counters (recompiles, graph breaks, CUDA graph
 skips), the ops with the most GPU time and the most host time in one
@@ -19,12 +21,15 @@ import torch
 
 import bi_torch
 import bi_torch.hf as bhf
-from bench.host_cost import _llama, _switch_with
+from bench.host_cost import KEPT, _generate_options, _llama, _switch_with
 
 
 def _variants():
     static = {"cache_implementation": "static"}
+    switch = lambda: _switch_with("reduce-overhead")(bhf.batch_invariant(_llama("sdpa"), process_wide=True))  # noqa: E731
     return {
+        "default, compiled, cache kept": (lambda: _llama("sdpa"), {"past_key_values": KEPT}),
+        "switch, compiled, cache kept": (switch, {"past_key_values": KEPT}),
         "default, compiled": (lambda: _llama("sdpa"), static),
         "switch, compiled": (lambda: _switch_with("reduce-overhead")(bhf.batch_invariant(_llama("sdpa"),
                                                                                        process_wide=True)), static),
@@ -52,7 +57,8 @@ def main() -> None:
             with torch.no_grad():
                 def run():
                     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                          min_new_tokens=24, do_sample=False, **options)
+                                          min_new_tokens=24, do_sample=False,
+                                          **_generate_options(model, options, 64 + 24))
                 for _ in range(2):
                     run()
                 torch.cuda.synchronize()
