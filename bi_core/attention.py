@@ -290,9 +290,9 @@ BACKWARD_KERNELS = ("stats", "dkdv", "dq")
 # From this many queries or keys, the gradient kernels walk the tiles that see
 # every key without the mask, in runs of their own (the same values and
 # order, so the same bits either way). On an H100 (bf16, D = 128, causal,
-# bench/NOTES.md) that was 5-6 % faster at 4096 and 2-4 % slower at 1024,
-# where the single loop stays; 2048 was not measured.
-MASK_FREE_FROM = 4096
+# bench/NOTES.md), against the single loop: 2-9 % faster at 4096, 1-6 % at
+# 2048, 2-4 % slower at 1024, where the single loop stays.
+MASK_FREE_FROM = 2048
 
 
 def backward_launches(head_dim: int) -> dict[str, BackwardLaunch]:
