@@ -30,12 +30,14 @@ def _variants():
     return {
         "default, compiled, cache kept": (lambda: _llama("sdpa"), {"past_key_values": KEPT}),
         "switch, compiled, cache kept": (switch, {"past_key_values": KEPT}),
+        "switch, compiled, cache kept, fuse=True": (
+            lambda: _switch_with("reduce-overhead", fuse=True)(bhf.batch_invariant(_llama("sdpa"), process_wide=True)),
+            {"past_key_values": KEPT}),
         "default, compiled": (lambda: _llama("sdpa"), static),
         "switch, compiled": (lambda: _switch_with("reduce-overhead")(bhf.batch_invariant(_llama("sdpa"),
                                                                                        process_wide=True)), static),
         "switch, static cache eager": (lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True),
                                        {**static, "disable_compile": True}),
-        "switch, dynamic cache eager": (lambda: bhf.batch_invariant(_llama("sdpa"), process_wide=True), {}),
     }
 
 
