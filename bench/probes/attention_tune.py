@@ -40,13 +40,15 @@ def run(q, k, v, cfg, bn, split, split_kv=None, **knobs):
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_tune", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths")
+    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths,splits")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_tune")
 
     bench = triton.testing.do_bench_cudagraph  # device time: no host launch cost in it
     if "paths" in args.parts:
         paths(emit, bench)
+    if "splits" in args.parts:
+        splits(emit, bench)
     if "prefill" in args.parts:
         # Each tile config of the dispatch, and candidates (64 rows over 8
         # warps halves the registers per thread of the 128-row tile, which
@@ -92,6 +94,28 @@ def main() -> None:
                 emit(rec)
                 return  # a CUDA error is sticky: nothing after it can run
             emit(rec)
+
+def splits(emit, bench) -> None:
+    """What the contract's split costs a prefill: the kernel with longer
+    splits (fewer folds of a split's partial into the running result, and a
+    shorter life for the second accumulator) at the training shapes. Longer
+    splits change the bits (reported); speed only, to size the fold's cost."""
+    for b, seq in ((64, 1024), (4, 4096)):
+        q = torch.randn(b, seq, H, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, seq, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        flops = b * 4 * seq * seq * D * H / 2
+        ref = run(q, k, v, None, None, None)
+        for split in (contract.SPLIT, 1024, 4096, 1 << 20):
+            for cfg in (None, contract.TileConfig(64, 4, 2)):
+                o = run(q, k, v, cfg, None, split)
+                ms = bench(lambda: run(q, k, v, cfg, None, split))
+                emit({"b": b, "seq": seq, "split": split, "config": cfg and [cfg.block_m, cfg.num_warps, cfg.num_stages],
+                      "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()), "ms": round(ms, 4),
+                      "tflops": round(flops / ms / 1e9, 1)})
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+
 
 def paths(emit, bench) -> None:
     """The loop structures of the kernel that give the same bits, at the
