@@ -89,11 +89,13 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.pointwise_bits", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"of {', '.join(SETTINGS)}")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "pointwise_bits")
     dev = args.device
     torch.manual_seed(0)
-    for setting, options in SETTINGS.items():
+    for setting in args.settings.split(","):
+        options = SETTINGS[setting]
         backend = bi_torch.compile_backend(fuse=True, options=options)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             x = _every_value(dtype, dev)
