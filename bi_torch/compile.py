@@ -321,6 +321,58 @@ def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
     return sorted(set(found))
 
 
+# Pointwise aten ops whose Inductor kernels give the bits of ATen's CUDA
+# kernels under eager numerics (each intermediate rounded to its dtype, no FMA
+# contraction, division rounded to nearest, no flush to zero): on an H100,
+# every bf16 and fp16 value and 2**22 fp32 values (specials among them), alone
+# and in the runs of a Llama layer (transformers' RMSNorm, rotary tables and
+# RoPE, SwiGLU, residual adds), gave ATen's bits
+# (``python -m bench.probes.pointwise_bits``; ``tests/test_compile.py`` repeats it
+# on the GPU). Measured to differ, so left on ATen: sigmoid (fp16, fp32),
+# reciprocal (fp32), gelu (both forms). ``add``/``sub`` only without ``alpha``
+# (ATen's kernel may fuse ``a + alpha * b`` into one FMA), ``pow`` only squared.
+_EXACT_POINTWISE = frozenset({
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.sin.default, aten.cos.default,
+    aten.silu.default, aten.tanh.default, aten.log.default, aten.pow.Tensor_Scalar,
+    # data movement and casts (no arithmetic)
+    aten._to_copy.default, aten.clone.default, aten.cat.default, aten.where.self, aten.copy.default,
+})
+_EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+                   "eager_numerics.disable_ftz": True}
+
+
+def _exact_on_cuda(node: torch.fx.Node) -> bool:
+    """``node`` is one of ``_EXACT_POINTWISE`` (with its conditions) or a view,
+    on CUDA tensors of the measured dtypes."""
+    func = node.target
+    if node.op != "call_function" or not isinstance(func, torch._ops.OpOverload):
+        return False
+    if not (func.is_view or func in _EXACT_POINTWISE):
+        return False
+    if func in (aten.add.Tensor, aten.sub.Tensor) and node.kwargs.get("alpha", 1) != 1:
+        return False
+    if func is aten.pow.Tensor_Scalar and node.args[1] != 2:
+        return False
+    tensors = [v for v in [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+               if isinstance(v, Tensor)]
+    return bool(tensors) and all(t.device.type == "cuda" and (t.dtype in _EXACT_DTYPES or not t.is_floating_point())
+                                 for t in tensors)
+
+
+def fuse_exact_pointwise(gm: torch.fx.GraphModule) -> int:
+    """Mark the nodes of an aten graph that Inductor may fuse keeping eager's
+    bits (``_exact_on_cuda``), for its fall-back-by-default mode, which runs
+    every other node through its ATen kernel; returns how many."""
+    count = 0
+    for node in gm.graph.nodes:
+        if _exact_on_cuda(node):
+            node.meta.setdefault("custom", {})["compile_with_inductor"] = "bi_torch: eager bits"
+            count += 1
+    return count
+
+
 # Every op through its own kernel, as eager runs it (Inductor's "lite" mode,
 # with the decompositions of this module instead of selective ones).
 _EAGER_BITS = {
@@ -338,28 +390,38 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
     ops for the aten ops they implement (see the module docstring).
 
     ``mode`` and ``options`` are ``torch.compile``'s (``"reduce-overhead"``
-    for CUDA graphs, or Inductor config entries). ``fuse=False`` (the
-    default) runs every other op through its ATen kernel, as eager does, so a
-    compiled model gives eager's bits, and the gain is host time (one graph,
-    CUDA graphs with ``"reduce-overhead"``). ``fuse=True`` lets Inductor
-    decompose and fuse them (with the intermediates rounded as eager rounds
-    them): still invariant in the batch, faster, but its pointwise formulas
-    (``silu``, ``exp``, ``rsqrt``, ...) may round otherwise than ATen's.
+    for CUDA graphs, or Inductor config entries). Every other op:
+
+    * ``fuse="exact"`` (the default): Inductor fuses the pointwise ops, views
+      and casts measured to give the bits of ATen's CUDA kernels under eager
+      numerics (``_EXACT_POINTWISE``: arithmetic, ``exp``, ``rsqrt``,
+      ``sqrt``, ``sin``, ``cos``, ``silu``, ``tanh``, ``log``, squares, casts,
+      ``cat``, ``where``; bf16, fp16, fp32 on CUDA); every other op runs its
+      ATen kernel. A compiled model gives eager's bits, in fewer kernels.
+    * ``fuse=False``: every other op through its ATen kernel, as eager runs
+      it (eager's bits; the gain is host time: one graph, CUDA graphs with
+      ``"reduce-overhead"``).
+    * ``fuse=True``: Inductor decomposes and fuses them all (intermediates
+      rounded as eager rounds them): still invariant in the batch, but some
+      formulas (``sigmoid``, ``gelu``, ``reciprocal``, ...) round otherwise
+      than ATen's.
     """
 
     def __init__(self, mode: str | None = None, options: Mapping[str, object] | None = None, *,
-                 fuse: bool = False) -> None:
+                 fuse: bool | str = "exact") -> None:
         import torch._inductor
 
+        if fuse not in (False, True, "exact"):
+            raise ValueError(f"fuse={fuse!r}: expected False, 'exact' or True")
         modes = torch._inductor.list_mode_options()
         if mode is not None and mode not in modes:
             raise ValueError(f"mode={mode!r}: expected one of {sorted(modes)} or None")
         if mode is not None and "fallback_by_default" in modes[mode]:
             raise ValueError(f"mode={mode!r}: use fuse=False for ATen's kernels on the ops the bi_ kernels do not "
                              "take")
-        self.mode, self.fuse = mode, bool(fuse)
+        self.mode, self.fuse = mode, fuse
         self.__name__ = "batch_invariant"
-        self.options = {"emulate_precision_casts": True, **({} if fuse else _EAGER_BITS),
+        self.options = {**_EAGER_NUMERICS, **({} if fuse is True else _EAGER_BITS),
                         **modes.get(mode or "default", {}), **(options or {})}
 
     def __repr__(self) -> str:
@@ -374,6 +436,8 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
                 f"torch.compile with the batch-invariant backend: the graph holds {', '.join(risky)}, which "
                 "has no bi_ kernel and would run a reduction whose order may follow the batch; run it eagerly "
                 "or compute it with bi_ ops")
+        if self.fuse == "exact":
+            fuse_exact_pointwise(gm)
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
@@ -382,7 +446,7 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
         from torch._inductor.decomposition import select_decomp_table
 
         route_attention(gm)
-        table = {**select_decomp_table(), **DECOMPOSITIONS} if self.fuse else dict(DECOMPOSITIONS)
+        table = {**select_decomp_table(), **DECOMPOSITIONS} if self.fuse is True else dict(DECOMPOSITIONS)
         with functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=self._inner, config_patches=dict(self.options),
                               decompositions=table)

@@ -116,8 +116,78 @@ def test_a_reduction_without_a_bi_kernel_is_refused_not_compiled():
     assert isinstance(cause, bi_torch.BatchVarianceRisk)
 
 
-def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="mode='fastest'"):
+def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
+    """``fuse="exact"`` hands Inductor the pointwise ops measured to keep
+    ATen's bits (on CUDA, bf16/fp16/fp32) and leaves the rest on ATen:
+    sigmoid, ``add`` with ``alpha``, a cube, fp64, and any op on the CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from bi_torch.compile import fuse_exact_pointwise
+
+    def f(x, c):
+        h = x.float()
+        v = h.pow(2)
+        return ((h * torch.rsqrt(v + 1e-6)).to(torch.bfloat16), torch.sigmoid(h), torch.add(h, v, alpha=2),
+                h.pow(3), x.double() * 2, c * 2)
+
+    with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
+        gm = make_fx(f)(torch.empty(4, 8, device="cuda", dtype=torch.bfloat16), torch.empty(4, device="cpu"))
+    assert fuse_exact_pointwise(gm) == 6
+    marked = [(str(n.target), "custom" in n.meta) for n in gm.graph.nodes if n.op == "call_function"]
+    assert marked == [("aten._to_copy.default", True), ("aten.pow.Tensor_Scalar", True),
+                      ("aten.add.Tensor", True), ("aten.rsqrt.default", True), ("aten.mul.Tensor", True),
+                      ("aten._to_copy.default", True), ("aten.sigmoid.default", False),
+                      ("aten.add.Tensor", False), ("aten.pow.Tensor_Scalar", False),
+                      ("aten._to_copy.default", False), ("aten.mul.Tensor", False), ("aten.mul.Tensor", False)]
+
+
+def _every_value(dtype):
+    if dtype == torch.float32:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(1 << 20, device="cuda", generator=g) * torch.exp2(
+            torch.randint(-40, 40, (1 << 20,), device="cuda", generator=g).float())
+        return torch.cat((x, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45], device="cuda")))
+    return torch.arange(-32768, 32768, dtype=torch.int32, device="cuda").to(torch.int16).view(dtype)
+
+
+def _bits_differ(a, b):
+    return int(((_bits(a) != _bits(b)) & ~(a.isnan() & b.isnan())).sum())
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_exact_fusion_gives_atens_bits_for_every_value(dtype, monkeypatch):
+    """Every op that ``fuse="exact"`` fuses, over every bf16 / fp16 value (2**20
+    fp32 ones), and the pointwise runs of a Llama layer, compiled against
+    eager: the same bits, and the runs were fused (nodes marked)."""
+    from bi_torch import compile as bc
+
+    marked = []
+    real = bc.fuse_exact_pointwise
+    monkeypatch.setattr(bc, "fuse_exact_pointwise", lambda gm: marked.append(real(gm)) or marked[-1])
+    x = _every_value(dtype)
+    w = torch.randn(x.shape[-1], device="cuda").to(dtype)
+
+    def rotate_half(t):
+        a, b = t.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+
+    cases = {
+        "exp": torch.exp, "rsqrt": torch.rsqrt, "sqrt": torch.sqrt, "sin": torch.sin, "cos": torch.cos,
+        "silu": F.silu, "tanh": torch.tanh, "log": torch.log, "div": lambda t: t / 3.0,
+        "mul_add_sub": lambda t: t * 1.7 + 0.3 - t, "neg_square": lambda t: -t.pow(2),
+        "rms_norm_as_transformers": lambda t: w * (t.float() * torch.rsqrt(t.float().pow(2) + 1e-6)).to(dtype),
+        "rope": lambda t: t * t.cos() + rotate_half(t) * t.sin(),
+        "swiglu": lambda t: F.silu(t) * (t * 0.5),
+    }
+    for name, fn in cases.items():
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend=compile_backend(), fullgraph=True)(x)
+        assert _bits_differ(fn(x), got) == 0, name
+        assert marked and marked[-1] > 0, name
+
         compile_backend(mode="fastest")
     with pytest.raises(ValueError, match="mode='lite'"):
         compile_backend(mode="lite")

@@ -11,10 +11,11 @@ is their rounding. For each op and composite of a Llama layer, each input
 dtype, and each Inductor setting below: the number of elements whose bits
 differ between eager and the compiled function, over every bf16 / fp16 value
 (all 65536 bit patterns, NaNs included) and 2**22 random fp32 values with
-the specials. Settings (``compile_backend(fuse=True, options=...)``):
-``fused`` as it is (``emulate_precision_casts``, so no FMA contraction);
-``eager-div`` adds ``eager_numerics.division_rounding`` (``div_rn``) and
-``eager_numerics.disable_ftz``.
+the specials. Settings: ``fused``, ``compile_backend(fuse=True)`` without
+``eager_numerics.division_rounding`` (``div_rn``) and ``disable_ftz``
+(``emulate_precision_casts`` on, so no FMA contraction); ``eager-div``,
+``fuse=True`` as it is (with them); ``exact``, ``fuse="exact"`` (the ops of
+``bi_torch.compile._EXACT_POINTWISE`` fused, the rest on ATen).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch
 import bi_torch
 from bench.probes._log import jsonl_emitter
 
-SETTINGS = {
-    "fused": {},
-    "eager-div": {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True},
+SETTINGS = {  # setting: compile_backend's arguments
+    "fused": {"fuse": True, "options": {"eager_numerics.division_rounding": False,
+                                        "eager_numerics.disable_ftz": False}},
+    "eager-div": {"fuse": True},
+    "exact": {"fuse": "exact"},
 }
 
 
@@ -95,8 +98,7 @@ def main() -> None:
     dev = args.device
     torch.manual_seed(0)
     for setting in args.settings.split(","):
-        options = SETTINGS[setting]
-        backend = bi_torch.compile_backend(fuse=True, options=options)
+        backend = bi_torch.compile_backend(**SETTINGS[setting])
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             x = _every_value(dtype, dev)
             for name, fn in UNARY.items():
@@ -127,7 +129,8 @@ def main() -> None:
             for name, (fn, inputs) in composites.items():
                 torch._dynamo.reset()
                 try:
-                    with bi_torch.enable_batch_invariant_mode():
+                    # (the switch compiles with its own backend: this one)
+                    with bi_torch.enable_batch_invariant_mode(compile_backend=backend):
                         want = fn(*inputs)
                         got = torch.compile(fn, backend=backend, fullgraph=True)(*inputs)
                     want, got = (t if isinstance(t, tuple) else (t,) for t in (want, got))
