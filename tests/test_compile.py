@@ -133,11 +133,12 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
         gm = make_fx(f)(torch.empty(4, 8, device="cuda", dtype=torch.bfloat16), torch.empty(4, device="cpu"))
-    assert fuse_exact_pointwise(gm) == 6
+    assert fuse_exact_pointwise(gm) == 4
     marked = [(str(n.target), "custom" in n.meta) for n in gm.graph.nodes if n.op == "call_function"]
-    assert marked == [("aten._to_copy.default", True), ("aten.pow.Tensor_Scalar", True),
+    # _to_copy has no Inductor lowering (Inductor decomposes it): it stays on ATen
+    assert marked == [("aten._to_copy.default", False), ("aten.pow.Tensor_Scalar", True),
                       ("aten.add.Tensor", True), ("aten.rsqrt.default", True), ("aten.mul.Tensor", True),
-                      ("aten._to_copy.default", True), ("aten.sigmoid.default", False),
+                      ("aten._to_copy.default", False), ("aten.sigmoid.default", False),
                       ("aten.add.Tensor", False), ("aten.pow.Tensor_Scalar", False),
                       ("aten._to_copy.default", False), ("aten.mul.Tensor", False), ("aten.mul.Tensor", False)]
 
@@ -176,15 +177,15 @@ def test_exact_fusion_gives_atens_bits_for_every_value(dtype, monkeypatch):
 
     cases = {
         "exp": torch.exp, "rsqrt": torch.rsqrt, "sqrt": torch.sqrt, "sin": torch.sin, "cos": torch.cos,
-        "silu": F.silu, "tanh": torch.tanh, "log": torch.log, "div": lambda t: t / 3.0,
+        "tanh": torch.tanh, "log": torch.log, "div": lambda t: t / 3.0,
         "mul_add_sub": lambda t: t * 1.7 + 0.3 - t, "neg_square": lambda t: -t.pow(2),
         "rms_norm_as_transformers": lambda t: w * (t.float() * torch.rsqrt(t.float().pow(2) + 1e-6)).to(dtype),
         "rope": lambda t: t * t.cos() + rotate_half(t) * t.sin(),
-        "swiglu": lambda t: F.silu(t) * (t * 0.5),
+        "swiglu": lambda t: F.silu(t) * (t * 0.5),  # silu stays on ATen, the products fuse
     }
     for name, fn in cases.items():
         torch._dynamo.reset()
-        got = torch.compile(fn, backend=compile_backend(), fullgraph=True)(x)
+        got = torch.compile(fn, backend=compile_backend(fuse="exact"), fullgraph=True)(x)
         assert _bits_differ(fn(x), got) == 0, name
         assert marked and marked[-1] > 0, name
 
