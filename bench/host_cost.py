@@ -140,7 +140,8 @@ def _switch_with(backend_mode, fuse=False):
 
 QUICK_VARIANTS = ("default (sdpa)", "process-wide switch", "default (sdpa), compiled",
                   "process-wide switch, compiled", "default (sdpa), compiled, cache kept",
-                  "process-wide switch, compiled, cache kept", "process-wide switch, compiled, cache kept, fuse=True")
+                  "process-wide switch, compiled, cache kept", "process-wide switch, compiled, cache kept, fuse=True",
+                  "process-wide switch, compiled, cache kept, fuse='exact'")
 KEPT = "kept"  # ``past_key_values``: one static cache for every generate of a variant
 
 
@@ -194,6 +195,10 @@ def measure_generation(batch: int = 32, prompt: int = 64, new: int = 24, runs: i
         "process-wide switch, compiled, cache kept, fuse=True": (
             lambda: _switch_with("reduce-overhead", fuse=True)(bhf.batch_invariant(_llama("sdpa"),
                                                                                    process_wide=True)),
+            {"past_key_values": KEPT}),
+        "process-wide switch, compiled, cache kept, fuse='exact'": (
+            lambda: _switch_with("reduce-overhead", fuse="exact")(bhf.batch_invariant(_llama("sdpa"),
+                                                                                      process_wide=True)),
             {"past_key_values": KEPT}),
     }
     rows, tokens = [], {}
