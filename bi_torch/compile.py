@@ -329,17 +329,20 @@ def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
 # ``fuse=True``). The fused runs of a Llama layer under this marking are checked
 # by a GPU test in ``tests/test_compile.py`` that has not yet run on a GPU
 # (bench/NOTES.md). Measured to differ, so left on ATen: sigmoid (fp16, fp32),
-# reciprocal (fp32), gelu (both forms). silu and casts (``_to_copy``) kept
-# ATen's bits too, but Inductor has no lowering of them (it decomposes them),
-# so they stay on ATen here. ``add``/``sub`` only without ``alpha``
+# reciprocal (fp32), gelu (both forms). silu kept ATen's bits too, but
+# Inductor has no lowering of it (it decomposes it), so it stays on ATen here;
+# casts (``_to_copy``) are decomposed into ``convert_element_type`` between
+# these float dtypes (round to nearest even in both), which is marked. ``add``/``sub`` only without ``alpha``
 # (ATen's kernel may fuse ``a + alpha * b`` into one FMA), ``pow`` only squared.
 _EXACT_POINTWISE = frozenset({
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.sin.default, aten.cos.default,
     aten.tanh.default, aten.log.default, aten.pow.Tensor_Scalar,
-    # data movement (no arithmetic)
+    # data movement and float casts (no arithmetic)
     aten.clone.default, aten.cat.default, aten.where.self, aten.copy.default,
+    torch.ops.prims.convert_element_type.default,
 })
+_CONVERT = torch.ops.prims.convert_element_type.default
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
                    "eager_numerics.disable_ftz": True}
@@ -360,6 +363,8 @@ def _exact_on_cuda(node: torch.fx.Node) -> bool:
     if func in (aten.add.Tensor, aten.sub.Tensor) and node.kwargs.get("alpha", 1) != 1:
         return False
     if func is aten.pow.Tensor_Scalar and node.args[1] != 2:
+        return False
+    if func is _CONVERT and not (node.args[1] in _EXACT_DTYPES and node.args[0].meta["val"].dtype in _EXACT_DTYPES):
         return False
     tensors = [v for v in [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
                if isinstance(v, Tensor)]
@@ -452,7 +457,14 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
         from torch._inductor.decomposition import select_decomp_table
 
         route_attention(gm)
-        table = {**select_decomp_table(), **DECOMPOSITIONS} if self.fuse is True else dict(DECOMPOSITIONS)
+        if self.fuse is True:
+            table = {**select_decomp_table(), **DECOMPOSITIONS}
+        elif self.fuse == "exact":  # casts as convert_element_type, which Inductor lowers (and may fuse)
+            from torch._decomp import decomposition_table
+
+            table = {aten._to_copy.default: decomposition_table[aten._to_copy.default], **DECOMPOSITIONS}
+        else:
+            table = dict(DECOMPOSITIONS)
         with functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=self._inner, config_patches=dict(self.options),
                               decompositions=table)

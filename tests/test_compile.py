@@ -62,12 +62,13 @@ def _model_and_data(rows=5):
 
 
 @torch.no_grad()
-def test_compiled_model_gives_the_dispatch_modes_eager_bits_and_is_batch_invariant():
+@pytest.mark.parametrize("fuse", [False, "exact"])
+def test_compiled_model_gives_the_dispatch_modes_eager_bits_and_is_batch_invariant(fuse):
     """The eager reference is the dispatch mode, which also routes SDPA."""
     model, x = _model_and_data()
     with bi_torch.set_batch_invariant_mode():
         eager = model(x)
-    compiled = torch.compile(model, backend=compile_backend())
+    compiled = torch.compile(model, backend=compile_backend(fuse=fuse))
     got = compiled(x)
     for e, g in zip(eager, got):
         assert _same(e, g)
@@ -118,12 +119,16 @@ def test_a_reduction_without_a_bi_kernel_is_refused_not_compiled():
 
 def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
     """``fuse="exact"`` hands Inductor the pointwise ops measured to keep
-    ATen's bits (on CUDA, bf16/fp16/fp32) and leaves the rest on ATen:
-    sigmoid, ``add`` with ``alpha``, a cube, fp64, and any op on the CPU."""
+    ATen's bits (on CUDA, bf16/fp16/fp32; casts among those) and leaves the
+    rest on ATen: sigmoid, ``add`` with ``alpha``, a cube, a cast to fp64,
+    fp64, and any op on the CPU."""
+    from torch._decomp import decomposition_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from bi_torch.compile import fuse_exact_pointwise
+
+    aten = torch.ops.aten
 
     def f(x, c):
         h = x.float()
@@ -131,16 +136,19 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
         return ((h * torch.rsqrt(v + 1e-6)).to(torch.bfloat16), torch.sigmoid(h), torch.add(h, v, alpha=2),
                 h.pow(3), x.double() * 2, c * 2)
 
+    # The backend's exact mode decomposes casts into convert_element_type, as here.
+    table = {aten._to_copy.default: decomposition_table[aten._to_copy.default]}
     with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
-        gm = make_fx(f)(torch.empty(4, 8, device="cuda", dtype=torch.bfloat16), torch.empty(4, device="cpu"))
-    assert fuse_exact_pointwise(gm) == 4
+        gm = make_fx(f, decomposition_table=table)(torch.empty(4, 8, device="cuda", dtype=torch.bfloat16),
+                                                   torch.empty(4, device="cpu"))
+    assert fuse_exact_pointwise(gm) == 6
     marked = [(str(n.target), "custom" in n.meta) for n in gm.graph.nodes if n.op == "call_function"]
-    # _to_copy has no Inductor lowering (Inductor decomposes it): it stays on ATen
-    assert marked == [("aten._to_copy.default", False), ("aten.pow.Tensor_Scalar", True),
-                      ("aten.add.Tensor", True), ("aten.rsqrt.default", True), ("aten.mul.Tensor", True),
-                      ("aten._to_copy.default", False), ("aten.sigmoid.default", False),
-                      ("aten.add.Tensor", False), ("aten.pow.Tensor_Scalar", False),
-                      ("aten._to_copy.default", False), ("aten.mul.Tensor", False), ("aten.mul.Tensor", False)]
+    cast = "prims.convert_element_type.default"
+    assert marked == [(cast, True), ("aten.pow.Tensor_Scalar", True), ("aten.add.Tensor", True),
+                      ("aten.rsqrt.default", True), ("aten.mul.Tensor", True), (cast, True),
+                      ("aten.sigmoid.default", False), ("aten.add.Tensor", False),
+                      ("aten.pow.Tensor_Scalar", False), (cast, False), ("aten.mul.Tensor", False),
+                      ("aten.mul.Tensor", False)]
 
 
 def _every_value(dtype):
@@ -211,13 +219,14 @@ def test_custom_ops_match_the_bi_functions():
 
 @pytest.mark.gpu
 @torch.no_grad()
-def test_reduce_overhead_replays_cuda_graphs_with_the_eager_bits():
+@pytest.mark.parametrize("fuse", [False, "exact"])
+def test_reduce_overhead_replays_cuda_graphs_with_the_eager_bits(fuse):
     model, x = _model_and_data(rows=16)
     model = model.to(torch.bfloat16)
     x = x.to(torch.bfloat16)
     with bi_torch.set_batch_invariant_mode():
         eager = model(x)
-    compiled = torch.compile(model, backend=compile_backend(mode="reduce-overhead"))
+    compiled = torch.compile(model, backend=compile_backend(mode="reduce-overhead", fuse=fuse))
     for _ in range(3):  # record, then replay
         got = [t.clone() for t in compiled(x)]
     for e, g in zip(eager, got):
