@@ -16,9 +16,10 @@ A program reads one sequence and walks it in an order fixed by the lengths
 and ``bi_core.attention.backward_blocks``: a sequence's gradients do not
 depend on the batch. From ``bi_core.attention.MASK_FREE_FROM`` tokens the
 tiles that see every key skip the mask, in loops of their own (a speed
-choice: the same values in the same order, the same bits). Products take the inputs' dtype with fp32 accumulation
-(fp32 inputs: full fp32); in the interpreter they are written out one term
-at a time (``bi_jax.ops.matmul._tile_dot``).
+choice: the same values in the same order, the same bits). Products take
+the inputs' dtype with fp32 accumulation (fp32 inputs: full fp32); in the
+interpreter they are written out one term at a time
+(``bi_jax.ops.matmul._tile_dot``).
 """
 
 from __future__ import annotations

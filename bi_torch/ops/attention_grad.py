@@ -14,9 +14,10 @@ kernels, no atomics, no (L, L) array in memory.
 
 Every program reads one sequence and walks it in an order fixed by the
 lengths and ``bi_core.attention.backward_blocks`` alone, so a sequence's
-gradients do not depend on the batch, and every run gives the same bits. From ``bi_core.attention.MASK_FREE_FROM`` tokens the
-tiles that see every key skip the mask, in loops of their own (a speed
-choice: the same values in the same order, the same bits).
+gradients do not depend on the batch, and every run gives the same bits.
+From ``bi_core.attention.MASK_FREE_FROM`` tokens the tiles that see every
+key skip the mask, in loops of their own (a speed choice: the same values in
+the same order, the same bits).
 Products take the inputs' dtype on the tensor cores with fp32 accumulation
 (fp32 inputs: full fp32), as flash-attention's backward does; the
 probabilities and ``dS`` are rounded to the inputs' dtype for their products.
