@@ -30,17 +30,17 @@ def run(q, k, v, cfg, bn, split, split_kv=None, **knobs):
         cfg = contract.tile_config(D, lq * H // HKV)
     lk = k.shape[1]
     o = torch.empty_like(q)
-    ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
+    res = ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
                o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
                max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
                bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv, **knobs)
-    return o
+    return res if knobs.get("with_lse") else o
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_tune", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths,splits")
+    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths,splits,loads")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_tune")
 
@@ -49,6 +49,8 @@ def main() -> None:
         paths(emit, bench)
     if "splits" in args.parts:
         splits(emit, bench)
+    if "loads" in args.parts:
+        loads(emit, bench)
     if "prefill" in args.parts:
         # Each tile config of the dispatch, and candidates (64 rows over 8
         # warps halves the registers per thread of the 128-row tile, which
@@ -129,26 +131,60 @@ def paths(emit, bench) -> None:
                 "spread": {"whole": False, "split_kv": True}, "whole+spread": {"whole": True, "split_kv": True},
                 "reverse": {"whole": False, "reverse": True},
                 "whole+reverse": {"whole": True, "reverse": True}}
-    for b, lq, lk in ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
-                      (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384)):
+    shapes = ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
+              (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384))
+    _compare(emit, bench, shapes, variants)
+
+
+def loads(emit, bench) -> None:
+    """Dense K and V through block pointers (``block_ptr``) instead of
+    gathered offsets, with each loop form and tile candidates: the same
+    values loaded, so the same bits (checked). The compile-only probe
+    ``kernel_resources`` gives each variant's spills; this gives its time.
+    The training shapes (64 x 1024, 4 x 4096) keep the statistics, as the
+    forward under autograd does."""
+    t128_16, t64_8 = contract.TileConfig(128, 16, 2), contract.TileConfig(64, 8, 2)
+    variants = {"base": {}, "block_ptr": {"block_ptr": True}, "one_loop": {"whole": False},
+                "one_loop+block_ptr": {"whole": False, "block_ptr": True},
+                "128x16w+block_ptr": {"config": t128_16, "block_ptr": True},
+                "128x16w+one_loop+block_ptr": {"config": t128_16, "whole": False, "block_ptr": True},
+                "64x8w+one_loop+block_ptr": {"config": t64_8, "whole": False, "block_ptr": True}}
+    shapes = ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (64, 1024, 1024, True), (4, 4096, 4096, True),
+              (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384))
+    _compare(emit, bench, shapes, variants)
+
+
+def _compare(emit, bench, shapes, variants) -> None:
+    """Each variant's time and bits against the dispatch's default at each
+    (batch, queries, keys[, keep the statistics]) causal shape."""
+    for b, lq, lk, *lse in shapes:
         q = torch.randn(b, lq, H, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, lk, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        ref = run(q, k, v, None, None, None)
+        extra = {"with_lse": True} if lse and lse[0] else {}
+        ref = run(q, k, v, None, None, None, **extra)
         flops = b * 4 * lq * lk * D * H / (2 if lq == lk else 1)
         nbytes = 2 * k.numel() * 2
         for name, knobs in variants.items():
-            rec = {"b": b, "lq": lq, "lk": lk, "path": name}
+            knobs = {**knobs, **extra}
+            cfg = knobs.pop("config", None)
+            rec = {"b": b, "lq": lq, "lk": lk, "path": name, **({"lse": True} if extra else {})}
             try:
-                o = run(q, k, v, None, None, None, **knobs)
-                ms = bench(lambda: run(q, k, v, None, None, None, **knobs))
+                o = run(q, k, v, cfg, None, None, **knobs)
+                ms = bench(lambda: run(q, k, v, cfg, None, None, **knobs))
             except triton.runtime.errors.OutOfResources as e:
                 emit({**rec, "error": repr(e)[:300]})
                 continue
             except Exception as e:  # noqa: BLE001 - a CUDA error is sticky: nothing after it can run
                 emit({**rec, "error": repr(e)[:300]})
                 return
-            emit({**rec, "differing": int((o.view(torch.int16) != ref.view(torch.int16)).sum()), "ms": round(ms, 4),
+            if extra:  # (out, statistics): both must keep their bits
+                differing = sum(int((x.view(torch.int32 if x.dtype == torch.float32 else torch.int16)
+                                     != y.view(torch.int32 if y.dtype == torch.float32 else torch.int16)).sum())
+                                for x, y in zip(o, ref))
+            else:
+                differing = int((o.view(torch.int16) != ref.view(torch.int16)).sum())
+            emit({**rec, "differing": differing, "ms": round(ms, 4),
                   "tflops": round(flops / ms / 1e9, 1), "gbs": round(nbytes / ms / 1e6)})
         del q, k, v, ref
         torch.cuda.empty_cache()

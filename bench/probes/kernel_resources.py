@@ -2,7 +2,7 @@
 Hopper GPU on any machine (no GPU needed: Triton compiles for the target and
 ``ptxas -v`` reports the resources)::
 
-    python -m bench.probes.kernel_resources [--out DIR] [--arch 90]
+    python -m bench.probes.kernel_resources [--out DIR] [--arch 90] [--configs 128,8,2/64,4,2] [--lse]
 
 bf16, head dim 128, 8 KV heads of 4 queries, dense keys, causal (bottom
 right), for each tile config of ``bi_core.attention.tile_configs`` and the
@@ -35,13 +35,14 @@ _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "WS_ACC": "
 _FLOATS = {"qk_scale", "bias_scale"}
 
 
-def resources(arch: int, cfg, whole: bool, lse: bool) -> dict:
+def resources(arch: int, cfg, whole: bool, lse: bool, block_ptr: bool = False) -> dict:
     fn = ops._attn_kernel.kernel  # the jitted function under the cached launcher
     d = 128
     consts = dict(HKV=8, G=4, D=d, BLOCK_M=cfg.block_m, BLOCK_N=contract.block_n(d),
                   BPS=contract.SPLIT // contract.block_n(d), VARLEN_Q=False, VARLEN_K=False, HAS_KV_LEN=False,
                   PAGED=False, BOTTOM_RIGHT=True, SPREAD=False, IEEE=False, PTX=True, HAS_MASK=False,
-                  HAS_BIAS=False, WHOLE=whole, REVERSE=False, K_STARTS=False, HAS_LSE=lse)
+                  HAS_BIAS=False, WHOLE=whole, REVERSE=False, K_STARTS=False, HAS_LSE=lse,
+                  BLOCK_PTR=block_ptr)
     signature = {name: "constexpr" if name in consts else _POINTERS.get(name, "fp32" if name in _FLOATS else "i32")
                  for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
@@ -67,13 +68,20 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.kernel_resources", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
+    p.add_argument("--configs", default=None,
+                   help="tile configs ROWS,WARPS,STAGES separated by /; default the dispatch's for head dim 128")
+    p.add_argument("--lse", action="store_true", help="also with the statistics kept for the backward")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "kernel_resources")
-    for cfg in contract.tile_configs(128):
+    configs = contract.tile_configs(128) if args.configs is None else [
+        contract.TileConfig(*map(int, c.split(","))) for c in args.configs.split("/")]
+    for cfg in configs:
         for whole in (True, False):
-            for lse in (False, True):
-                emit({"kernel": "attention forward", "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
-                      "whole": whole, "lse": lse, **resources(args.arch, cfg, whole, lse)})
+            for lse in (False, True) if args.lse else (False,):
+                for block_ptr in (False, True):
+                    emit({"kernel": "attention forward", "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
+                          "whole": whole, "lse": lse, "block_ptr": block_ptr,
+                          **resources(args.arch, cfg, whole, lse, block_ptr)})
 
 
 if __name__ == "__main__":
