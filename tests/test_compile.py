@@ -197,7 +197,12 @@ def test_exact_fusion_gives_atens_bits_for_every_value(dtype, monkeypatch):
         assert _bits_differ(fn(x), got) == 0, name
         assert marked and marked[-1] > 0, name
 
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="mode='fastest'"):
         compile_backend(mode="fastest")
+    with pytest.raises(ValueError, match="fuse=2"):
+        compile_backend(fuse=2)
     with pytest.raises(ValueError, match="mode='lite'"):
         compile_backend(mode="lite")
     with pytest.raises(TypeError, match="compile_backend must be a torch.compile backend"):
