@@ -40,7 +40,7 @@ def run(q, k, v, cfg, bn, split, split_kv=None, **knobs):
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_tune", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths,splits,loads")
+    p.add_argument("--parts", default="prefill,decode", help="prefill,decode,paths,splits")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_tune")
 
@@ -49,8 +49,6 @@ def main() -> None:
         paths(emit, bench)
     if "splits" in args.parts:
         splits(emit, bench)
-    if "loads" in args.parts:
-        loads(emit, bench)
     if "prefill" in args.parts:
         # Each tile config of the dispatch, and candidates (64 rows over 8
         # warps halves the registers per thread of the 128-row tile, which
@@ -132,24 +130,6 @@ def paths(emit, bench) -> None:
                 "reverse": {"whole": False, "reverse": True},
                 "whole+reverse": {"whole": True, "reverse": True}}
     shapes = ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (16, 4096, 4096),
-              (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384))
-    _compare(emit, bench, shapes, variants)
-
-
-def loads(emit, bench) -> None:
-    """Dense K and V through block pointers (``block_ptr``) instead of
-    gathered offsets, with each loop form and tile candidates: the same
-    values loaded, so the same bits (checked). The compile-only probe
-    ``kernel_resources`` gives each variant's spills; this gives its time.
-    The training shapes (64 x 1024, 4 x 4096) keep the statistics, as the
-    forward under autograd does."""
-    t128_16, t64_8 = contract.TileConfig(128, 16, 2), contract.TileConfig(64, 8, 2)
-    variants = {"base": {}, "block_ptr": {"block_ptr": True}, "one_loop": {"whole": False},
-                "one_loop+block_ptr": {"whole": False, "block_ptr": True},
-                "128x16w+block_ptr": {"config": t128_16, "block_ptr": True},
-                "128x16w+one_loop+block_ptr": {"config": t128_16, "whole": False, "block_ptr": True},
-                "64x8w+one_loop+block_ptr": {"config": t64_8, "whole": False, "block_ptr": True}}
-    shapes = ((1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (64, 1024, 1024, True), (4, 4096, 4096, True),
               (1, 1, 4096), (1, 1, 32768), (64, 1, 4096), (16, 1, 16384))
     _compare(emit, bench, shapes, variants)
 

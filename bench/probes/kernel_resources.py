@@ -35,14 +35,13 @@ _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "WS_ACC": "
 _FLOATS = {"qk_scale", "bias_scale"}
 
 
-def resources(arch: int, cfg, whole: bool, lse: bool, block_ptr: bool = False) -> dict:
+def resources(arch: int, cfg, whole: bool, lse: bool) -> dict:
     fn = ops._attn_kernel.kernel  # the jitted function under the cached launcher
     d = 128
     consts = dict(HKV=8, G=4, D=d, BLOCK_M=cfg.block_m, BLOCK_N=contract.block_n(d),
                   BPS=contract.SPLIT // contract.block_n(d), VARLEN_Q=False, VARLEN_K=False, HAS_KV_LEN=False,
                   PAGED=False, BOTTOM_RIGHT=True, SPREAD=False, IEEE=False, PTX=True, HAS_MASK=False,
-                  HAS_BIAS=False, WHOLE=whole, REVERSE=False, K_STARTS=False, HAS_LSE=lse,
-                  BLOCK_PTR=block_ptr)
+                  HAS_BIAS=False, WHOLE=whole, REVERSE=False, K_STARTS=False, HAS_LSE=lse)
     signature = {name: "constexpr" if name in consts else _POINTERS.get(name, "fp32" if name in _FLOATS else "i32")
                  for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
@@ -78,10 +77,8 @@ def main() -> None:
     for cfg in configs:
         for whole in (True, False):
             for lse in (False, True) if args.lse else (False,):
-                for block_ptr in (False, True):
-                    emit({"kernel": "attention forward", "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
-                          "whole": whole, "lse": lse, "block_ptr": block_ptr,
-                          **resources(args.arch, cfg, whole, lse, block_ptr)})
+                emit({"kernel": "attention forward", "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
+                      "whole": whole, "lse": lse, **resources(args.arch, cfg, whole, lse)})
 
 
 if __name__ == "__main__":

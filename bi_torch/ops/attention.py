@@ -200,38 +200,23 @@ def _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, stride_b, stride_
 def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
            skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS, bias_rows, sbk,
            bias_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, IEEE: tl.constexpr, PTX: tl.constexpr,
-           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BOUNDED: tl.constexpr = True,
-           BLOCK_PTR: tl.constexpr = False):
+           HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BOUNDED: tl.constexpr = True):
     """One block of keys folded into a split's running (m, l, acc). A boolean
     mask hides keys as the causal and window bounds do; an additive bias
     enters the exponent as ``fma(qk, c, bias * log2(e))``. ``BOUNDED=False``:
     a block that every valid row of the tile sees whole (inside each row's
     range and the sequence), so the bounds' selects, which would keep every
-    score as it is, are left out. ``BLOCK_PTR`` (dense keys): K and V
-    through block pointers instead of gathered offsets (the same values)."""
+    score as it is, are left out."""
     kpos = blk * BLOCK_N + cols
     in_seq = kpos < kv_len
-    if PAGED or not BLOCK_PTR:
-        k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
-        v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
-        if BOUNDED:
-            k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
-            v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
-        else:
-            k = tl.load(K + k_off[:, None] + d[None, :])
-            v = tl.load(V + v_off[:, None] + d[None, :])
+    k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
+    v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
+    if BOUNDED:
+        k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
+        v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
     else:
-        D: tl.constexpr = q.shape[1]
-        k_ptr = tl.make_block_ptr(K + s.to(tl.int64) * skb + k0.to(tl.int64) * skt + hkv.to(tl.int64) * skh,
-                                  (kv_len, D), (skt, 1), (blk * BLOCK_N, 0), (BLOCK_N, D), (1, 0))
-        v_ptr = tl.make_block_ptr(V + s.to(tl.int64) * svb + k0.to(tl.int64) * svt + hkv.to(tl.int64) * svh,
-                                  (kv_len, D), (svt, 1), (blk * BLOCK_N, 0), (BLOCK_N, D), (1, 0))
-        if BOUNDED:
-            k = tl.load(k_ptr, boundary_check=(0,), padding_option="zero")
-            v = tl.load(v_ptr, boundary_check=(0,), padding_option="zero")
-        else:
-            k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
+        k = tl.load(K + k_off[:, None] + d[None, :])
+        v = tl.load(V + v_off[:, None] + d[None, :])
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
     else:
@@ -299,7 +284,7 @@ def _attn_kernel(
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
     WHOLE: tl.constexpr = False, REVERSE: tl.constexpr = False, K_STARTS: tl.constexpr = False,
-    HAS_LSE: tl.constexpr = False, BLOCK_PTR: tl.constexpr = False,
+    HAS_LSE: tl.constexpr = False,
 ):
     # REVERSE: the last (for causal masks the longest) tiles first; schedule only.
     if REVERSE:
@@ -367,8 +352,7 @@ def _attn_kernel(
         for blk in range(start, stop):
             m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
                                skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
-                               bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS, part != 1,
-                               BLOCK_PTR)
+                               bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS, part != 1)
             if not SPREAD:
                 # The end of a split (or of the tile's range): fold it in, start the next.
                 if ((blk + 1) % BPS == 0) | (blk == blk_hi):
@@ -449,7 +433,7 @@ def launch(
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
     block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
-    reverse=None, kv_starts=None, with_lse=False, block_ptr=False,
+    reverse=None, kv_starts=None, with_lse=False,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -471,9 +455,7 @@ def launch(
     ``with_lse``: return ``(out, lse)`` with each row's log2-sum-exp2 of its
     scaled scores, fp32 ``(batch * hkv, rows)`` in the tiles' row order
     (query-major, the group's heads inside), the same bits from either
-    strategy (``dense_lse`` reorders it to query heads).
-    ``block_ptr``: dense K and V read through block pointers instead of
-    gathered offsets (the same values, so the same bits)."""
+    strategy (``dense_lse`` reorders it to query heads)."""
     if kv_starts is not None and (cu_k is not None or kv_lens is not None or block_table is not None):
         raise ValueError("attention launch: kv_starts is for dense keys without kv_lens")
     d = q.shape[-1]
@@ -523,7 +505,7 @@ def launch(
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=bool(whole), REVERSE=bool(reverse),
-        BLOCK_PTR=bool(block_ptr) and block_table is None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
         _merge_kernel[(tiles, batch * hkv)](
