@@ -333,15 +333,17 @@ def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
 # Inductor has no lowering of it (it decomposes it), so it stays on ATen here;
 # casts (``_to_copy``) are decomposed into ``convert_element_type`` between
 # these float dtypes (round to nearest even in both), which is marked. ``add``/``sub`` only without ``alpha``
-# (ATen's kernel may fuse ``a + alpha * b`` into one FMA), ``pow`` only squared.
+# (ATen's kernel may fuse ``a + alpha * b`` into one FMA), ``pow`` only squared. ``neg`` stays on
+# ATen: Inductor's kernel computes it as ``0 - x``, which turns -0.0 into +0.0 (GPU test, H100).
 _EXACT_POINTWISE = frozenset({
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
     aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.sin.default, aten.cos.default,
     aten.tanh.default, aten.log.default, aten.pow.Tensor_Scalar,
     # data movement and float casts (no arithmetic)
     aten.clone.default, aten.cat.default, aten.where.self, aten.copy.default,
     torch.ops.prims.convert_element_type.default,
 })
+_EXACT_DECOMPOSED = (aten._to_copy.default,)  # into convert_element_type (marked) and copies
 _CONVERT = torch.ops.prims.convert_element_type.default
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
@@ -462,7 +464,7 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
         elif self.fuse == "exact":  # casts as convert_element_type, which Inductor lowers (and may fuse)
             from torch._decomp import decomposition_table
 
-            table = {aten._to_copy.default: decomposition_table[aten._to_copy.default], **DECOMPOSITIONS}
+            table = {**{op: decomposition_table[op] for op in _EXACT_DECOMPOSED}, **DECOMPOSITIONS}
         else:
             table = dict(DECOMPOSITIONS)
         with functorch_config.patch(enable_autograd_cache=False):

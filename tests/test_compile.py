@@ -120,8 +120,9 @@ def test_a_reduction_without_a_bi_kernel_is_refused_not_compiled():
 def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
     """``fuse="exact"`` hands Inductor the pointwise ops measured to keep
     ATen's bits (on CUDA, bf16/fp16/fp32; casts among those) and leaves the
-    rest on ATen: sigmoid, ``add`` with ``alpha``, a cube, a cast to fp64,
-    fp64, and any op on the CPU."""
+    rest on ATen: sigmoid, ``add`` with ``alpha``, a cube, a negation
+    (Inductor's gives +0.0 for -0.0), a cast to fp64, fp64, and any op on
+    the CPU."""
     from torch._decomp import decomposition_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -134,7 +135,7 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
         h = x.float()
         v = h.pow(2)
         return ((h * torch.rsqrt(v + 1e-6)).to(torch.bfloat16), torch.sigmoid(h), torch.add(h, v, alpha=2),
-                h.pow(3), x.double() * 2, c * 2)
+                -h.pow(3), x.double() * 2, c * 2)
 
     # The backend's exact mode decomposes casts into convert_element_type, as here.
     table = {aten._to_copy.default: decomposition_table[aten._to_copy.default]}
@@ -147,8 +148,8 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
     assert marked == [(cast, True), ("aten.pow.Tensor_Scalar", True), ("aten.add.Tensor", True),
                       ("aten.rsqrt.default", True), ("aten.mul.Tensor", True), (cast, True),
                       ("aten.sigmoid.default", False), ("aten.add.Tensor", False),
-                      ("aten.pow.Tensor_Scalar", False), (cast, False), ("aten.mul.Tensor", False),
-                      ("aten.mul.Tensor", False)]
+                      ("aten.pow.Tensor_Scalar", False), ("aten.neg.default", False), (cast, False),
+                      ("aten.mul.Tensor", False), ("aten.mul.Tensor", False)]
 
 
 def _every_value(dtype):
@@ -186,7 +187,7 @@ def test_exact_fusion_gives_atens_bits_for_every_value(dtype, monkeypatch):
     cases = {
         "exp": torch.exp, "rsqrt": torch.rsqrt, "sqrt": torch.sqrt, "sin": torch.sin, "cos": torch.cos,
         "tanh": torch.tanh, "log": torch.log, "div": lambda t: t / 3.0,
-        "mul_add_sub": lambda t: t * 1.7 + 0.3 - t, "neg_square": lambda t: -t.pow(2),
+        "mul_add_sub": lambda t: t * 1.7 + 0.3 - t, "neg_square": lambda t: -t.pow(2),  # neg on ATen
         "rms_norm_as_transformers": lambda t: w * (t.float() * torch.rsqrt(t.float().pow(2) + 1e-6)).to(dtype),
         "rope": lambda t: t * t.cos() + rotate_half(t) * t.sin(),
         "swiglu": lambda t: F.silu(t) * (t * 0.5),  # silu stays on ATen, the products fuse

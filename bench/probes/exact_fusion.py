@@ -6,10 +6,11 @@ bits (GPU)::
 The host-cost Llama (hidden 2048, 4 layers, bf16), B = 32, 64 prompt tokens,
 greedy generation of 24 tokens with one static cache kept, compiled with
 ``mode="reduce-overhead"`` under the process-wide switch, against the eager
-switch: the prefill logits' bits, then the tokens. If the exact marking
-differs, the groups of marked ops (each op of ``_EXACT_POINTWISE``, the
-views, the casts) are taken out in halves until one group is found whose
-removal gives the eager bits (one culprit assumed; a JSON line per try).
+switch: every step's logits' bits, and the tokens. If the exact mode
+differs: with nothing marked, and with no cast decomposed; if marking is the
+cause, the groups of marked ops (each op of ``_EXACT_POINTWISE``, the views)
+are taken out in halves until one group is found whose removal gives the
+eager bits (one culprit assumed; a JSON line per try).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def _groups() -> list:
     return sorted(bc._EXACT_POINTWISE, key=str) + [_VIEWS]
 
 
-def _generate(fuse, excluded=()):
-    """(prefill logits, tokens) of the switch, eager (``fuse`` None) or compiled."""
-    real_ops, real_check = bc._EXACT_POINTWISE, bc._exact_on_cuda
+def _generate(fuse, excluded=(), decomposed=None):
+    """(logits of every step, tokens) of the switch, eager (``fuse`` None) or
+    compiled; ``excluded``: groups left unmarked; ``decomposed``: the ops the
+    exact mode decomposes (default its own)."""
+    real_ops, real_check, real_decomposed = bc._EXACT_POINTWISE, bc._exact_on_cuda, bc._EXACT_DECOMPOSED
     bc._EXACT_POINTWISE = frozenset(op for op in real_ops if op not in excluded)
     if _VIEWS in excluded:
         bc._exact_on_cuda = lambda node: real_check(node) and not getattr(node.target, "is_view", False)
+    if decomposed is not None:
+        bc._EXACT_DECOMPOSED = decomposed
     torch._dynamo.reset()
     backend = bi_torch.compile_backend(mode="reduce-overhead", fuse=fuse) if fuse is not None else None
     model = bhf.batch_invariant(_llama("sdpa"), process_wide=True)
@@ -54,7 +59,7 @@ def _generate(fuse, excluded=()):
                                      return_dict_in_generate=True, **_generate_options(model, options, 64 + 24))
     finally:
         bi_torch.disable_batch_invariant_mode()
-        bc._EXACT_POINTWISE, bc._exact_on_cuda = real_ops, real_check
+        bc._EXACT_POINTWISE, bc._exact_on_cuda, bc._EXACT_DECOMPOSED = real_ops, real_check, real_decomposed
     return torch.stack(out.logits).float().cpu(), out.sequences[:, 64:].cpu()
 
 
@@ -75,18 +80,26 @@ def main() -> None:
     for fuse in (False, "exact"):
         found = _compare(ref, _generate(fuse))
         emit({"fuse": fuse, **found})
-    if found["differing_logits"] == 0 and found["rows_with_other_tokens"] == 0:
+    if _same(found):
+        return
+    # Marking or the cast decomposition? Each alone, then the marked groups in halves.
+    nothing = _compare(ref, _generate("exact", _groups()))
+    emit({"fuse": "exact", "excluded": "every group", **nothing})
+    emit({"fuse": "exact", "decomposed": [], **_compare(ref, _generate("exact", decomposed=()))})
+    if not _same(nothing):
         return
     suspects = _groups()
     while len(suspects) > 1:
         half = suspects[: len(suspects) // 2]
         found = _compare(ref, _generate("exact", half))
         emit({"fuse": "exact", "excluded": [str(g) for g in half], **found})
-        same = found["differing_logits"] == 0 and found["rows_with_other_tokens"] == 0
-        suspects = half if same else suspects[len(suspects) // 2:]
+        suspects = half if _same(found) else suspects[len(suspects) // 2:]
     found = _compare(ref, _generate("exact", suspects))
-    emit({"fuse": "exact", "excluded": [str(g) for g in suspects], "culprit": found["differing_logits"] == 0
-          and found["rows_with_other_tokens"] == 0, **found})
+    emit({"fuse": "exact", "excluded": [str(g) for g in suspects], "culprit": _same(found), **found})
+
+
+def _same(found) -> bool:
+    return found["differing_logits"] == 0 and found["rows_with_other_tokens"] == 0
 
 
 if __name__ == "__main__":
