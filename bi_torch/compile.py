@@ -330,9 +330,9 @@ def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
 # by a GPU test in ``tests/test_compile.py`` that has not yet run on a GPU
 # (bench/NOTES.md). Measured to differ, so left on ATen: sigmoid (fp16, fp32),
 # reciprocal (fp32), gelu (both forms). silu kept ATen's bits too, but
-# Inductor has no lowering of it (it decomposes it), so it stays on ATen here;
-# casts (``_to_copy``) are decomposed into ``convert_element_type`` between
-# these float dtypes (round to nearest even in both), which is marked. ``add``/``sub`` only without ``alpha``
+# Inductor has no lowering of it (it decomposes it), so it stays on ATen here,
+# as do casts (``_to_copy``; ``_EXACT_DECOMPOSED``); a ``convert_element_type``
+# between these float dtypes (round to nearest even in both) is marked. ``add``/``sub`` only without ``alpha``
 # (ATen's kernel may fuse ``a + alpha * b`` into one FMA), ``pow`` only squared. ``neg`` stays on
 # ATen: Inductor's kernel computes it as ``0 - x``, which turns -0.0 into +0.0 (GPU test, H100).
 _EXACT_POINTWISE = frozenset({
@@ -343,7 +343,11 @@ _EXACT_POINTWISE = frozenset({
     aten.clone.default, aten.cat.default, aten.where.self, aten.copy.default,
     torch.ops.prims.convert_element_type.default,
 })
-_EXACT_DECOMPOSED = (aten._to_copy.default,)  # into convert_element_type (marked) and copies
+# Ops the exact mode decomposes before marking: none. ``_to_copy`` decomposed into
+# ``convert_element_type`` (so that casts fuse) gave a compiled Llama's generation other logits from
+# its first decode step on, with or without any node marked (H100, ``bench.probes.exact_fusion``);
+# kept as ATen's ``_to_copy``, the same marking gave eager's bits at every step.
+_EXACT_DECOMPOSED = ()
 _CONVERT = torch.ops.prims.convert_element_type.default
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
@@ -408,12 +412,15 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
     * ``fuse=False`` (the default): every other op through its ATen kernel,
       as eager runs it (eager's bits; the gain is host time: one graph, CUDA
       graphs with ``"reduce-overhead"``).
-    * ``fuse="exact"`` (experimental, not yet proven on the GPU): Inductor
-      fuses the pointwise ops and views measured to give the bits of ATen's
-      CUDA kernels under eager numerics (``_EXACT_POINTWISE``: arithmetic,
-      ``exp``, ``rsqrt``, ``sqrt``, ``sin``, ``cos``, ``tanh``, ``log``,
-      squares, ``cat``, ``where``; bf16, fp16, fp32 on CUDA); every other op
-      runs its ATen kernel. Meant to give eager's bits in fewer kernels.
+    * ``fuse="exact"`` (experimental): Inductor fuses the pointwise ops and
+      views measured to give the bits of ATen's CUDA kernels under eager
+      numerics (``_EXACT_POINTWISE``: arithmetic, ``exp``, ``rsqrt``,
+      ``sqrt``, ``sin``, ``cos``, ``tanh``, ``log``, squares, ``cat``,
+      ``where``; bf16, fp16, fp32 on CUDA); every other op, casts and
+      ``neg`` among them, runs its ATen kernel. Eager's bits in fewer
+      kernels: on an H100, each op over every bf16/fp16 value and the Llama
+      generation of the benchmark gave eager's bits; its speed in this form
+      is not measured yet.
     * ``fuse=True``: Inductor decomposes and fuses them all (intermediates
       rounded as eager rounds them): still invariant in the batch, but some
       formulas (``sigmoid``, ``gelu``, ``reciprocal``, ...) round otherwise
@@ -461,7 +468,7 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
         route_attention(gm)
         if self.fuse is True:
             table = {**select_decomp_table(), **DECOMPOSITIONS}
-        elif self.fuse == "exact":  # casts as convert_element_type, which Inductor lowers (and may fuse)
+        elif self.fuse == "exact":
             from torch._decomp import decomposition_table
 
             table = {**{op: decomposition_table[op] for op in _EXACT_DECOMPOSED}, **DECOMPOSITIONS}

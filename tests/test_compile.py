@@ -121,8 +121,8 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
     """``fuse="exact"`` hands Inductor the pointwise ops measured to keep
     ATen's bits (on CUDA, bf16/fp16/fp32; casts among those) and leaves the
     rest on ATen: sigmoid, ``add`` with ``alpha``, a cube, a negation
-    (Inductor's gives +0.0 for -0.0), a cast to fp64, fp64, and any op on
-    the CPU."""
+    (Inductor's gives +0.0 for -0.0), casts (``_to_copy``), fp64, and any op
+    on the CPU."""
     from torch._decomp import decomposition_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -137,19 +137,27 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
         return ((h * torch.rsqrt(v + 1e-6)).to(torch.bfloat16), torch.sigmoid(h), torch.add(h, v, alpha=2),
                 -h.pow(3), x.double() * 2, c * 2)
 
-    # The backend's exact mode decomposes casts into convert_element_type, as here.
-    table = {aten._to_copy.default: decomposition_table[aten._to_copy.default]}
-    with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
-        gm = make_fx(f, decomposition_table=table)(torch.empty(4, 8, device="cuda", dtype=torch.bfloat16),
-                                                   torch.empty(4, device="cpu"))
-    assert fuse_exact_pointwise(gm) == 6
-    marked = [(str(n.target), "custom" in n.meta) for n in gm.graph.nodes if n.op == "call_function"]
-    cast = "prims.convert_element_type.default"
-    assert marked == [(cast, True), ("aten.pow.Tensor_Scalar", True), ("aten.add.Tensor", True),
-                      ("aten.rsqrt.default", True), ("aten.mul.Tensor", True), (cast, True),
+    def marks(table):
+        with FakeTensorMode(allow_non_fake_inputs=True):  # CUDA tensors without a GPU
+            gm = make_fx(f, decomposition_table=table)(torch.empty(4, 8, device="cuda", dtype=torch.bfloat16),
+                                                       torch.empty(4, device="cpu"))
+        count = fuse_exact_pointwise(gm)
+        return count, [(str(n.target), "custom" in n.meta) for n in gm.graph.nodes if n.op == "call_function"]
+
+    # As the backend traces: casts stay ATen's _to_copy, unmarked.
+    copy = "aten._to_copy.default"
+    count, marked = marks({})
+    assert count == 4
+    assert marked == [(copy, False), ("aten.pow.Tensor_Scalar", True), ("aten.add.Tensor", True),
+                      ("aten.rsqrt.default", True), ("aten.mul.Tensor", True), (copy, False),
                       ("aten.sigmoid.default", False), ("aten.add.Tensor", False),
-                      ("aten.pow.Tensor_Scalar", False), ("aten.neg.default", False), (cast, False),
+                      ("aten.pow.Tensor_Scalar", False), ("aten.neg.default", False), (copy, False),
                       ("aten.mul.Tensor", False), ("aten.mul.Tensor", False)]
+    # A convert_element_type (from a decomposition) is marked between bf16, fp16 and fp32 only.
+    cast = "prims.convert_element_type.default"
+    count, marked = marks({aten._to_copy.default: decomposition_table[aten._to_copy.default]})
+    assert count == 6
+    assert [m for m in marked if m[0] == cast] == [(cast, True), (cast, True), (cast, False)]
 
 
 def _every_value(dtype):
