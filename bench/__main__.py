@@ -127,6 +127,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-temperatures", type=_temperatures, default=None,
                    help="comma-separated sampling temperatures for --e2e, 0 for greedy (default: 0,0.8); greedy "
                         "also runs verification and the prefix cache")
+    p.add_argument("--e2e-impls", type=_choices("engine", ["default", "bi"]), default=None,
+                   help="comma-separated engines for --e2e, of default,bi (default: both)")
+    p.add_argument("--e2e-resume", type=Path, default=None, metavar="E2E_JSON",
+                   help="an earlier --e2e run's e2e.json (or e2e.partial.json) with the same workload: its engines "
+                        "are kept and not run again, so one run can be split over several processes (one framework "
+                        "each) and still compare the frameworks' tokens")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="directory for results.json, results.csv and plots/ (default: bench-results)")
     return p
@@ -172,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e:
         from bench.e2e import command
 
+        previous = None
+        if args.e2e_resume is not None:
+            try:
+                previous = command.resumable(args.e2e_resume,
+                                             command.setup_for(profile.native, args.e2e_requests, args.e2e_runs))
+            except ValueError as error:
+                p.error(str(error))
         for path in command.run(args.out, console, args.frameworks, profile.native, requests=args.e2e_requests,
-                                runs=args.e2e_runs, **({"temperatures": args.e2e_temperatures}
-                                                       if args.e2e_temperatures else {})):
+                                runs=args.e2e_runs, impls=tuple(args.e2e_impls or command.IMPLS), previous=previous,
+                                **({"temperatures": args.e2e_temperatures} if args.e2e_temperatures else {})):
             console.print(f"wrote {path}")
         return 0
     specs = [registry.get(o) for o in args.ops]

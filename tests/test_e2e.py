@@ -5,6 +5,7 @@ whose products follow the step's size is caught."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -241,3 +242,25 @@ def test_default_engine_computes_the_bi_engines_logits_within_rounding(framework
     assert default["completions"] == bi["completions"]
     for r in bi["logits"]:
         np.testing.assert_allclose(default["logits"][r], bi["logits"][r], rtol=1e-4, atol=1e-4, err_msg=f"request {r}")
+
+
+def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
+    """``--e2e-resume``: the torch engine in one run, the JAX engine in a
+    second that resumes the first's e2e.json: the second keeps the first's
+    row, runs only its own, and compares the two frameworks' tokens; a file
+    from another setup is refused."""
+    pytest.importorskip("jax")
+    from bench.e2e import command
+
+    setup = replace(command.CPU, model=CONFIG, requests=3, runs=1, serving=SERVING)
+    first = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",))
+    assert [r["framework"] for r in first["results"]] == ["torch"] and first["cross_framework"] == []
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(first))
+    previous = command.resumable(path, setup)
+    both = command.measure(setup, ["torch", "jax"], [0.0], DEVICE, impls=("bi",), previous=previous)
+    assert [r["framework"] for r in both["results"]] == ["torch", "jax"]
+    assert both["results"][0] == first["results"][0]  # kept, not run again
+    assert both["cross_framework"] == [{"temperature": 0.0, "requests": 3, "same_tokens": 3}]
+    with pytest.raises(ValueError, match="run with another setup"):
+        command.resumable(path, replace(setup, requests=4))

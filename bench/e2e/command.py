@@ -19,11 +19,14 @@ ones); such a step is run twice and its second run counted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from bench.e2e.config import LLAMA3_8B, TINY, ModelConfig
 from bench.e2e.run import Serving, distinct, run_schedule
@@ -116,19 +119,56 @@ def _share_jax_compilations() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-def measure(setup: Setup, frameworks, temperatures, device: str, console=None, partial: Path | None = None) -> dict:
-    """Every (framework, temperature, impl): R runs under schedules 1..R,
-    after one warm-up run under schedule 0 (compilations; not counted).
-    ``partial``: a JSON file rewritten with the rows so far after each
-    engine (a run cut by a time limit keeps them)."""
+IMPLS = ("default", "bi")
+
+
+def _setup_dict(setup: Setup) -> dict:
+    return json.loads(json.dumps({**asdict(setup), "model": asdict(setup.model)}))
+
+
+def _digests(completions: dict) -> dict:
+    """Each request's completion as a digest of its token ids (what the
+    cross-framework comparison needs, small enough to keep in e2e.json)."""
+    return {str(r): hashlib.sha256(np.asarray(tokens, np.int64).tobytes()).hexdigest()[:16]
+            for r, tokens in completions.items()}
+
+
+def resumable(path: Path, setup: Setup) -> dict:
+    """The results of an earlier ``e2e.json`` or ``e2e.partial.json`` to build
+    on; it must have been run with the same setup."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--e2e-resume {path}: not a readable e2e.json ({error})") from None
+    if not isinstance(data, dict) or "results" not in data or "setup" not in data:
+        raise ValueError(f"--e2e-resume {path}: not an e2e.json (no setup and results)")
+    if data["setup"] != _setup_dict(setup):
+        raise ValueError(f"--e2e-resume {path}: run with another setup ({data['setup']}), not this run's "
+                         f"({_setup_dict(setup)}); pass the same --e2e-requests and --e2e-runs on the same device kind")
+    return data
+
+
+def measure(setup: Setup, frameworks, temperatures, device: str, console=None, partial: Path | None = None,
+            impls=IMPLS, previous: dict | None = None) -> dict:
+    """Every (framework, temperature, impl of ``impls``): R runs under
+    schedules 1..R, after one warm-up run under schedule 0 (compilations;
+    not counted). ``partial``: a JSON file rewritten with the rows so far
+    after each engine (a run cut by a time limit keeps them). ``previous``:
+    an earlier run's results (``resumable``), whose rows are kept and whose
+    engines are not run again, so that one run can be split over processes
+    (each framework in its own, say) and still compare the frameworks."""
     if "jax" in frameworks and device != "cpu":
         _share_jax_compilations()
     work = workload(setup.requests, setup.min_prompt, setup.max_prompt, setup.new_tokens, setup.model.vocab)
-    results = []
-    completions = {}
+    results = list(previous["results"]) if previous else []
+    done = {(r["framework"], r["temperature"], r["impl"]) for r in results}
     for framework in frameworks:
         for temperature in temperatures:
-            for impl in ("default", "bi"):
+            for impl in impls:
+                if (framework, temperature, impl) in done:
+                    if console is not None:
+                        console.print(f"e2e {framework} {impl} T={temperature}: kept from the resumed run")
+                    continue
                 engine = _engine(framework, impl, setup, temperature, device)
                 run_schedule(engine, work, setup.serving, schedule_seed=0)
                 runs = [run_schedule(engine, work, setup.serving, schedule_seed=r) for r in range(1, setup.runs + 1)]
@@ -145,31 +185,31 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None, p
                        "steps": [len(r["steps"]) for r in runs],
                        "compiled_steps": [r["compiled_steps"] for r in runs],
                        "distinct_per_request": {str(k): v["distinct"] for k, v in per_request.items()},
-                       "first_divergence_per_request": {str(k): v["first_divergence"] for k, v in per_request.items()}}
+                       "first_divergence_per_request": {str(k): v["first_divergence"] for k, v in per_request.items()},
+                       "completion_digests": _digests(runs[0]["completions"])}
                 if temperature == 0:
                     row.update(_variants(engine, setup, runs[0]["completions"], work))
                 results.append(row)
                 if partial is not None:
                     partial.parent.mkdir(parents=True, exist_ok=True)
-                    partial.write_text(json.dumps({"setup": {**asdict(setup), "model": asdict(setup.model)},
-                                                   "results": results}, indent=1))
-                completions[framework, temperature, impl] = runs[0]["completions"]
+                    partial.write_text(json.dumps({"setup": _setup_dict(setup), "results": results}, indent=1))
                 if console is not None:
                     console.print(f"e2e {framework} {impl} T={temperature}: {row['requests_with_one_completion']}/"
                                   f"{row['requests']} requests with one completion, {row['tokens_per_s']:.0f} tok/s")
                 del engine
                 _release(framework)
-    for row in results:
-        if row["impl"] == "bi":
-            base = next(r for r in results if r["impl"] == "default" and r["framework"] == row["framework"]
-                        and r["temperature"] == row["temperature"])
+    rows = {(r["framework"], r["temperature"], r["impl"]): r for r in results}
+    for (framework, temperature, impl), row in rows.items():
+        base = rows.get((framework, temperature, "default"))
+        if impl == "bi" and base is not None:
             row["throughput_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
     cross = []
-    for temperature in temperatures:
-        a, b = completions.get(("torch", temperature, "bi")), completions.get(("jax", temperature, "bi"))
+    for temperature in sorted({r["temperature"] for r in results}):
+        a, b = rows.get(("torch", temperature, "bi")), rows.get(("jax", temperature, "bi"))
         if a is not None and b is not None:
-            cross.append({"temperature": temperature, "requests": len(a), "same_tokens": sum(a[r] == b[r] for r in a)})
-    return {"setup": {**asdict(setup), "model": asdict(setup.model)}, "results": results, "cross_framework": cross}
+            a, b = a["completion_digests"], b["completion_digests"]
+            cross.append({"temperature": temperature, "requests": len(a), "same_tokens": sum(a[r] == b.get(r) for r in a)})
+    return {"setup": _setup_dict(setup), "results": results, "cross_framework": cross}
 
 
 def plot(data: dict, path: Path) -> None:
@@ -197,15 +237,25 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=None, temperatures=(0.0, 0.8)) -> list[Path]:
+def setup_for(native: bool, requests=None, runs=None) -> Setup:
+    """The GPU or CPU setup, with the command line's request and run counts."""
     setup = GPU if native else CPU
     if requests is not None or runs is not None:
         from dataclasses import replace
 
         setup = replace(setup, requests=requests or setup.requests, runs=runs or setup.runs)
+    return setup
+
+
+def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=None, temperatures=(0.0, 0.8),
+        impls=IMPLS, previous: dict | None = None) -> list[Path]:
+    """``previous``: an earlier run's results of the same setup
+    (``resumable``); its engines are kept, the others run, and e2e.json holds
+    them all (the cross-framework comparison included)."""
+    setup = setup_for(native, requests, runs)
     start = time.perf_counter()
     data = measure(setup, frameworks, temperatures, "cuda" if native else "cpu", console,
-                   partial=out / "e2e.partial.json")
+                   partial=out / "e2e.partial.json", impls=impls, previous=previous)
     data["wall_seconds"] = time.perf_counter() - start
     from rich.table import Table
 
