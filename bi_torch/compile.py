@@ -331,7 +331,7 @@ def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
 # (bench/NOTES.md). Measured to differ, so left on ATen: sigmoid (fp16, fp32),
 # reciprocal (fp32), gelu (both forms). silu kept ATen's bits too, but
 # Inductor has no lowering of it (it decomposes it), so it stays on ATen here,
-# as do casts (``_to_copy``; ``_EXACT_DECOMPOSED``); a ``convert_element_type``
+# as do casts (``_to_copy``; ``_EXACT_DECOMPOSITIONS``); a ``convert_element_type``
 # between these float dtypes (round to nearest even in both) is marked. ``add``/``sub`` only without ``alpha``
 # (ATen's kernel may fuse ``a + alpha * b`` into one FMA), ``pow`` only squared. ``neg`` stays on
 # ATen: Inductor's kernel computes it as ``0 - x``, which turns -0.0 into +0.0 (GPU test, H100).
@@ -343,12 +343,27 @@ _EXACT_POINTWISE = frozenset({
     aten.clone.default, aten.cat.default, aten.where.self, aten.copy.default,
     torch.ops.prims.convert_element_type.default,
 })
-# Ops the exact mode decomposes before marking: none. ``_to_copy`` decomposed into
-# ``convert_element_type`` (so that casts fuse) gave a compiled Llama's generation other logits from
-# its first decode step on, with or without any node marked (H100, ``bench.probes.exact_fusion``);
-# kept as ATen's ``_to_copy``, the same marking gave eager's bits at every step.
-_EXACT_DECOMPOSED = ()
 _CONVERT = torch.ops.prims.convert_element_type.default
+
+
+def _float_cast(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
+    """``_to_copy`` as ``convert_element_type`` where it only changes a CUDA
+    tensor's dtype among bf16, fp16 and fp32 (so that Inductor may fuse the
+    cast); any other copy stays ATen's ``_to_copy``."""
+    if (dtype in _EXACT_DTYPES and x.dtype in _EXACT_DTYPES and dtype != x.dtype and x.device.type == "cuda"
+            and layout in (None, torch.strided) and (device is None or torch.device(device) == x.device)
+            and not pin_memory and memory_format in (None, torch.preserve_format)):
+        return _CONVERT(x, dtype)
+    return NotImplemented
+
+
+# Decompositions of the exact mode: none. torch's own of ``_to_copy`` (into
+# ``convert_element_type``, device copies and clones), used so that casts fuse,
+# gave a compiled Llama's generation other logits from its first decode step on,
+# with or without any node marked (H100, ``bench.probes.exact_fusion``); kept as
+# ATen's ``_to_copy``, the same marking gave eager's bits at every step.
+# ``_float_cast`` (float casts only) is the candidate the probe tries next.
+_EXACT_DECOMPOSITIONS: dict = {}
 _EXACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
                    "eager_numerics.disable_ftz": True}
@@ -469,9 +484,7 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
         if self.fuse is True:
             table = {**select_decomp_table(), **DECOMPOSITIONS}
         elif self.fuse == "exact":
-            from torch._decomp import decomposition_table
-
-            table = {**{op: decomposition_table[op] for op in _EXACT_DECOMPOSED}, **DECOMPOSITIONS}
+            table = {**_EXACT_DECOMPOSITIONS, **DECOMPOSITIONS}
         else:
             table = dict(DECOMPOSITIONS)
         with functorch_config.patch(enable_autograd_cache=False):

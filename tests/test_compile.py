@@ -127,7 +127,7 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from bi_torch.compile import fuse_exact_pointwise
+    from bi_torch.compile import _float_cast, fuse_exact_pointwise
 
     aten = torch.ops.aten
 
@@ -153,11 +153,15 @@ def test_exact_fusion_marks_only_the_measured_ops_on_cuda():
                       ("aten.sigmoid.default", False), ("aten.add.Tensor", False),
                       ("aten.pow.Tensor_Scalar", False), ("aten.neg.default", False), (copy, False),
                       ("aten.mul.Tensor", False), ("aten.mul.Tensor", False)]
-    # A convert_element_type (from a decomposition) is marked between bf16, fp16 and fp32 only.
+    # A convert_element_type (from a decomposition) is marked between bf16, fp16 and fp32 only;
+    # the float-casts-only decomposition leaves the cast to fp64 alone.
     cast = "prims.convert_element_type.default"
     count, marked = marks({aten._to_copy.default: decomposition_table[aten._to_copy.default]})
     assert count == 6
     assert [m for m in marked if m[0] == cast] == [(cast, True), (cast, True), (cast, False)]
+    count, marked = marks({aten._to_copy.default: _float_cast})
+    assert count == 6
+    assert [m for m in marked if m[0] in (cast, copy)] == [(cast, True), (cast, True), (copy, False)]
 
 
 def _every_value(dtype):

@@ -35,14 +35,14 @@ def _groups() -> list:
 
 def _generate(fuse, excluded=(), decomposed=None):
     """(logits of every step, tokens) of the switch, eager (``fuse`` None) or
-    compiled; ``excluded``: groups left unmarked; ``decomposed``: the ops the
-    exact mode decomposes (default its own)."""
-    real_ops, real_check, real_decomposed = bc._EXACT_POINTWISE, bc._exact_on_cuda, bc._EXACT_DECOMPOSED
+    compiled; ``excluded``: groups left unmarked; ``decomposed``: the exact
+    mode's decompositions (default its own)."""
+    real_ops, real_check, real_decomposed = bc._EXACT_POINTWISE, bc._exact_on_cuda, bc._EXACT_DECOMPOSITIONS
     bc._EXACT_POINTWISE = frozenset(op for op in real_ops if op not in excluded)
     if _VIEWS in excluded:
         bc._exact_on_cuda = lambda node: real_check(node) and not getattr(node.target, "is_view", False)
     if decomposed is not None:
-        bc._EXACT_DECOMPOSED = decomposed
+        bc._EXACT_DECOMPOSITIONS = decomposed
     torch._dynamo.reset()
     backend = bi_torch.compile_backend(mode="reduce-overhead", fuse=fuse) if fuse is not None else None
     model = bhf.batch_invariant(_llama("sdpa"), process_wide=True)
@@ -59,7 +59,7 @@ def _generate(fuse, excluded=(), decomposed=None):
                                      return_dict_in_generate=True, **_generate_options(model, options, 64 + 24))
     finally:
         bi_torch.disable_batch_invariant_mode()
-        bc._EXACT_POINTWISE, bc._exact_on_cuda, bc._EXACT_DECOMPOSED = real_ops, real_check, real_decomposed
+        bc._EXACT_POINTWISE, bc._exact_on_cuda, bc._EXACT_DECOMPOSITIONS = real_ops, real_check, real_decomposed
     return torch.stack(out.logits).float().cpu(), out.sequences[:, 64:].cpu()
 
 
@@ -80,11 +80,14 @@ def main() -> None:
     for fuse in (False, "exact"):
         found = _compare(ref, _generate(fuse))
         emit({"fuse": fuse, **found})
-    # Casts decomposed into convert_element_type (so that they fuse): measured
-    # to break the decode steps (bench/NOTES.md), so not the exact mode's default.
-    to_copy = (torch.ops.aten._to_copy.default,)
-    emit({"fuse": "exact", "decomposed": [str(op) for op in to_copy],
-          **_compare(ref, _generate("exact", decomposed=to_copy))})
+    # Casts decomposed into convert_element_type (so that they fuse): torch's
+    # decomposition broke the decode steps (bench/NOTES.md); float casts only?
+    from torch._decomp import decomposition_table
+
+    to_copy = torch.ops.aten._to_copy.default
+    for name, fn in (("torch's", decomposition_table[to_copy]), ("float casts only", bc._float_cast)):
+        emit({"fuse": "exact", "decomposed": f"_to_copy, {name}",
+              **_compare(ref, _generate("exact", decomposed={to_copy: fn}))})
     if _same(found):
         return
     # Marking: nothing marked, then the marked groups in halves.
