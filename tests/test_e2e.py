@@ -264,3 +264,20 @@ def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
     assert both["cross_framework"] == [{"temperature": 0.0, "requests": 3, "same_tokens": 3}]
     with pytest.raises(ValueError, match="run with another setup"):
         command.resumable(path, replace(setup, requests=4))
+
+
+def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, capsys):
+    from bench.e2e import command
+
+    row = {"framework": "torch", "impl": "bi", "temperature": 0.0, "runs": 2, "tokens_per_s": 10.0,
+           "distinct_per_request": {"0": 1, "1": 1}}
+    files = []
+    for framework in ("torch", "jax"):
+        files.append(tmp_path / f"{framework}.json")
+        files[-1].write_text(json.dumps({"results": [{**row, "framework": framework}]}))
+    assert command.main(["--out", str(tmp_path / "e2e.png"), *map(str, files)]) == 0
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["--out", str(tmp_path / "x.png"), str(tmp_path / "bad.json")])
+    assert exit_.value.code == 2 and "not an e2e.json" in capsys.readouterr().err

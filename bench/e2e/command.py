@@ -222,7 +222,11 @@ def plot(data: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for row in rows:
         counts = sorted(row["distinct_per_request"].values(), reverse=True)
-        left.plot(range(len(counts)), counts, label=f"{row['framework']} {row['impl']} T={row['temperature']}")
+        # Equal curves overlap: JAX's drawn wider, under torch's; defaults dashed.
+        jax = row["framework"] == "jax"
+        left.plot(range(len(counts)), counts, label=f"{row['framework']} {row['impl']} T={row['temperature']}",
+                  drawstyle="steps-post", linestyle="--" if row["impl"] == "default" else "-",
+                  linewidth=4 if jax else 1.5, alpha=0.5 if jax else 1.0, zorder=1 if jax else 2)
     left.set_xlabel("request (sorted)")
     left.set_ylabel(f"distinct completions in {rows[0]['runs']} runs")
     left.legend(fontsize=7)
@@ -285,3 +289,32 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
     (out / "e2e.partial.json").unlink(missing_ok=True)
     plot(data, out / "plots" / "e2e.png")
     return [path, out / "plots" / "e2e.png"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-plot committed e2e results, merging the rows of several files (runs
+    of one framework each, say)::
+
+        python -m bench.e2e.command --out e2e.png e2e-jax.json e2e-torch.json
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.e2e.command", description=main.__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("files", type=Path, nargs="+", help="e2e.json (or e2e.partial.json) files")
+    args = p.parse_args(argv)
+    rows = []
+    for path in args.files:
+        try:
+            rows += json.loads(path.read_text())["results"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            p.error(f"{path}: not an e2e.json ({error!r})")
+    if len({r["runs"] for r in rows}) > 1:
+        p.error("the files were run with different numbers of schedules; plot them apart")
+    plot({"results": rows}, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
