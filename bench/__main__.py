@@ -127,8 +127,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-temperatures", type=_temperatures, default=None,
                    help="comma-separated sampling temperatures for --e2e, 0 for greedy (default: 0,0.8); greedy "
                         "also runs verification and the prefix cache")
-    p.add_argument("--e2e-impls", type=_choices("engine", ["default", "bi"]), default=None,
-                   help="comma-separated engines for --e2e, of default,bi (default: both)")
+    p.add_argument("--e2e-impls", type=_choices("engine", ["default", "bi", "varlen"]), default=None,
+                   help="comma-separated engines for --e2e, of default,bi,varlen (default: default,bi; varlen: the "
+                        "torch default with FlashAttention's variable-length kernel, GPU only)")
     p.add_argument("--e2e-resume", type=Path, default=None, metavar="E2E_JSON",
                    help="an earlier --e2e run's e2e.json (or e2e.partial.json) with the same workload: its engines "
                         "are kept and not run again, so one run can be split over several processes (one framework "
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e:
         from bench.e2e import command
 
+        if "varlen" in (args.e2e_impls or ()) and not profile.native:
+            p.error("--e2e-impls varlen runs torch's FlashAttention varlen kernel; this machine has no GPU")
         previous = None
         if args.e2e_resume is not None:
             try:

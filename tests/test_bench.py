@@ -222,6 +222,13 @@ def test_gpu_only_modes_say_so_without_a_gpu(flag, capsys):
     assert exit_.value.code == 2 and "this machine has no GPU" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(PROFILE.native, reason="the GPU-only engine runs on a GPU")
+def test_the_varlen_e2e_engine_says_it_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--e2e", "--e2e-impls", "bi,varlen"])
+    assert exit_.value.code == 2 and "varlen runs torch's FlashAttention varlen kernel" in capsys.readouterr().err
+
+
 def test_backward_measures_only_the_ops_asked_for():
     """``--backward --ops X`` times X alone: ops not asked for are not run
     (none here, so nothing runs, GPU or not)."""

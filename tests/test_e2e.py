@@ -230,15 +230,17 @@ def test_attention_groups_split_decodes_from_prefill_chunks():
     assert [g.max_q for g in attention_groups(q_lens, kv_lens)] == [SHORT, 20]
 
 
-@pytest.mark.parametrize("framework", ["torch", "jax"])
-def test_default_engine_computes_the_bi_engines_logits_within_rounding(framework):
+@pytest.mark.parametrize("framework,impl", [("torch", "default"), ("jax", "default"),
+                                            pytest.param("torch", "varlen", marks=pytest.mark.gpu)])
+def test_default_engine_computes_the_bi_engines_logits_within_rounding(framework, impl):
     """The default engines' attention (gathered keys, decodes and prefill
-    chunks in separate padded calls) is the same attention: their logits
-    agree with the bi_ engine's to fp32 rounding."""
+    chunks in separate padded calls; or torch's FlashAttention varlen kernel
+    over packed keys) is the same attention: their logits agree with the bi_
+    engine's to fp32 rounding."""
     if framework == "jax":
         pytest.importorskip("jax")
     make = _torch if framework == "torch" else _jax
-    default, bi = (run_schedule(make(impl), WORK, SERVING, 1, logits=True) for impl in ("default", "bi"))
+    default, bi = (run_schedule(make(i), WORK, SERVING, 1, logits=True) for i in (impl, "bi"))
     assert default["completions"] == bi["completions"]
     for r in bi["logits"]:
         np.testing.assert_allclose(default["logits"][r], bi["logits"][r], rtol=1e-4, atol=1e-4, err_msg=f"request {r}")
@@ -281,3 +283,20 @@ def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         command.main(["--out", str(tmp_path / "x.png"), str(tmp_path / "bad.json")])
     assert exit_.value.code == 2 and "not an e2e.json" in capsys.readouterr().err
+
+
+def test_packed_keys_are_each_sequences_keys_in_order():
+    from bench.e2e.torch_engine import packed_keys
+
+    table = np.array([[3, 7, 0], [5, 1, 2]])  # two sequences' pages, 4 slots a page
+    cu_k, page, slot = packed_keys(table, np.array([6, 9]), 4)
+    assert cu_k.tolist() == [0, 6, 15]
+    assert list(zip(page.tolist(), slot.tolist())) == (
+        [(3, 0), (3, 1), (3, 2), (3, 3), (7, 0), (7, 1)]
+        + [(5, 0), (5, 1), (5, 2), (5, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)])
+
+
+@pytest.mark.skipif(PROFILE.native, reason="the CPU refusal")
+def test_the_varlen_default_needs_a_gpu():
+    with pytest.raises(ValueError, match="impl='varlen'.*needs a CUDA device"):
+        _torch("varlen")

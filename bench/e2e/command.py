@@ -119,7 +119,7 @@ def _share_jax_compilations() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
-IMPLS = ("default", "bi")
+IMPLS = ("default", "bi")  # the engines a run has by default; "varlen" (torch, GPU) on request
 
 
 def _setup_dict(setup: Setup) -> dict:
@@ -165,6 +165,8 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None, p
     for framework in frameworks:
         for temperature in temperatures:
             for impl in impls:
+                if impl == "varlen" and framework != "torch":
+                    continue  # torch's FlashAttention varlen default; JAX has no such kernel
                 if (framework, temperature, impl) in done:
                     if console is not None:
                         console.print(f"e2e {framework} {impl} T={temperature}: kept from the resumed run")
@@ -200,9 +202,11 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None, p
                 _release(framework)
     rows = {(r["framework"], r["temperature"], r["impl"]): r for r in results}
     for (framework, temperature, impl), row in rows.items():
-        base = rows.get((framework, temperature, "default"))
+        base, varlen = rows.get((framework, temperature, "default")), rows.get((framework, temperature, "varlen"))
         if impl == "bi" and base is not None:
             row["throughput_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if impl == "bi" and varlen is not None:
+            row["throughput_ratio_vs_varlen"] = row["tokens_per_s"] / varlen["tokens_per_s"]
     cross = []
     for temperature in sorted({r["temperature"] for r in results}):
         a, b = rows.get(("torch", temperature, "bi")), rows.get(("jax", temperature, "bi"))

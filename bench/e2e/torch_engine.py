@@ -6,6 +6,11 @@ prefill chunks and decodes over a paged KV cache.
 (cuBLAS), and attention by ``F.scaled_dot_product_attention`` over each
 sequence's keys gathered from its pages (PyTorch has no paged attention),
 decodes and prefill chunks in separate calls (``bench.e2e.groups``).
+``impl="varlen"`` (CUDA only): the default, with attention by torch's
+FlashAttention variable-length kernel (``torch.nn.attention.varlen.varlen_attn``)
+over each step's keys gathered from the pages and packed, without padding
+or repeated KV heads, in one call (a stronger default than the padded SDPA
+calls; not yet run on a GPU).
 ``impl="control"``: the default, with products that sum K in two halves when
 the step has an odd number of tokens (a negative control for the tests).
 Everything else is the same code in both: the embedding gather, rotary
@@ -54,14 +59,26 @@ def gumbel(u):
     return -torch.log(-torch.log(u))
 
 
+def packed_keys(block_table, kv_lens, page_size: int):
+    """Every key of a step's sequences, packed in sequence order: the
+    cumulative key counts, and each key's page and slot in the cache."""
+    cu_k = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    seq = np.repeat(np.arange(len(kv_lens)), kv_lens)
+    pos = np.arange(cu_k[-1]) - cu_k[:-1][seq]
+    return cu_k, block_table[seq, pos // page_size], pos % page_size
+
+
 class TorchEngine:
     def __init__(self, config: ModelConfig, *, impl: str, num_pages: int, page_size: int, device,
                  seed: int = 0, dtype=None, temperature: float = 0.0) -> None:
         import torch
 
-        if impl not in ("bi", "default", "control"):
-            raise ValueError(f"impl must be 'bi', 'default' or 'control', got {impl!r}")
+        if impl not in ("bi", "default", "varlen", "control"):
+            raise ValueError(f"impl must be 'bi', 'default', 'varlen' or 'control', got {impl!r}")
         self.config, self.impl, self.device = config, impl, torch.device(device)
+        if impl == "varlen" and self.device.type != "cuda":
+            raise ValueError("impl='varlen' runs torch's FlashAttention varlen kernel, which needs a CUDA device; "
+                             f"got {self.device}")
         self.dtype = dtype or torch.bfloat16
         self.page_size, self.temperature = page_size, float(temperature)
         self.w = {name: weights.torch_tensor(shape, seed, index, scale, self.dtype, self.device, offset)
@@ -106,6 +123,14 @@ class TorchEngine:
             return bi_torch.paged_attention(
                 q, self.k_cache[layer], self.v_cache[layer], batch["table"], batch["kv_lens"],
                 cu_seqlens_q=batch["cu"], max_seqlen_q=batch["max_q"], validate=False)
+        if self.impl == "varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            k = self.k_cache[layer][batch["page_k"], batch["slot_k"]]  # (keys of the step, Hkv, D)
+            v = self.v_cache[layer][batch["page_k"], batch["slot_k"]]
+            # Causal, aligned to the end of each sequence's keys (FlashAttention's bottom right).
+            return varlen_attn(q, k, v, batch["cu"], batch["cu_k"], batch["max_q"], batch["max_k"],
+                               window_size=(-1, 0))
         return self._gathered_sdpa(q, layer, batch)
 
     def _gathered_sdpa(self, q, layer, batch):
@@ -153,10 +178,15 @@ class TorchEngine:
         def dev(a, dtype=torch.int32):
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
 
-        groups = [] if self.impl == "bi" else [
+        packed = {}
+        if self.impl == "varlen":
+            cu_k, page_k, slot_k = packed_keys(step.block_table, kv_lens, self.page_size)
+            packed = {"cu_k": dev(cu_k), "page_k": dev(page_k, torch.long), "slot_k": dev(slot_k, torch.long),
+                      "max_k": int(kv_lens.max())}
+        groups = [] if self.impl in ("bi", "varlen") else [
             {"seqs": dev(g.seqs, torch.long), "queries": dev(g.queries, torch.long), "max_q": g.max_q,
              "max_k": g.max_k} for g in attention_groups(q_lens, kv_lens)]
-        return {"groups": groups, "tokens": dev(step.tokens, torch.long), "positions": dev(pos, torch.long),
+        return {**packed, "groups": groups, "tokens": dev(step.tokens, torch.long), "positions": dev(pos, torch.long),
                 "cu": dev(step.cu_seqlens), "table": dev(step.block_table), "kv_lens": dev(kv_lens),
                 "q_lens": dev(q_lens), "max_q": int(q_lens.max()), "page": dev(page, torch.long),
                 "slot": dev(pos % self.page_size, torch.long), "seq_of_token": dev(seq, torch.long),
