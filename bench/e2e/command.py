@@ -142,9 +142,13 @@ def resumable(path: Path, setup: Setup) -> dict:
         raise ValueError(f"--e2e-resume {path}: not a readable e2e.json ({error})") from None
     if not isinstance(data, dict) or "results" not in data or "setup" not in data:
         raise ValueError(f"--e2e-resume {path}: not an e2e.json (no setup and results)")
-    if data["setup"] != _setup_dict(setup):
-        raise ValueError(f"--e2e-resume {path}: run with another setup ({data['setup']}), not this run's "
-                         f"({_setup_dict(setup)}); pass the same --e2e-requests and --e2e-runs on the same device kind")
+    ours = _setup_dict(setup)
+    if data["setup"] != ours:
+        theirs = data["setup"] if isinstance(data["setup"], dict) else {}
+        differ = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
+                           if theirs.get(k) != ours.get(k))
+        raise ValueError(f"--e2e-resume {path}: run with another setup ({differ}); pass the same --e2e-requests and "
+                         "--e2e-runs on the same kind of device")
     return data
 
 
