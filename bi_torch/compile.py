@@ -327,8 +327,8 @@ def risky_ops(gm: torch.fx.GraphModule) -> list[str]:
 # each op alone over every bf16 and fp16 value and 2**22 fp32 values (specials
 # among them) gave ATen's bits (``python -m bench.probes.pointwise_bits``, with
 # ``fuse=True``). The fused runs of a Llama layer under this marking are checked
-# by a GPU test in ``tests/test_compile.py`` that has not yet run on a GPU
-# (bench/NOTES.md). Measured to differ, so left on ATen: sigmoid (fp16, fp32),
+# by a GPU test in ``tests/test_compile.py`` (passed on an H100; bench/NOTES.md).
+# Measured to differ, so left on ATen: sigmoid (fp16, fp32),
 # reciprocal (fp32), gelu (both forms). silu kept ATen's bits too, but
 # Inductor has no lowering of it (it decomposes it), so it stays on ATen here,
 # as do casts (``_to_copy``; ``_EXACT_DECOMPOSITIONS``); a ``convert_element_type``

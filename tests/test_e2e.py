@@ -266,6 +266,11 @@ def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
     assert both["cross_framework"] == [{"temperature": 0.0, "requests": 3, "same_tokens": 3}]
     with pytest.raises(ValueError, match="run with another setup"):
         command.resumable(path, replace(setup, requests=4))
+    for row in first["results"]:
+        del row["completion_digests"]
+    path.write_text(json.dumps(first))
+    with pytest.raises(ValueError, match="written before e2e.json kept the completions' digests"):
+        command.resumable(path, setup)
 
 
 def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, capsys):

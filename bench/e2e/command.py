@@ -142,6 +142,9 @@ def resumable(path: Path, setup: Setup) -> dict:
         raise ValueError(f"--e2e-resume {path}: not a readable e2e.json ({error})") from None
     if not isinstance(data, dict) or "results" not in data or "setup" not in data:
         raise ValueError(f"--e2e-resume {path}: not an e2e.json (no setup and results)")
+    if any("completion_digests" not in row for row in data["results"]):
+        raise ValueError(f"--e2e-resume {path}: written before e2e.json kept the completions' digests, which the "
+                         "cross-framework comparison needs; run those engines again")
     ours = _setup_dict(setup)
     if data["setup"] != ours:
         theirs = data["setup"] if isinstance(data["setup"], dict) else {}
