@@ -31,9 +31,9 @@ def run(q, k, v, cfg, bn, split, split_kv=None, **knobs):
     lk = k.shape[1]
     o = torch.empty_like(q)
     res = ops.launch(q, k, v, o, q_strides=ops._strides(q), k_strides=ops._strides(k), v_strides=ops._strides(v),
-               o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
-               max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
-               bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv, **knobs)
+                     o_strides=ops._strides(o), batch=b, hkv=HKV, group=H // HKV, q_len=lq, kv_len=lk, max_q_len=lq,
+                     max_kv_len=lk, scale_log2=contract.qk_scale(None, D), window=contract.window_sides(True, None),
+                     bottom_right=True, config=cfg, block_n=bn, split_keys=split, split_kv=split_kv, **knobs)
     return res if knobs.get("with_lse") else o
 
 
