@@ -135,7 +135,8 @@ def parser() -> argparse.ArgumentParser:
                         "are kept and not run again, so one run can be split over several processes (one framework "
                         "each) and still compare the frameworks' tokens")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="directory for results.json, results.csv and plots/ (default: bench-results)")
+                   help="directory for results.json, results.csv and plots/ (host_cost.json with --host-cost, "
+                        "backward.json with --backward, e2e.json with --e2e) (default: bench-results)")
     return p
 
 

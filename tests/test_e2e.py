@@ -269,6 +269,12 @@ def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
     path.write_text(json.dumps(first))
     with pytest.raises(ValueError, match="written before e2e.json kept the completions' digests"):
         command.resumable(path, setup)
+    for content, message in ((b'{"setup": {}, "results": 5}', "no setup and list of results"),
+                             (b'{"setup": {}, "results": [{}]}', "a result row without"),
+                             (b"\xff\xfe", "not a readable e2e.json")):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"--e2e-resume {path}: .*{message}"):
+            command.resumable(path, setup)
 
 
 def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, capsys):
@@ -282,10 +288,12 @@ def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, cap
         files[-1].write_text(json.dumps({"results": [{**row, "framework": framework}]}))
     assert command.main(["--out", str(tmp_path / "e2e.png"), *map(str, files)]) == 0
     assert (tmp_path / "e2e.png").stat().st_size > 0
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(SystemExit) as exit_:
-        command.main(["--out", str(tmp_path / "x.png"), str(tmp_path / "bad.json")])
-    assert exit_.value.code == 2 and "not an e2e.json" in capsys.readouterr().err
+    for name, content in (("empty.json", b"{}"), ("rowless.json", b'{"results": [{}]}'), ("binary.json", b"\xff\xfe")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit) as exit_:
+            command.main(["--out", str(tmp_path / "x.png"), str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"{name}: not an e2e.json" in err and "Traceback" not in err
 
 
 def test_packed_keys_are_each_sequences_keys_in_order():

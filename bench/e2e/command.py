@@ -133,15 +133,21 @@ def _digests(completions: dict) -> dict:
             for r, tokens in completions.items()}
 
 
+# What a result row must hold to be kept, compared and plotted.
+_ROW_KEYS = frozenset({"framework", "impl", "temperature", "runs", "tokens_per_s", "distinct_per_request"})
+
+
 def resumable(path: Path, setup: Setup) -> dict:
     """The results of an earlier ``e2e.json`` or ``e2e.partial.json`` to build
     on; it must have been run with the same setup."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
         raise ValueError(f"--e2e-resume {path}: not a readable e2e.json ({error})") from None
-    if not isinstance(data, dict) or "results" not in data or "setup" not in data:
-        raise ValueError(f"--e2e-resume {path}: not an e2e.json (no setup and results)")
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list) or "setup" not in data:
+        raise ValueError(f"--e2e-resume {path}: not an e2e.json (no setup and list of results)")
+    if not all(isinstance(row, dict) and _ROW_KEYS <= row.keys() for row in data["results"]):
+        raise ValueError(f"--e2e-resume {path}: not an e2e.json (a result row without {', '.join(sorted(_ROW_KEYS))})")
     if any("completion_digests" not in row for row in data["results"]):
         raise ValueError(f"--e2e-resume {path}: written before e2e.json kept the completions' digests, which the "
                          "cross-framework comparison needs; run those engines again")
@@ -169,14 +175,14 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None, p
     work = workload(setup.requests, setup.min_prompt, setup.max_prompt, setup.new_tokens, setup.model.vocab)
     results = list(previous["results"]) if previous else []
     done = {(r["framework"], r["temperature"], r["impl"]) for r in results}
+    for framework, temperature, impl in sorted(done) if console is not None else ():
+        console.print(f"e2e {framework} {impl} T={temperature}: kept from the resumed run")
     for framework in frameworks:
         for temperature in temperatures:
             for impl in impls:
                 if impl == "varlen" and framework != "torch":
                     continue  # torch's FlashAttention varlen default; JAX has no such kernel
                 if (framework, temperature, impl) in done:
-                    if console is not None:
-                        console.print(f"e2e {framework} {impl} T={temperature}: kept from the resumed run")
                     continue
                 engine = _engine(framework, impl, setup, temperature, device)
                 run_schedule(engine, work, setup.serving, schedule_seed=0)
@@ -281,7 +287,8 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
     for r in data["results"]:
         table.add_row(r["framework"], r["impl"], str(r["temperature"]),
                       f"{r['requests_with_one_completion']}/{r['requests']}", str(r["max_distinct"]),
-                      str(r["first_divergence_median"]), f"{r['tokens_per_s']:.0f}",
+                      "-" if r["first_divergence_median"] is None else str(r["first_divergence_median"]),
+                      f"{r['tokens_per_s']:.0f}",
                       f"{r['throughput_ratio']:.2f}x" if "throughput_ratio" in r else "-")
     console.print(table)
     for r in data["results"]:
@@ -310,16 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.e2e.command", description=main.__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.e2e.command",
+                                description="Re-plot committed e2e results, the rows of several files merged.")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("files", type=Path, nargs="+", help="e2e.json (or e2e.partial.json) files")
     args = p.parse_args(argv)
     rows = []
     for path in args.files:
         try:
-            rows += json.loads(path.read_text())["results"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-            p.error(f"{path}: not an e2e.json ({error!r})")
+            found = json.loads(path.read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as error:  # ValueError: not UTF-8 or not JSON
+            p.error(f"{path}: not an e2e.json ({type(error).__name__}: {error})")
+        if not isinstance(found, list) or not all(isinstance(r, dict) and _ROW_KEYS <= r.keys() for r in found):
+            p.error(f"{path}: not an e2e.json (a result row without {', '.join(sorted(_ROW_KEYS))})")
+        rows += found
     if len({r["runs"] for r in rows}) > 1:
         p.error("the files were run with different numbers of schedules; plot them apart")
     plot({"results": rows}, args.out)
