@@ -15,6 +15,13 @@
 #   bash bench/gpu_check.sh probes MODULE[:ARGS] ...
 #                                    # bench.probes.MODULE each (ARGS: its arguments, + for
 #                                    #   spaces), BI_PROBE_TIMEOUT seconds at most each (default 300)
+#   bash bench/gpu_check.sh e2e      # python -m bench --e2e, one process per framework (BI_E2E_FRAMEWORKS,
+#                                    #   default "torch jax"), each resuming the last one's e2e.json so the
+#                                    #   last holds every engine and the cross-framework tokens;
+#                                    #   BI_E2E_ARGS: its arguments (default 16 requests, 2 schedules, greedy);
+#                                    #   BI_E2E_TIMEOUT: seconds per framework (default 280); JAX's compilations
+#                                    #   cached in JAX_COMPILATION_CACHE_DIR (default /tmp/bi-e2e-xla) for the
+#                                    #   next call on the same machine
 #   bash bench/gpu_check.sh all      # tests, then bench
 #
 # Logs go to $OUT (default ./gpu-out); each part also packs its outputs into one
@@ -66,6 +73,24 @@ if [[ $what == spread ]]; then
   done
   find "$OUT/spread" -name '*.png' -delete
   tar czf "$OUT/spread.tgz" -C "$OUT" spread && rm -rf "$OUT/spread"
+fi
+if [[ $what == e2e ]]; then
+  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/bi-e2e-xla}
+  args=${BI_E2E_ARGS:---e2e-requests 16 --e2e-runs 2 --e2e-temperatures 0}
+  resume=()
+  for fw in ${BI_E2E_FRAMEWORKS:-torch jax}; do
+    echo "=== e2e $fw"
+    timeout -s INT -k 20 "${BI_E2E_TIMEOUT:-280}" python3 -m bench --e2e --frameworks "$fw" $args "${resume[@]}" \
+      --out "$OUT/e2e-$fw" > "$OUT/e2e-$fw.log" 2>&1 || status=1
+    tail -12 "$OUT/e2e-$fw.log"
+    if [[ -f $OUT/e2e-$fw/e2e.json ]]; then
+      resume=(--e2e-resume "$OUT/e2e-$fw/e2e.json")
+    elif [[ -f $OUT/e2e-$fw/e2e.partial.json ]]; then
+      resume=(--e2e-resume "$OUT/e2e-$fw/e2e.partial.json")
+    fi
+  done
+  find "$OUT" -path "$OUT/e2e-*" -name '*.png' -delete
+  tar czf "$OUT/e2e.tgz" -C "$OUT" $(cd "$OUT" && ls -d e2e-*)
 fi
 if [[ $what == probes ]]; then
   mkdir -p "$OUT/probes"
