@@ -433,9 +433,9 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
       ``sqrt``, ``sin``, ``cos``, ``tanh``, ``log``, squares, ``cat``,
       ``where``; bf16, fp16, fp32 on CUDA); every other op, casts and
       ``neg`` among them, runs its ATen kernel. Eager's bits in fewer
-      kernels: on an H100, each op over every bf16/fp16 value and the Llama
-      generation of the benchmark gave eager's bits; its speed in this form
-      is not measured yet.
+      kernels: on an H100, each op over every bf16/fp16 value (casts then
+      decomposed) and, with casts on ATen, the Llama generation of the
+      benchmark gave eager's bits; its speed in this form is not measured.
     * ``fuse=True``: Inductor decomposes and fuses them all (intermediates
       rounded as eager rounds them): still invariant in the batch, but some
       formulas (``sigmoid``, ``gelu``, ``reciprocal``, ...) round otherwise
