@@ -75,8 +75,19 @@ SPLIT_BELOW_ROWS = 128
 MAX_SPLIT_SEGMENTS = 64
 
 
-def split_segments(rows: int, n: int) -> bool:
+# A launch that is not recorded into a CUDA graph (torch's eager calls) costs
+# about 5 us of host time, more than the split saves in GPU time on rows of a
+# few segments (32000 columns at M = 1 on an H100: 3.6 us split against 6.2 us
+# one program per row, bench/NOTES.md "v4"): such rows, up to this many
+# segments, stay one launch there.
+ONE_LAUNCH_SEGMENTS = 4
+
+
+def split_segments(rows: int, n: int, eager: bool = False) -> bool:
     """Whether softmax/log_softmax of ``rows`` rows of ``n`` elements runs one
-    program per segment. Either way gives the same bits (see above)."""
+    program per segment; ``eager``: each launch costs host time (a torch call
+    outside CUDA-graph capture). Either way gives the same bits (see above)."""
     segments = row_config(n).num_chunks
+    if eager and segments <= ONE_LAUNCH_SEGMENTS:
+        return False
     return 1 < segments <= MAX_SPLIT_SEGMENTS and rows < SPLIT_BELOW_ROWS

@@ -64,6 +64,12 @@ class _Other(Exception):
     """An argument the key cannot describe: Triton's path."""
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is recording a CUDA graph (launches
+    then cost no host time when they run); False in the interpreter."""
+    return not interpreting() and torch._C._cuda_isCurrentStreamCapturing()
+
+
 def _device_stream() -> tuple[int, int]:
     """The current device and its current stream, as Triton's CUDA driver
     reads them."""

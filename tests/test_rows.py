@@ -281,6 +281,42 @@ def test_invariance_segments_split_or_not(framework, op, n, dtype):
     np.testing.assert_allclose(per_row.astype(np.float64), want, rtol=tol, atol=tol if op == "log_softmax" else 1e-8)
 
 
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_torch_eager_rows_of_a_few_segments_are_one_launch(op, monkeypatch):
+    """torch: each eager launch costs host time, so rows of at most
+    ``ONE_LAUNCH_SEGMENTS`` segments run one program per row at any batch,
+    longer rows split at small batches; while a CUDA graph records (on the
+    GPU) the same rows split. The same bits every way."""
+    import torch
+
+    import bi_torch
+    from bi_core.rows import ONE_LAUNCH_SEGMENTS, row_config, split_segments
+    from bi_torch.ops import rows
+
+    n = 20000
+    assert 1 < row_config(n).num_chunks <= ONE_LAUNCH_SEGMENTS
+    assert split_segments(3, n) and not split_segments(3, n, eager=True)
+    longer = (ONE_LAUNCH_SEGMENTS + 1) * row_config(n).block
+    assert split_segments(3, longer, eager=True)
+    splits = []  # each call's decision
+    monkeypatch.setattr(rows, "split_segments", lambda *a, **k: splits.append(split_segments(*a, **k)) or splits[-1])
+    x = adapter("torch").to_native(np.random.default_rng(3).standard_normal((3, n)).astype(np.float32))
+    fn = getattr(bi_torch, op)
+    eager = fn(x, -1)
+    assert splits == [False]
+    if PROFILE.native:
+        rows.launch(op, x, torch.empty_like(x), split=True)  # compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fn(x, -1)
+        graph.replay()
+        assert splits == [False, True], "a recorded call over segments splits"
+        assert torch.equal(captured.view(torch.int32), eager.view(torch.int32))
+        hits = rows._row_kernel.hits
+        fn(x, -1)
+        assert rows._row_kernel.hits == hits + 1, "an eager call after the capture is one launch again"
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("n", [37, 20000])
 def test_softmax_of_masked_logits(framework, n):

@@ -25,7 +25,7 @@ from bi_torch._checks import (
     interpreting,
 )
 from bi_torch import _plan
-from bi_torch._launch import fast, recording
+from bi_torch._launch import capturing, fast, recording
 from bi_torch.ops import grad as _grad
 from bi_torch.ops.rms_norm import _sum_tree, _tree_args
 
@@ -231,7 +231,8 @@ def launch(op: str, x2d: torch.Tensor, out: torch.Tensor, split: bool | None = N
     """Run ``op`` (one of ``bi_core.rows.MODES``) over the rows of ``x2d``
     (contiguous, aligned) into ``out``. ``split`` forces one program per
     segment (True) or per row (False) for softmax/log_softmax over long rows;
-    by default ``bi_core.rows.split_segments`` picks. Both give the same bits.
+    by default ``bi_core.rows.split_segments`` picks, for an eager launch
+    unless a CUDA graph is being recorded. Both give the same bits.
 
     The launcher under the row ops, and the one entry point for probes and
     tests that need a given strategy."""
@@ -243,7 +244,7 @@ def launch(op: str, x2d: torch.Tensor, out: torch.Tensor, split: bool | None = N
     tree = _tree_args(sum_tree(cfg.block, cfg.num_warps, x2d.element_size(), n))
     ptx = not interpreting()
     if split is None:
-        split = op in ("softmax", "log_softmax") and split_segments(m, n)
+        split = op in ("softmax", "log_softmax") and split_segments(m, n, eager=not capturing())
     if split:
         if op not in ("softmax", "log_softmax") or cfg.num_chunks == 1:
             raise ValueError(f"{op}: only softmax and log_softmax over rows of more than {cfg.block} elements run in segments")
@@ -393,7 +394,10 @@ def _plan_key(op, x, dim, dtype, keepdim=None):
         dim = tuple(dim)
     elif dim is not None and type(dim) is not int:
         return None  # numpy integers, 0-d tensors: the full path reads them
-    return op, _plan.signature(x), dim, dtype, keepdim, _plan.current_device()
+    # softmax's launches depend on whether a CUDA graph records them
+    # (bi_core.rows.split_segments); the reductions' do not.
+    graph = capturing() if keepdim is None else None
+    return op, _plan.signature(x), dim, dtype, keepdim, _plan.current_device(), graph
 
 
 def planned(op, x, dim, dtype=None, keepdim=None):
