@@ -16,6 +16,9 @@ form, each piece a constexpr:
   ones (bits that follow the register layout);
 * ``plain``: the exponentials, products and sums as Triton ops instead of the
   contract's PTX (bits that follow the compiler);
+* ``block_fold``: every block its own split (its partial from its own
+  maximum, folded in block order): one fp32 accumulator and the same
+  split-KV property as the contract, with 128-key splits (other bits);
 * ``per_head``: a tile of 128 queries of one head instead of 32 queries of
   the 4 heads of a GQA group.
 
@@ -48,7 +51,7 @@ BLOCK_M, BLOCK_N, WARPS, STAGES = 128, 128, 8, 2
 @triton.jit
 def _variant_block(q, K, V, m, l, acc, blk, b, hkv, qi, seq, qk_scale, d, cols, ones,
                    HKV: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   ACC_IN_DOT: tl.constexpr, SUM: tl.constexpr, PTX: tl.constexpr):
+                   ACC_IN_DOT: tl.constexpr, SUM: tl.constexpr, PTX: tl.constexpr, BLOCK_FOLD: tl.constexpr):
     kpos = blk * BLOCK_N + cols
     off = ((b.to(tl.int64) * seq + kpos) * HKV + hkv) * D
     k = tl.load(K + off[:, None] + d[None, :])
@@ -56,6 +59,12 @@ def _variant_block(q, K, V, m, l, acc, blk, b, hkv, qi, seq, qk_scale, d, cols, 
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
     if MASKED:
         qk = tl.where(kpos[None, :] <= qi[:, None], qk, float("-inf"))
+    if BLOCK_FOLD:
+        # Each block its own split: its partial from its own maximum, folded in.
+        m_b = _mul(tl.max(qk, 1), qk_scale, PTX)
+        p = _exp2_fma(qk, qk_scale, -tl.where(m_b == float("-inf"), 0.0, m_b)[:, None], PTX).to(v.dtype)
+        l_b = tl.max(tl.dot(p, ones, out_dtype=tl.float32), 1)
+        return _fold(m, l, acc, m_b, l_b, tl.dot(p, v, out_dtype=tl.float32), PTX)
     new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
     base = tl.where(new_m == float("-inf"), 0.0, new_m)
     p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
@@ -77,7 +86,7 @@ def _variant_block(q, K, V, m, l, acc, blk, b, hkv, qi, seq, qk_scale, d, cols, 
 def _variant_kernel(Q, K, V, O, seq, qk_scale,
                     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BPS: tl.constexpr, PER_HEAD: tl.constexpr, ACC_IN_DOT: tl.constexpr,
-                    ONE_ACC: tl.constexpr, SUM: tl.constexpr, PTX: tl.constexpr):
+                    ONE_ACC: tl.constexpr, SUM: tl.constexpr, PTX: tl.constexpr, BLOCK_FOLD: tl.constexpr):
     G: tl.constexpr = H // HKV
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest tiles first
     r = tl.arange(0, BLOCK_M)
@@ -112,7 +121,7 @@ def _variant_kernel(Q, K, V, O, seq, qk_scale,
             stop = last + 1
         for blk in range(start, stop):
             m, l, acc = _variant_block(q, K, V, m, l, acc, blk, b, hkv, qi, seq, qk_scale, d, cols, ones,
-                                       HKV, D, BLOCK_N, part == 1, ACC_IN_DOT, SUM, PTX)
+                                       HKV, D, BLOCK_N, part == 1, ACC_IN_DOT, SUM, PTX, BLOCK_FOLD)
             if not ONE_ACC:
                 if ((blk + 1) % BPS == 0) | (blk == last):
                     big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
@@ -126,20 +135,21 @@ def _variant_kernel(Q, K, V, O, seq, qk_scale,
     tl.store(O + ((b.to(tl.int64) * seq + qi) * H + h)[:, None] * D + d[None, :], out.to(O.dtype.element_ty))
 
 
-# name: (per_head, acc_in_dot, one_acc, sum, plain)
+# name: (per_head, acc_in_dot, one_acc, sum, plain, block_fold)
 VARIANTS = {
-    "contract": (False, False, False, False, False),
-    "acc_in_dot": (False, True, False, False, False),
-    "one_acc": (False, False, True, False, False),
-    "acc_in_dot+one_acc": (False, True, True, False, False),
-    "acc_in_dot+one_acc+sum": (False, True, True, True, False),
-    "acc_in_dot+one_acc+sum+plain": (False, True, True, True, True),
-    "acc_in_dot+one_acc+sum+plain+per_head": (True, True, True, True, True),
+    "contract": (False, False, False, False, False, False),
+    "block_fold": (False, False, True, False, False, True),
+    "acc_in_dot": (False, True, False, False, False, False),
+    "one_acc": (False, False, True, False, False, False),
+    "acc_in_dot+one_acc": (False, True, True, False, False, False),
+    "acc_in_dot+one_acc+sum": (False, True, True, True, False, False),
+    "acc_in_dot+one_acc+sum+plain": (False, True, True, True, True, False),
+    "acc_in_dot+one_acc+sum+plain+per_head": (True, True, True, True, True, False),
 }
 
 
 def variant(name, q, k, v):
-    per_head, acc_in_dot, one_acc, row_sum, plain = VARIANTS[name]
+    per_head, acc_in_dot, one_acc, row_sum, plain, block_fold = VARIANTS[name]
     b, seq = q.shape[:2]
     if seq % BLOCK_M:
         raise ValueError(f"sequence length {seq} is not a multiple of {BLOCK_M}")
@@ -147,7 +157,7 @@ def variant(name, q, k, v):
     grid = (seq // BLOCK_M, b * H) if per_head else (seq * H // HKV // BLOCK_M, b * HKV)
     _variant_kernel[grid](q, k, v, o, seq, contract.qk_scale(None, D), H=H, HKV=HKV, D=D, BLOCK_M=BLOCK_M,
                           BLOCK_N=BLOCK_N, BPS=contract.SPLIT // BLOCK_N, PER_HEAD=per_head, ACC_IN_DOT=acc_in_dot,
-                          ONE_ACC=one_acc, SUM=row_sum, PTX=not (plain or interpreting()), num_warps=WARPS, num_stages=STAGES)
+                          ONE_ACC=one_acc, SUM=row_sum, PTX=not (plain or interpreting()), BLOCK_FOLD=block_fold, num_warps=WARPS, num_stages=STAGES)
     return o
 
 
