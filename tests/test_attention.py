@@ -422,3 +422,26 @@ def test_drop_in_signatures(framework):
             bi.dot_product_attention(q, k, v, return_residual=True)
     got = np.asarray(props.Runner(framework)._out(out))
     assert got.view(np.uint16).tolist() == ref.view(np.uint16).tolist()
+
+
+def test_the_variants_probes_contract_form_is_the_library_kernel():
+    """``bench.probes.attention_variants`` times forms of the forward against
+    its contract form, which must stay ``bi_torch.attention``'s arithmetic (its
+    bits: 640 keys cross a split), or its comparison says nothing."""
+    if "torch" not in installed():
+        pytest.skip("torch is not installed")
+    import torch
+
+    import bi_torch
+    from bench.probes import attention_variants as probe
+
+    device = "cuda" if GPU else "cpu"
+    gen = torch.Generator(device=device).manual_seed(5)
+    q = torch.randn(1, 640, probe.H, probe.D, device=device, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(1, 640, probe.HKV, probe.D, device=device, generator=gen).to(torch.bfloat16)
+            for _ in range(2))
+    want = bi_torch.attention(q, k, v, causal=True)
+    got = probe.variant("contract", q, k, v)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    other = probe.variant("acc_in_dot", q, k, v)  # other bits: the comparison can tell
+    assert not torch.equal(other.view(torch.int16), want.view(torch.int16))
