@@ -21,7 +21,8 @@
 #                                    #   BI_E2E_ARGS: its arguments (default 16 requests, 2 schedules, greedy);
 #                                    #   BI_E2E_TIMEOUT: seconds per framework (default 280); JAX's compilations
 #                                    #   cached in JAX_COMPILATION_CACHE_DIR (default /tmp/bi-e2e-xla) for the
-#                                    #   next call on the same machine
+#                                    #   next call on the same machine; BI_E2E_RESUME: an e2e.json (or
+#                                    #   e2e.partial.json) of an earlier call for the first framework to resume
 #   bash bench/gpu_check.sh all      # tests, then bench
 #
 # Logs go to $OUT (default ./gpu-out); each part also packs its outputs into one
@@ -78,6 +79,7 @@ if [[ $what == e2e ]]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/bi-e2e-xla}
   args=${BI_E2E_ARGS:---e2e-requests 16 --e2e-runs 2 --e2e-temperatures 0}
   resume=()
+  [[ -n ${BI_E2E_RESUME:-} ]] && resume=(--e2e-resume "$BI_E2E_RESUME")
   for fw in ${BI_E2E_FRAMEWORKS:-torch jax}; do
     echo "=== e2e $fw"
     timeout -s INT -k 20 "${BI_E2E_TIMEOUT:-280}" python3 -m bench --e2e --frameworks "$fw" $args "${resume[@]}" \
