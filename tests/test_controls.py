@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
 from cases import control_cases
 from harness import properties, registry
@@ -15,11 +16,24 @@ from harness.strategies import problems
 from tests_profile import PROFILE
 
 
+# A control's split count is ``1 + batch % 4``: batches of up to 5 rows reach
+# every count, so each drawn problem leaves room for 5 rows.
+_CONTROL_ROWS = 5
+
+
 def _control_problems(spec):
     # Synthetic split-by-batch reductions: rows long enough for a split to
     # matter, within the op's own feature cap (a 32000 x 32000 fp32 weight
-    # ran a GPU test worker out of memory).
-    return problems(PROFILE, min_features=16, spec=spec)
+    # ran a GPU test worker out of memory), and short enough that the batch
+    # can change the split count (at a size that fits one row only, every
+    # draw compared one row with itself and a control could pass 30 draws).
+    per_row = spec.row_elements or (lambda n: n)
+    cap = min(spec.max_features or PROFILE.max_features, PROFILE.max_features)
+    fits = [n for n in range(16, cap + 1) if per_row(n) * _CONTROL_ROWS <= PROFILE.max_elements]
+    assert fits, f"{spec.name}: no feature size >= 16 leaves room for {_CONTROL_ROWS} rows in this profile"
+    sizes = st.one_of(st.sampled_from([n for n in PROFILE.feature_sizes if n in fits] or fits),
+                      st.integers(fits[0], fits[-1]))
+    return problems(PROFILE, features=sizes, spec=spec, min_full=_CONTROL_ROWS)
 
 
 @pytest.mark.parametrize("op,framework,name", control_cases())
