@@ -7,8 +7,9 @@ Hopper GPU on any machine (no GPU needed: Triton compiles for the target and
 bf16, head dim 128, 8 KV heads of 4 queries, dense keys, causal (bottom
 right), for each tile config of ``bi_core.attention.tile_configs`` and the
 loop forms that give the same bits (``WHOLE``: the blocks that every row
-sees whole in a loop of their own; ``HAS_LSE``: the statistics kept for the
-backward). One JSON line per point: registers per thread, stack frame and
+sees whole in a loop of their own; ``DENSE_CAUSAL``: the dense causal
+specialisation, full tiles and blocks; ``HAS_LSE``: the statistics kept for
+the backward). One JSON line per point: registers per thread, stack frame and
 spill bytes. A spill is a trip to local memory (L1/L2) inside the key loop.
 """
 
@@ -35,13 +36,14 @@ _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "WS_ACC": "
 _FLOATS = {"qk_scale", "bias_scale"}
 
 
-def resources(arch: int, cfg, whole: bool, lse: bool) -> dict:
+def resources(arch: int, cfg, whole: bool, lse: bool, dense_causal: bool = False) -> dict:
     fn = ops._attn_kernel.kernel  # the jitted function under the cached launcher
     d = 128
     consts = dict(HKV=8, G=4, D=d, BLOCK_M=cfg.block_m, BLOCK_N=contract.block_n(d),
                   BPS=contract.SPLIT // contract.block_n(d), VARLEN_Q=False, VARLEN_K=False, HAS_KV_LEN=False,
                   PAGED=False, BOTTOM_RIGHT=True, SPREAD=False, IEEE=False, PTX=True, HAS_MASK=False,
-                  HAS_BIAS=False, WHOLE=whole, REVERSE=False, K_STARTS=False, HAS_LSE=lse)
+                  HAS_BIAS=False, WHOLE=whole, REVERSE=False, K_STARTS=False, HAS_LSE=lse,
+                  DENSE_CAUSAL=dense_causal, EVEN=dense_causal)
     signature = {name: "constexpr" if name in consts else _POINTERS.get(name, "fp32" if name in _FLOATS else "i32")
                  for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
@@ -75,10 +77,11 @@ def main() -> None:
     configs = contract.tile_configs(128) if args.configs is None else [
         contract.TileConfig(*map(int, c.split(","))) for c in args.configs.split("/")]
     for cfg in configs:
-        for whole in (True, False):
+        for whole, dense_causal in ((True, False), (False, False), (True, True)):
             for lse in (False, True) if args.lse else (False,):
                 emit({"kernel": "attention forward", "config": [cfg.block_m, cfg.num_warps, cfg.num_stages],
-                      "whole": whole, "lse": lse, **resources(args.arch, cfg, whole, lse)})
+                      "whole": whole, "dense_causal": dense_causal, "lse": lse,
+                      **resources(args.arch, cfg, whole, lse, dense_causal)})
 
 
 if __name__ == "__main__":

@@ -238,12 +238,28 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
         new_m = tl.maximum(m, tl.max(t, 1))
         base = tl.where(new_m == float("-inf"), 0.0, new_m)
         p = _exp2_diff(t, _bcast(base[:, None], t), PTX).to(v.dtype)
+        m, l, acc = _products(p, v, m, l, acc, new_m, base, BLOCK_N, IEEE, PTX)
     else:
         if BOUNDED or HAS_MASK:
             qk = tl.where(seen, qk, float("-inf"))
-        new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
-        base = tl.where(new_m == float("-inf"), 0.0, new_m)
-        p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
+        m, l, acc = _scores_step(qk, v, m, l, acc, qk_scale, BLOCK_N, IEEE, PTX)
+    return m, l, acc
+
+
+@triton.jit
+def _scores_step(qk, v, m, l, acc, qk_scale, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PTX: tl.constexpr):
+    """A block's raw scores (hidden ones at -inf) folded into the split's
+    running (m, l, acc): the exponent ``fma(qk, c, -m)``."""
+    new_m = tl.maximum(m, _mul(tl.max(qk, 1), qk_scale, PTX))
+    base = tl.where(new_m == float("-inf"), 0.0, new_m)
+    p = _exp2_fma(qk, qk_scale, -base[:, None], PTX).to(v.dtype)
+    return _products(p, v, m, l, acc, new_m, base, BLOCK_N, IEEE, PTX)
+
+
+@triton.jit
+def _products(p, v, m, l, acc, new_m, base, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PTX: tl.constexpr):
+    """The block's probabilities ``p`` (rounded to the value dtype, against
+    the new maximum ``base``) into the running sum and accumulator."""
     alpha = _exp2_diff(m, base, PTX)
     # The row sum is a product too (p against a column of ones, every column
     # of it equal, so the max picks it exactly): a tl.sum's order follows the
@@ -272,6 +288,89 @@ def _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, vali
     tl.store(WS_ACC + (base_row + row)[:, None] * D + d[None, :], acc, mask=valid[:, None])
 
 
+@triton.jit
+def _causal_tile(Q, K, V, O, WS_M, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, seq, qk_scale,
+                 ws_rows, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BPS: tl.constexpr, IEEE: tl.constexpr, PTX: tl.constexpr,
+                 REVERSE: tl.constexpr, HAS_LSE: tl.constexpr, EVEN: tl.constexpr):
+    """A dense causal prefill tile, ``seq`` queries over as many keys, one
+    program for all its splits: the general tile's arithmetic, block by block
+    and fold by fold (the same bits), without what a dense causal tile does
+    not need (per-row key ranges, sequence offsets, a mask on the keys of the
+    blocks every row sees whole). Each row sees keys ``0..qi``: the blocks
+    before the tile's first query's are whole, the rest take the causal
+    select. ``EVEN``: every row of every tile is a query and every key block
+    is full (``seq`` a multiple of the tile's queries and of ``BLOCK_N``), so
+    no load or store is masked."""
+    if REVERSE:
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        tile = tl.program_id(0)
+    sh = tl.program_id(1)
+    s = sh // HKV
+    hkv = sh % HKV
+    r = tl.arange(0, BLOCK_M)
+    first = tile * (BLOCK_M // G)
+    qi = first + r // G
+    h = hkv * G + r % G
+    d = tl.arange(0, D)
+    cols = tl.arange(0, BLOCK_N)
+    q_ptrs = Q + (s.to(tl.int64) * sqb + qi.to(tl.int64) * sqt + h.to(tl.int64) * sqh)[:, None] + d[None, :]
+    if EVEN:
+        valid = r >= 0
+        q = tl.load(q_ptrs)
+    else:
+        valid = qi < seq
+        q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
+    K_s = K + (s.to(tl.int64) * skb + hkv * skh)
+    V_s = V + (s.to(tl.int64) * svb + hkv * svh)
+    free = (first + 1) // BLOCK_N  # blocks [0, free): every row sees them whole
+    last = tl.minimum(first + BLOCK_M // G - 1, seq - 1) // BLOCK_N
+    big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    big_l = tl.zeros([BLOCK_M], tl.float32)
+    big_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for part in tl.static_range(2):
+        if part == 0:
+            start = 0
+            stop = free
+        else:
+            start = free
+            stop = last + 1
+        for blk in range(start, stop):
+            kpos = blk * BLOCK_N + cols
+            k_ptrs = K_s + kpos.to(tl.int64)[:, None] * skt + d[None, :]
+            v_ptrs = V_s + kpos.to(tl.int64)[:, None] * svt + d[None, :]
+            if EVEN or part == 0:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=(kpos < seq)[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=(kpos < seq)[:, None], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                qk = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+            if part == 1:
+                qk = tl.where(kpos[None, :] <= qi[:, None], qk, float("-inf"))
+            m, l, acc = _scores_step(qk, v, m, l, acc, qk_scale, BLOCK_N, IEEE, PTX)
+            if ((blk + 1) % BPS == 0) | (blk == last):
+                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, D], tl.float32)
+    out = _finish(big_l, big_acc, PTX).to(O.dtype.element_ty)
+    o_ptrs = O + (s.to(tl.int64) * sob + qi.to(tl.int64) * sot + h.to(tl.int64) * soh)[:, None] + d[None, :]
+    if EVEN:
+        tl.store(o_ptrs, out)
+    else:
+        tl.store(o_ptrs, out, mask=valid[:, None])
+    if HAS_LSE:
+        _store_lse(WS_M, sh, ws_rows, tile, big_m, big_l, valid, BLOCK_M)
+
+
 @fast
 @triton.jit
 def _attn_kernel(
@@ -284,90 +383,94 @@ def _attn_kernel(
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPREAD: tl.constexpr, IEEE: tl.constexpr,
     PTX: tl.constexpr, HAS_MASK: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
     WHOLE: tl.constexpr = False, REVERSE: tl.constexpr = False, K_STARTS: tl.constexpr = False,
-    HAS_LSE: tl.constexpr = False,
+    HAS_LSE: tl.constexpr = False, DENSE_CAUSAL: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
-    # REVERSE: the last (for causal masks the longest) tiles first; schedule only.
-    if REVERSE:
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    if DENSE_CAUSAL:
+        _causal_tile(Q, K, V, O, WS_M, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, q_len_fixed,
+                     qk_scale, ws_rows, HKV, G, D, BLOCK_M, BLOCK_N, BPS, IEEE, PTX, REVERSE, HAS_LSE, EVEN)
     else:
-        tile = tl.program_id(0)
-    sh = tl.program_id(1)
-    s = sh // HKV
-    hkv = sh % HKV
-    q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN,
-                                      K_STARTS)
-    if tile * BLOCK_M >= q_len * G:
-        return
-    qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
-    k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
-    k_hi = tl.max(tl.where(valid, hi, -1), 0)
-    blk_lo = k_lo // BLOCK_N
-    blk_hi = k_hi // BLOCK_N
-    if SPREAD:
-        split = tl.program_id(2)
-        blk_lo = tl.maximum(blk_lo, split * BPS)
-        blk_hi = tl.minimum(blk_hi, split * BPS + BPS - 1)
-        if (blk_lo > blk_hi) | (k_lo > k_hi):
-            return
-    d = tl.arange(0, D)
-    h = hkv * G + g
-    q_off = s.to(tl.int64) * sqb + (q0 + qi).to(tl.int64) * sqt + h.to(tl.int64) * sqh
-    q = tl.load(Q + q_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    # Element offsets of the rows' (batch, head, query) in the mask and bias.
-    mask_rows = s.to(tl.int64) * smb + h.to(tl.int64) * smh + qi.to(tl.int64) * smq
-    bias_rows = s.to(tl.int64) * sbb + h.to(tl.int64) * sbh + qi.to(tl.int64) * sbq
-    if K_STARTS:
-        # Their key axis is the buffer's: a sequence's keys start at k0 there.
-        mask_rows += k0.to(tl.int64) * smk
-        bias_rows += k0.to(tl.int64) * sbk
-
-    big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    big_l = tl.zeros([BLOCK_M], tl.float32)
-    big_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    if WHOLE:
-        # Blocks that every valid row sees whole, [w_lo, w_hi], run without the
-        # bounds' selects (the same bits); the blocks before and after them with.
-        w_lo = tl.maximum((tl.max(tl.where(valid, lo, 0), 0) + BLOCK_N - 1) // BLOCK_N, blk_lo)
-        w_hi = tl.minimum((tl.min(tl.where(valid, hi, 1 << 30), 0) + 1) // BLOCK_N - 1, blk_hi)
-        none = w_lo > w_hi
-        w_lo = tl.where(none, blk_hi + 1, w_lo)
-        w_hi = tl.where(none, blk_hi, w_hi)
-    else:
-        w_lo = blk_hi + 1
-        w_hi = blk_hi
-    for part in tl.static_range(3):
-        if part == 0:
-            start = blk_lo
-            stop = w_lo
-        elif part == 1:
-            start = w_lo
-            stop = w_hi + 1
+        # REVERSE: the last (for causal masks the longest) tiles first; schedule only.
+        if REVERSE:
+            tile = tl.num_programs(0) - 1 - tl.program_id(0)
         else:
-            start = w_hi + 1
-            stop = blk_hi + 1
-        for blk in range(start, stop):
-            m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
-                               skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
-                               bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS, part != 1)
-            if not SPREAD:
-                # The end of a split (or of the tile's range): fold it in, start the next.
-                if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                    big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                    l = tl.zeros([BLOCK_M], tl.float32)
-                    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if SPREAD:
-        _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, valid, d, BLOCK_M, D)
-    else:
-        out = _finish(big_l, big_acc, PTX)
-        o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
-        tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
-        if HAS_LSE:
-            _store_lse(WS_M, sh, ws_rows, tile, big_m, big_l, valid, BLOCK_M)
+            tile = tl.program_id(0)
+        sh = tl.program_id(1)
+        s = sh // HKV
+        hkv = sh % HKV
+        q0, q_len, k0, kv_len = _seq_info(s, CU_Q, CU_K, KV_LEN, q_len_fixed, kv_len_fixed, VARLEN_Q, VARLEN_K, HAS_KV_LEN,
+                                          K_STARTS)
+        if tile * BLOCK_M >= q_len * G:
+            return
+        qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
+        k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
+        k_hi = tl.max(tl.where(valid, hi, -1), 0)
+        blk_lo = k_lo // BLOCK_N
+        blk_hi = k_hi // BLOCK_N
+        if SPREAD:
+            split = tl.program_id(2)
+            blk_lo = tl.maximum(blk_lo, split * BPS)
+            blk_hi = tl.minimum(blk_hi, split * BPS + BPS - 1)
+            if (blk_lo > blk_hi) | (k_lo > k_hi):
+                return
+        d = tl.arange(0, D)
+        h = hkv * G + g
+        q_off = s.to(tl.int64) * sqb + (q0 + qi).to(tl.int64) * sqt + h.to(tl.int64) * sqh
+        q = tl.load(Q + q_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        # Element offsets of the rows' (batch, head, query) in the mask and bias.
+        mask_rows = s.to(tl.int64) * smb + h.to(tl.int64) * smh + qi.to(tl.int64) * smq
+        bias_rows = s.to(tl.int64) * sbb + h.to(tl.int64) * sbh + qi.to(tl.int64) * sbq
+        if K_STARTS:
+            # Their key axis is the buffer's: a sequence's keys start at k0 there.
+            mask_rows += k0.to(tl.int64) * smk
+            bias_rows += k0.to(tl.int64) * sbk
+
+        big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        big_l = tl.zeros([BLOCK_M], tl.float32)
+        big_acc = tl.zeros([BLOCK_M, D], tl.float32)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        if WHOLE:
+            # Blocks that every valid row sees whole, [w_lo, w_hi], run without the
+            # bounds' selects (the same bits); the blocks before and after them with.
+            w_lo = tl.maximum((tl.max(tl.where(valid, lo, 0), 0) + BLOCK_N - 1) // BLOCK_N, blk_lo)
+            w_hi = tl.minimum((tl.min(tl.where(valid, hi, 1 << 30), 0) + 1) // BLOCK_N - 1, blk_hi)
+            none = w_lo > w_hi
+            w_lo = tl.where(none, blk_hi + 1, w_lo)
+            w_hi = tl.where(none, blk_hi, w_hi)
+        else:
+            w_lo = blk_hi + 1
+            w_hi = blk_hi
+        for part in tl.static_range(3):
+            if part == 0:
+                start = blk_lo
+                stop = w_lo
+            elif part == 1:
+                start = w_lo
+                stop = w_hi + 1
+            else:
+                start = w_hi + 1
+                stop = blk_hi + 1
+            for blk in range(start, stop):
+                m, l, acc = _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, page_size,
+                                   skb, skt, skh, svb, svt, svh, qk_scale, d, cols, valid, MASK, mask_rows, smk, BIAS,
+                                   bias_rows, sbk, bias_scale, BLOCK_N, PAGED, IEEE, PTX, HAS_MASK, HAS_BIAS, part != 1)
+                if not SPREAD:
+                    # The end of a split (or of the tile's range): fold it in, start the next.
+                    if ((blk + 1) % BPS == 0) | (blk == blk_hi):
+                        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+                        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                        l = tl.zeros([BLOCK_M], tl.float32)
+                        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if SPREAD:
+            _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, valid, d, BLOCK_M, D)
+        else:
+            out = _finish(big_l, big_acc, PTX)
+            o_off = s.to(tl.int64) * sob + (q0 + qi).to(tl.int64) * sot + h.to(tl.int64) * soh
+            tl.store(O + o_off[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=valid[:, None])
+            if HAS_LSE:
+                _store_lse(WS_M, sh, ws_rows, tile, big_m, big_l, valid, BLOCK_M)
 
 
 @fast
@@ -433,7 +536,7 @@ def launch(
     q_len, kv_len, cu_q=None, cu_k=None, kv_lens=None, block_table=None, page_size=1,
     max_q_len, max_kv_len, scale_log2, window, bottom_right, split_kv=None, config=None,
     block_n=None, split_keys=None, merge_stages=4, mask=None, bias=None, whole=None,
-    reverse=None, kv_starts=None, with_lse=False,
+    reverse=None, kv_starts=None, with_lse=False, dense_causal=None,
 ):
     """The kernels over every (tile, sequence x KV head[, split]); the one
     entry point under the public functions, and for tests and probes that
@@ -455,7 +558,11 @@ def launch(
     ``with_lse``: return ``(out, lse)`` with each row's log2-sum-exp2 of its
     scaled scores, fp32 ``(batch * hkv, rows)`` in the tiles' row order
     (query-major, the group's heads inside), the same bits from either
-    strategy (``dense_lse`` reorders it to query heads)."""
+    strategy (``dense_lse`` reorders it to query heads).
+    ``dense_causal``: run a dense causal grid (as many queries as keys, no
+    window on the left within the sequence, no mask, bias, lengths or pages,
+    one program per tile) through the kernel's causal specialisation (True,
+    default where it applies) or its general path (False); the same bits."""
     if kv_starts is not None and (cu_k is not None or kv_lens is not None or block_table is not None):
         raise ValueError("attention launch: kv_starts is for dense keys without kv_lens")
     d = q.shape[-1]
@@ -475,6 +582,15 @@ def launch(
     left, right = window
     if reverse is None:
         reverse = right == 0 and not spread and programs <= contract.REVERSE_UP_TO_PROGRAMS
+    plain = (cu_q is None and cu_k is None and kv_lens is None and block_table is None and mask is None
+             and bias is None and kv_starts is None)
+    causal_fits = (plain and not spread and q_len == kv_len and right == 0 and left >= kv_len
+                   and cfg.block_m % group == 0)
+    if dense_causal is None:
+        dense_causal = causal_fits and whole
+    elif dense_causal and not causal_fits:
+        raise ValueError("attention launch: dense_causal needs dense causal keys, as many as queries, "
+                         "one program per tile and a tile of whole GQA groups")
     dev = q.device
     ws_rows = tiles * cfg.block_m
     if spread:
@@ -505,6 +621,8 @@ def launch(
         q_len, kv_len, scale_log2, left, right, page_size, ws_rows, contract.LOG2E_F32,
         PAGED=block_table is not None, SPREAD=spread, IEEE=q.dtype == torch.float32,
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None, WHOLE=bool(whole), REVERSE=bool(reverse),
+        DENSE_CAUSAL=bool(dense_causal),
+        EVEN=bool(dense_causal) and q_len % (cfg.block_m // group) == 0 and q_len % block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     if spread:
