@@ -72,46 +72,61 @@ def test_invariance_tile_configs(framework, dtype, n, batch, heads, window, seed
                              f"attention[{framework}, {dtype}]", window=window)
 
 
-@pytest.mark.skipif("torch" not in FRAMEWORKS_HERE, reason="bi_torch is not installed")
+def _dense_causal_launch(framework, q, k, v, heads, cfg, dense_causal):
+    """(output, statistics of the valid rows) of a framework's attention
+    launcher over dense causal sequences, its specialisation on or off."""
+    from bi_core import attention as contract
+
+    b, n = q.shape[:2]
+    group = heads.hq // heads.hkv
+    args = dict(batch=b, hkv=heads.hkv, group=group, q_len=n, kv_len=n, max_q_len=n, max_kv_len=n,
+                window=contract.window_sides(True, None), bottom_right=True, split_kv=False, config=cfg,
+                dense_causal=dense_causal, with_lse=True)
+    if framework == "torch":
+        import torch
+
+        from bi_torch.ops import attention as ops
+
+        out = torch.empty_like(q)
+        got = ops.launch(q, k, v, out, q_strides=ops._strides(q), k_strides=ops._strides(k),
+                         v_strides=ops._strides(v), o_strides=ops._strides(out),
+                         scale_log2=contract.qk_scale(None, heads.d), **args)
+    else:
+        from bi_jax.ops import attention as ops
+
+        qs, ks = ops._row_major_strides(q.shape), ops._row_major_strides(k.shape)
+        got = ops.launch(q, k, v, q_strides=qs[:3], k_strides=ks[:3], v_strides=ks[:3],
+                         qk_scale=contract.qk_scale(None, heads.d), **args)
+    runner = _runner(framework)
+    return runner._out(got[0]), runner._out(got[1][:, :n * group])
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS_HERE)
 @pytest.mark.parametrize("dtype", DTYPES)
 @EXAMPLES
 @given(n=st.integers(1, 2 * MAX_LEN if GPU else 300), batch=st.integers(1, 3), heads=HEADS,
        rows=st.sampled_from([64, 128]), seed=st.integers(0, 2**32 - 1))
 @example(n=256, batch=2, heads=props.Heads(4, 2, 64), rows=128, seed=1)  # full tiles and blocks: nothing masked
-def test_invariance_dense_causal_form_is_the_general_form(dtype, n, batch, heads, rows, seed):
-    """bi_torch's dense causal specialisation (one program per tile, no
-    per-row ranges or masks on the whole blocks; full or partial last tiles)
-    gives the general kernel's bits, outputs and the backward's statistics,
-    in the prefill tiles that take it; tiles of partial GQA groups are
-    refused it."""
-    import torch
-
+def test_invariance_dense_causal_form_is_the_general_form(framework, dtype, n, batch, heads, rows, seed):
+    """The dense causal specialisation (one program per tile, no per-row
+    ranges or masks on the whole blocks; full or partial last tiles) gives
+    the general kernel's bits, outputs and the backward's statistics, in the
+    prefill tiles that take it; tiles of partial GQA groups are refused it."""
     from bi_core import attention as contract
-    from bi_torch.ops import attention as ops
     from harness.properties import BatchVarianceError
 
-    runner = _runner("torch")
+    runner = _runner(framework)
     rng = np.random.default_rng(seed)
     q, k, v = (runner._in(np.stack(x)) for x in
                zip(*(props.random_sequence(rng, n, heads, dtype) for _ in range(batch))))
-    group = heads.hq // heads.hkv
-    cfg = next(c for c in contract.tile_configs(heads.d, q.element_size()) if c.block_m == rows)
-
-    def run(dense_causal):
-        out = torch.empty_like(q)
-        got = ops.launch(q, k, v, out, q_strides=ops._strides(q), k_strides=ops._strides(k),
-                         v_strides=ops._strides(v), o_strides=ops._strides(out), batch=batch, hkv=heads.hkv,
-                         group=group, q_len=n, kv_len=n, max_q_len=n, max_kv_len=n,
-                         scale_log2=contract.qk_scale(None, heads.d), window=contract.window_sides(True, None),
-                         bottom_right=True, split_kv=False, config=cfg, dense_causal=dense_causal, with_lse=True)
-        return runner._out(got[0]), runner._out(got[1][:, :n * group])
-
-    if cfg.block_m % group:
+    cfg = next(c for c in contract.tile_configs(heads.d, np.dtype(props.np_dtype(dtype)).itemsize)
+               if c.block_m == rows)
+    if cfg.block_m % (heads.hq // heads.hkv):
         with pytest.raises(ValueError, match="dense_causal"):
-            run(True)
+            _dense_causal_launch(framework, q, k, v, heads, cfg, True)
         return
-    (out, lse), (want, want_lse) = run(True), run(False)
-    label = f"attention[torch, {dtype}, dense causal {rows}-row tiles]"
+    (out, lse), (want, want_lse) = (_dense_causal_launch(framework, q, k, v, heads, cfg, on) for on in (True, False))
+    label = f"attention[{framework}, {dtype}, dense causal {rows}-row tiles]"
     props._compare(out.reshape(-1, *out.shape[2:]), want.reshape(-1, *want.shape[2:]), label, "output")
     if not np.array_equal(lse.view(np.uint32), want_lse.view(np.uint32)):
         raise BatchVarianceError(f"{label}: the statistics kept for the backward differ")

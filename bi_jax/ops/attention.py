@@ -189,16 +189,32 @@ def _block(q, k_ref, v_ref, bt_ref, carry, blk, s, k0, hk, kv_len, lo, hi, valid
         new_m = jnp.maximum(m, jnp.max(t, axis=1))
         base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
         p = _exp2_diff(t, jnp.broadcast_to(base[:, None], t.shape), ptx).astype(v.dtype)
-    else:
-        if seen is not None:
-            qk = jnp.where(seen, qk, _NEG_INF)
-        new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
-        base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
-        p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx).astype(v.dtype)
+        return _products(p, v, (m, l, acc), new_m, base, st)
+    if seen is not None:
+        qk = jnp.where(seen, qk, _NEG_INF)
+    return _scores_step(qk, v, carry, st)
+
+
+def _scores_step(qk, v, carry, st):
+    """A block's raw scores (hidden ones at -inf) folded into the split's
+    running (m, l, acc): the exponent ``fma(qk, c, -m)``."""
+    m, ptx = carry[0], st["ptx"]
+    new_m = jnp.maximum(m, _mul(jnp.max(qk, axis=1), st["qk_scale"], ptx))
+    base = jnp.where(new_m == _NEG_INF, 0.0, new_m)
+    p = _exp2_fma(qk, st["qk_scale"], jnp.broadcast_to(-base[:, None], qk.shape), ptx).astype(v.dtype)
+    return _products(p, v, carry, new_m, base, st)
+
+
+def _products(p, v, carry, new_m, base, st):
+    """The block's probabilities ``p`` (rounded to the value dtype, against
+    the new maximum ``base``) into the running sum and accumulator."""
+    m, l, acc = carry
+    ptx = st["ptx"]
+    precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
     alpha = _exp2_diff(m, base, ptx)
     # The row sum as a product against ones (bi_torch's reason: a reduction's
     # order follows the register layout, a product's does not).
-    p_sum = _tile_dot(p, jnp.ones((bn, 16), v.dtype), precision, interpreted=not ptx)
+    p_sum = _tile_dot(p, jnp.ones((st["block_n"], 16), v.dtype), precision, interpreted=not ptx)
     pv = _tile_dot(p, v, precision, interpreted=not ptx)
     l = _fma(l, alpha, jnp.max(p_sum, axis=1), ptx)
     return new_m, l, _add(_mul(acc, jnp.broadcast_to(alpha[:, None], acc.shape), ptx), pv, ptx)
@@ -210,7 +226,62 @@ def _tile_range(valid, lo, hi):
     return k_lo, k_hi
 
 
+def _causal_tile(q_ref, k_ref, v_ref, out_refs, st):
+    """A dense causal prefill tile, as many queries as keys, one program for
+    all its splits: the general tile's arithmetic, block by block and fold by
+    fold (the same bits), without what a dense causal tile does not need
+    (per-row key ranges, sequence offsets, a mask on the keys of the blocks
+    every row sees whole); bi_torch's ``_causal_tile``. ``even``: every row
+    of every tile is a query and every key block is full, so no load or
+    store is masked."""
+    bm, bn, bps, d, g, ptx = st["block_m"], st["block_n"], st["bps"], st["head_dim"], st["group"], st["ptx"]
+    tile, sh = pl.program_id(0), pl.program_id(1)
+    s, hk = sh // st["hkv"], sh % st["hkv"]
+    seq, even = st["q_len"], st["even"]
+    r = jnp.arange(bm, dtype=jnp.int32)
+    first = tile * (bm // g)
+    qi = first + r // g
+    h = hk * g + r % g
+    valid = qi < seq
+    rmask = None if even else jnp.broadcast_to(valid[:, None], (bm, d))
+    qs, ks, vs = st["q_strides"], st["k_strides"], st["v_strides"]
+    q = pltriton.load(q_ref.at[_head_rows(s * qs[0] + qi * qs[1] + h * qs[2], d)], mask=rmask,
+                      other=None if even else 0.0)
+    k_row, v_row = s * ks[0] + hk * ks[2], s * vs[0] + hk * vs[2]
+    free = (first + 1) // bn  # blocks [0, free): every row sees them whole
+    last = jnp.minimum(first + bm // g - 1, seq - 1) // bn
+
+    def body(diagonal, blk, state):
+        kpos = blk * bn + jnp.arange(bn, dtype=jnp.int32)
+        kmask = None if even or not diagonal else jnp.broadcast_to((kpos < seq)[:, None], (bn, d))
+        other = None if kmask is None else 0.0
+        k = pltriton.load(k_ref.at[_head_rows(k_row + kpos * ks[1], d)], mask=kmask, other=other)
+        v = pltriton.load(v_ref.at[_head_rows(v_row + kpos * vs[1], d)], mask=kmask, other=other)
+        precision = lax.Precision.HIGHEST if st["ieee"] else lax.Precision.DEFAULT
+        qk = _tile_dot(q, k.T, precision, interpreted=not ptx)
+        if diagonal:
+            qk = jnp.where(kpos[None, :] <= qi[:, None], qk, _NEG_INF)
+        part = _scores_step(qk, v, state[3:], st)
+        return lax.cond(((blk + 1) % bps == 0) | (blk == last),
+                        lambda: (*_fold(state[:3], part, ptx), *_empty(bm, d)),
+                        lambda: (*state[:3], *part))
+
+    state = _empty(bm, d) + _empty(bm, d)
+    state = lax.fori_loop(0, free, functools.partial(body, False), state)
+    state = lax.fori_loop(free, last + 1, functools.partial(body, True), state)
+    out = _finish(state[1], state[2], ptx)
+    os_ = st["o_strides"]
+    o_ref = out_refs[0]
+    pltriton.store(o_ref.at[_head_rows(s * os_[0] + qi * os_[1] + h * os_[2], d)], out.astype(o_ref.dtype),
+                   mask=rmask)
+    if st["with_lse"]:
+        row = sh * st["ws_rows"] + tile * bm + r
+        _store_lse(out_refs[1], row, state[0], state[1], None if even else valid)
+
+
 def _attn_kernel(q_ref, k_ref, v_ref, cu_q_ref, cu_k_ref, kv_len_ref, bt_ref, mask_ref, bias_ref, *out_refs, st):
+    if st["dense_causal"]:
+        return _causal_tile(q_ref, k_ref, v_ref, out_refs, st)
     bm, bn, bps, d, g, ptx = st["block_m"], st["block_n"], st["bps"], st["head_dim"], st["group"], st["ptx"]
     tile, sh = pl.program_id(0), pl.program_id(1)
     s, hk = sh // st["hkv"], sh % st["hkv"]
@@ -330,7 +401,7 @@ def _broadcast_strides(a):
 def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len=0, kv_len=0, cu_q=None,
            cu_k=None, kv_lens=None, block_table=None, page_size=1, max_q_len, max_kv_len, qk_scale, window,
            bottom_right, split_kv=None, config=None, interpret=None, mask=None, bias=None, whole=None,
-           with_lse=False):
+           with_lse=False, dense_causal=None):
     """The kernels over every (tile, sequence x KV head[, split]) of
     row-major arrays (``*_strides``: element strides of batch or page, token
     or slot, head, each a multiple of the head dim); returns the output laid
@@ -342,7 +413,11 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     4-D arrays that broadcast to ``(B, Hq, Lq, Lk)``. ``with_lse``: return
     ``(out, lse)``, ``lse`` each row's log2-sum-exp2 of its scaled scores,
     fp32 ``(batch * hkv, rows)`` in the tiles' row order (query-major, the
-    group's heads inside), the same bits from either strategy."""
+    group's heads inside), the same bits from either strategy.
+    ``dense_causal``: run a dense causal grid (as many queries as keys, no
+    window on the left within the sequence, no mask, bias, lengths or pages,
+    one program per tile) through the causal specialisation (True, default
+    where it applies) or the general path (False); the same bits."""
     interpret = interpret_mode("attention") if interpret is None else interpret
     d = q.shape[-1]
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -362,6 +437,15 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
     spread = contract.spread_splits(programs, max_kv_len) if split_kv is None else bool(split_kv) and splits > 1
     left, right = window
     ws_rows = tiles * bm
+    whole = bool(bm >= contract.WHOLE_BLOCKS_FROM_ROWS if whole is None else whole)
+    plain = all(a is None for a in (cu_q, cu_k, kv_lens, block_table, mask, bias))
+    causal_fits = (plain and not spread and q_len == kv_len and right == 0 and left >= kv_len
+                   and bm % group == 0)
+    if dense_causal is None:
+        dense_causal = causal_fits and whole
+    elif dense_causal and not causal_fits:
+        raise ValueError("attention launch: dense_causal needs dense causal keys, as many as queries, "
+                         "one program per tile and a tile of whole GQA groups")
     st = dict(
         block_m=bm, block_n=contract.block_n(d), bps=contract.SPLIT // contract.block_n(d), head_dim=d, group=group, hkv=hkv,
         varlen_q=cu_q is not None, varlen_k=cu_k is not None, has_kv_len=kv_lens is not None,
@@ -373,7 +457,9 @@ def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len
         v_strides=_rows_of(v_strides, d), o_strides=_rows_of(q_strides, d),
         qk_scale=float(qk_scale), ieee=np.dtype(q.dtype) == np.dtype(jnp.float32), ptx=not interpret,
         spread=spread, ws_rows=ws_rows,
-        whole=bool(bm >= contract.WHOLE_BLOCKS_FROM_ROWS if whole is None else whole), has_mask=mask is not None, has_bias=bias is not None,
+        whole=whole, has_mask=mask is not None, has_bias=bias is not None,
+        dense_causal=bool(dense_causal),
+        even=bool(dense_causal) and q_len % (bm // group) == 0 and q_len % contract.block_n(d) == 0,
         mask_strides=_broadcast_strides(mask), bias_strides=_broadcast_strides(bias), with_lse=bool(with_lse),
     )
     dummy = jnp.zeros((1,), jnp.int32)
