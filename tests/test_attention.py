@@ -7,6 +7,8 @@ test_properties.py for the ``attention`` and ``attention_decode`` specs.
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -105,9 +107,9 @@ def _dense_causal_launch(framework, q, k, v, heads, cfg, dense_causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @EXAMPLES
 @given(n=st.integers(1, 2 * MAX_LEN if GPU else 300), batch=st.integers(1, 3), heads=HEADS,
-       rows=st.sampled_from([64, 128]), seed=st.integers(0, 2**32 - 1))
-@example(n=256, batch=2, heads=props.Heads(4, 2, 64), rows=128, seed=1)  # full tiles and blocks: nothing masked
-def test_invariance_dense_causal_form_is_the_general_form(framework, dtype, n, batch, heads, rows, seed):
+       tile=st.sampled_from([1, -1]), seed=st.integers(0, 2**32 - 1))
+@example(n=256, batch=2, heads=props.Heads(4, 2, 64), tile=-1, seed=1)  # full tiles and blocks: nothing masked
+def test_invariance_dense_causal_form_is_the_general_form(framework, dtype, n, batch, heads, tile, seed):
     """The dense causal specialisation (one program per tile, no per-row
     ranges or masks on the whole blocks; full or partial last tiles) gives
     the general kernel's bits, outputs and the backward's statistics, in the
@@ -119,17 +121,58 @@ def test_invariance_dense_causal_form_is_the_general_form(framework, dtype, n, b
     rng = np.random.default_rng(seed)
     q, k, v = (runner._in(np.stack(x)) for x in
                zip(*(props.random_sequence(rng, n, heads, dtype) for _ in range(batch))))
-    cfg = next(c for c in contract.tile_configs(heads.d, np.dtype(props.np_dtype(dtype)).itemsize)
-               if c.block_m == rows)
+    # The prefill tiles (64 and 128 rows; 64 only at head dim 256), not decode's 16.
+    cfg = contract.tile_configs(heads.d, np.dtype(props.np_dtype(dtype)).itemsize)[tile]
     if cfg.block_m % (heads.hq // heads.hkv):
         with pytest.raises(ValueError, match="dense_causal"):
             _dense_causal_launch(framework, q, k, v, heads, cfg, True)
         return
     (out, lse), (want, want_lse) = (_dense_causal_launch(framework, q, k, v, heads, cfg, on) for on in (True, False))
-    label = f"attention[{framework}, {dtype}, dense causal {rows}-row tiles]"
+    label = f"attention[{framework}, {dtype}, dense causal {cfg.block_m}-row tiles]"
     props._compare(out.reshape(-1, *out.shape[2:]), want.reshape(-1, *want.shape[2:]), label, "output")
     if not np.array_equal(lse.view(np.uint32), want_lse.view(np.uint32)):
         raise BatchVarianceError(f"{label}: the statistics kept for the backward differ")
+
+
+@pytest.fixture
+def as_if_on_a_gpu(monkeypatch):
+    """Pallas's Triton lowering asks the local GPU for its compute capability
+    (jax 0.11.2, ``pallas_call_registration``); without one it raises before
+    lowering. Tell it a Hopper GPU, so that the CPU suite lowers the GPU form."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
+                        lambda: types.SimpleNamespace(compute_capability="9.0"))
+
+
+@pytest.mark.skipif("jax" not in FRAMEWORKS_HERE, reason="needs jax")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("n", [256, 200], ids=["full-tiles", "partial-tiles"])
+@pytest.mark.parametrize("dense_causal", [True, False], ids=["dense-causal", "general"])
+def test_jax_attention_kernels_lower_for_the_gpu(as_if_on_a_gpu, dtype, n, dense_causal):
+    """bi_jax's forward kernels lower to Triton for a GPU (the interpreter
+    runs another path): a literal loop bound once lowered fine under the
+    interpreter and failed on the GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from bi_core import attention as contract
+    from bi_jax.ops import attention as ops
+
+    heads = props.Heads(8, 2, 128)
+    q = jax.ShapeDtypeStruct((2, n, heads.hq, heads.d), jnp.dtype(dtype))
+    k = jax.ShapeDtypeStruct((2, n, heads.hkv, heads.d), jnp.dtype(dtype))
+    qs, ks = ops._row_major_strides(q.shape), ops._row_major_strides(k.shape)
+
+    def forward(q, k, v):
+        return ops.launch(q, k, v, batch=2, hkv=heads.hkv, group=heads.hq // heads.hkv, q_strides=qs[:3],
+                          k_strides=ks[:3], v_strides=ks[:3], q_len=n, kv_len=n, max_q_len=n, max_kv_len=n,
+                          qk_scale=contract.qk_scale(None, heads.d), window=contract.window_sides(True, None),
+                          bottom_right=True, split_kv=False, dense_causal=dense_causal, with_lse=True,
+                          interpret=False)
+
+    text = jax.jit(forward).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert "bi_attention" in text
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS_HERE)

@@ -267,7 +267,9 @@ def _causal_tile(q_ref, k_ref, v_ref, out_refs, st):
                         lambda: (*state[:3], *part))
 
     state = _empty(bm, d) + _empty(bm, d)
-    state = lax.fori_loop(0, free, functools.partial(body, False), state)
+    # A traced lower bound: with a literal 0 the Triton lowering (jax 0.11.2)
+    # typed the loop index as i1 inside the loop ("_mod: i32, i1").
+    state = lax.fori_loop(free * 0, free, functools.partial(body, False), state)
     state = lax.fori_loop(free, last + 1, functools.partial(body, True), state)
     out = _finish(state[1], state[2], ptx)
     os_ = st["o_strides"]
