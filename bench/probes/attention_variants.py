@@ -23,10 +23,14 @@ form, each piece a constexpr:
   the 4 heads of a GQA group.
 
 Each variant is timed with ``triton.testing.do_bench_cudagraph`` beside
-``bi_torch.attention`` and SDPA (``enable_gqa``), and checked against SDPA's
-output (largest difference) and, for the contract's form, against
-``bi_torch.attention``'s bits. One JSON line per point. Only speed is the
-question here: no variant is a kernel of the library.
+``bi_torch.attention`` (its dense causal specialisation), the library kernel's
+general path on the same inputs (``bi_torch general``) and SDPA
+(``enable_gqa``), and checked against SDPA's output (largest difference) and,
+for the contract's form and the general path, against ``bi_torch.attention``'s
+bits. ``--jax``: also ``bi_jax.attention``, its general path and
+``jax.nn.dot_product_attention`` (cuDNN), timed by ``bench.timing.time_jax``,
+with their bits against ``bi_torch.attention``'s. One JSON line per point.
+Only speed is the question here: no variant is a kernel of the library.
 """
 
 from __future__ import annotations
@@ -161,11 +165,55 @@ def variant(name, q, k, v):
     return o
 
 
+def _general(framework, q, k, v):
+    """The library forward's general path (``dense_causal=False``) on dense
+    causal inputs of the probe's heads: the form the specialisation replaced."""
+    b, seq = q.shape[:2]
+    args = dict(batch=b, hkv=HKV, group=H // HKV, q_len=seq, kv_len=seq, max_q_len=seq, max_kv_len=seq,
+                window=contract.window_sides(True, None), bottom_right=True, dense_causal=False)
+    if framework == "torch":
+        from bi_torch.ops import attention as ops
+
+        out = torch.empty_like(q)
+        return ops.launch(q, k, v, out, q_strides=ops._strides(q), k_strides=ops._strides(k),
+                          v_strides=ops._strides(v), o_strides=ops._strides(out),
+                          scale_log2=contract.qk_scale(None, D), **args)
+    from bi_jax.ops import attention as ops
+
+    qs, ks = ops._row_major_strides(q.shape), ops._row_major_strides(k.shape)
+    return ops.launch(q, k, v, q_strides=qs[:3], k_strides=ks[:3], v_strides=ks[:3],
+                      qk_scale=contract.qk_scale(None, D), **args)
+
+
+def _jax_rows(shape, q, k, v, ref, flops, emit):
+    """bi_jax's forward (specialised and general) and cuDNN's on the torch
+    inputs, with JAX's timer; bits against ``bi_torch.attention``'s."""
+    import jax
+    import numpy as np
+
+    import bi_jax
+    from bench.timing import time_jax
+
+    jq, jk, jv = (jax.dlpack.from_dlpack(t) for t in (q, k, v))
+    fns = {"jax cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn"),
+           "bi_jax.attention": lambda q, k, v: bi_jax.attention(q, k, v, causal=True),
+           "bi_jax general": lambda q, k, v: _general("jax", q, k, v)}
+    times = time_jax(fns, [dict(q=jq, k=jk, v=jv)])
+    want = ref.view(torch.int16).cpu().numpy()
+    for name, fn in fns.items():
+        out = np.asarray(jax.jit(fn)(jq, jk, jv)).view(np.int16)
+        ms = times[name].median_us / 1e3
+        emit({"shape": shape, "impl": name, "ms": ms, "tflops": flops / ms * 1e-9,
+              "differing_vs_bi_torch": int((out != want).sum())})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.probes.attention_variants", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--shapes", default="1x4096,4x4096,64x1024,1x16384", help="BxL, comma-separated")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, or none")
+    p.add_argument("--jax", action="store_true", help="also bi_jax's forward and cuDNN's through JAX")
     args = p.parse_args()
     emit = jsonl_emitter(args.out, "attention_variants")
     bench = triton.testing.do_bench_cudagraph
@@ -181,17 +229,21 @@ def main() -> None:
         want = sdpa(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
         ref = bi_torch.attention(q, k, v, causal=True)
         fns = {"sdpa": lambda: sdpa(qt, kt, vt, is_causal=True, enable_gqa=True),
-               "bi_torch.attention": lambda: bi_torch.attention(q, k, v, causal=True)}
-        fns.update({name: (lambda name=name: variant(name, q, k, v)) for name in args.variants.split(",")})
+               "bi_torch.attention": lambda: bi_torch.attention(q, k, v, causal=True),
+               "bi_torch general": lambda: _general("torch", q, k, v)}
+        names = [] if args.variants == "none" else args.variants.split(",")
+        fns.update({name: (lambda name=name: variant(name, q, k, v)) for name in names})
         for name, fn in fns.items():
             out = fn()
             out = out.transpose(1, 2) if name == "sdpa" else out
             ms = bench(fn)
             row = {"shape": shape, "impl": name, "ms": ms, "tflops": flops / ms * 1e-9,
                    "max_abs_diff_vs_sdpa": float((out.float() - want.float()).abs().max())}
-            if name == "contract":
+            if name in ("contract", "bi_torch general"):
                 row["differing_vs_bi_torch"] = int((out.view(torch.int16) != ref.view(torch.int16)).sum())
             emit(row)
+        if args.jax:
+            _jax_rows(shape, q, k, v, ref, flops, emit)
 
 
 if __name__ == "__main__":
