@@ -27,8 +27,9 @@ Each variant is timed with ``triton.testing.do_bench_cudagraph`` beside
 general path on the same inputs (``bi_torch general``) and SDPA
 (``enable_gqa``), and checked against SDPA's output (largest difference) and,
 for the contract's form and the general path, against ``bi_torch.attention``'s
-bits. ``--jax``: also ``bi_jax.attention``, its general path and
-``jax.nn.dot_product_attention`` (cuDNN), timed by ``bench.timing.time_jax``,
+bits. ``--jax``: also ``bi_jax.attention``, its general path, its dense causal
+specialisation and ``jax.nn.dot_product_attention`` (cuDNN), timed by
+``bench.timing.time_jax``,
 with their bits against ``bi_torch.attention``'s. One JSON line per point.
 Only speed is the question here: no variant is a kernel of the library.
 """
@@ -165,12 +166,13 @@ def variant(name, q, k, v):
     return o
 
 
-def _general(framework, q, k, v):
-    """The library forward's general path (``dense_causal=False``) on dense
-    causal inputs of the probe's heads: the form the specialisation replaced."""
+def _general(framework, q, k, v, dense_causal=False):
+    """The library forward's general path (``dense_causal=False``), or its
+    dense causal specialisation (True), on dense causal inputs of the probe's
+    heads."""
     b, seq = q.shape[:2]
     args = dict(batch=b, hkv=HKV, group=H // HKV, q_len=seq, kv_len=seq, max_q_len=seq, max_kv_len=seq,
-                window=contract.window_sides(True, None), bottom_right=True, dense_causal=False)
+                window=contract.window_sides(True, None), bottom_right=True, dense_causal=dense_causal)
     if framework == "torch":
         from bi_torch.ops import attention as ops
 
@@ -198,7 +200,8 @@ def _jax_rows(shape, q, k, v, ref, flops, emit):
     fns = {"jax cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                     implementation="cudnn"),
            "bi_jax.attention": lambda q, k, v: bi_jax.attention(q, k, v, causal=True),
-           "bi_jax general": lambda q, k, v: _general("jax", q, k, v)}
+           "bi_jax general": lambda q, k, v: _general("jax", q, k, v),
+           "bi_jax dense causal": lambda q, k, v: _general("jax", q, k, v, dense_causal=True)}
     times = time_jax(fns, [dict(q=jq, k=jk, v=jv)])
     want = ref.view(torch.int16).cpu().numpy()
     for name, fn in fns.items():
