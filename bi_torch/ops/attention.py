@@ -8,7 +8,9 @@ the keys of its tile's range in blocks of ``BLOCK_N`` at absolute positions,
 folding each split of ``SPLIT`` keys into the row's result in split order
 (``SPREAD=False``), or computes one split and writes its partial result, which
 a second kernel folds in split order (``SPREAD=True``, split-KV for small
-batches). Both give the same bits; so do both tile configs of a head size.
+batches). Both give the same bits; so do both tile configs of a head size,
+and the dense causal specialisation (``_causal_tile``: as many queries as
+keys, no mask, lengths or pages), which a dense causal grid takes by default.
 """
 
 from __future__ import annotations
