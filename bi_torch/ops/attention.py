@@ -123,6 +123,15 @@ def _fold(big_m, big_l, big_acc, m, l, acc, PTX: tl.constexpr):
 
 
 @triton.jit
+def _end_split(big_m, big_l, big_acc, m, l, acc, BLOCK_M: tl.constexpr, D: tl.constexpr, PTX: tl.constexpr):
+    """The end of a split walked in the tile's program: its partial folded in,
+    a fresh one for the next split."""
+    big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
+    return (big_m, big_l, big_acc, tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, D], tl.float32))
+
+
+@triton.jit
 def _finish(big_l, big_acc, PTX: tl.constexpr):
     """ACC / L, correctly rounded; zeros for a row with no visible key (L = 0;
     a NaN in its inputs stays a NaN)."""
@@ -186,6 +195,12 @@ def _rows(tile, q_len, kv_len, win_left, win_right, G: tl.constexpr, BLOCK_M: tl
     lo = tl.where(valid, lo, 1)
     hi = tl.where(valid, hi, 0)
     return qi, g, valid, lo, hi
+
+
+@triton.jit
+def _key_range(valid, lo, hi):
+    """The first and last key any valid row of the tile sees (first > last: none)."""
+    return tl.min(tl.where(valid, lo, 1 << 30), 0), tl.max(tl.where(valid, hi, -1), 0)
 
 
 @triton.jit
@@ -359,10 +374,7 @@ def _causal_tile(Q, K, V, O, WS_M, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, 
                 qk = tl.where(kpos[None, :] <= qi[:, None], qk, float("-inf"))
             m, l, acc = _scores_step(qk, v, m, l, acc, qk_scale, BLOCK_N, IEEE, PTX)
             if ((blk + 1) % BPS == 0) | (blk == last):
-                big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
+                big_m, big_l, big_acc, m, l, acc = _end_split(big_m, big_l, big_acc, m, l, acc, BLOCK_M, D, PTX)
     out = _finish(big_l, big_acc, PTX).to(O.dtype.element_ty)
     o_ptrs = O + (s.to(tl.int64) * sob + qi.to(tl.int64) * sot + h.to(tl.int64) * soh)[:, None] + d[None, :]
     if EVEN:
@@ -404,8 +416,7 @@ def _attn_kernel(
         if tile * BLOCK_M >= q_len * G:
             return
         qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
-        k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
-        k_hi = tl.max(tl.where(valid, hi, -1), 0)
+        k_lo, k_hi = _key_range(valid, lo, hi)
         blk_lo = k_lo // BLOCK_N
         blk_hi = k_hi // BLOCK_N
         if SPREAD:
@@ -461,10 +472,8 @@ def _attn_kernel(
                 if not SPREAD:
                     # The end of a split (or of the tile's range): fold it in, start the next.
                     if ((blk + 1) % BPS == 0) | (blk == blk_hi):
-                        big_m, big_l, big_acc = _fold(big_m, big_l, big_acc, m, l, acc, PTX)
-                        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                        l = tl.zeros([BLOCK_M], tl.float32)
-                        acc = tl.zeros([BLOCK_M, D], tl.float32)
+                        big_m, big_l, big_acc, m, l, acc = _end_split(big_m, big_l, big_acc, m, l, acc, BLOCK_M, D,
+                                                                      PTX)
         if SPREAD:
             _store_partial(WS_M, WS_L, WS_ACC, split, sh, ws_rows, tile, m, l, acc, valid, d, BLOCK_M, D)
         else:
@@ -497,8 +506,7 @@ def _merge_kernel(
     if tile * BLOCK_M >= q_len * G:
         return
     qi, g, valid, lo, hi = _rows(tile, q_len, kv_len, win_left, win_right, G, BLOCK_M, BOTTOM_RIGHT)
-    k_lo = tl.min(tl.where(valid, lo, 1 << 30), 0)
-    k_hi = tl.max(tl.where(valid, hi, -1), 0)
+    k_lo, k_hi = _key_range(valid, lo, hi)
     d = tl.arange(0, D)
     row = (sh * ws_rows + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     plane = (tl.num_programs(1) * ws_rows).to(tl.int64)
