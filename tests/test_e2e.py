@@ -344,3 +344,27 @@ def test_the_varlen_default_attention_is_the_paged_attention():
     q = torch.randn(int(q_lens.sum()), CONFIG.heads, CONFIG.head_dim, device="cuda", generator=g).to(torch.bfloat16)
     out = {impl: engine._attention(q, 0, engine._batch(step)).float() for impl, engine in engines.items()}
     torch.testing.assert_close(out["varlen"], out["bi"], atol=2e-2, rtol=2e-2)
+
+
+def test_the_cross_framework_probe_lines_up_both_engines_intermediates(tmp_path, monkeypatch):
+    """``bench.probes.e2e_cross`` replays the first step whose logits differ
+    between the bi_ engines and compares their intermediates in order: the
+    two recorders must keep the same ops with the same shapes, or the probe
+    names nothing. (The CPU interpreters of the two frameworks round some
+    sums differently, so a step differs here and the replay runs.)"""
+    import sys
+
+    from bench.probes import e2e_cross
+
+    monkeypatch.setattr(sys, "argv", ["e2e_cross", "--cpu", "--requests", "3", "--request", "1",
+                                      "--out", str(tmp_path)])
+    e2e_cross.main()
+    rows = [json.loads(line) for line in (tmp_path / "e2e_cross.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "logits_differing" in r]
+    kept = [r for r in rows if "kept" in r]
+    assert rows[-1]["steps"] == len(steps) > 0 and "same_tokens" in rows[-1]
+    if any(r["logits_differing"] for r in steps):
+        assert kept, "a step's logits differed but nothing was replayed"
+        assert all("mismatch" not in r and r["torch_op"] == r["jax_op"] for r in kept), kept
+        ops = [r["torch_op"] for r in kept]
+        assert ops[0] == "embedding" and ops[-2:] == ["norm", "matmul"] and "attention" in ops
