@@ -226,8 +226,8 @@ def _block(q, K, V, m, l, acc, blk, s, k0, hkv, kv_len, lo, hi, BT, bt_stride, p
     score as it is, are left out."""
     kpos = blk * BLOCK_N + cols
     in_seq = kpos < kv_len
-    k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv * skh
-    v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv * svh
+    k_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, skb, skt, PAGED) + hkv.to(tl.int64) * skh
+    v_off = _kv_offsets(kpos, in_seq, s, k0, BT, bt_stride, page_size, svb, svt, PAGED) + hkv.to(tl.int64) * svh
     if BOUNDED:
         k = tl.load(K + k_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
         v = tl.load(V + v_off[:, None] + d[None, :], mask=in_seq[:, None], other=0.0)
@@ -339,8 +339,8 @@ def _causal_tile(Q, K, V, O, WS_M, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, 
     else:
         valid = qi < seq
         q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
-    K_s = K + (s.to(tl.int64) * skb + hkv * skh)
-    V_s = V + (s.to(tl.int64) * svb + hkv * svh)
+    K_s = K + (s.to(tl.int64) * skb + hkv.to(tl.int64) * skh)
+    V_s = V + (s.to(tl.int64) * svb + hkv.to(tl.int64) * svh)
     free = (first + 1) // BLOCK_N  # blocks [0, free): every row sees them whole
     last = tl.minimum(first + BLOCK_M // G - 1, seq - 1) // BLOCK_N
     big_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
