@@ -4,6 +4,7 @@ Same op names and semantics as ``bi_torch``; on the same inputs the two give
 the same bits on the GPU.
 """
 
+from bi_jax.ops.activation import silu_and_mul
 from bi_jax.ops.attention import attention, dot_product_attention, paged_attention, varlen_attention
 from bi_jax.ops.embedding import embedding
 from bi_jax.ops.matmul import dot_general, einsum, linear, matmul
@@ -25,6 +26,7 @@ __all__ = [
     "mean",
     "paged_attention",
     "rms_norm",
+    "silu_and_mul",
     "softmax",
     "sum",
     "varlen_attention",

@@ -12,6 +12,7 @@ if _checks.interpreting():
 
     _interpreter.apply()
 
+from bi_torch.ops.activation import silu_and_mul
 from bi_torch.ops.attention import attention, paged_attention, scaled_dot_product_attention, varlen_attention
 from bi_torch.ops.embedding import embedding
 from bi_torch.ops.matmul import linear, matmul
@@ -44,6 +45,7 @@ __all__ = [
     "rms_norm",
     "scaled_dot_product_attention",
     "set_batch_invariant_mode",
+    "silu_and_mul",
     "softmax",
     "sum",
     "varlen_attention",

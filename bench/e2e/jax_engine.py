@@ -1,6 +1,7 @@
 """The serving engine's forward pass in JAX, the torch engine's twin.
 
-``impl="bi"``: the bi_jax kernels (rms_norm, matmul, paged attention).
+``impl="bi"``: the bi_jax kernels (rms_norm, matmul, paged attention, the
+embedding and SiLU-and-mul).
 ``impl="default"``: what JAX gives: the same expressions through XLA
 (``x @ w``, a jnp RMSNorm), and attention by ``jax.nn.dot_product_attention``
 over each sequence's keys gathered from its pages, decodes and prefill chunks
@@ -39,11 +40,17 @@ def rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def mlp_activation(gate_up, intermediate: int):
+def mlp_activation(gate_up, intermediate: int, bi: bool = False):
     """SiLU(gate) * up of the fused (T, 2 I) projection, as the torch engine
-    writes it: ``g / (1 + exp(-g)) * u`` in fp32, rounded once."""
+    writes it: ``g / (1 + exp(-g)) * u`` in fp32, rounded once; ``bi``:
+    ``bi_jax.silu_and_mul`` (bi_torch's arithmetic)."""
     import jax.numpy as jnp
 
+    if bi:
+        import bi_jax
+
+        assert gate_up.shape[-1] == 2 * intermediate
+        return bi_jax.silu_and_mul(gate_up)
     g = gate_up[:, :intermediate].astype(jnp.float32)
     u = gate_up[:, intermediate:].astype(jnp.float32)
     return (g / (1.0 + jnp.exp(-g)) * u).astype(gate_up.dtype)
@@ -119,7 +126,7 @@ class JaxEngine:
         attn, extra = attend(q, k, qkv[:, nq + nkv:].reshape(t, c.kv_heads, c.head_dim))
         x = x + mm(attn.reshape(t, nq), p["o"])
         h = norm(x, p["mlp_norm"])
-        act = mlp_activation(mm(h, p["gate_up"]), c.intermediate)
+        act = mlp_activation(mm(h, p["gate_up"]), c.intermediate, bi=self.impl == "bi")
         return x + mm(act, p["down"]), extra
 
     def scores(self, w_norm, w_head, h):

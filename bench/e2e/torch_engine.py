@@ -1,7 +1,8 @@
 """The serving engine's forward pass in PyTorch: one packed step of mixed
 prefill chunks and decodes over a paged KV cache.
 
-``impl="bi"``: the bi_torch kernels (rms_norm, matmul, paged attention).
+``impl="bi"``: the bi_torch kernels (rms_norm, matmul, paged attention, the
+embedding and SiLU-and-mul).
 ``impl="default"``: what PyTorch gives: ``F.rms_norm``, ``torch.matmul``
 (cuBLAS), and attention by ``F.scaled_dot_product_attention`` over each
 sequence's keys gathered from its pages (PyTorch has no paged attention),
@@ -14,8 +15,8 @@ calls; not yet run on a GPU).
 ``impl="control"``: the default, with products that sum K in two halves when
 the step has an odd number of tokens (a negative control for the tests).
 Everything else is the same code in both: the embedding gather, rotary
-embeddings from fp32 tables, the cache writes, SiLU, the residual adds and
-sampling.
+embeddings from fp32 tables, the cache writes, the residual adds and
+sampling; SiLU-and-mul is the same fp32 expression in the defaults.
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ def rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def mlp_activation(gate_up, intermediate: int):
+def mlp_activation(gate_up, intermediate: int, bi: bool = False):
     """SiLU(gate) * up of the fused (T, 2 I) projection: ``g / (1 + exp(-g)) *
     u`` written out in fp32, rounded once (``F.silu`` then a bf16 product
-    would round twice, where XLA's fused form rounds once)."""
+    would round twice, where XLA's fused form rounds once). ``bi``:
+    ``bi_torch.silu_and_mul``, whose arithmetic is bi_jax's (torch's exp and
+    division here and XLA's differ in the last bit now and then)."""
     import torch
 
+    if bi:
+        import bi_torch
+
+        assert gate_up.shape[-1] == 2 * intermediate
+        return bi_torch.silu_and_mul(gate_up)
     g, u = gate_up[:, :intermediate].float(), gate_up[:, intermediate:].float()
     return (g / (1.0 + torch.exp(-g)) * u).to(gate_up.dtype)
 
@@ -219,7 +227,7 @@ class TorchEngine:
             x = x + self._matmul(attn.reshape(t, nq), self.w[f"{i}.o"])
             h = self._norm(x, self.w[f"{i}.mlp_norm"])
             gate_up = self._matmul(h, self.w[f"{i}.gate_up"])
-            act = mlp_activation(gate_up, c.intermediate)
+            act = mlp_activation(gate_up, c.intermediate, bi=self.impl == "bi")
             x = x + self._matmul(act, self.w[f"{i}.down"])
         return x
 

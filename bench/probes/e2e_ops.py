@@ -10,6 +10,12 @@ difference::
 
 from __future__ import annotations
 
+import os
+
+# Both frameworks in one process: JAX must not take 75 % of the GPU's
+# memory at start (an 8B model in each, torch's ran out of memory).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import argparse
 from pathlib import Path
 
@@ -60,6 +66,7 @@ def main() -> None:
     gu_t, gu_j = both(rng.standard_normal((t, 2 * c.intermediate)) * 2, "bfloat16")
     compare("silu(gate) * up", torch_engine.mlp_activation(gu_t, c.intermediate),
             jax.jit(jax_engine.mlp_activation, static_argnums=1)(gu_j, c.intermediate))
+    compare("bi silu_and_mul", bi_torch.silu_and_mul(gu_t), jax.jit(bi_jax.silu_and_mul)(gu_j))
 
     u = (rng.integers(0, 2**24, (8, c.vocab)) + 0.5) * 2.0**-24
     u_t, u_j = both(u, "float32")

@@ -400,11 +400,10 @@ def _broadcast_strides(a):
     return tuple(0 if n == 1 else st for n, st in zip(a.shape, _row_major_strides(a.shape)))
 
 
-# The dense causal specialisation runs only when asked for (``launch(...,
-# dense_causal=True)``; its properties force it) until the GPU suite has run
-# it: its first GPU lowering failed (fixed since, and lowered for a GPU by the
-# CPU suite), and no GPU run has executed it yet. bi_torch's runs by default.
-DENSE_CAUSAL_BY_DEFAULT = False
+# The dense causal specialisation serves every grid it fits (as in bi_torch);
+# False keeps the general path unless ``launch(..., dense_causal=True)``. The
+# same bits either way (tests/test_attention.py, on an H100: bench/NOTES.md).
+DENSE_CAUSAL_BY_DEFAULT = True
 
 
 def launch(q, k, v, *, batch, hkv, group, q_strides, k_strides, v_strides, q_len=0, kv_len=0, cu_q=None,

@@ -5,7 +5,7 @@ op: a spec here, a kernel file per framework (``bi_torch/ops``,
 ``bi_jax/ops``), and tests only for properties that belong to that op alone.
 """
 
-from harness.specs import attention, embedding, matmul, rms_norm, rows
+from harness.specs import activation, attention, embedding, matmul, rms_norm, rows
 
 SPECS = (
     rms_norm.SPEC,
@@ -19,4 +19,5 @@ SPECS = (
     attention.ATTENTION,
     attention.ATTENTION_DECODE,
     embedding.SPEC,
+    activation.SPEC,
 )

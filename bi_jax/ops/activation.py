@@ -1,0 +1,97 @@
+"""``silu_and_mul``: SwiGLU's gated activation ``SiLU(g) * u`` of a fused
+``[g | u]`` input (the twin of ``bi_torch.ops.activation``).
+
+The Pallas kernel runs ``bi_core.activation``'s PTX, the instructions
+bi_torch's Triton kernel runs, so on the GPU the two frameworks give the same
+bits; XLA's own fusion of ``g / (1 + exp(-g)) * u`` need not.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from bi_core.activation import NEG_LOG2E, SILU_MUL_ASM, block_for, check_gated_width
+from bi_jax._checks import check_float_array, interpret_mode
+from bi_jax._pallas import pallas_call
+from bi_jax.ops._row_launch import launch_rows
+
+__all__ = ["silu_and_mul"]
+
+
+def _silu_mul(g, u, ptx):
+    if ptx:
+        return pltriton.elementwise_inline_asm(
+            SILU_MUL_ASM, args=[g, u], constraints="=r,r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(g.shape, jnp.float32)])[0]
+    return g / (1.0 + jnp.exp2(g * NEG_LOG2E)) * u
+
+
+def _kernel(x_ref, y_ref, *, n, block, ptx):
+    row = jnp.broadcast_to(pl.program_id(0), (block,))
+    cols = pl.program_id(1) * block + jnp.arange(block, dtype=jnp.int32)
+    ok = cols < n
+    g = pltriton.load(x_ref.at[row, cols], mask=ok, other=0.0).astype(jnp.float32)
+    u = pltriton.load(x_ref.at[row, cols + n], mask=ok, other=0.0).astype(jnp.float32)
+    pltriton.store(y_ref.at[row, cols], _silu_mul(g, u, ptx).astype(y_ref.dtype), mask=ok)
+
+
+def launch(x2d, interpret: bool | None = None):
+    """The kernel over ``x2d`` (rows, 2 n): the (rows, n) output."""
+    interpret = interpret_mode("silu_and_mul") if interpret is None else interpret
+    rows, n = x2d.shape[0], x2d.shape[1] // 2
+    block = block_for(n)
+    kernel = functools.partial(_kernel, n=n, block=block, ptx=not interpret)
+    return pallas_call(kernel, grid=(rows, pl.cdiv(n, block)), out_shape=jax.ShapeDtypeStruct((rows, n), x2d.dtype),
+                       compiler_params=pltriton.CompilerParams(num_warps=4 if block >= 512 else 1, num_stages=1),
+                       interpret=interpret, name="bi_silu_and_mul")(x2d)
+
+
+def silu_and_mul_backward(x, grad):
+    """The gradient with respect to ``x = [g | u]`` for the output gradient
+    ``grad``: ``[grad * u * s * (1 + g * (1 - s)) | grad * g * s]`` with
+    ``s = sigmoid(g)``, elementwise in fp32, rounded once to ``x``'s dtype."""
+    n = x.shape[-1] // 2
+    g, u = x[..., :n].astype(jnp.float32), x[..., n:].astype(jnp.float32)
+    c = grad.astype(jnp.float32)
+    s = jax.nn.sigmoid(g)
+    return jnp.concatenate([c * u * (s * (1.0 + g * (1.0 - s))), c * (g * s)], axis=-1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _silu_and_mul(x):
+    n = x.shape[-1] // 2
+    x2d = x.reshape(-1, 2 * n)
+    if x2d.shape[0] == 0 or n == 0:
+        return jnp.zeros((*x.shape[:-1], n), x.dtype)
+    interpret = interpret_mode("silu_and_mul")
+    y = launch_rows("silu_and_mul", lambda part: launch(part, interpret), x2d, interpret)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _fwd(x):
+    return _silu_and_mul(x), x
+
+
+def _bwd(x, grad):
+    return (silu_and_mul_backward(x, grad),)
+
+
+_silu_and_mul.defvjp(_fwd, _bwd)
+
+
+def silu_and_mul(x: jax.Array) -> jax.Array:
+    """SwiGLU's activation of a fused ``[gate | up]`` input: for ``x`` of shape
+    ``(..., 2 n)``, ``silu(x[..., :n]) * x[..., n:]`` of shape ``(..., n)`` in
+    ``x``'s dtype (float32, bfloat16 or float16), computed in fp32 and rounded
+    once. On the GPU the bits equal ``bi_torch.silu_and_mul``'s for the same
+    input (``bi_core.activation``). Differentiable (an elementwise backward);
+    works under ``jax.jit`` and ``jax.vmap``."""
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    check_float_array("x", x, "silu_and_mul")
+    check_gated_width("silu_and_mul", tuple(x.shape))
+    return _silu_and_mul(x)

@@ -1,0 +1,107 @@
+"""``silu_and_mul``: SwiGLU's gated activation ``SiLU(g) * u`` of a fused
+``[g | u]`` input, with the arithmetic of ``bi_core.activation`` (the same
+bits as ``bi_jax.silu_and_mul`` on the GPU).
+
+Each output element depends on its own gate and up values only, so the
+batch cannot change it; the kernel exists to fix the exponential, the
+division and the roundings, which torch's eager kernels and XLA's fusions
+choose differently.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bi_core.activation import NEG_LOG2E, SILU_MUL_ASM, block_for, check_gated_width
+from bi_torch._checks import canonical, check_float_tensor, check_launchable, interpreting
+from bi_torch._launch import cdiv, fast
+
+__all__ = ["silu_and_mul"]
+
+_SILU_MUL_ASM = tl.constexpr(SILU_MUL_ASM)
+_NEG_LOG2E = tl.constexpr(NEG_LOG2E)
+
+
+@triton.jit
+def _silu_mul(g, u, PTX: tl.constexpr):
+    """``g / (1 + 2 ** (g * -log2 e)) * u`` in fp32 (bi_core.activation)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_SILU_MUL_ASM, "=r,r,r", [g, u], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return g / (1.0 + tl.exp2(g * _NEG_LOG2E)) * u
+
+
+@fast
+@triton.jit
+def _silu_and_mul_kernel(X, Y, n, BLOCK: tl.constexpr, PTX: tl.constexpr):
+    """Program (row, c): outputs ``c * BLOCK ...`` of one row of ``X``
+    (rows of ``2 n``: gate then up) into ``Y`` (rows of ``n``)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    x_row = X + row * (2 * n)
+    g = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(x_row + n + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * n + cols, _silu_mul(g, u, PTX).to(Y.dtype.element_ty), mask=ok)
+
+
+def launch(x2d: torch.Tensor, out: torch.Tensor) -> None:
+    """The kernel over ``x2d`` (rows, 2 n), contiguous and aligned, into
+    ``out`` (rows, n)."""
+    rows, n = out.shape
+    if rows == 0 or n == 0:
+        return
+    block = block_for(n)
+    _silu_and_mul_kernel[(rows, cdiv(n, block))](x2d, out, n, BLOCK=block, PTX=not interpreting(),
+                                                  num_warps=4 if block >= 512 else 1)
+
+
+def _forward(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1] // 2
+    x2d = canonical(x.reshape(-1, 2 * n))
+    out = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=x.device)
+    launch(x2d, out)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def silu_and_mul_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to ``x = [g | u]`` of ``silu_and_mul(x)`` for
+    the output gradient ``grad``: ``[grad * u * s * (1 + g * (1 - s)) |
+    grad * g * s]`` with ``s = sigmoid(g)``, elementwise in fp32 and rounded
+    once to ``x``'s dtype. Elementwise, so no batch (and no run) changes it."""
+    n = x.shape[-1] // 2
+    g, u = x[..., :n].float(), x[..., n:].float()
+    c = grad.float()
+    s = torch.sigmoid(g)
+    return torch.cat([c * u * (s * (1.0 + g * (1.0 - s))), c * (g * s)], dim=-1).to(x.dtype)
+
+
+class _SiluAndMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return silu_and_mul_backward(x, grad)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of a fused ``[gate | up]`` input: for ``x`` of shape
+    ``(..., 2 n)``, ``silu(x[..., :n]) * x[..., n:]`` of shape ``(..., n)`` in
+    ``x``'s dtype (float32, bfloat16 or float16), computed in fp32 and
+    rounded once (``F.silu(g) * u`` in bf16 rounds twice).
+
+    The arithmetic is ``bi_core.activation``'s, so on the GPU the bits equal
+    ``bi_jax.silu_and_mul``'s for the same input. Differentiable: the
+    backward is elementwise (:func:`silu_and_mul_backward`)."""
+    check_float_tensor("x", x)
+    check_gated_width("silu_and_mul", tuple(x.shape))
+    check_launchable("silu_and_mul", x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SiluAndMul.apply(x)
+    return _forward(x)
