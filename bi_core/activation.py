@@ -20,7 +20,11 @@ dtype at the end::
     y = s * u                 mul.rn
 
 written as one PTX block (``SILU_MUL_ASM``) so that both Triton compilers
-emit the same instructions. Under the CPU interpreters the same steps run in
+emit the same instructions. The backward (``SILU_MUL_GRAD_*_ASM``) is written
+the same way, so gradients agree between the frameworks too: for the output
+gradient ``c``, ``dg = (c * u) * (s * (1 + g * (1 - s)))`` with ``s`` the
+correctly rounded reciprocal of the forward's ``d``, and ``du = c * SiLU(g)``
+with the forward's ``SiLU(g)``. Under the CPU interpreters the same steps run in
 numpy/XLA with their own exponential: bitwise agreement between the
 frameworks is a GPU property.
 """
@@ -38,6 +42,23 @@ SILU_MUL_ASM = (
     "{ .reg .f32 t; "
     f"mul.rn.f32 t, $1, {NEG_LOG2E_HEX}; ex2.approx.f32 t, t; add.rn.f32 t, t, {ONE_HEX}; "
     "div.rn.f32 t, $1, t; mul.rn.f32 $0, t, $2; }"
+)
+
+# The backward, for the output gradient c, with s = 1 / (1 + 2 ** (g * -log2 e))
+# (rcp.rn of the forward's denominator):
+# $0 = ($3 * $2) * (s * (1 + g * (1 - s))), the gate's gradient ($1 = g, $2 = u, $3 = c)
+SILU_MUL_GRAD_GATE_ASM = (
+    "{ .reg .f32 t, s, r; "
+    f"mul.rn.f32 t, $1, {NEG_LOG2E_HEX}; ex2.approx.f32 t, t; add.rn.f32 t, t, {ONE_HEX}; rcp.rn.f32 s, t; "
+    f"sub.rn.f32 t, {ONE_HEX}, s; mul.rn.f32 t, $1, t; add.rn.f32 t, t, {ONE_HEX}; mul.rn.f32 t, s, t; "
+    "mul.rn.f32 r, $3, $2; mul.rn.f32 $0, r, t; }"
+)
+# $0 = $2 * (g / (1 + 2 ** (g * -log2 e))), the up projection's gradient: the
+# forward's SiLU(g) exactly ($1 = g, $2 = c)
+SILU_MUL_GRAD_UP_ASM = (
+    "{ .reg .f32 t; "
+    f"mul.rn.f32 t, $1, {NEG_LOG2E_HEX}; ex2.approx.f32 t, t; add.rn.f32 t, t, {ONE_HEX}; "
+    "div.rn.f32 t, $1, t; mul.rn.f32 $0, $2, t; }"
 )
 
 # Output columns per program (both frameworks; speed only).

@@ -20,7 +20,7 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Pallas kernels in strict mode.
 KERNEL_NAMES = frozenset({
     "bi_attention", "bi_attention_splits", "bi_attention_merge", "bi_matmul_triton", "bi_matmul_wgmma",
-    "bi_rms_norm", "bi_silu_and_mul", *(f"bi_{m}{part}" for m in ROW_MODES for part in ("", "_segment_stats", "_segment_write")),
+    "bi_rms_norm", "bi_silu_and_mul", "bi_silu_and_mul_grad", *(f"bi_{m}{part}" for m in ROW_MODES for part in ("", "_segment_stats", "_segment_write")),
     # The backward kernels (bi_jax.ops.attention_grad, bi_jax.ops.embedding).
     *(f"bi_attention_bwd_{k}" for k in ("stats", "dkdv", "dq")), "bi_embedding_grad",
 })

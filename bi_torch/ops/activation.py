@@ -14,7 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from bi_core.activation import NEG_LOG2E, SILU_MUL_ASM, block_for, check_gated_width
+from bi_core.activation import (
+    NEG_LOG2E,
+    SILU_MUL_ASM,
+    SILU_MUL_GRAD_GATE_ASM,
+    SILU_MUL_GRAD_UP_ASM,
+    block_for,
+    check_gated_width,
+)
 from bi_torch._checks import canonical, check_float_tensor, check_launchable, interpreting
 from bi_torch._launch import cdiv, fast
 
@@ -22,6 +29,8 @@ __all__ = ["silu_and_mul"]
 
 _SILU_MUL_ASM = tl.constexpr(SILU_MUL_ASM)
 _NEG_LOG2E = tl.constexpr(NEG_LOG2E)
+_GRAD_GATE_ASM = tl.constexpr(SILU_MUL_GRAD_GATE_ASM)
+_GRAD_UP_ASM = tl.constexpr(SILU_MUL_GRAD_UP_ASM)
 
 
 @triton.jit
@@ -47,15 +56,50 @@ def _silu_and_mul_kernel(X, Y, n, BLOCK: tl.constexpr, PTX: tl.constexpr):
     tl.store(Y + row * n + cols, _silu_mul(g, u, PTX).to(Y.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _grads(g, u, c, PTX: tl.constexpr):
+    """The gradients of ``g`` and ``u`` for the output gradient ``c``
+    (bi_core.activation)."""
+    if PTX:
+        dg = tl.inline_asm_elementwise(_GRAD_GATE_ASM, "=r,r,r,r", [g, u, c], dtype=tl.float32, is_pure=True, pack=1)
+        du = tl.inline_asm_elementwise(_GRAD_UP_ASM, "=r,r,r", [g, c], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        d = 1.0 + tl.exp2(g * _NEG_LOG2E)
+        s = 1.0 / d
+        dg = (c * u) * (s * (1.0 + g * (1.0 - s)))
+        du = c * (g / d)
+    return dg, du
+
+
+@fast
+@triton.jit
+def _silu_and_mul_grad_kernel(X, C, DX, n, BLOCK: tl.constexpr, PTX: tl.constexpr):
+    """Program (row, c): the gradients of one row's ``[g | u]`` columns
+    ``c * BLOCK ...`` (and ``n + ...``) for the output gradient ``C``."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    g = tl.load(X + row * (2 * n) + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(X + row * (2 * n) + n + cols, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(C + row * n + cols, mask=ok, other=0.0).to(tl.float32)
+    dg, du = _grads(g, u, c, PTX)
+    tl.store(DX + row * (2 * n) + cols, dg.to(DX.dtype.element_ty), mask=ok)
+    tl.store(DX + row * (2 * n) + n + cols, du.to(DX.dtype.element_ty), mask=ok)
+
+
+def _launch_options(n: int) -> tuple[int, dict]:
+    block = block_for(n)
+    return block, {"BLOCK": block, "PTX": not interpreting(), "num_warps": 4 if block >= 512 else 1}
+
+
 def launch(x2d: torch.Tensor, out: torch.Tensor) -> None:
     """The kernel over ``x2d`` (rows, 2 n), contiguous and aligned, into
     ``out`` (rows, n)."""
     rows, n = out.shape
     if rows == 0 or n == 0:
         return
-    block = block_for(n)
-    _silu_and_mul_kernel[(rows, cdiv(n, block))](x2d, out, n, BLOCK=block, PTX=not interpreting(),
-                                                  num_warps=4 if block >= 512 else 1)
+    block, options = _launch_options(n)
+    _silu_and_mul_kernel[(rows, cdiv(n, block))](x2d, out, n, **options)
 
 
 def _forward(x: torch.Tensor) -> torch.Tensor:
@@ -69,13 +113,18 @@ def _forward(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient with respect to ``x = [g | u]`` of ``silu_and_mul(x)`` for
     the output gradient ``grad``: ``[grad * u * s * (1 + g * (1 - s)) |
-    grad * g * s]`` with ``s = sigmoid(g)``, elementwise in fp32 and rounded
-    once to ``x``'s dtype. Elementwise, so no batch (and no run) changes it."""
+    grad * silu(g)]`` with ``s = sigmoid(g)``, in fp32 with
+    ``bi_core.activation``'s arithmetic (bi_jax's bits), rounded once to
+    ``x``'s dtype. Elementwise, so no batch (and no run) changes it."""
     n = x.shape[-1] // 2
-    g, u = x[..., :n].float(), x[..., n:].float()
-    c = grad.float()
-    s = torch.sigmoid(g)
-    return torch.cat([c * u * (s * (1.0 + g * (1.0 - s))), c * (g * s)], dim=-1).to(x.dtype)
+    x2d = canonical(x.reshape(-1, 2 * n))
+    c2d = canonical(grad.reshape(-1, n))
+    dx = torch.empty_like(x2d)
+    rows = x2d.shape[0]
+    if rows and n:
+        block, options = _launch_options(n)
+        _silu_and_mul_grad_kernel[(rows, cdiv(n, block))](x2d, c2d, dx, n, **options)
+    return dx.reshape(x.shape)
 
 
 class _SiluAndMul(torch.autograd.Function):
@@ -98,7 +147,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
     The arithmetic is ``bi_core.activation``'s, so on the GPU the bits equal
     ``bi_jax.silu_and_mul``'s for the same input. Differentiable: the
-    backward is elementwise (:func:`silu_and_mul_backward`)."""
+    backward is an elementwise kernel with the same property
+    (:func:`silu_and_mul_backward`)."""
     check_float_tensor("x", x)
     check_gated_width("silu_and_mul", tuple(x.shape))
     check_launchable("silu_and_mul", x)
