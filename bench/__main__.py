@@ -130,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-impls", type=_choices("engine", ["default", "bi", "varlen"]), default=None,
                    help="comma-separated engines for --e2e, of default,bi,varlen (default: default,bi; varlen: the "
                         "torch default with FlashAttention's variable-length kernel, GPU only)")
+    p.add_argument("--e2e-schedules", type=_positive_ints, default=None, metavar="S,...",
+                   help="which of the --e2e-runs timed schedules (1..R) this process runs, comma-separated (default: "
+                        "all); with --e2e-resume, each engine's row gathers the schedules of every process, so a "
+                        "long run can be split over several (each also runs the warm-up schedule 0)")
     p.add_argument("--e2e-resume", type=Path, default=None, metavar="E2E_JSON",
                    help="an earlier --e2e run's e2e.json (or e2e.partial.json) with the same workload: its engines "
                         "are kept and not run again, so one run can be split over several processes (one framework "
@@ -189,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                                              command.setup_for(profile.native, args.e2e_requests, args.e2e_runs))
             except ValueError as error:
                 p.error(str(error))
+        runs = command.setup_for(profile.native, args.e2e_requests, args.e2e_runs).runs
+        if args.e2e_schedules and max(args.e2e_schedules) > runs:
+            p.error(f"--e2e-schedules {','.join(map(str, args.e2e_schedules))}: the workload has schedules 1..{runs} "
+                    "(--e2e-runs)")
         for path in command.run(args.out, console, args.frameworks, profile.native, requests=args.e2e_requests,
                                 runs=args.e2e_runs, impls=tuple(args.e2e_impls or command.IMPLS), previous=previous,
+                                schedules=args.e2e_schedules,
                                 **({"temperatures": args.e2e_temperatures} if args.e2e_temperatures else {})):
             console.print(f"wrote {path}")
         return 0

@@ -277,6 +277,60 @@ def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
             command.resumable(path, setup)
 
 
+def test_a_run_split_by_schedules_counts_every_schedule(tmp_path):
+    """``--e2e-schedules`` with ``--e2e-resume``: schedule 1 in one process,
+    2 and 3 in a second resuming the first's file: the engine's row holds all
+    three with the figures of one process running them all; a third process
+    with nothing left to run keeps the row as it is."""
+    from bench.e2e import command
+
+    setup = replace(command.CPU, model=CONFIG, requests=3, runs=3, serving=SERVING)
+    whole = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",))
+    first = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), schedules=[1])
+    assert first["results"][0]["runs"] == 1 and first["results"][0]["schedule_seeds"] == [1]
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(first))
+    merged = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), schedules=[2, 3],
+                             previous=command.resumable(path, setup))
+    a, b = whole["results"][0], merged["results"][0]
+    assert b["schedule_seeds"] == [1, 2, 3] and b["runs"] == 3
+    for key in ("distinct_per_request", "first_divergence_per_request", "completion_digests", "requests_with_one_completion",
+                "steps"):
+        assert a[key] == b[key], key
+    assert a["verification"]["same_tokens"] == b["verification"]["same_tokens"] == 3
+    assert b["schedules"]["1"] == first["results"][0]["schedules"]["1"]  # kept, not run again
+    path.write_text(json.dumps(merged))
+    again = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), previous=command.resumable(path, setup))
+    assert again["results"] == merged["results"]
+    with pytest.raises(ValueError, match=r"schedules must be among 1..3"):
+        command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), schedules=[4])
+
+
+def test_schedules_merge_into_distinct_completions_and_the_first_divergence():
+    """The row's figures from schedules run apart: distinct completions by
+    digest, the first divergence the earliest position where any schedule
+    parts from the reference (two schedules that part from each other do so
+    there or later), and the reference tokens survive e2e.json's packing."""
+    from bench.e2e import command
+
+    reference = {0: [1, 2, 3, 4], 1: [5, 6, 7, 8]}
+    others = {2: {0: [1, 2, 9, 9], 1: [5, 6, 7, 8]}, 3: {0: [1, 7, 3, 4], 1: [5, 6, 7, 8]}}
+    packed = json.loads(json.dumps(command.pack_tokens(reference)))
+    assert command.unpack_tokens(packed) == reference
+
+    def run(completions, seconds):
+        return {"completions": completions, "seconds": seconds, "steps": [1, 2], "compiled_steps": 0, "generated": 8}
+
+    row = {"reference": {"schedule": 1, **packed},
+           "schedules": {str(s): command._schedule_entry(run(c, s), reference)
+                         for s, c in {1: reference, **others}.items()}}
+    command._summarise(row)
+    assert row["distinct_per_request"] == {"0": 3, "1": 1}
+    assert row["first_divergence_per_request"] == {"0": 1, "1": None}
+    assert row["requests_with_one_completion"] == 1 and row["max_distinct"] == 3 and row["runs"] == 3
+    assert row["tokens_per_s"] == 8 / 2
+
+
 def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, capsys):
     from bench.e2e import command
 

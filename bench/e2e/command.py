@@ -19,17 +19,19 @@ ones); such a step is run twice and its second run counted
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import statistics
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bench.e2e.config import LLAMA3_8B, TINY, ModelConfig
-from bench.e2e.run import Serving, distinct, run_schedule
+from bench.e2e.run import Serving, run_schedule
 from bench.e2e.scheduler import workload
 
 
@@ -161,55 +163,131 @@ def resumable(path: Path, setup: Setup) -> dict:
     return data
 
 
+def pack_tokens(completions: dict) -> dict:
+    """Each request's token ids, compact enough for e2e.json (int32,
+    zlib-compressed, base64): a later process needs one schedule's tokens to
+    place the first divergence of the schedules it runs."""
+    rids = sorted(completions)
+    flat = np.concatenate([np.asarray(completions[r], np.int32) for r in rids]) if rids else np.zeros(0, np.int32)
+    return {"requests": rids, "lengths": [len(completions[r]) for r in rids],
+            "tokens": base64.b64encode(zlib.compress(flat.astype("<i4").tobytes(), 9)).decode("ascii")}
+
+
+def unpack_tokens(packed: dict) -> dict:
+    flat = np.frombuffer(zlib.decompress(base64.b64decode(packed["tokens"])), "<i4")
+    out, at = {}, 0
+    for rid, n in zip(packed["requests"], packed["lengths"]):
+        out[rid] = flat[at:at + n].tolist()
+        at += n
+    return out
+
+
+def _first_difference(a, b) -> int | None:
+    """The first token position where two completions differ (None: equal)."""
+    if list(a) == list(b):
+        return None
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _schedule_entry(run: dict, reference: dict) -> dict:
+    """One timed schedule of an engine: its timing, each request's digest and
+    first difference from the engine's reference schedule."""
+    return {"seconds": run["seconds"], "steps": len(run["steps"]), "compiled_steps": run["compiled_steps"],
+            "generated": run["generated"], "digests": _digests(run["completions"]),
+            "first_difference": {str(r): _first_difference(reference[r], run["completions"][r]) for r in reference}}
+
+
+def _summarise(row: dict) -> dict:
+    """The row's figures from its schedules (those of every process that ran
+    this engine): distinct completions per request (digests), the first
+    divergence (the earliest first difference from the reference schedule:
+    where two schedules part, one of them parts from the reference there or
+    earlier), tokens/s over the median schedule."""
+    sched = row["schedules"]
+    seeds = sorted(sched, key=int)
+    rids = list(sched[seeds[0]]["digests"])
+    per_request = {r: len({sched[s]["digests"][r] for s in seeds}) for r in rids}
+    first = {r: min((d for d in (sched[s]["first_difference"][r] for s in seeds) if d is not None), default=None)
+             for r in rids}
+    counts, firsts = list(per_request.values()), [f for f in first.values() if f is not None]
+    seconds = [sched[s]["seconds"] for s in seeds]
+    row.update({"runs": len(seeds), "schedule_seeds": [int(s) for s in seeds], "requests": len(counts),
+                "requests_with_one_completion": counts.count(1), "max_distinct": max(counts),
+                "mean_distinct": statistics.fmean(counts),
+                "first_divergence_median": statistics.median(firsts) if firsts else None,
+                "tokens_per_s": sched[seeds[0]]["generated"] / statistics.median(seconds), "seconds": seconds,
+                "steps": [sched[s]["steps"] for s in seeds], "compiled_steps": [sched[s]["compiled_steps"] for s in seeds],
+                "distinct_per_request": per_request, "first_divergence_per_request": first,
+                "completion_digests": sched[str(row["reference"]["schedule"])]["digests"]})
+    return row
+
+
+def _todo(row: dict | None, schedules, temperature: float) -> tuple[list[int], bool]:
+    """The schedules still to run for an engine with the resumed ``row``, and
+    whether its verification and prefix-cache runs are (greedy only). A row
+    from before e2e.json kept schedules counts as complete."""
+    if row is not None and "schedules" not in row:
+        return [], False
+    have = set(row["schedules"]) if row is not None else set()
+    return [s for s in schedules if str(s) not in have], temperature == 0 and (row is None or "verification" not in row)
+
+
 def measure(setup: Setup, frameworks, temperatures, device: str, console=None, partial: Path | None = None,
-            impls=IMPLS, previous: dict | None = None) -> dict:
-    """Every (framework, temperature, impl of ``impls``): R runs under
-    schedules 1..R, after one warm-up run under schedule 0 (compilations;
-    not counted). ``partial``: a JSON file rewritten with the rows so far
-    after each engine (a run cut by a time limit keeps them). ``previous``:
-    an earlier run's results (``resumable``), whose rows are kept and whose
-    engines are not run again, so that one run can be split over processes
-    (each framework in its own, say) and still compare the frameworks."""
+            impls=IMPLS, previous: dict | None = None, schedules=None) -> dict:
+    """Every (framework, temperature, impl of ``impls``): the timed schedules
+    ``schedules`` (default 1..R) after one warm-up run under schedule 0
+    (compilations; not counted). ``partial``: a JSON file rewritten with the
+    rows so far after each engine (a run cut by a time limit keeps them).
+    ``previous``: an earlier run's results (``resumable``); its rows are kept,
+    and an engine runs only the schedules its row lacks, merged into the row,
+    so that one run can be split over processes (each framework, or a few
+    schedules of one engine, in its own) and still count every schedule and
+    compare the frameworks."""
+    schedules = list(range(1, setup.runs + 1)) if schedules is None else sorted(set(schedules))
+    if not schedules or not all(1 <= s <= setup.runs for s in schedules):
+        raise ValueError(f"schedules must be among 1..{setup.runs} (the setup's runs), got {schedules}")
     if "jax" in frameworks and device != "cpu":
         _share_jax_compilations()
     work = workload(setup.requests, setup.min_prompt, setup.max_prompt, setup.new_tokens, setup.model.vocab)
-    results = list(previous["results"]) if previous else []
-    done = {(r["framework"], r["temperature"], r["impl"]) for r in results}
-    for framework, temperature, impl in sorted(done) if console is not None else ():
-        console.print(f"e2e {framework} {impl} T={temperature}: kept from the resumed run")
+    results = [dict(r) for r in previous["results"]] if previous else []
+    index = {(r["framework"], r["temperature"], r["impl"]): i for i, r in enumerate(results)}
     for framework in frameworks:
         for temperature in temperatures:
             for impl in impls:
                 if impl == "varlen" and framework != "torch":
                     continue  # torch's FlashAttention varlen default; JAX has no such kernel
-                if (framework, temperature, impl) in done:
+                key = (framework, temperature, impl)
+                row = results[index[key]] if key in index else None
+                todo, variants = _todo(row, schedules, temperature)
+                if not todo and not variants:
+                    if console is not None and row is not None:
+                        console.print(f"e2e {framework} {impl} T={temperature}: kept from the resumed run")
                     continue
                 engine = _engine(framework, impl, setup, temperature, device)
                 run_schedule(engine, work, setup.serving, schedule_seed=0)
-                runs = [run_schedule(engine, work, setup.serving, schedule_seed=r) for r in range(1, setup.runs + 1)]
-                per_request = distinct(runs)
-                seconds = [r["seconds"] for r in runs]
-                generated = runs[0]["generated"]
-                counts = [v["distinct"] for v in per_request.values()]
-                firsts = [v["first_divergence"] for v in per_request.values() if v["first_divergence"] is not None]
-                row = {"framework": framework, "impl": impl, "temperature": temperature, "runs": setup.runs,
-                       "requests": len(counts), "requests_with_one_completion": counts.count(1),
-                       "max_distinct": max(counts), "mean_distinct": statistics.fmean(counts),
-                       "first_divergence_median": statistics.median(firsts) if firsts else None,
-                       "tokens_per_s": generated / statistics.median(seconds), "seconds": seconds,
-                       "steps": [len(r["steps"]) for r in runs],
-                       "compiled_steps": [r["compiled_steps"] for r in runs],
-                       "distinct_per_request": {str(k): v["distinct"] for k, v in per_request.items()},
-                       "first_divergence_per_request": {str(k): v["first_divergence"] for k, v in per_request.items()},
-                       "completion_digests": _digests(runs[0]["completions"])}
-                if temperature == 0:
-                    row.update(_variants(engine, setup, runs[0]["completions"], work))
-                results.append(row)
+                runs = {s: run_schedule(engine, work, setup.serving, schedule_seed=s) for s in todo}
+                if row is None:
+                    first = min(runs)
+                    row = {"framework": framework, "impl": impl, "temperature": temperature, "schedules": {},
+                           "reference": {"schedule": first, **pack_tokens(runs[first]["completions"])}}
+                reference = unpack_tokens(row["reference"])
+                row["schedules"] = {**row["schedules"], **{str(s): _schedule_entry(r, reference) for s, r in runs.items()}}
+                row["schedules"] = dict(sorted(row["schedules"].items(), key=lambda kv: int(kv[0])))
+                if variants:
+                    row.update(_variants(engine, setup, reference, work))
+                _summarise(row)
+                if key in index:
+                    results[index[key]] = row
+                else:
+                    index[key] = len(results)
+                    results.append(row)
                 if partial is not None:
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     partial.write_text(json.dumps({"setup": _setup_dict(setup), "results": results}, indent=1))
                 if console is not None:
-                    console.print(f"e2e {framework} {impl} T={temperature}: {row['requests_with_one_completion']}/"
+                    console.print(f"e2e {framework} {impl} T={temperature}: schedules {', '.join(map(str, todo))} run "
+                                  f"({row['runs']} of {setup.runs} kept): {row['requests_with_one_completion']}/"
                                   f"{row['requests']} requests with one completion, {row['tokens_per_s']:.0f} tok/s")
                 del engine
                 _release(framework)
@@ -269,14 +347,15 @@ def setup_for(native: bool, requests=None, runs=None) -> Setup:
 
 
 def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=None, temperatures=(0.0, 0.8),
-        impls=IMPLS, previous: dict | None = None) -> list[Path]:
+        impls=IMPLS, previous: dict | None = None, schedules=None) -> list[Path]:
     """``previous``: an earlier run's results of the same setup
-    (``resumable``); its engines are kept, the others run, and e2e.json holds
-    them all (the cross-framework comparison included)."""
+    (``resumable``); its engines' schedules are kept, the missing ones of
+    ``schedules`` (default all) run, and e2e.json holds them all (the
+    cross-framework comparison included)."""
     setup = setup_for(native, requests, runs)
     start = time.perf_counter()
     data = measure(setup, frameworks, temperatures, "cuda" if native else "cpu", console,
-                   partial=out / "e2e.partial.json", impls=impls, previous=previous)
+                   partial=out / "e2e.partial.json", impls=impls, previous=previous, schedules=schedules)
     data["wall_seconds"] = time.perf_counter() - start
     from rich.table import Table
 
@@ -291,6 +370,11 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
                       f"{r['tokens_per_s']:.0f}",
                       f"{r['throughput_ratio']:.2f}x" if "throughput_ratio" in r else "-")
     console.print(table)
+    for r in data["results"]:
+        if r["runs"] < setup.runs:
+            console.print(f"{r['framework']} {r['impl']} T={r['temperature']}: {r['runs']} of {setup.runs} schedules so "
+                          f"far ({', '.join(map(str, r.get('schedule_seeds', [])))}); --e2e-resume e2e.json with "
+                          "--e2e-schedules runs the others")
     for r in data["results"]:
         if "verification" in r:
             v, c = r["verification"], r["prefix_cache"]
