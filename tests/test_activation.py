@@ -73,3 +73,16 @@ def test_silu_and_mul_refuses_bad_input(framework):
         bi.silu_and_mul(make(()))
     with pytest.raises(TypeError, match="int32"):
         bi.silu_and_mul(make((2, 4), int_dtype))
+    with pytest.raises(TypeError):
+        bi.silu_and_mul([[1.0, 2.0]])
+    # Empty sizes give empty outputs, gradients included.
+    for shape, out in (((3, 0), (3, 0)), ((0,), (0,)), ((0, 4), (0, 2)), ((2, 0, 6), (2, 0, 3))):
+        assert tuple(bi.silu_and_mul(make(shape)).shape) == out, shape
+    if framework == "torch":
+        x = make((3, 0)).requires_grad_()
+        bi.silu_and_mul(x).sum().backward()
+        assert x.grad.shape == (3, 0)
+    else:
+        import jax
+
+        assert jax.grad(lambda a: bi.silu_and_mul(a).sum())(make((3, 0))).shape == (3, 0)

@@ -93,10 +93,10 @@ def silu_and_mul_backward(x, grad, interpret: bool | None = None):
     (bi_torch's bits), rounded once to ``x``'s dtype."""
     interpret = interpret_mode("silu_and_mul backward") if interpret is None else interpret
     n = x.shape[-1] // 2
+    if n == 0 or x.size == 0:
+        return jnp.zeros(x.shape, x.dtype)
     x2d, c2d = x.reshape(-1, 2 * n), grad.reshape(-1, n).astype(x.dtype)
     rows = x2d.shape[0]
-    if rows == 0 or n == 0:
-        return jnp.zeros(x.shape, x.dtype)
     step = max(1, MAX_LAUNCH_ELEMENTS // (2 * n))  # launches that int32 offsets address
     parts = [_call(_grad_kernel, "bi_silu_and_mul_grad", min(step, rows - r), n, 2 * n, x.dtype, interpret,
                    x2d[r:r + step], c2d[r:r + step]) for r in range(0, rows, step)]
@@ -106,9 +106,9 @@ def silu_and_mul_backward(x, grad, interpret: bool | None = None):
 @jax.custom_vjp
 def _silu_and_mul(x):
     n = x.shape[-1] // 2
-    x2d = x.reshape(-1, 2 * n)
-    if x2d.shape[0] == 0 or n == 0:
+    if n == 0 or x.size == 0:
         return jnp.zeros((*x.shape[:-1], n), x.dtype)
+    x2d = x.reshape(-1, 2 * n)
     interpret = interpret_mode("silu_and_mul")
     y = launch_rows("silu_and_mul", lambda part: launch(part, interpret), x2d, interpret)
     return y.reshape(*x.shape[:-1], n)
@@ -133,7 +133,6 @@ def silu_and_mul(x: jax.Array) -> jax.Array:
     input (``bi_core.activation``). Differentiable (an elementwise backward
     kernel, bi_torch's bits too);
     works under ``jax.jit`` and ``jax.vmap``."""
-    x = jnp.asarray(x) if not hasattr(x, "shape") else x
     check_float_array("x", x, "silu_and_mul")
     check_gated_width("silu_and_mul", tuple(x.shape))
     return _silu_and_mul(x)

@@ -104,6 +104,8 @@ def launch(x2d: torch.Tensor, out: torch.Tensor) -> None:
 
 def _forward(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1] // 2
+    if n == 0 or x.numel() == 0:
+        return x.new_empty((*x.shape[:-1], n))
     x2d = canonical(x.reshape(-1, 2 * n))
     out = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=x.device)
     launch(x2d, out)
@@ -117,11 +119,13 @@ def silu_and_mul_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     ``bi_core.activation``'s arithmetic (bi_jax's bits), rounded once to
     ``x``'s dtype. Elementwise, so no batch (and no run) changes it."""
     n = x.shape[-1] // 2
+    if n == 0 or x.numel() == 0:
+        return torch.zeros_like(x)
     x2d = canonical(x.reshape(-1, 2 * n))
     c2d = canonical(grad.reshape(-1, n))
     dx = torch.empty_like(x2d)
     rows = x2d.shape[0]
-    if rows and n:
+    if rows:
         block, options = _launch_options(n)
         _silu_and_mul_grad_kernel[(rows, cdiv(n, block))](x2d, c2d, dx, n, **options)
     return dx.reshape(x.shape)
