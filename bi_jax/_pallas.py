@@ -36,12 +36,30 @@ def varying(args, out_shape):
     return args, shapes
 
 
-def pallas_call(kernel, *, out_shape, **kwargs):
+def first_order(call, name: str):
+    """``call`` (a kernel launch), refusing to be differentiated with an
+    error that names it. The bi_jax ops differentiate through their own
+    ``custom_vjp`` rules; JAX reaches a kernel's own derivative only for a
+    second derivative (a backward differentiated again), where Pallas would
+    fail with a bare ``AssertionError``."""
+    guarded = jax.custom_jvp(call)
+
+    @guarded.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(
+            f"bi_jax kernel {name!r}: second derivatives are not supported (the bi_jax ops have first-order "
+            "gradients only: jax.grad of jax.grad, or a jvp of a vjp, reached a kernel's own derivative)")
+
+    return guarded
+
+
+def pallas_call(kernel, *, out_shape, name: str | None = None, **kwargs):
     """``pl.pallas_call(kernel, out_shape=out_shape, **kwargs)`` whose
-    outputs vary over the union of its inputs' varying mesh axes."""
+    outputs vary over the union of its inputs' varying mesh axes, and which
+    refuses to be differentiated (:func:`first_order`)."""
 
     def call(*args):
         args, shapes = varying(args, out_shape)
-        return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+        return pl.pallas_call(kernel, out_shape=shapes, name=name, **kwargs)(*args)
 
-    return call
+    return first_order(call, name or getattr(kernel, "__name__", "pallas kernel"))

@@ -346,6 +346,24 @@ def _jax_forward_lse(q, k, v, causal, split_kv):
     return rows[:, :lq * (hq // hkv)].reshape(b, hkv, lq, hq // hkv).transpose(0, 1, 3, 2).reshape(-1)
 
 
+def test_jax_second_derivatives_are_refused_naming_the_kernel():
+    """First-order gradients only: a second derivative reaches a kernel's own
+    derivative, which names itself (Pallas alone fails with a bare
+    AssertionError); first derivatives, jitted or not, still run."""
+    import jax
+    import jax.numpy as jnp
+
+    import bi_jax
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16)), jnp.float32)
+    for f in (lambda a: bi_jax.rms_norm(a, jnp.ones(16)), bi_jax.silu_and_mul, bi_jax.softmax,
+              lambda a: bi_jax.matmul(a, a.T)):
+        loss = lambda a, f=f: f(a).astype(jnp.float32).sum()  # noqa: E731
+        assert jax.jit(jax.grad(loss))(x).shape == x.shape
+        with pytest.raises(NotImplementedError, match=r"bi_jax kernel 'bi_\w+': second derivatives are not supported"):
+            jax.grad(lambda a, loss=loss: jax.grad(loss)(a).sum())(x)
+
+
 def test_jax_mean_gradient_is_one_division_per_row():
     """``mean``'s gradient in JAX is ``g / n`` rounded once, for any batch: XLA
     turns a division by a scalar into a product with its rounded reciprocal

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from bi_core.matmul import WgmmaConfig
-from bi_jax._pallas import varying
+from bi_jax._pallas import first_order, varying
 
 # The Mosaic GPU interpreter runs every CTA of the grid on numpy; a couple of
 # persistent CTAs exercise the same tile walk as the real grid.
@@ -205,4 +205,4 @@ def wgmma_matmul(
         ),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    return kernel(*args)
+    return first_order(kernel, "bi_matmul_wgmma")(*args)
