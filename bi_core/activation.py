@@ -71,10 +71,17 @@ def block_for(n: int) -> int:
     return min(BLOCK, 1 << max(n - 1, 0).bit_length())
 
 
+# A launch grid's second axis holds at most 65535 programs of BLOCK outputs.
+MAX_WIDTH = 65535 * BLOCK
+
+
 def check_gated_width(op: str, shape) -> int:
     """The output width ``n`` of an input of ``shape`` (..., 2 n)."""
     if len(shape) == 0:
         raise ValueError(f"{op}: x must have at least one dimension ([gate | up] on the last), got a 0-d input")
     if shape[-1] % 2:
         raise ValueError(f"{op}: the last dimension holds [gate | up] and must be even, got shape {tuple(shape)}")
+    if shape[-1] // 2 > MAX_WIDTH:
+        raise ValueError(f"{op}: gate and up widths of {shape[-1] // 2} are too wide (at most {MAX_WIDTH}: the "
+                         "launch grid's column axis)")
     return shape[-1] // 2

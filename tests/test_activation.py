@@ -75,6 +75,10 @@ def test_silu_and_mul_refuses_bad_input(framework):
         bi.silu_and_mul(make((2, 4), int_dtype))
     with pytest.raises(TypeError):
         bi.silu_and_mul([[1.0, 2.0]])
+    from bi_core.activation import MAX_WIDTH, check_gated_width
+
+    with pytest.raises(ValueError, match="too wide"):  # the shape check alone: no such tensor is allocated
+        check_gated_width("silu_and_mul", (1, 2 * MAX_WIDTH + 2))
     # Empty sizes give empty outputs, gradients included.
     for shape, out in (((3, 0), (3, 0)), ((0,), (0,)), ((0, 4), (0, 2)), ((2, 0, 6), (2, 0, 3))):
         assert tuple(bi.silu_and_mul(make(shape)).shape) == out, shape

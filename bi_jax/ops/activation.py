@@ -26,14 +26,9 @@ from bi_core.activation import (
 from bi_jax._checks import check_float_array, interpret_mode
 from bi_jax._pallas import pallas_call
 from bi_jax.ops._row_launch import MAX_LAUNCH_ELEMENTS, launch_rows
+from bi_jax.ops.rows import _asm
 
 __all__ = ["silu_and_mul"]
-
-
-def _asm(asm, *args):
-    return pltriton.elementwise_inline_asm(
-        asm, args=list(args), constraints="=r," + ",".join("r" for _ in args), pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])[0]
 
 
 def _silu_mul(g, u, ptx):
