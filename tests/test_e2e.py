@@ -306,6 +306,39 @@ def test_a_run_split_by_schedules_counts_every_schedule(tmp_path):
         command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), schedules=[4])
 
 
+def test_a_run_cut_mid_engine_keeps_its_finished_schedules(tmp_path, monkeypatch):
+    """The partial file is rewritten after every timed schedule: a process
+    cut (a time limit) during an engine's third schedule leaves the first two
+    in e2e.partial.json, and a run resuming it runs only the third and the
+    greedy variants, to the row of one uncut run."""
+    from bench.e2e import command
+
+    setup = replace(command.CPU, model=CONFIG, requests=3, runs=3, serving=SERVING)
+    whole = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",))
+    real, seen = command.run_schedule, []
+
+    def cut_at_third(engine, work, serving, *, schedule_seed, **kwargs):
+        seen.append(schedule_seed)
+        if schedule_seed == 3:
+            raise KeyboardInterrupt  # what timeout -s INT delivers
+        return real(engine, work, serving, schedule_seed=schedule_seed, **kwargs)
+
+    monkeypatch.setattr(command, "run_schedule", cut_at_third)
+    partial = tmp_path / "e2e.partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), partial=partial)
+    kept = json.loads(partial.read_text())["results"][0]
+    assert kept["schedule_seeds"] == [1, 2] and "verification" not in kept
+    monkeypatch.setattr(command, "run_schedule", real)
+    resumed = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",),
+                              previous=command.resumable(partial, setup))["results"][0]
+    a = whole["results"][0]
+    assert resumed["schedule_seeds"] == [1, 2, 3] and resumed["schedules"]["1"] == kept["schedules"]["1"]
+    for key in ("distinct_per_request", "completion_digests", "steps"):
+        assert resumed[key] == a[key], key
+    assert resumed["verification"]["same_tokens"] == a["verification"]["same_tokens"] == 3
+
+
 def test_schedules_merge_into_distinct_completions_and_the_first_divergence():
     """The row's figures from schedules run apart: distinct completions by
     digest, the first divergence the earliest position where any schedule

@@ -266,25 +266,34 @@ def measure(setup: Setup, frameworks, temperatures, device: str, console=None, p
                     continue
                 engine = _engine(framework, impl, setup, temperature, device)
                 run_schedule(engine, work, setup.serving, schedule_seed=0)
-                runs = {s: run_schedule(engine, work, setup.serving, schedule_seed=s) for s in todo}
-                if row is None:
-                    first = min(runs)
-                    row = {"framework": framework, "impl": impl, "temperature": temperature, "schedules": {},
-                           "reference": {"schedule": first, **pack_tokens(runs[first]["completions"])}}
-                reference = unpack_tokens(row["reference"])
-                row["schedules"] = {**row["schedules"], **{str(s): _schedule_entry(r, reference) for s, r in runs.items()}}
-                row["schedules"] = dict(sorted(row["schedules"].items(), key=lambda kv: int(kv[0])))
-                if variants:
-                    row.update(_variants(engine, setup, reference, work))
-                _summarise(row)
-                if key in index:
+
+                def keep(row, key=key):
+                    # The row so far into the results, and the partial file
+                    # rewritten: a run cut by a time limit keeps every
+                    # schedule that finished.
+                    _summarise(row)
+                    if key not in index:
+                        index[key] = len(results)
+                        results.append(row)
                     results[index[key]] = row
-                else:
-                    index[key] = len(results)
-                    results.append(row)
-                if partial is not None:
-                    partial.parent.mkdir(parents=True, exist_ok=True)
-                    partial.write_text(json.dumps({"setup": _setup_dict(setup), "results": results}, indent=1))
+                    if partial is not None:
+                        partial.parent.mkdir(parents=True, exist_ok=True)
+                        partial.write_text(json.dumps({"setup": _setup_dict(setup), "results": results}, indent=1))
+
+                for s in todo:
+                    run = run_schedule(engine, work, setup.serving, schedule_seed=s)
+                    if row is None:
+                        row = {"framework": framework, "impl": impl, "temperature": temperature, "schedules": {},
+                               "reference": {"schedule": s, **pack_tokens(run["completions"])}}
+                    entry = _schedule_entry(run, unpack_tokens(row["reference"]))
+                    row["schedules"] = dict(sorted({**row["schedules"], str(s): entry}.items(),
+                                                   key=lambda kv: int(kv[0])))
+                    keep(row)
+                if variants:
+                    if row is None:  # no schedule ran here or before: nothing to verify against
+                        raise ValueError(f"e2e {framework} {impl}: verification needs a timed schedule first")
+                    row.update(_variants(engine, setup, unpack_tokens(row["reference"]), work))
+                    keep(row)
                 if console is not None:
                     console.print(f"e2e {framework} {impl} T={temperature}: schedules {', '.join(map(str, todo))} run "
                                   f"({row['runs']} of {setup.runs} kept): {row['requests_with_one_completion']}/"
