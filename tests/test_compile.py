@@ -301,3 +301,123 @@ def test_a_compiled_cross_entropy_gets_the_switchs_bits():
     got = step(torch.compile(ce, backend=compile_backend()))
     want = step(ce, bi_torch.enable_batch_invariant_mode())
     assert all(_same(a, b) for a, b in zip(got, want))
+
+
+def _direct_inputs(dtype=torch.float32):
+    """Inputs for every public bi_ op: rows, weights, (B, L, H, D) attention,
+    its packed form and a paged KV cache."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    b, length, h, d = 2, 8, 2, 64
+    pages = dict(k_cache=r(4, 16, h, d), v_cache=r(4, 16, h, d),
+                 block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE),
+                 cache_seqlens=torch.tensor([5, 9], dtype=torch.int32, device=DEVICE))
+    return dict(x=r(5, 64), gate_up=r(5, 128), w=r(96, 64), bias=r(96), norm=r(64), ids=torch.tensor(
+        [[1, 7, 3], [0, 2, 2]], device=DEVICE), table=r(9, 64), q=r(b, length, h, d), k=r(b, length, h, d),
+        v=r(b, length, h, d), cu=torch.tensor([0, 3, 8, 16], dtype=torch.int32, device=DEVICE),
+        q1=r(b, 1, h, d), kv1=r(b, 1, h, d), **pages)
+
+
+def _every_direct_op(t):
+    """Each public op of bi_torch once, called directly (as a model's code
+    calls them); the paged cache is written by the last call."""
+    packed = t["q"].reshape(-1, *t["q"].shape[2:])
+    sdpa_q = t["q"].transpose(1, 2)
+    return (
+        bi_torch.silu_and_mul(t["gate_up"]),
+        bi_torch.matmul(t["x"], t["w"].t()),
+        bi_torch.matmul(t["x"], t["w"].t(), t["bias"], out_dtype=torch.float32),
+        bi_torch.linear(t["x"], t["w"], t["bias"]),
+        bi_torch.rms_norm(t["x"], t["norm"], 1e-5),
+        bi_torch.softmax(t["x"], -1),
+        bi_torch.log_softmax(t["x"], 0),
+        bi_torch.sum(t["x"], -1),
+        bi_torch.mean(t["x"], (0, 1), keepdim=True),
+        bi_torch.embedding(t["ids"], t["table"]),
+        bi_torch.attention(t["q"], t["k"], t["v"], causal=True),
+        bi_torch.attention(t["q"], t["k"], t["v"], window=(2, 0)),
+        bi_torch.scaled_dot_product_attention(sdpa_q, sdpa_q, sdpa_q, is_causal=True),
+        bi_torch.varlen_attention(packed, packed, packed, t["cu"], t["cu"], 8, 8, causal=True),
+        bi_torch.paged_attention(t["q1"], t["k_cache"], t["v_cache"], t["block_table"], t["cache_seqlens"]),
+        bi_torch.paged_attention(t["q1"], t["k_cache"], t["v_cache"], t["block_table"], t["cache_seqlens"],
+                                 k_new=t["kv1"], v_new=t["kv1"]),
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["inductor", "compile_backend"])
+def test_direct_bi_calls_compile_to_one_graph_of_bi_ops_with_eagers_bits(backend):
+    """A function that calls the bi_ ops directly compiles into one graph
+    (``fullgraph=True``) whose nodes are the ``bi_torch_direct`` custom ops,
+    under Inductor and under ``compile_backend``; its outputs (and the cache
+    the paged append writes) are eager's bits. Before, Dynamo traced into
+    the ops' launch code and failed."""
+    eager_in, compiled_in = _direct_inputs(), _direct_inputs()
+    eager = _every_direct_op(eager_in)
+    graphs = []
+    inner = compile_backend() if backend == "compile_backend" else "inductor"
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return (inner if callable(inner) else lookup_backend(inner))(gm, example_inputs)
+
+    got = torch.compile(_every_direct_op, backend=capture, fullgraph=True)(compiled_in)
+    assert len(graphs) == 1
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {t for t in targets if "bi_torch_direct" in t} >= {
+        f"bi_torch_direct.{name}.default" for name in (
+            "silu_and_mul", "matmul", "linear", "rms_norm", "softmax", "log_softmax", "sum", "mean", "embedding",
+            "attention", "scaled_dot_product_attention", "varlen_attention", "paged_attention",
+            "paged_attention_append")}
+    for i, (e, c) in enumerate(zip(eager, got)):
+        assert _same(e, c), i
+        assert c.is_contiguous(), i
+    for name in ("k_cache", "v_cache"):
+        assert _same(eager_in[name], compiled_in[name]), name
+
+
+def test_direct_bi_calls_that_need_grad_run_eagerly_inside_compile():
+    """The direct custom ops have no autograd formula: a call whose inputs
+    require grad runs the eager op outside the graph (a graph break), so the
+    gradients are the bi_ backward's, as in eager; ``fullgraph=True`` refuses
+    the break."""
+    def loss(x, w, norm):
+        h = bi_torch.rms_norm(bi_torch.linear(x, w), norm)
+        return bi_torch.sum(bi_torch.log_softmax(h, -1) * h)
+
+    g = torch.Generator().manual_seed(4)
+    args = [torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in ((5, 64), (32, 64), (32,))]
+    eager = torch.autograd.grad(loss(*args), args)
+    compiled = torch.autograd.grad(torch.compile(loss, backend="inductor")(*args), args)
+    for e, c in zip(eager, compiled):
+        assert _same(e, c)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)skip|disable|graph break"):
+        torch.compile(loss, backend="inductor", fullgraph=True)(*args)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_direct_bi_calls_replay_in_cuda_graphs_with_eagers_bits():
+    """``mode="reduce-overhead"`` over direct bi_ calls: CUDA graphs record
+    the bi_ launches and replay them with eager's bits (bf16, a decode-sized
+    MLP and attention)."""
+    t = _direct_inputs(torch.bfloat16)
+
+    def step(x, gate_up_w, down_w, norm, q, k, v):
+        h = bi_torch.rms_norm(x, norm)
+        h = bi_torch.linear(bi_torch.silu_and_mul(bi_torch.linear(h, gate_up_w)), down_w)
+        return h, bi_torch.attention(q, k, v, causal=True)
+
+    args = (t["x"], torch.cat([t["w"], t["w"]]), t["w"].t().contiguous(), t["norm"], t["q"], t["k"], t["v"])
+    eager = step(*args)
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # record, then replay
+        got = [o.clone() for o in compiled(*args)]
+    for e, c in zip(eager, got):
+        assert _same(e, c)

@@ -22,6 +22,7 @@ from bi_core.activation import (
     block_for,
     check_gated_width,
 )
+from bi_torch import direct as _direct
 from bi_torch._checks import canonical, check_float_tensor, check_launchable, interpreting
 from bi_torch._launch import cdiv, fast
 
@@ -153,6 +154,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     ``bi_jax.silu_and_mul``'s for the same input. Differentiable: the
     backward is an elementwise kernel with the same property
     (:func:`silu_and_mul_backward`)."""
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.silu_and_mul(silu_and_mul, x)
     check_float_tensor("x", x)
     check_gated_width("silu_and_mul", tuple(x.shape))
     check_launchable("silu_and_mul", x)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from bi_core import attention as contract
+from bi_torch import direct as _direct
 from bi_torch import _plan
 from bi_torch._checks import check_float_tensor, check_launchable, check_no_autograd, interpreting
 from bi_torch._launch import cdiv, fast, recording, sm_count
@@ -825,6 +826,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, wind
     that sees no key gives zeros. A row's bits depend only on that query and
     the keys and values it attends to (``bi_core.attention``).
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.attention(attention, q, k, v, causal, scale, window, kv_lengths, split_kv)
     key = _plan_key("attention", q, k, v, causal, scale, window, split_kv) if kv_lengths is None else None
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
@@ -861,6 +864,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     Not supported (refused, never approximated): ``dropout_p > 0``, a mask
     that requires grad, and inputs that are not 4-D.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.scaled_dot_product_attention(scaled_dot_product_attention, query, key, value, attn_mask,
+                                                    dropout_p, is_causal, scale, enable_gqa)
     op = "scaled_dot_product_attention"
     signature = _plan_key(op, query, key, value, is_causal, scale, enable_gqa) \
         if attn_mask is None and not dropout_p else None
@@ -1044,6 +1050,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
     (host ints) avoid reading the lengths back from the device; without them
     the offsets are read (and checked) once.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.varlen_attention(varlen_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, causal, scale, window, split_kv)
     op = "varlen_attention"
     contract.check_split_kv(split_kv, op)
     max_seqlen_q = contract.check_max_seqlen(max_seqlen_q, "max_seqlen_q", op)
@@ -1109,6 +1118,9 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
 
     Returns the output, laid out as q.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.paged_attention(paged_attention, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
+                                       max_seqlen_q, k_new, v_new, causal, scale, window, split_kv, validate)
     op = "paged_attention"
     signature = None
     if not validate and k_new is None and v_new is None and isinstance(q, torch.Tensor):

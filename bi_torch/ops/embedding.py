@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bi_torch import direct as _direct
 from bi_torch._checks import canonical, check_launchable
 from bi_torch._launch import fast
 
@@ -80,6 +81,8 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     step gives the same bits on every run. A table that requires grad must be
     where the backward's kernel can run: a CUDA tensor, or a CPU tensor under
     the Triton interpreter."""
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.embedding(embedding, ids, weight)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"embedding: ids must be an int32 or int64 tensor, got "
                         f"{getattr(ids, 'dtype', type(ids).__name__)}")

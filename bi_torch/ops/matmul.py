@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from bi_core.matmul import INTERPRET_CONFIG, TileConfig, precision_of, tile_config
+from bi_torch import direct as _direct
 from bi_torch import _plan
 from bi_torch._checks import check_float_tensor, check_launchable, interpreting
 from bi_torch._launch import cdiv, fast, recording, sm_count
@@ -345,6 +346,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, o
     A row of the output depends only on its row of ``a`` and on ``b``: not on
     how many rows ``a`` has nor where the row sits.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.matmul(matmul, a, b, bias, out_dtype)
     key = _plan_key(a, b, bias, out_dtype)
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
@@ -451,6 +454,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     dims. Same arithmetic as :func:`matmul` (it is ``matmul(x, weight.T, bias)``,
     with the transposed weight read in place).
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.linear(linear, x, weight, bias)
     key = _plan_key(x, weight, bias, "linear")
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:

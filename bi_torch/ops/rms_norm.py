@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bi_torch import direct as _direct
 from bi_torch._checks import (
     check_eps,
     check_float_tensor,
@@ -242,6 +243,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     Each output row depends only on its own input row: not on how many rows are
     in ``x`` nor where the row sits.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.rms_norm(rms_norm, x, weight, eps)
     return _rms_norm(x, weight, eps)
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from bi_core.rows import DIV_ASM, EXP_ASM, FOLD_ASM, LOG_ASM, RCP_ASM, row_config, split_segments, sum_tree
+from bi_torch import direct as _direct
 from bi_torch._checks import (
     SUPPORTED_DTYPES,
     canonical,
@@ -439,12 +440,16 @@ def sum(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype 
     one rounding to the output dtype (``dtype`` if given, else ``x.dtype``).
     Any dims; those that are not last are moved there by a copy.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.sum(sum, x, dim, keepdim, dtype)
     return _reduce("sum", x, dim, keepdim, dtype)
 
 
 def mean(x: torch.Tensor, dim=None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Batch-invariant ``torch.mean(x, dim, keepdim, dtype=dtype)``: the sum of
     ``sum`` divided (correctly rounded, in fp32) by the number of elements."""
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.mean(mean, x, dim, keepdim, dtype)
     return _reduce("mean", x, dim, keepdim, dtype)
 
 
@@ -455,10 +460,14 @@ def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) ->
     each exponential times the correctly rounded ``1 / sum``, and one rounding
     to the output dtype.
     """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.softmax(softmax, x, dim, dtype)
     return _normalise("softmax", x, dim, dtype)
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Batch-invariant ``torch.log_softmax(x, dim, dtype=dtype)``:
     ``(x - max) - log(sum(exp(x - max)))`` in fp32, rounded once."""
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.log_softmax(log_softmax, x, dim, dtype)
     return _normalise("log_softmax", x, dim, dtype)
