@@ -109,6 +109,14 @@ def test_compile_example_runs_as_written():
     assert run.stdout.strip() == "compiled rows agree: True"
 
 
+def test_direct_compile_example_runs_as_written():
+    """The direct-calls example, after the compile example it continues."""
+    code = _example("bi_torch.compile_backend(mode=mode)") + _example("def mlp(x, w_gate_up, w_down)")
+    run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1] == "direct calls compiled, eager bits: True", run.stdout
+
+
 def test_training_example_runs_as_written():
     code = _example("training forward == inference")
     run = _run(code, **({} if PROFILE.native else {"TRITON_INTERPRET": "1"}))
