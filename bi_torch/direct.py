@@ -16,7 +16,9 @@ kernels of its own::
         return bi_torch.linear(bi_torch.silu_and_mul(bi_torch.linear(x, w_gate_up)), w_down)
 
 Outputs are contiguous (each custom op's fake says so; where the eager op
-would return another layout, the node copies it once).
+would return another layout, the node copies it once), except
+``scaled_dot_product_attention``'s ``(B, H, L, E)`` result, whose memory is
+``(B, L, H, E)`` as the kernel writes it (and as the flash backend returns it).
 
 Gradients: the custom ops have no autograd formula of their own. A call
 whose tensors require grad while grad mode is on runs the eager op outside
@@ -49,13 +51,14 @@ def _eager(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _fresh(out: Tensor, inputs) -> Tensor:
-    """The output contiguous, and never an input's storage (a custom op may
-    not return an input or a view of one)."""
-    out = out.contiguous()
+def _fresh(out: Tensor, inputs, keep_layout: bool = False) -> Tensor:
+    """The output contiguous (``keep_layout``: as it is), and never an
+    input's storage (a custom op may not return an input or a view of one)."""
+    if not keep_layout:
+        out = out.contiguous()
     if out.numel() and any(isinstance(t, Tensor) and t.numel() and t.untyped_storage().data_ptr() ==
                            out.untyped_storage().data_ptr() for t in inputs):
-        out = out.clone()
+        out = out.clone(memory_format=torch.preserve_format)
     return out
 
 
@@ -194,12 +197,20 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = 
     from bi_torch.ops.attention import scaled_dot_product_attention
 
     out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return _fresh(out, (query, key, value, attn_mask))
+    if out.ndim != 4:
+        return _fresh(out, (query, key, value, attn_mask))
+    # (B, H, L, E) whose memory is (B, L, H, E), as the kernel writes it
+    # (and the flash backend returns it): no copy.
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return _fresh(out, (query, key, value, attn_mask), keep_layout=True)
 
 
 @_sdpa.register_fake
 def _(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return _attention_out(query, value)
+    if query.ndim != 4:
+        return _attention_out(query, value)
+    b, h, length, _ = query.shape
+    return query.new_empty((b, length, h, value.shape[-1])).transpose(1, 2)
 
 
 @torch.library.custom_op(f"{_NS}::varlen_attention", mutates_args=())

@@ -376,7 +376,7 @@ def test_direct_bi_calls_compile_to_one_graph_of_bi_ops_with_eagers_bits(backend
             "paged_attention_append")}
     for i, (e, c) in enumerate(zip(eager, got)):
         assert _same(e, c), i
-        assert c.is_contiguous(), i
+        assert c.stride() == (e.transpose(1, 2).contiguous().transpose(1, 2) if i == 12 else e.contiguous()).stride(), i
     for name in ("k_cache", "v_cache"):
         assert _same(eager_in[name], compiled_in[name]), name
 
