@@ -27,8 +27,10 @@ so), so training still gets the bi_ backward kernels and eager's bits. To
 compile a training step into one graph, write it with torch's ops and
 compile with :func:`bi_torch.compile_backend`.
 
-``paged_attention`` with ``k_new``/``v_new`` writes the cache in place: it is
-its own custom op, which declares that mutation (``paged_attention_append``).
+``paged_attention`` with ``k_new``/``v_new`` writes the cache in place: in a
+graph that is a node giving each new token's page and slot (after the eager
+op's checks), two ``index_put_`` writes, and the attention node over the
+pages, as the eager op runs it.
 """
 
 from __future__ import annotations
@@ -45,9 +47,17 @@ def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason="bi_torch: inputs that require grad (grad mode on) run the eager op, with its "
+                                "backward, outside the graph; the graph's bi_ nodes are inference-only")
 def _eager(fn, *args, **kwargs):
     """The eager op, outside the graph (a graph break while Dynamo traces)."""
+    return fn(*args, **kwargs)
+
+
+@torch.compiler.disable(reason="bi_torch: arguments the op refuses (its eager error follows without fullgraph)")
+def _refused(fn, *args, **kwargs):
+    """The eager op, outside the graph, for arguments it refuses: it raises
+    its own error."""
     return fn(*args, **kwargs)
 
 
@@ -251,14 +261,14 @@ def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
                   scale, window, split_kv, validate)
 
 
-@torch.library.custom_op(f"{_NS}::paged_attention_append", mutates_args=("k_cache", "v_cache"))
-def _paged_attention_append(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
-                            cache_seqlens: Tensor, k_new: Tensor, v_new: Tensor, cu_seqlens_q: Tensor | None = None,
-                            max_seqlen_q: int | None = None, causal: bool = True, scale: float | None = None,
-                            window: Sequence[int] | None = None, split_kv: bool | None = None,
-                            validate: bool = True) -> Tensor:
-    return _paged(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, causal,
-                  scale, window, split_kv, validate)
+@torch.library.custom_op(f"{_NS}::paged_append_slots", mutates_args=())
+def _paged_append_slots(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                        k_new: Tensor, v_new: Tensor, cu_seqlens_q: Tensor | None = None,
+                        max_seqlen_q: int | None = None, validate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    from bi_torch.ops.attention import paged_append_slots
+
+    return paged_append_slots(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
+                              cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, validate=validate)
 
 
 @_paged_attention.register_fake
@@ -267,10 +277,12 @@ def _(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q=None, max_se
     return _attention_out(q, v_cache)
 
 
-@_paged_attention_append.register_fake
+@_paged_append_slots.register_fake
 def _(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, cu_seqlens_q=None, max_seqlen_q=None,
-      causal=True, scale=None, window=None, split_kv=None, validate=True):
-    return _attention_out(q, v_cache)
+      validate=True):
+    total = q.shape[0] if q.ndim == 3 else q.shape[0] * q.shape[1]
+    slots = q.new_empty((total,), dtype=torch.int64)
+    return slots, torch.empty_like(slots), cache_seqlens.new_empty(cache_seqlens.shape, dtype=torch.int32)
 
 
 # ---- what the public ops call while Dynamo traces ----
@@ -343,6 +355,17 @@ def paged_attention(fn, q, k_cache, v_cache, block_table, cache_seqlens, cu_seql
         return _paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, causal,
                                 scale, _window(window), split_kv, validate)
     if k_new is None or v_new is None:
-        raise ValueError("paged_attention: pass k_new and v_new together (the new keys and their values)")
-    return _paged_attention_append(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, cu_seqlens_q,
-                                   max_seqlen_q, causal, scale, _window(window), split_kv, validate)
+        return _refused(fn, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q=cu_seqlens_q,
+                        max_seqlen_q=max_seqlen_q, k_new=k_new, v_new=v_new, causal=causal, scale=scale,
+                        window=window, split_kv=split_kv, validate=validate)
+    # Appending: the checks and each new token's page and slot (a node), the
+    # writes as aten index_put_ (the eager op writes them so too), then the
+    # attention over the pages with the new lengths: eager's launches. Not a
+    # custom op that writes the caches: Inductor (torch 2.11) corrupted a
+    # cache through such an op when the two caches were views of one buffer.
+    pages, slots, kv_lens = _paged_append_slots(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
+                                                cu_seqlens_q, max_seqlen_q, validate)
+    k_cache[pages, slots] = k_new.reshape(-1, *k_new.shape[-2:])
+    v_cache[pages, slots] = v_new.reshape(-1, *v_new.shape[-2:])
+    return _paged_attention(q, k_cache, v_cache, block_table, kv_lens, cu_seqlens_q, max_seqlen_q, causal, scale,
+                            _window(window), split_kv, validate)

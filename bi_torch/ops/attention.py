@@ -1089,48 +1089,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
     return out
 
 
-def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
-                    max_seqlen_q: int | None = None, k_new=None, v_new=None, causal: bool = True,
-                    scale: float | None = None, window=None, split_kv: bool | None = None,
-                    validate: bool = True):
-    """Batch-invariant attention of new queries against a paged KV cache
-    (flash-attn's ``flash_attn_with_kvcache``): decode, chunked prefill and
-    speculative verification, mixed in one launch.
-
-    Args:
-        q: ``(B, Lq, Hq, D)``, or ``(total_q, Hq, D)`` packed with
-            ``cu_seqlens_q`` (``B + 1`` int32 offsets) for a different number
-            of new queries per sequence.
-        k_cache, v_cache: ``(num_pages, page_size, Hkv, D)``; any page size.
-        block_table: int32 ``(B, pages_per_seq)``: the pages of sequence b, in
-            key order (any page order in the cache).
-        cache_seqlens: int32 ``(B,)``: keys already in the cache.
-        k_new, v_new: optional, laid out as q with Hkv heads: the new queries'
-            keys and values, written into the cache (in place) at positions
-            ``cache_seqlens[b] ..`` before attending. Without them the cache
-            must already hold the queries' keys (``cache_seqlens`` counts them).
-        causal: the new queries are the last positions of their sequence and
-            see keys up to their own (default True).
-        validate: check the lengths and the block table's used entries on the
-            host (one device read); must be False during CUDA graph capture.
-            Without it, an entry past the cache reads (and ``k_new`` writes)
-            outside it, and pages listed twice are overwritten by each other.
-
-    Returns the output, laid out as q.
-    """
-    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
-        return _direct.paged_attention(paged_attention, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
-                                       max_seqlen_q, k_new, v_new, causal, scale, window, split_kv, validate)
-    op = "paged_attention"
-    signature = None
-    if not validate and k_new is None and v_new is None and isinstance(q, torch.Tensor):
-        # Without checks or cache writes, a call is a function of its signature:
-        # the kernel reads the lengths and the block table on the device.
-        signature = _plan_key(op, q, k_cache, v_cache, causal, scale, window, split_kv, max_seqlen_q,
-                              indices=(block_table, cache_seqlens, cu_seqlens_q))
-        plan = _PLANS.get(signature) if signature is not None else None
-        if plan is not None:
-            return plan(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table)
+def _paged_checks(op, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,
+                  split_kv, validate):
+    """``paged_attention``'s checks of its arguments (with ``validate``, of
+    the lengths and the block table on the host: one device read). Returns
+    ``(packed, group, d, hkv, num_pages, page_size, batch, cu_q, bt, lens,
+    total_q, max_seqlen_q, max_kv)``."""
     contract.check_split_kv(split_kv, op)
     max_seqlen_q = contract.check_max_seqlen(max_seqlen_q, "max_seqlen_q", op)
     packed = q.ndim == 3 if isinstance(q, torch.Tensor) else False
@@ -1197,6 +1161,54 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
         if packed and max_seqlen_q is None:
             raise ValueError(f"{op}: validate=False with a packed q needs max_seqlen_q")
         max_kv = bt.shape[1] * page_size
+    return packed, group, d, hkv, num_pages, page_size, batch, cu_q, bt, lens, total_q, max_seqlen_q, max_kv
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqlens_q=None,
+                    max_seqlen_q: int | None = None, k_new=None, v_new=None, causal: bool = True,
+                    scale: float | None = None, window=None, split_kv: bool | None = None,
+                    validate: bool = True):
+    """Batch-invariant attention of new queries against a paged KV cache
+    (flash-attn's ``flash_attn_with_kvcache``): decode, chunked prefill and
+    speculative verification, mixed in one launch.
+
+    Args:
+        q: ``(B, Lq, Hq, D)``, or ``(total_q, Hq, D)`` packed with
+            ``cu_seqlens_q`` (``B + 1`` int32 offsets) for a different number
+            of new queries per sequence.
+        k_cache, v_cache: ``(num_pages, page_size, Hkv, D)``; any page size.
+        block_table: int32 ``(B, pages_per_seq)``: the pages of sequence b, in
+            key order (any page order in the cache).
+        cache_seqlens: int32 ``(B,)``: keys already in the cache.
+        k_new, v_new: optional, laid out as q with Hkv heads: the new queries'
+            keys and values, written into the cache (in place) at positions
+            ``cache_seqlens[b] ..`` before attending. Without them the cache
+            must already hold the queries' keys (``cache_seqlens`` counts them).
+        causal: the new queries are the last positions of their sequence and
+            see keys up to their own (default True).
+        validate: check the lengths and the block table's used entries on the
+            host (one device read); must be False during CUDA graph capture.
+            Without it, an entry past the cache reads (and ``k_new`` writes)
+            outside it, and pages listed twice are overwritten by each other.
+
+    Returns the output, laid out as q.
+    """
+    if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
+        return _direct.paged_attention(paged_attention, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q,
+                                       max_seqlen_q, k_new, v_new, causal, scale, window, split_kv, validate)
+    op = "paged_attention"
+    signature = None
+    if not validate and k_new is None and v_new is None and isinstance(q, torch.Tensor):
+        # Without checks or cache writes, a call is a function of its signature:
+        # the kernel reads the lengths and the block table on the device.
+        signature = _plan_key(op, q, k_cache, v_cache, causal, scale, window, split_kv, max_seqlen_q,
+                              indices=(block_table, cache_seqlens, cu_seqlens_q))
+        plan = _PLANS.get(signature) if signature is not None else None
+        if plan is not None:
+            return plan(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, block_table)
+    (packed, group, d, hkv, num_pages, page_size, batch, cu_q, bt, lens, total_q, max_seqlen_q,
+     max_kv) = _paged_checks(op, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new,
+                             v_new, split_kv, validate)
     if packed:
         max_q = int(max_seqlen_q)
     else:
@@ -1233,19 +1245,40 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
 
 def _write_cache(k_cache, v_cache, bt, lens, k_new, v_new, cu_q, page_size, batch, total_q):
     """Scatter the new keys and values to their pages (a copy: no arithmetic)."""
-    dev = k_cache.device
+    page, slot = _new_slots(bt, lens, cu_q, page_size, batch, total_q, None if cu_q is not None else k_new.shape[1])
+    k_cache[page, slot] = k_new.reshape(total_q, *k_new.shape[-2:])
+    v_cache[page, slot] = v_new.reshape(total_q, *v_new.shape[-2:])
+
+
+def _new_slots(bt, lens, cu_q, page_size, batch, total_q, lq):
+    """The page and the slot of each new token (int64, ``(total_q,)``), past
+    the ``lens`` keys of its sequence in the cache: ``lq`` per sequence, or
+    packed by ``cu_q``."""
+    dev = bt.device
     if cu_q is None:
-        lq = k_new.shape[1]
         seq = torch.arange(batch, device=dev).repeat_interleave(lq)
         idx = torch.arange(lq, device=dev).repeat(batch)
-        kn, vn = k_new.reshape(total_q, *k_new.shape[2:]), v_new.reshape(total_q, *v_new.shape[2:])
     else:
         counts = (cu_q[1:] - cu_q[:-1]).long()
         seq = torch.repeat_interleave(torch.arange(batch, device=dev), counts, output_size=total_q)
         idx = torch.arange(total_q, device=dev) - cu_q[:-1].long()[seq]
-        kn, vn = k_new, v_new
     pos = lens.long()[seq] + idx
-    page = bt.long()[seq, pos // page_size]
-    slot = pos % page_size
-    k_cache[page, slot] = kn
-    v_cache[page, slot] = vn
+    return bt.long()[seq, pos // page_size], pos % page_size
+
+
+def paged_append_slots(q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new, *, cu_seqlens_q=None,
+                       max_seqlen_q: int | None = None, validate: bool = True):
+    """Where :func:`paged_attention` with ``k_new``/``v_new`` writes the new
+    keys and values, after the same checks: each new token's page and slot
+    (int64, ``(total_q,)``) and each sequence's key count with them (int32,
+    ``(B,)``). ``paged_attention`` with those lengths and no ``k_new``, once
+    ``k_cache[page, slot] = k_new`` (and the values) are written, is the
+    appending call (``bi_torch.direct`` compiles it that way)."""
+    op = "paged_attention"
+    if k_new is None or v_new is None:
+        raise ValueError(f"{op}: pass both k_new and v_new, or neither")
+    packed, _, _, _, _, page_size, batch, cu_q, bt, lens, total_q, _, _ = _paged_checks(
+        op, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new, None, validate)
+    page, slot = _new_slots(bt, lens, cu_q, page_size, batch, total_q, None if packed else q.shape[1])
+    q_lens = (cu_q[1:] - cu_q[:-1]) if packed else q.shape[1]
+    return page, slot, (lens + q_lens).to(torch.int32)
