@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     p = parser()
     args = p.parse_args(argv)
+    e2e_only = [f"--{name.replace('_', '-')}" for name in ("e2e_requests", "e2e_runs", "e2e_temperatures", "e2e_impls",
+                                                          "e2e_schedules", "e2e_resume")
+                if getattr(args, name) is not None]
+    if e2e_only and not args.e2e:
+        p.error(f"{', '.join(e2e_only)} only apply with --e2e")
 
     from rich.console import Console
     from rich.progress import Progress

@@ -201,10 +201,11 @@ def test_bench_needs_nothing_from_the_test_extra(tmp_path):
         (["--e2e", "--e2e-temperatures", "-0.5"], "argument --e2e-temperatures: temperatures must be finite and >= 0"),
         (["--e2e", "--e2e-impls", "bi,fast"], "argument --e2e-impls: unknown engine fast; choose from default, bi"),
         (["--e2e", "--e2e-resume", "no-such-e2e.json"], "--e2e-resume no-such-e2e.json: not a readable e2e.json"),
+        (["--e2e-runs", "2", "--e2e-resume", "x.json"], "--e2e-runs, --e2e-resume only apply with --e2e"),
     ],
     ids=["bogus-op", "unbenched-op", "framework", "m-zero", "m-text", "features", "dtype", "shape-for-a-row-op",
          "size-for-attention", "no-features", "e2e-runs-zero", "e2e-requests-text", "e2e-temperature-text",
-         "e2e-temperature-negative", "e2e-impls", "e2e-resume-missing"],
+         "e2e-temperature-negative", "e2e-impls", "e2e-resume-missing", "e2e-options-without-e2e"],
 )
 def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -380,6 +380,13 @@ def test_committed_results_replot_merged_and_bad_files_are_refused(tmp_path, cap
             command.main(["--out", str(tmp_path / "x.png"), str(tmp_path / name)])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"{name}: not an e2e.json" in err and "Traceback" not in err
+    (tmp_path / "none.json").write_text('{"results": []}')
+    for out, name, message in (("x.png", "none.json", "the files hold no result rows"),
+                               ("x.txt", "torch.json", "--out " + str(tmp_path / "x.txt") + ": write a .png")):
+        with pytest.raises(SystemExit) as exit_:
+            command.main(["--out", str(tmp_path / out), str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_packed_keys_are_each_sequences_keys_in_order():

@@ -334,6 +334,7 @@ def plot(data: dict, path: Path) -> None:
         left.plot(range(len(counts)), counts, label=f"{row['framework']} {row['impl']} T={row['temperature']}{runs}",
                   drawstyle="steps-post", linestyle="--" if row["impl"] == "default" else "-",
                   linewidth=4 if jax else 1.5, alpha=0.5 if jax else 1.0, zorder=1 if jax else 2)
+    left.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.set_xlabel("request (sorted)")
     left.set_ylabel("distinct completions" if mixed else f"distinct completions in {rows[0]['runs']} runs")
     left.legend(fontsize=7)
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("files", type=Path, nargs="+", help="e2e.json (or e2e.partial.json) files")
     args = p.parse_args(argv)
+    if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        p.error(f"--out {args.out}: write a .png, .svg or .pdf")
     rows = []
     for path in args.files:
         try:
@@ -427,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(found, list) or not all(isinstance(r, dict) and _ROW_KEYS <= r.keys() for r in found):
             p.error(f"{path}: not an e2e.json (a result row without {', '.join(sorted(_ROW_KEYS))})")
         rows += found
+    if not rows:
+        p.error("the files hold no result rows")
     plot({"results": rows}, args.out)
     print(f"wrote {args.out}")
     return 0
