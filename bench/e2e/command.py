@@ -383,6 +383,9 @@ def run(out: Path, console, frameworks, native: bool, *, requests=None, runs=Non
                       f"{r['tokens_per_s']:.0f}",
                       f"{r['throughput_ratio']:.2f}x" if "throughput_ratio" in r else "-")
     console.print(table)
+    if not native:
+        console.print("(the CPU interpreters: tokens/s and their ratios say nothing of the kernels' speed; the "
+                      "counts of completions and the cross-framework tokens are the result)")
     for r in data["results"]:
         if r["runs"] < setup.runs:
             console.print(f"{r['framework']} {r['impl']} T={r['temperature']}: {r['runs']} of {setup.runs} schedules so "
