@@ -405,26 +405,6 @@ def fuse_exact_pointwise(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-def mutations_in_place(gm: torch.fx.GraphModule) -> None:
-    """Custom ops that write their inputs (``bi_torch.paged_attention``
-    appending to a KV cache) reach Inductor functionalised
-    (``auto_functionalized``); Inductor turns them back into in-place calls
-    in its post-grad passes, which ``fuse=False`` and ``"exact"`` switch off
-    (and Inductor's lowering then fails on them). The same two passes, alone:
-    in place where nothing reads the old value later, else on a copy."""
-    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
-
-    if not any(node.target in (auto_functionalized, auto_functionalized_v2) for node in gm.graph.nodes):
-        return
-    from torch._inductor.fx_passes.post_grad import decompose_auto_functionalized
-    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
-    from torch._inductor.fx_utils import FakeTensorUpdater
-
-    reinplace_inplaceable_ops(FakeTensorUpdater(gm.graph), gm.graph)
-    decompose_auto_functionalized(gm.graph)
-    gm.recompile()
-
-
 # Every op through its own kernel, as eager runs it (Inductor's "lite" mode,
 # with the decompositions of this module instead of selective ones).
 _EAGER_BITS = {
@@ -493,8 +473,6 @@ class compile_backend:  # noqa: N801  (a backend factory, used like torch.compil
                 "or compute it with bi_ ops")
         if self.fuse == "exact":
             fuse_exact_pointwise(gm)
-        if self.fuse is not True:
-            mutations_in_place(gm)
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
