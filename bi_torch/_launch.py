@@ -297,8 +297,13 @@ class fast:  # noqa: N801  (a decorator; used like the kernel it wraps)
             self.hits += 1
             # Triton's C launcher, as its launcher object calls it: grid, stream,
             # function, cooperative, PDL, no scratch, metadata, no hooks, arguments.
+            # Each pointer goes as its address: given a tensor, the launcher
+            # calls its data_ptr() and then asks the driver whether that
+            # address is device memory (cuPointerGetAttribute, one driver call
+            # per tensor per launch). The plan's key fixed the device, so the
+            # answer is known.
             direct(g0, g1, g2, _stream(device), function, cooperative, pdl, None, None, metadata, None, None, None,
-                   *tensors, *fixed)
+                   *[t.data_ptr() for t in tensors], *fixed)
         return bound
 
     def _tail(self, given: int, kwargs) -> tuple:

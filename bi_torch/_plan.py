@@ -24,6 +24,7 @@ plans off; :func:`stats` counts them.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -52,6 +53,18 @@ def plain(*tensors) -> bool:
         if type(t) not in _PLAIN or (grad and t.requires_grad) or not (t.is_cuda or cpu):
             return False
     return True
+
+
+def allocator(shape, dtype: torch.dtype, device):
+    """A function of no arguments that returns a new uninitialised tensor of
+    ``shape``, ``dtype`` and ``device``: a plan's output. ``torch.empty``
+    parses sizes given one by one in about half the time of a tuple (1.7
+    against 3.6 us on a 2-core CPU, torch 2.11; a ``torch.Size`` took 5.3),
+    so the sizes are bound as separate arguments."""
+    sizes = tuple(int(s) for s in shape)
+    if not sizes:  # torch.empty() takes no sizes at all: a 0-d tensor needs ()
+        return functools.partial(torch.empty, (), dtype=dtype, device=device)
+    return functools.partial(torch.empty, *sizes, dtype=dtype, device=device)
 
 
 def signature(t: torch.Tensor | None) -> tuple | None:

@@ -954,13 +954,17 @@ def _attention_plan(launches, given, out, *, transposed, flags=_DENSE, pointers=
     # the full path makes them: a plan keeps no tensor of the call that made
     # it (under CUDA graph trees that call may allocate in the graph's pool,
     # which must not hold allocations it does not track).
+    empty_int = _plan.allocator((1,), torch.int32, device)
+    empty_out = _plan.allocator(shape, dtype, device)
+    empty_one = _plan.allocator((1,), torch.float32, device)
+
     def stand_ins():
-        return (torch.empty(1, dtype=torch.int32, device=device),) * 6
+        return (empty_int(),) * 6
 
     if len(launches) == 1:
         def plan(q, k, v, *extra):
-            o = torch.empty(shape, dtype=dtype, device=device)
-            workspace = torch.empty(1, dtype=torch.float32, device=device)  # one program per tile: no partials
+            o = empty_out()
+            workspace = empty_one()  # one program per tile: no partials
             attend(q, k, v, o, workspace, workspace, workspace, *pointers(stand_ins(), *extra))
             return o.transpose(1, 2) if transposed else o
         return plan
@@ -969,11 +973,14 @@ def _attention_plan(launches, given, out, *, transposed, flags=_DENSE, pointers=
         return None
     acc_shape, stats_shape = tuple(first.args[4].shape), tuple(first.args[5].shape)
 
+    empty_acc = _plan.allocator(acc_shape, torch.float32, device)
+    empty_stats = _plan.allocator(stats_shape, torch.float32, device)
+
     def plan(q, k, v, *extra):
-        o = torch.empty(shape, dtype=dtype, device=device)
-        acc = torch.empty(acc_shape, dtype=torch.float32, device=device)
-        m = torch.empty(stats_shape, dtype=torch.float32, device=device)
-        l = torch.empty(stats_shape, dtype=torch.float32, device=device)
+        o = empty_out()
+        acc = empty_acc()
+        m = empty_stats()
+        l = empty_stats()
         rest = pointers(stand_ins(), *extra)
         attend(q, k, v, o, acc, m, l, *rest)
         merge(o, acc, m, l, *rest[:3])

@@ -433,15 +433,16 @@ def _product_plan(bound, shape, dtype, device, tma=False):
     """A planned ``matmul``: the output, then the one bound launch (the
     pointer kernel's ``a``, ``b``, the bias or a stand-in, the output; the TMA
     kernel's ``a``, ``b``, the output, the bias or a stand-in)."""
+    empty = _plan.allocator(shape, dtype, device)
     if tma:
         def plan(a, b, bias):
-            c = torch.empty(shape, dtype=dtype, device=device)
+            c = empty()
             bound(a, b, c, c if bias is None else bias)
             return c
         return plan
 
     def plan(a, b, bias):
-        c = torch.empty(shape, dtype=dtype, device=device)
+        c = empty()
         bound(a, b, c if bias is None else bias, c)
         return c
     return plan

@@ -309,14 +309,15 @@ def _plan_key(x, weight, eps, with_rstd):
 def _norm_plan(bound, shape, dtype, device, with_rstd):
     """A planned norm: the output (and the rstd), then the one bound launch
     (``x``, the weight or a stand-in, ``y``, the rstd or a stand-in)."""
-    rstd_shape = (*shape[:-1], 1)
+    empty = _plan.allocator(shape, dtype, device)
+    empty_rstd = _plan.allocator((*shape[:-1], 1), torch.float32, device)
 
     def plan(x, weight):
-        y = torch.empty(shape, dtype=dtype, device=device)
+        y = empty()
         if not with_rstd:
             bound(x, x if weight is None else weight, y, y)
             return y
-        rstd = torch.empty(rstd_shape, dtype=torch.float32, device=device)
+        rstd = empty_rstd()
         bound(x, x if weight is None else weight, y, rstd)
         return y, rstd
     return plan

@@ -414,19 +414,21 @@ def _rows_plan(bound, shape, dtype, device):
     """A planned row op: the output, then one bound launch (``x``, the
     output), or two over segments (``x`` and the statistics, then the
     outputs too; ``bound`` then ends with the statistics' shape)."""
+    empty = _plan.allocator(shape, dtype, device)
     if len(bound) == 1:
         (rows,) = bound
 
         def plan(x):
-            out = torch.empty(shape, dtype=dtype, device=device)
+            out = empty()
             rows(x, out)
             return out
         return plan
     stats_kernel, write_kernel, stats_shape = bound
+    stats = _plan.allocator((2, *stats_shape), torch.float32, device)
 
     def plan(x):
-        out = torch.empty(shape, dtype=dtype, device=device)
-        m, s = torch.empty((2, *stats_shape), dtype=torch.float32, device=device).unbind(0)
+        out = empty()
+        m, s = stats().unbind(0)
         stats_kernel(x, m, s)
         write_kernel(x, m, s, out)
         return out
