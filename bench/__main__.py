@@ -102,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated dtypes, of float32,bfloat16,float16 (default: bfloat16)")
     p.add_argument("--m", type=_positive_ints, default=None,
                    help=f"comma-separated token counts M (default: {_csv(DEFAULT_M)} on a GPU, "
+                        "and matmul also 16384,65536; "
                         f"{_csv(CPU_M)} without)")
     p.add_argument("--features", type=_features, default=None,
                    help="comma-separated feature sizes, or shapes of the rank of an op's own (KxN weight shapes, "
@@ -247,12 +248,13 @@ def main(argv: list[str] | None = None) -> int:
 
     info = report.provenance(native, copy_gbs)
     rows = []
-    total = sum(len(sweep.batch_sizes(j, ms)) * len(sweep.implementations(j)) for j in jobs)
+    extra = native and not args.m and not args.quick  # the default GPU sweep: each op's extra_m too
+    total = sum(len(sweep.batch_sizes(j, ms, extra)) * len(sweep.implementations(j)) for j in jobs)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sweeping", total=total)
         for job in jobs:
             progress.update(task, description=job.key)
-            rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task))
+            rows += sweep.run_job(job, ms, native, copy_gbs, lambda: progress.advance(task), extra=extra)
             if native:
                 release_device_memory()
                 # The results so far, after every job: a long sweep that is cut

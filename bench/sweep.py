@@ -86,9 +86,12 @@ def implementations(job: Job) -> dict[str, Callable[..., Any]]:
     return impls
 
 
-def batch_sizes(job: Job, ms: list[int]) -> list[int]:
+def batch_sizes(job: Job, ms: list[int], extra: bool = False) -> list[int]:
     """The requested batch sizes this job times: those up to the spec's cap
-    (at least the smallest one)."""
+    (at least the smallest one); ``extra``: also the spec's ``extra_m`` (the
+    default GPU sweep)."""
+    if extra:
+        ms = sorted({*ms, *job.spec.bench.extra_m})
     cap = job.spec.bench.max_batch(job.features) if job.spec.bench.max_batch else None
     if cap is None:
         return list(ms)
@@ -117,6 +120,7 @@ def run_job(
     copy_gbs: float | None,
     advance: Callable[[], None],
     seed: int = 0,
+    extra: bool = False,
 ) -> list[Row]:
     """Time (on a GPU) and check invariance of every implementation for each M:
     each M-row call is compared, row by row, with the same rows computed in
@@ -125,7 +129,7 @@ def run_job(
 
     spec, ad = job.spec, adapter(job.framework)
     impls = implementations(job)
-    ms = batch_sizes(job, ms)
+    ms = batch_sizes(job, ms, extra)
     largest = max(ms)
     rng = np.random.default_rng(seed)
     base = ad.natives(spec.make_inputs(rng, largest, job.features, job.dtype))

@@ -45,43 +45,61 @@ class TileConfig:
 
 T = TileConfig
 
-# bf16/fp16 tensor-core configs: (largest M, {largest N: config}). Thin tiles
-# at small M spread the weight stream over every SM; the persistent TMA kernel
-# takes over from M = 33. Chosen from the H100 sweep of bench/probes/tune_matmul.py
-# (bench/NOTES.md, "Matmul").
-_NARROW_N = 8192  # weights up to this many output columns use the narrow tiles
-MMA_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
-    # (largest M, config for N <= _NARROW_N, config for wider N)
-    (16, T(16, 32, 128, 4, 6, 1), T(16, 64, 128, 4, 6, 1)),
-    # Wide weights at M = 17-32: 64x64x128 with 5 stages was 175.4 against 179.7 us
-    # (64x64x256, 3 stages) at 8192x28672 on an H100 (bench/NOTES.md, "Matmul mid M").
-    # A TMA tile (64x128x128) was faster still, 171 us, but the JAX Triton path
-    # that shares this row has pointer loads only.
-    (32, T(64, 32, 256, 4, 4, 1), T(64, 64, 128, 4, 5, 1)),
-    (64, T(64, 32, 256, 4, 4, 1, tma=True), T(64, 128, 128, 4, 4, 1, tma=True)),
+# The tables: rows of (largest M, configs), one config per column class, the
+# i-th serving weights of up to COLUMNS[i] output columns (the last class is
+# unbounded). Llama-shaped weights fall in every class: 4096 (the 8B's
+# projections), 8192 (the 70B's), 14336 and 28672 (their MLPs).
+COLUMNS = (4096, 8192, 16384, 1 << 62)
+
+# bf16/fp16 tensor-core configs. Thin tiles at small M spread the weight
+# stream over every SM; the persistent TMA kernel takes over from M = 33.
+# Chosen from the H100 sweeps of bench/probes/tune_matmul.py (bench/NOTES.md,
+# "Matmul", "Matmul mid M" and "Matmul: column classes").
+_THIN_NARROW = T(16, 32, 128, 4, 6, 1)
+_THIN = T(16, 64, 128, 4, 6, 1)
+_MID_NARROW = T(64, 32, 256, 4, 4, 1)
+# 64x64x128 with 5 stages was 175.4 against 179.7 us (64x64x256, 3 stages) at
+# 8192x28672 and M = 32 on an H100 (bench/NOTES.md, "Matmul mid M").
+_MID = T(64, 64, 128, 4, 5, 1)
+_MID_TMA = T(64, 128, 128, 4, 4, 1, tma=True)
+_WIDE_WS = T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)
+_SQUARE_WS = T(128, 128, 64, 4, 5, 8, tma=True, warp_specialize=True)
+MMA_TABLE: tuple[tuple[int, tuple[TileConfig, ...]], ...] = (
+    # (largest M, (N <= 4096, N <= 8192, N <= 16384, wider))
+    (16, (_THIN_NARROW, _THIN, _THIN, _THIN)),
+    # The Pallas Triton kernel of bi_jax shares the rows up to JAX_TRITON_MAX_M
+    # for N <= JAX_TRITON_MAX_N: pointer loads there.
+    (32, (_MID_NARROW, _MID, _MID, _MID_TMA)),
+    (64, (T(64, 32, 256, 4, 4, 1, tma=True), _MID_TMA, _MID_TMA, _MID_TMA)),
     # 6 stages at M <= 128 (bench/NOTES.md, "Matmul mid M"): 4096x4096 at M = 128
     # 16.6 -> 15.1 us on an H100, 0.90x -> 0.99x of cuBLAS.
-    (128, T(64, 64, 128, 4, 6, 8), T(64, 256, 64, 4, 4, 8, tma=True)),
-    (256, T(64, 128, 128, 4, 4, 8, tma=True), T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)),
-    (512, T(64, 256, 64, 4, 4, 8, tma=True), T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)),
-    (2048, T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True),
-     T(128, 256, 64, 8, 3, 8, tma=True, warp_specialize=True)),
-    (1 << 62, T(128, 256, 64, 8, 4, 8, tma=True), T(128, 256, 64, 8, 4, 8, tma=True)),
+    (128, (T(64, 64, 128, 4, 6, 8), T(64, 128, 128, 4, 4, 8, tma=True), T(64, 256, 64, 4, 4, 8, tma=True),
+           _WIDE_WS)),
+    (256, (T(64, 128, 128, 4, 4, 8, tma=True), _SQUARE_WS, _WIDE_WS, _WIDE_WS)),
+    (512, (_SQUARE_WS, _SQUARE_WS, _WIDE_WS, _SQUARE_WS)),
+    (1024, (_WIDE_WS, _WIDE_WS, _SQUARE_WS, _WIDE_WS)),
+    (2048, (_WIDE_WS,) * 4),
+    (1 << 62, (T(128, 256, 64, 8, 4, 8, tma=True),) * 4),
 )
 
 # fp32 with tf32 allowed: half the K tile of the 16-bit configs (same bytes per
 # stage), pointer kernel.
-TF32_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
-    (16, T(16, 32, 64, 4, 5, 1), T(16, 64, 64, 4, 5, 1)),
-    (64, T(64, 32, 128, 4, 4, 1), T(64, 64, 64, 4, 4, 1)),
-    (1 << 62, T(128, 128, 32, 8, 3, 8), T(128, 128, 32, 8, 3, 8)),
+TF32_TABLE: tuple[tuple[int, tuple[TileConfig, ...]], ...] = (
+    (16, (T(16, 32, 64, 4, 5, 1),) * 2 + (T(16, 64, 64, 4, 5, 1),) * 2),
+    (64, (T(64, 32, 128, 4, 4, 1),) * 2 + (T(64, 64, 64, 4, 4, 1),) * 2),
+    (1 << 62, (T(128, 128, 32, 8, 3, 8),) * 4),
 )
 
 # Full-precision fp32 runs on FMA units: register tiles, no tensor cores.
-FMA_TABLE: tuple[tuple[int, TileConfig, TileConfig], ...] = (
-    (16, T(16, 64, 32, 4, 3, 1), T(16, 64, 32, 4, 3, 1)),
-    (1 << 62, T(64, 64, 32, 4, 3, 8), T(64, 64, 32, 4, 3, 8)),
+FMA_TABLE: tuple[tuple[int, tuple[TileConfig, ...]], ...] = (
+    (16, (T(16, 64, 32, 4, 3, 1),) * 4),
+    (1 << 62, (T(64, 64, 32, 4, 3, 8),) * 4),
 )
+
+
+def _column_class(n: int) -> int:
+    """The index of the narrowest column class that holds ``n`` columns."""
+    return next(i for i, largest in enumerate(COLUMNS) if n <= largest)
 
 
 def _table(dtype: str, precision: str):
@@ -111,17 +129,18 @@ def configs(dtype: str, precision: str) -> tuple[TileConfig, ...]:
     """Every config the dispatch can pick for this dtype and arithmetic (the GPU
     test proves that each gives the same bits)."""
     seen: dict[TileConfig, None] = {}
-    for _, narrow, wide in _table(dtype, precision):
-        seen.setdefault(narrow)
-        seen.setdefault(wide)
+    for _, row in _table(dtype, precision):
+        for cfg in row:
+            seen.setdefault(cfg)
     return tuple(seen)
 
 
-# At M = 17-32 the narrow tiles (64x32) are taken only where their CTAs fill
-# the GPU: one partial wave, or a last wave at least this full. On the H200
-# (132 SMs) a 2048x5632 weight at M = 32 gives 176 CTAs of 64x32 (two waves,
-# the second a third full): 13.2 us, against 9.2 us for 88 CTAs of 64x64
-# (bench/NOTES.md, "Matmul at M = 17-32 on the H200").
+# At M = 17-32 the narrow tiles (64x32) of the first column class are taken
+# only where their CTAs fill the GPU: one partial wave, or a last wave at
+# least this full; else the next class's tile. On the H200 (132 SMs) a
+# 2048x5632 weight at M = 32 gave 176 CTAs of 64x32 (two waves, the second a
+# third full): 13.2 us, against 9.2 us for 88 CTAs of 64x64 (bench/NOTES.md,
+# "Matmul at M = 17-32 on the H200"); 5632 columns are now in the second class.
 _WAVE_FILL = 0.9
 
 
@@ -134,14 +153,14 @@ def tile_config(m: int, n: int, dtype: str, precision: str, sms: int | None = No
     """The tile config for ``m`` rows and ``n`` output columns on a GPU of
     ``sms`` SMs (None: the SM count is not used). Speed only: every choice
     gives the same bits, see the module doc."""
-    for bound, narrow, wide in _table(dtype, precision):
+    column = _column_class(n)
+    for bound, row in _table(dtype, precision):
         if m <= bound:
-            if n > _NARROW_N:
-                return wide
-            if sms and bound == 32 and dtype != "float32" and \
-                    not _fills_waves(-(-m // narrow.block_m) * -(-n // narrow.block_n), sms):
-                return wide
-            return narrow
+            cfg = row[column]
+            if column == 0 and sms and bound == 32 and dtype != "float32" and \
+                    not _fills_waves(-(-m // cfg.block_m) * -(-n // cfg.block_n), sms):
+                return row[1]
+            return cfg
     raise AssertionError("unreachable: the last bound is unbounded")
 
 
@@ -185,13 +204,20 @@ W = WgmmaConfig
 # bench/results/h100/matmul_jax/). Mid M wants every SM busy: at 14336 columns
 # and M = 128, 128x256 CTAs make 56 tiles for 132 SMs and 128x128 CTAs 112; and
 # the plain snake (group 1) beat bands of 8 tiles from M = 256 to 512.
-WGMMA_TABLE: tuple[tuple[int, WgmmaConfig, WgmmaConfig], ...] = (
-    # (largest M, config for N <= _NARROW_N, config for wider N)
-    (64, W(64, 64, 128, 8, 1, 1), W(64, 128, 64, 5, 2, 8)),
-    (128, W(64, 64, 128, 8, 1, 1), W(128, 64, 64, 5, 2, 8)),
-    (256, W(64, 64, 64, 8, 2, 1), W(128, 128, 64, 4, 2, 1)),
-    (512, W(128, 64, 64, 5, 2, 1), W(128, 128, 64, 4, 2, 1)),
-    (1 << 62, W(128, 128, 64, 4, 2, 8), W(128, 128, 64, 4, 2, 8)),
+_WG_SMALL = W(64, 64, 128, 8, 1, 1)
+_WG_ROW = W(128, 64, 64, 5, 2, 1)
+_WG_SQUARE = W(128, 128, 64, 4, 2, 1)
+WGMMA_TABLE: tuple[tuple[int, tuple[WgmmaConfig, ...]], ...] = (
+    # (largest M, (N <= 4096, N <= 8192, N <= 16384, wider)), as MMA_TABLE
+    (64, (_WG_SMALL, _WG_SMALL, W(64, 128, 64, 5, 2, 8), W(64, 128, 64, 5, 2, 8))),
+    (128, (_WG_SMALL, _WG_SMALL, W(128, 64, 64, 5, 2, 8), W(128, 64, 64, 5, 2, 8))),
+    # 8192 columns (8192x8192 and 28672x8192 at M = 256 and 512, H100): 128x64
+    # CTAs 0.94x / 0.92x of jnp.dot at M = 256 against 0.86x for 64x64, and
+    # 128x128 1.03x / 1.00x at M = 512 against 0.94x / 0.90x for 128x64
+    # (bench/results/h100/matmul-v2/jax-configs-all.log).
+    (256, (W(64, 64, 64, 8, 2, 1), _WG_ROW, _WG_SQUARE, _WG_SQUARE)),
+    (512, (_WG_ROW, _WG_SQUARE, _WG_SQUARE, _WG_SQUARE)),
+    (1 << 62, (W(128, 128, 64, 4, 2, 8),) * 4),
 )
 
 # The Mosaic GPU interpreter runs the same program on numpy; small tiles keep
@@ -214,10 +240,11 @@ def jax_triton_configs() -> tuple[TileConfig, ...]:
     """The bi_torch configs that the JAX bf16/fp16 dispatch can pick for
     ``m <= JAX_TRITON_MAX_M`` (pointer kernels only)."""
     seen: dict[TileConfig, None] = {}
-    for bound, narrow, wide in MMA_TABLE:
+    columns = _column_class(JAX_TRITON_MAX_N) + 1
+    for bound, row in MMA_TABLE:
         if bound <= JAX_TRITON_MAX_M:
-            seen.setdefault(narrow)
-            seen.setdefault(wide)
+            for cfg in row[:columns]:
+                seen.setdefault(cfg)
     assert not any(c.tma for c in seen), "the Pallas Triton kernel has pointer loads only"
     return tuple(seen)
 
@@ -225,15 +252,16 @@ def jax_triton_configs() -> tuple[TileConfig, ...]:
 def wgmma_configs() -> tuple[WgmmaConfig, ...]:
     """Every config the JAX bf16/fp16 dispatch can pick."""
     seen: dict[WgmmaConfig, None] = {}
-    for _, narrow, wide in WGMMA_TABLE:
-        seen.setdefault(narrow)
-        seen.setdefault(wide)
+    for _, row in WGMMA_TABLE:
+        for cfg in row:
+            seen.setdefault(cfg)
     return tuple(seen)
 
 
 def wgmma_config(m: int, n: int) -> WgmmaConfig:
     """The Mosaic GPU tile config for ``m`` rows and ``n`` columns (speed only)."""
-    for bound, narrow, wide in WGMMA_TABLE:
+    column = _column_class(n)
+    for bound, row in WGMMA_TABLE:
         if m <= bound:
-            return narrow if n <= _NARROW_N else wide
+            return row[column]
     raise AssertionError("unreachable: the last bound is unbounded")

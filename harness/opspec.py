@@ -49,6 +49,9 @@ class Bench:
     # arguments (attention's ``split_kv=False``, split-KV off); rows
     # ``bi_<name>``.
     variants: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    # Token counts the default GPU sweep also times, beyond bench.sweep.DEFAULT_M
+    # (not with --m or --quick): matmul's long prefills.
+    extra_m: tuple[int, ...] = ()
     # Plots: the batch axis's label, what a feature tuple means (default
     # "K x N"), and whether a memory-bound op is drawn as GB/s rather than time.
     batch_axis: str = "# tokens (M)"

@@ -292,3 +292,19 @@ def test_the_jax_generation_benchmarks_decoder_is_invariant_under_the_transform(
     np.testing.assert_array_equal(np.asarray(alone_logits[:, 0]), np.asarray(logits[:, 1]))
     reference, _ = g.generate(config, params, prompts, 3, g.step_fn(config, transform=False))
     np.testing.assert_array_equal(np.asarray(reference), np.asarray(tokens))  # fp32: the same greedy choice
+
+
+def test_the_default_gpu_sweep_times_matmul_at_long_prefills_too():
+    """matmul's extra token counts (16384, 65536) join the default sweep's
+    only, and only matmul's: --m and --quick time what they name."""
+    from bench import sweep
+    from harness import registry
+
+    def sizes(op, extra):
+        (job,) = list(sweep.jobs([registry.get(op)], ["torch"], ["bfloat16"], [registry.get(op).bench.features[0]]))
+        return sweep.batch_sizes(job, list(sweep.DEFAULT_M), extra)
+
+    assert sizes("matmul", True) == [*sweep.DEFAULT_M, 16384, 65536]
+    assert sizes("matmul", False) == list(sweep.DEFAULT_M)
+    assert sizes("rms_norm", True) == list(sweep.DEFAULT_M)
+    assert (8192, 8192) in registry.get("matmul").bench.features and (28672, 8192) in registry.get("matmul").bench.features

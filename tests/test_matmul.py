@@ -212,16 +212,28 @@ def test_every_config_gives_the_same_bits(dtype, precision, tf32_setting):
 
 
 def test_mid_m_narrow_tiles_only_where_they_fill_the_gpu():
-    """M = 17-32: the 64x32 tiles where their CTAs fit one wave or fill the
-    last one to 90 %, else the 64-wide tile of the row (bench/NOTES.md)."""
-    row = next((narrow, wide) for bound, narrow, wide in contract.MMA_TABLE if bound == 32)
-    narrow, wide = row
+    """M = 17-32, up to 4096 columns: the 64x32 tiles where their CTAs fit one
+    wave or fill the last one to 90 %, else the next column class's tile
+    (bench/NOTES.md); 4097-8192 columns always take that class's tile."""
+    row = next(row for bound, row in contract.MMA_TABLE if bound == 32)
+    narrow, mid = row[0], row[1]
     pick = functools.partial(contract.tile_config, dtype="bfloat16", precision="ieee", sms=132)
     assert pick(32, 2048) == pick(32, 4096) == pick(24, 1024) == narrow  # 64 and 128 CTAs: one wave
-    assert pick(32, 8192) == narrow  # 256 CTAs: two waves, 97 % full
-    assert pick(32, 5632) == pick(17, 6144) == wide  # 176, 192 CTAs: a last wave a third, half full
-    assert contract.tile_config(32, 5632, "bfloat16", "ieee") == narrow  # no SM count given
+    assert pick(32, 4096, sms=100) == mid  # 128 CTAs on 100 SMs: a last wave 28 % full
+    assert pick(32, 5632) == pick(17, 6144) == pick(32, 8192) == mid  # the second class
+    assert contract.tile_config(32, 4096, "bfloat16", "ieee", 100) == mid
+    assert contract.tile_config(32, 4096, "bfloat16", "ieee") == narrow  # no SM count given
     assert contract.tile_config(16, 5632, "bfloat16", "ieee", 132) == contract.tile_config(16, 5632, "bfloat16", "ieee")
+
+
+def test_column_classes_pick_each_rows_config():
+    """A weight's output columns pick the config of the narrowest class that
+    holds them, in every row (the tables' column classes)."""
+    for bound, row in contract.MMA_TABLE:
+        for n, column in ((1, 0), (4096, 0), (4097, 1), (8192, 1), (14336, 2), (16384, 2), (28672, 3)):
+            assert contract.tile_config(bound if bound < 1 << 40 else 1 << 20, n, "bfloat16", "ieee") == row[column]
+    for bound, row in contract.WGMMA_TABLE:
+        assert contract.wgmma_config(min(bound, 1 << 20), 8192) == row[1]
 
 
 def test_contract_tables_are_well_formed():
@@ -231,4 +243,7 @@ def test_contract_tables_are_well_formed():
             assert cfgs and all(c.block_k >= 16 and c.num_warps in (2, 4, 8) for c in cfgs)
     with pytest.raises(ValueError, match="precision"):
         contract.tile_config(1, 1, "float32", "bf16")
-    assert np.all(np.diff([b for b, _, _ in contract.MMA_TABLE]) > 0)
+    for table in (contract.MMA_TABLE, contract.TF32_TABLE, contract.FMA_TABLE):
+        assert np.all(np.diff([b for b, _ in table]) > 0) and table[-1][0] >= 1 << 40
+        assert all(len(row) == len(contract.COLUMNS) for _, row in table)
+    assert list(contract.COLUMNS) == sorted(contract.COLUMNS) and contract.COLUMNS[-1] >= 1 << 40

@@ -219,8 +219,9 @@ def test_mosaic_kernel_runs_in_its_interpreter(kmajor):
 
 
 def test_wgmma_tables_are_well_formed():
-    bounds = [b for b, _, _ in contract.WGMMA_TABLE]
+    bounds = [b for b, _ in contract.WGMMA_TABLE]
     assert bounds == sorted(bounds) and bounds[-1] >= 1 << 40
+    assert all(len(row) == len(contract.COLUMNS) for _, row in contract.WGMMA_TABLE)
     for cfg in contract.wgmma_configs():
         assert cfg.block_m in (64, 128) and cfg.block_n % 32 == 0 and cfg.block_k % 32 == 0
         assert cfg.compute_wgs in (1, 2) and cfg.stages >= 2

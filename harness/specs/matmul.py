@@ -24,7 +24,9 @@ TOLERANCES = {
     "float16": Tolerance(rtol=1e-3, atol=2e-4),
 }
 
-BENCH_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))  # (K, N) of Llama-style weights
+# (K, N) of Llama-style weights: Llama-3-8B's projections and MLP, and
+# Llama-3-70B's square projection and MLP down projection.
+BENCH_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (8192, 8192), (28672, 8192))
 
 BMM_HEADS, BMM_QUERIES = 2, 5  # per batch row: a (heads, queries, D), b (heads, D, D + 3)
 
@@ -117,7 +119,7 @@ MATMUL = OpSpec(
         "torch": Impl("matmul", _torch_matmul, "cuBLAS (torch.matmul)", grad=True),
         "jax": Impl("matmul", _jax_dot, "XLA (jnp.dot)", grad=True),
     },
-    bench=Bench(features=BENCH_SHAPES, bound="compute", work=_flops),
+    bench=Bench(features=BENCH_SHAPES, bound="compute", work=_flops, extra_m=(16384, 65536)),
     controls={"split_by_batch": _split_matmul},
     grads={"a": lambda i, g: g @ i["b"].T, "b": lambda i, g: i["a"].T @ g},
     grad_controls={"split_by_batch": _split_matmul_grad},
