@@ -7,9 +7,12 @@ the forward and the gradients of every differentiable input of the loss
 ``sum(out**2) / 2`` (``harness.grads``'s), with the bi_ kernels and with the
 framework's default (cuBLAS and torch's autograd formulas; XLA's
 derivatives under ``jax.jit``). torch: ``triton.testing.do_bench`` (CUDA
-events, the L2 flushed between calls); JAX: the jitted step's wall time with
-a synchronisation, the median of repeated calls. The ratio is default time
-over bi_ time (above 1: bi_ is faster).
+events around the eager step, its host time included, the L2 flushed
+between calls), and the step's device time alone: CUDA graph replays of it,
+the two implementations interleaved (``bench.timing.time_torch``, as the
+forward sweep times; inputs stay in L2 between calls). JAX: the jitted
+step's wall time with a synchronisation, the median of repeated calls. The
+ratios are default time over bi_ time (above 1: bi_ is faster).
 """
 
 from __future__ import annotations
@@ -41,6 +44,22 @@ def _torch_ms(step) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(step, warmup=25, rep=100))
+
+
+def _torch_device_ms(steps) -> dict:
+    """The device time of each eager step (its kernels without the host's
+    Python between them): ``{name}_device_ms`` and ``device_ratio``, or a
+    ``device_error`` where a step cannot be captured in a CUDA graph (a
+    host synchronisation in it, say)."""
+    from bench import timing
+
+    try:
+        times = timing.time_torch(steps, [{}])
+    except Exception as e:  # reported, not hidden
+        return {"device_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    out = {f"{name}_device_ms": t.median_us / 1e3 for name, t in times.items()}
+    out["device_ratio"] = out["default_device_ms"] / out["bi_device_ms"]
+    return out
 
 
 def _jax_step(fn, inputs, kwargs, wrt):
@@ -106,6 +125,9 @@ def measure(frameworks, quick: bool = False, console=None, path: Path | None = N
                         row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if "default_ms" in row and "bi_ms" in row:
                     row["ratio"] = row["default_ms"] / row["bi_ms"]
+                if framework == "torch" and "default_ms" in row and "bi_ms" in row:
+                    row.update(_torch_device_ms({name: make(fn, inputs, kwargs, wrt) for name, fn in
+                                                 (("default", ad.default(spec)), ("bi", ad.kernel(spec)))}))
                 rows.append(row)
                 if path is not None:
                     path.write_text(json.dumps(rows, indent=1))
@@ -124,12 +146,16 @@ def run(out: Path, console, frameworks, quick: bool = False, ops=None) -> list[P
     rows = measure(frameworks, quick, console, path, ops)
     table = Table(title="forward + backward of one op (bf16; loss: half the squared norm of the output; "
                         "default time / bi_ time)")
-    for col in ("op", "framework", "features", "M", "inputs", "default ms", "bi_ ms", "ratio"):
+    for col in ("op", "framework", "features", "M", "inputs", "default ms", "bi_ ms", "ratio",
+                "device ms, default / bi_ (torch)", "device ratio"):
         table.add_column(col)
     for r in rows:
+        device = (f"{r['default_device_ms']:.3f} / {r['bi_device_ms']:.3f}" if "bi_device_ms" in r
+                  else r.get("device_error", "-"))
         table.add_row(r["op"], r["framework"], r["features"], str(r["m"]), ",".join(r["wrt"]),
                       f"{r['default_ms']:.3f}" if "default_ms" in r else r.get("default_error", "-"),
                       f"{r['bi_ms']:.3f}" if "bi_ms" in r else r.get("bi_error", "-"),
-                      f"{r['ratio']:.2f}x" if "ratio" in r else "-")
+                      f"{r['ratio']:.2f}x" if "ratio" in r else "-", device,
+                      f"{r['device_ratio']:.2f}x" if "device_ratio" in r else "-")
     console.print(table)
     return [path]

@@ -238,6 +238,27 @@ def test_backward_measures_only_the_ops_asked_for():
     assert backward.measure(("torch", "jax"), quick=True, ops=()) == []
 
 
+def test_backward_device_time_reports_each_step_or_why_it_could_not_capture(monkeypatch):
+    """The torch steps' device time (CUDA graph replays): each step's, and
+    the ratio; a step that cannot be captured is reported, not dropped."""
+    from bench import backward, timing
+
+    def timed(steps, arg_sets):
+        assert arg_sets == [{}] and set(steps) == {"default", "bi"}
+        return {"default": timing.Timing(900.0, 0, 0, "graph"), "bi": timing.Timing(1000.0, 0, 0, "graph")}
+
+    monkeypatch.setattr(timing, "time_torch", timed)
+    got = backward._torch_device_ms({"default": None, "bi": None})
+    assert got == {"default_device_ms": 0.9, "bi_device_ms": 1.0, "device_ratio": pytest.approx(0.9)}
+
+    def refused(steps, arg_sets):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(timing, "time_torch", refused)
+    assert backward._torch_device_ms({}) == {
+        "device_error": "RuntimeError: operation not permitted when stream is capturing"}
+
+
 def test_help_shows_ops_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
