@@ -9,7 +9,8 @@ process-wide switch (``enable_batch_invariant_mode``), plus an unrelated small
 op under each.
 Host time is the wall time of a loop of calls with no synchronisation in it,
 over the calls (the GPU runs behind; the loop is shorter than the launch
-queue), the median of several loops.
+queue), the median of several loops, the variants of an op taken in turn
+(ABBA rounds), so that a drifting host shifts them alike.
 
 End to end: a transformers ``LlamaForCausalLM`` (hidden 2048, 4 layers,
 16/8 heads of 128, bf16, weights from a seed) generating 24 tokens greedily
@@ -36,20 +37,39 @@ from pathlib import Path
 CALLS, LOOPS = 200, 7
 
 
-def _host_us(fn) -> float:
+def _loop_us(fn) -> float:
+    """Host time per call of ``fn`` over CALLS calls, no synchronisation among
+    them (the GPU drained after)."""
     import torch
 
-    for _ in range(20):
+    start = time.perf_counter()
+    for _ in range(CALLS):
         fn()
+    per_call = (time.perf_counter() - start) / CALLS * 1e6
     torch.cuda.synchronize()
-    times = []
-    for _ in range(LOOPS):
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            fn()
-        times.append((time.perf_counter() - start) / CALLS * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+    return per_call
+
+
+def _host_us(variants: dict) -> dict[str, float]:
+    """The median host time per call of each ``{name: (fn, context)}`` (its
+    call inside ``context()``), measured in LOOPS rounds that take the
+    variants in turn (ABBA), so that a host whose speed drifts during the
+    measurement shifts every variant alike (this timing moved by up to 1.6x
+    between runs taken one variant after another)."""
+    from bench.timing import interleave
+
+    def sampler(fn, context):
+        def sample():
+            with context():
+                return [_loop_us(fn)]
+        return sample
+
+    for fn, context in variants.values():  # warm-up: plans, compiled kernels, the allocator
+        with context():
+            for _ in range(20):
+                fn()
+    samples = interleave({name: sampler(*variant) for name, variant in variants.items()}, LOOPS)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def _ops():
@@ -98,15 +118,13 @@ def measure_ops() -> list[dict]:
     rows = []
     with torch.no_grad():
         for name, default, direct in _ops():
-            row = {"op": name, "default_us": _host_us(default)}
+            variants = {"default_us": (default, contextlib.nullcontext)}
             if direct is not None:
-                row["bi_direct_us"] = _host_us(direct)
-                with plans_off():
-                    row["bi_full_path_us"] = _host_us(direct)
-            with bi_torch.set_batch_invariant_mode():
-                row["dispatch_mode_us"] = _host_us(default)
-            with bi_torch.enable_batch_invariant_mode():
-                row["process_wide_us"] = _host_us(default)
+                variants["bi_direct_us"] = (direct, contextlib.nullcontext)
+                variants["bi_full_path_us"] = (direct, plans_off)
+            variants["dispatch_mode_us"] = (default, bi_torch.set_batch_invariant_mode)
+            variants["process_wide_us"] = (default, bi_torch.enable_batch_invariant_mode)
+            row = {"op": name, **_host_us(variants)}
             for key in ("bi_direct_us", "bi_full_path_us", "dispatch_mode_us", "process_wide_us"):
                 if key in row:
                     row[key.replace("_us", "_ratio")] = row[key] / row["default_us"]

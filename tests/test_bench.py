@@ -329,3 +329,34 @@ def test_the_default_gpu_sweep_times_matmul_at_long_prefills_too():
     assert sizes("matmul", False) == list(sweep.DEFAULT_M)
     assert sizes("rms_norm", True) == list(sweep.DEFAULT_M)
     assert (8192, 8192) in registry.get("matmul").bench.features and (28672, 8192) in registry.get("matmul").bench.features
+
+
+def test_host_cost_takes_the_variants_in_turn_each_inside_its_context(monkeypatch):
+    """The per-op host timing interleaves the variants (ABBA rounds), and
+    times each call inside its own context (the modes, plans off)."""
+    import contextlib
+
+    from bench import host_cost
+
+    state = {"inside": None}
+    order = []
+
+    def context_of(name):
+        @contextlib.contextmanager
+        def context():
+            state["inside"] = name
+            try:
+                yield
+            finally:
+                state["inside"] = None
+        return context
+
+    def loop_us(fn):
+        order.append(fn())
+        return {"a": 1.0, "b": 2.0, "c": 3.0}[order[-1]]
+
+    monkeypatch.setattr(host_cost, "_loop_us", loop_us)
+    variants = {name: ((lambda: state["inside"]), context_of(name)) for name in ("a", "b", "c")}
+    assert host_cost._host_us(variants) == {"a": 1.0, "b": 2.0, "c": 3.0}
+    rounds = [order[i:i + 3] for i in range(0, len(order), 3)]
+    assert len(rounds) == host_cost.LOOPS and rounds[0] == ["a", "b", "c"] and rounds[1] == ["c", "b", "a"]
