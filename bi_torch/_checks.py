@@ -27,12 +27,15 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def check_float_tensor(name: str, t: object) -> None:
+def check_float_tensor(name: str, t: object, op: str | None = None) -> None:
+    """``t`` is a tensor of a supported float dtype; else a TypeError naming
+    ``op`` (the public function called) and the argument."""
+    where = f"{op}: " if op else ""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{where}{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 and float16"
+            f"{where}{name} has dtype {t.dtype}; supported dtypes are float32, bfloat16 and float16"
         )
 
 

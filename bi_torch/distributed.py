@@ -35,7 +35,7 @@ def all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     rounded once to ``x.dtype``. Unlike ``torch.distributed.all_reduce`` (in
     place, its order chosen by NCCL from the message size), an element's bits
     depend only on that element's values on the ranks."""
-    check_float_tensor("x", x)
+    check_float_tensor("x", x, "all_reduce")
     if _world("all_reduce", group) == 1:
         return x.clone()
     parts = _gathered(x, group)
@@ -48,7 +48,7 @@ def all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
 def all_gather(x: torch.Tensor, dim: int = -1, group=None) -> torch.Tensor:
     """The ranks' ``x`` concatenated along ``dim`` in rank order (a copy: no
     arithmetic, the same bits on every rank)."""
-    check_float_tensor("x", x)
+    check_float_tensor("x", x, "all_gather")
     if _world("all_gather", group) == 1:
         return x.clone()
     return torch.cat(_gathered(x, group), dim=dim)
@@ -63,8 +63,8 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     once, and the result is rounded once to ``x.dtype``, on every rank."""
     from bi_torch.ops.matmul import matmul
 
-    check_float_tensor("x", x)
-    check_float_tensor("weight", weight)
+    check_float_tensor("x", x, "row_parallel_linear")
+    check_float_tensor("weight", weight, "row_parallel_linear")
     if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"row_parallel_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)}: the weight must "
                          "be (out_features, this rank's in_features) and x's last dimension its in_features")
@@ -72,7 +72,7 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     partial = matmul(x, weight.t(), out_dtype=torch.float32)
     total = all_reduce(partial, group)
     if bias is not None:
-        check_float_tensor("bias", bias)
+        check_float_tensor("bias", bias, "row_parallel_linear")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"row_parallel_linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         total = total + bias.float()

@@ -132,7 +132,7 @@ def test_tma_kernel_matches_the_reference():
     [
         (lambda: bi_torch.matmul(_rand(2, 3), _rand(4, 5)), ValueError, "cannot be multiplied"),
         (lambda: bi_torch.matmul(_rand(2, 3), _rand(3, 5, dtype=torch.float16)), TypeError, "same dtype"),
-        (lambda: bi_torch.matmul(_rand(2, 3).int(), _rand(3, 5).int()), TypeError, "dtype"),
+        (lambda: bi_torch.matmul(_rand(2, 3).int(), _rand(3, 5).int()), TypeError, "^matmul: a has dtype torch.int32"),
         (lambda: bi_torch.matmul(_rand(2, 3), _rand(3, 5), _rand(4)), ValueError, "bias must have shape"),
         (lambda: bi_torch.matmul(_rand(2, 3), _rand(3, 5), out_dtype=torch.float16), TypeError, "out_dtype"),
         (lambda: bi_torch.matmul(_rand(2, 2, 3), _rand(3, 3, 5)), ValueError, "do not broadcast"),
@@ -141,9 +141,15 @@ def test_tma_kernel_matches_the_reference():
         (lambda: bi_torch.linear(_rand(2, 3), _rand(3)), ValueError, "2-D"),
         (lambda: bi_torch.linear([[1.0, 2.0, 3.0]], _rand(5, 3)), TypeError, "x must be a torch.Tensor, got list"),
         (lambda: bi_torch.matmul(_rand(2, 3), [[1.0]]), TypeError, "b must be a torch.Tensor, got list"),
+        (lambda: bi_torch.linear(_rand(2, 3), _rand(5, 3), _rand(4)), ValueError, r"^linear: bias must have shape \(5,\)"),
+        (lambda: bi_torch.linear(_rand(2, 3), _rand(5, 3), _rand(5).int()), TypeError, "^linear: bias has dtype"),
+        (lambda: bi_torch.softmax(_rand(2, 3).double()), TypeError, "^softmax: x has dtype torch.float64"),
+        (lambda: bi_torch.sum(_rand(2, 3).long(), -1), TypeError, "^sum: x has dtype torch.int64"),
+        (lambda: bi_torch.rms_norm(_rand(2, 3).int()), TypeError, "^rms_norm: x has dtype"),
     ],
     ids=["inner-dim", "mixed-dtype", "int-dtype", "bias-shape", "out-dtype", "batch-broadcast", "0-d", "linear-k",
-         "linear-1d", "linear-list", "matmul-list"],
+         "linear-1d", "linear-list", "matmul-list", "linear-bias-shape", "linear-bias-dtype", "softmax-f64",
+         "sum-int", "rms-norm-int"],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):

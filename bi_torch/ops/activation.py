@@ -156,7 +156,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     (:func:`silu_and_mul_backward`)."""
     if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
         return _direct.silu_and_mul(silu_and_mul, x)
-    check_float_tensor("x", x)
+    check_float_tensor("x", x, "silu_and_mul")
     check_gated_width("silu_and_mul", tuple(x.shape))
     check_launchable("silu_and_mul", x)
     if torch.is_grad_enabled() and x.requires_grad:

@@ -652,7 +652,7 @@ def launch(
 
 def _check_qkv(op, q, k, v, q_dims, kv_dims, names=("q", "k", "v")):
     for name, t in zip(names, (q, k, v)):
-        check_float_tensor(name, t)
+        check_float_tensor(name, t, op)
     group = contract.check_shapes(op, names, (q.shape, k.shape, v.shape), (str(q.dtype), str(k.dtype), str(v.dtype)),
                                   q_dims, kv_dims)
     for name, t in zip(names[1:], (k, v)):
@@ -1035,7 +1035,7 @@ def sdpa_from_first_visible(query, key, value, attn_mask, *, scale: float | None
 def _check_bhle(op, query, key, value, enable_gqa):
     """(B, H, L, E) query, key and value of sdpa's conventions."""
     for name, t in (("query", query), ("key", key), ("value", value)):
-        check_float_tensor(name, t)
+        check_float_tensor(name, t, op)
         if t.ndim != 4:
             raise ValueError(f"{op}: {name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
     if value.shape[-1] != query.shape[-1] or tuple(key.shape) != tuple(value.shape):
@@ -1132,7 +1132,7 @@ def _paged_checks(op, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlen
         raise ValueError(f"{op}: pass both k_new and v_new, or neither")
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
-            check_float_tensor(name, t)
+            check_float_tensor(name, t, op)
             want = q.shape[:-2] + (hkv, d)
             if tuple(t.shape) != tuple(want):
                 raise ValueError(f"{op}: {name} must have shape {tuple(want)} (q's layout with the cache's "

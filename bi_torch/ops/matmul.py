@@ -299,8 +299,8 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, c: 
 
 
 def _check_pair(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out_dtype) -> torch.dtype:
-    check_float_tensor("a" if op == "matmul" else "x", a)
-    check_float_tensor("b" if op == "matmul" else "weight", b)
+    check_float_tensor("a" if op == "matmul" else "x", a, op)
+    check_float_tensor("b" if op == "matmul" else "weight", b, op)
     if a.dtype != b.dtype:
         raise TypeError(f"{op}: operands must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
@@ -312,7 +312,7 @@ def _check_pair(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | 
     if out_dtype not in (a.dtype, torch.float32):
         raise TypeError(f"{op}: out_dtype must be the input dtype ({a.dtype}) or torch.float32, got {out_dtype}")
     if bias is not None:
-        check_float_tensor("bias", bias)
+        check_float_tensor("bias", bias, op)
         if bias.device != a.device:
             raise ValueError(f"{op}: bias is on {bias.device} but the operands are on {a.device}")
     check_launchable(op, a)
@@ -461,14 +461,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(x, weight, bias)  # the product's plan: it reads weight.t() in place
-    check_float_tensor("x", x)
-    check_float_tensor("weight", weight)
+    check_float_tensor("x", x, "linear")
+    check_float_tensor("weight", weight, "linear")
     if weight.ndim != 2:
         raise ValueError(f"linear: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: x's last dimension must equal in_features={weight.shape[1]}, got x of shape {tuple(x.shape)}"
         )
+    if bias is not None:
+        check_float_tensor("bias", bias, "linear")
+        _check_bias("linear", bias, weight.shape[0])
     weight_t = weight.t()
     out = matmul(x, weight_t, bias)
     if key is not None:

@@ -256,14 +256,14 @@ def _rms_norm(x, weight, eps, with_rstd=False):
     if _grad.needed(x, weight):
         return _grad.rms_norm(x, weight, eps, with_rstd)
     op = "rms_norm_with_rstd" if with_rstd else "rms_norm"
-    check_float_tensor("x", x)
+    check_float_tensor("x", x, op)
     if x.ndim == 0:
         raise ValueError(f"{op}: x must have at least one dimension, got a 0-d tensor")
     n = x.shape[-1]
     if n == 0:
         raise ValueError(f"{op}: the normalised (last) dimension of x is empty: shape {tuple(x.shape)}")
     if weight is not None:
-        check_float_tensor("weight", weight)
+        check_float_tensor("weight", weight, op)
         if tuple(weight.shape) != (n,):
             raise ValueError(
                 f"{op}: weight must have shape ({n},) to match x.shape[-1], got {tuple(weight.shape)}"

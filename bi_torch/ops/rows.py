@@ -269,7 +269,7 @@ def launch(op: str, x2d: torch.Tensor, out: torch.Tensor, split: bool | None = N
 
 
 def _check_input(op: str, x, dtype) -> torch.Tensor:
-    check_float_tensor("x", x)
+    check_float_tensor("x", x, op)
     if dtype is not None:
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
