@@ -125,8 +125,17 @@ def test_errors_name_the_problem():
     a, b = _rand(4, 8), _rand(8, 3)
     with pytest.raises(TypeError, match="same dtype"):
         bi_jax.matmul(a, b.astype(jnp.bfloat16))
-    with pytest.raises(TypeError, match="dtype int32"):
+    with pytest.raises(TypeError, match="^matmul: a has dtype int32"):
         bi_jax.matmul(a.astype(jnp.int32), b.astype(jnp.int32))
+    # Every op's dtype error names the op called.
+    with pytest.raises(TypeError, match="^linear: x has dtype int32"):
+        bi_jax.linear(a.astype(jnp.int32), b.T)
+    with pytest.raises(TypeError, match="^sum: x has dtype int32"):
+        bi_jax.sum(a.astype(jnp.int32), axis=-1)
+    with pytest.raises(TypeError, match="^softmax: x has dtype int32"):
+        bi_jax.softmax(a.astype(jnp.int32))
+    with pytest.raises(TypeError, match="^rms_norm: weight has dtype int32"):
+        bi_jax.rms_norm(a, jnp.ones(8, jnp.int32))
     with pytest.raises(ValueError, match="cannot be multiplied"):
         bi_jax.matmul(a, _rand(7, 3))
     with pytest.raises(ValueError, match="bias must have shape"):

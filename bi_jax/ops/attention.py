@@ -659,7 +659,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     if implementation is not None:
         raise ValueError(f"{op}: implementation={implementation!r}: bi_jax has one (batch-invariant) implementation")
     for name, a in (("query", query), ("key", key), ("value", value)):
-        check_float_array(name, a)
+        check_float_array(name, a, op)
         if a.ndim not in (3, 4) or a.ndim != query.ndim:
             raise ValueError(f"{op}: query, key and value must all be (B, T, N, H) or all (T, N, H); got shapes "
                              f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
@@ -763,7 +763,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cache_seqlens, *, cu_seqle
     if k_new is not None:
         want = tuple(q.shape[:-2]) + (hkv, d)
         for name, a in (("k_new", k_new), ("v_new", v_new)):
-            check_float_array(name, a)
+            check_float_array(name, a, op)
             if tuple(a.shape) != want:
                 raise ValueError(f"{op}: {name} must have shape {want} (q's layout with the cache's {hkv} heads), "
                                  f"got {tuple(a.shape)}")

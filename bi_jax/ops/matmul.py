@@ -392,8 +392,8 @@ def _run(a3, b3, bias, out_dtype, precision, b_kmajor, op="matmul"):
 
 
 def _check_pair(op: str, a, b, bias, out_dtype):
-    check_float_array("a" if op != "linear" else "x", a)
-    check_float_array("b" if op != "linear" else "weight", b)
+    check_float_array("a" if op != "linear" else "x", a, op)
+    check_float_array("b" if op != "linear" else "weight", b, op)
     if a.dtype != b.dtype:
         raise TypeError(f"{op}: operands must have the same dtype, got {a.dtype} and {b.dtype}")
     if out_dtype is None:
@@ -404,7 +404,7 @@ def _check_pair(op: str, a, b, bias, out_dtype):
             f"{op}: preferred_element_type must be the input dtype ({a.dtype}) or float32, got {out_dtype}"
         )
     if bias is not None:
-        check_float_array("bias", bias)
+        check_float_array("bias", bias, op)
     return out_dtype
 
 

@@ -166,14 +166,14 @@ def rms_norm(x: jax.Array, weight: jax.Array | None = None, eps: float = 1e-6) -
     Works under ``jax.jit`` and ``jax.vmap``. Each output row depends only on
     its own input row.
     """
-    check_float_array("x", x)
+    check_float_array("x", x, "rms_norm")
     if x.ndim == 0:
         raise ValueError("rms_norm: x must have at least one dimension, got a 0-d array")
     n = x.shape[-1]
     if n == 0:
         raise ValueError(f"rms_norm: the normalised (last) axis of x is empty: shape {tuple(x.shape)}")
     if weight is not None:
-        check_float_array("weight", weight)
+        check_float_array("weight", weight, "rms_norm")
         if tuple(weight.shape) != (n,):
             raise ValueError(
                 f"rms_norm: weight must have shape ({n},) to match x.shape[-1], got {tuple(weight.shape)}"

@@ -226,7 +226,7 @@ def _rows(mode: str, x2d):
 
 
 def _check_input(op: str, x, dtype):
-    check_float_array("x", x)
+    check_float_array("x", x, op)
     if dtype is not None:
         if np.dtype(dtype) not in [np.dtype(d) for d in SUPPORTED_DTYPES]:
             raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
