@@ -27,7 +27,8 @@
 #                                    #   one process per framework and weight shape (BI_MATMUL_FRAMEWORKS,
 #                                    #   default "torch jax"; BI_MATMUL_SHAPES: the shapes, default all six),
 #                                    #   then the tile-config bit proofs of that framework; about 5 minutes
-#                                    #   per framework on an H100 (one call each)
+#                                    #   per framework on an H100, so within a 10-minute limit run it once
+#                                    #   with BI_MATMUL_FRAMEWORKS=torch and once with BI_MATMUL_FRAMEWORKS=jax
 #   bash bench/gpu_check.sh all      # tests, then bench
 #
 # Logs go to $OUT (default ./gpu-out); each part also packs its outputs into one
