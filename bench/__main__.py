@@ -100,9 +100,10 @@ def parser() -> argparse.ArgumentParser:
                         f"here {_csv(frameworks)})")
     p.add_argument("--dtypes", type=_choices("dtype", ["float32", "bfloat16", "float16"]), default=["bfloat16"],
                    help="comma-separated dtypes, of float32,bfloat16,float16 (default: bfloat16)")
+    extra = "".join(f", {s.name} also {_csv(s.bench.extra_m)}" for s in registry.all_specs()
+                    if s.bench is not None and s.bench.extra_m)
     p.add_argument("--m", type=_positive_ints, default=None,
-                   help=f"comma-separated token counts M (default: {_csv(DEFAULT_M)} on a GPU, "
-                        "and matmul also 16384,65536; "
+                   help=f"comma-separated token counts M (default: {_csv(DEFAULT_M)} on a GPU{extra}; "
                         f"{_csv(CPU_M)} without)")
     p.add_argument("--features", type=_features, default=None,
                    help="comma-separated feature sizes, or shapes of the rank of an op's own (KxN weight shapes, "
