@@ -118,16 +118,17 @@ def measure(frameworks, quick: bool = False, console=None, path: Path | None = N
                 row = {"op": spec.name, "framework": framework, "m": m,
                        "features": "x".join(map(str, features)) if isinstance(features, tuple) else str(features),
                        "wrt": list(wrt), "dtype": "bfloat16"}
-                for name, fn in (("default", ad.default(spec)), ("bi", ad.kernel(spec))):
+                steps = {name: make(fn, inputs, kwargs, wrt)
+                         for name, fn in (("default", ad.default(spec)), ("bi", ad.kernel(spec)))}
+                for name, step in steps.items():
                     try:
-                        row[f"{name}_ms"] = time_ms(make(fn, inputs, kwargs, wrt))
+                        row[f"{name}_ms"] = time_ms(step)
                     except Exception as e:  # reported, not hidden: a failing step is a finding
                         row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 if "default_ms" in row and "bi_ms" in row:
                     row["ratio"] = row["default_ms"] / row["bi_ms"]
-                if framework == "torch" and "default_ms" in row and "bi_ms" in row:
-                    row.update(_torch_device_ms({name: make(fn, inputs, kwargs, wrt) for name, fn in
-                                                 (("default", ad.default(spec)), ("bi", ad.kernel(spec)))}))
+                    if framework == "torch":
+                        row.update(_torch_device_ms(steps))
                 rows.append(row)
                 if path is not None:
                     path.write_text(json.dumps(rows, indent=1))
