@@ -23,10 +23,10 @@
 #                                    #   cached in JAX_COMPILATION_CACHE_DIR (default /tmp/bi-e2e-xla) for the
 #                                    #   next call on the same machine; BI_E2E_RESUME: an e2e.json (or
 #                                    #   e2e.partial.json) of an earlier call for the first framework to resume
-#   bash bench/gpu_check.sh matmul   # the matmul sweep at its full grid (six weight shapes, M = 1 ... 65536),
-#                                    #   one process per framework and weight shape (BI_MATMUL_FRAMEWORKS,
-#                                    #   default "torch jax"; BI_MATMUL_SHAPES: the shapes, default all six),
-#                                    #   then the tile-config bit proofs of that framework; about 5 minutes
+#   bash bench/gpu_check.sh matmul   # per framework (BI_MATMUL_FRAMEWORKS, default "torch jax"): the
+#                                    #   tile-config bit proofs, then the matmul sweep at its full grid
+#                                    #   (M = 1 ... 65536), one process per weight shape (BI_MATMUL_SHAPES,
+#                                    #   default all six), all packed into $OUT/matmul.tgz; about 5 minutes
 #                                    #   per framework on an H100, so within a 10-minute limit run it once
 #                                    #   with BI_MATMUL_FRAMEWORKS=torch and once with BI_MATMUL_FRAMEWORKS=jax
 #   bash bench/gpu_check.sh all      # tests, then bench
@@ -101,22 +101,28 @@ if [[ $what == e2e ]]; then
   tar czf "$OUT/e2e.tgz" -C "$OUT" $(cd "$OUT" && ls -d e2e-*)
 fi
 if [[ $what == matmul ]]; then
-  # One process per shape: each writes its results.json as it ends, so a call
-  # cut by its time limit keeps the shapes that finished.
-  mkdir -p "$OUT/matmul"
+  # One process per shape, each packed into $OUT/matmul.tgz as it ends (the
+  # outputs live outside $OUT): a call cut by its time limit still returns
+  # the shapes that finished, in one file.
+  work=$(mktemp -d)/matmul
+  mkdir -p "$work"
   shapes=${BI_MATMUL_SHAPES:-4096x4096 4096x14336 14336x4096 8192x28672 8192x8192 28672x8192}
   for fw in ${BI_MATMUL_FRAMEWORKS:-torch jax}; do
-    for shape in $shapes; do
-      python3 -m bench --ops matmul --frameworks "$fw" --features "$shape" --out "$OUT/matmul/$fw-$shape" \
-        > "$OUT/matmul/$fw-$shape.log" 2>&1 || status=1
-      tail -2 "$OUT/matmul/$fw-$shape.log"
-      rm -rf "$OUT/matmul/$fw-$shape/plots"
-    done
+    # The bit proofs of every config the tables can pick come first: a table
+    # that breaks them is a defect whatever its speed.
     proofs=tests/test_matmul.py; [[ $fw == jax ]] && proofs=tests/test_matmul_jax.py
-    python3 -m pytest "$proofs" -m gpu -q -p no:cacheprovider > "$OUT/matmul/proofs-$fw.log" 2>&1 || status=1
-    tail -3 "$OUT/matmul/proofs-$fw.log"
+    python3 -m pytest "$proofs" -m gpu -q -p no:cacheprovider --durations=5 > "$work/proofs-$fw.log" 2>&1 \
+      || status=1
+    tail -3 "$work/proofs-$fw.log"
+    tar czf "$OUT/matmul.tgz" -C "$(dirname "$work")" matmul
+    for shape in $shapes; do
+      python3 -m bench --ops matmul --frameworks "$fw" --features "$shape" --out "$work/$fw-$shape" \
+        > "$work/$fw-$shape.log" 2>&1 || status=1
+      tail -2 "$work/$fw-$shape.log"
+      rm -rf "$work/$fw-$shape/plots"
+      tar czf "$OUT/matmul.tgz" -C "$(dirname "$work")" matmul
+    done
   done
-  tar czf "$OUT/matmul.tgz" -C "$OUT" matmul && rm -rf "$OUT/matmul"
 fi
 if [[ $what == probes ]]; then
   mkdir -p "$OUT/probes"
