@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.devices import configure, release_device_memory
+from harness.devices import configure, jax_off_the_gpu, release_device_memory
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [fw for fw in args.frameworks if fw not in installed()]
     if missing:
         p.error(f"framework {', '.join(missing)} is not installed (pip install -e '.[{missing[0]}]')")
+    if profile.native and "jax" in args.frameworks:
+        problem = jax_off_the_gpu()
+        if problem:
+            p.error(f"{problem}; or leave JAX out with --frameworks torch")
 
     console = Console()
     if not console.is_terminal:

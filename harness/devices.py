@@ -118,6 +118,10 @@ def _configure() -> Profile:
             raise RuntimeError("BI_DEVICE=gpu but no framework here can use a CUDA GPU")
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             raise RuntimeError("BI_DEVICE=gpu conflicts with TRITON_INTERPRET=1")
+        # The GPU profile's sizes are for compiled kernels: a framework that
+        # would run its interpreter instead (a jaxlib without its CUDA plugin
+        # beside torch's CUDA build) must fail at once with the fix, not crawl.
+        os.environ["BI_DEVICE"] = "gpu"
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         if workers > 1 and importlib.util.find_spec("torch") is not None:
             import torch
@@ -127,6 +131,19 @@ def _configure() -> Profile:
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     return CPU
+
+
+def jax_off_the_gpu() -> str | None:
+    """On a GPU run: why bi_jax cannot run compiled here (JAX has no GPU
+    backend: a jaxlib without its CUDA plugin), or None where it can."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return None
+    return (f"JAX runs on its {backend} backend here while torch runs on the GPU, so bi_jax would run in the "
+            "Pallas interpreter at GPU sizes: install JAX's CUDA plugin, for example pip install -e "
+            "'.[jax,cuda13]' (cuda12 for a CUDA 12 driver)")
 
 
 def release_device_memory() -> None:

@@ -223,6 +223,39 @@ def test_gpu_only_modes_say_so_without_a_gpu(flag, capsys):
     assert exit_.value.code == 2 and "this machine has no GPU" in capsys.readouterr().err
 
 
+def test_jax_without_its_gpu_backend_beside_torchs_gpu_is_refused(monkeypatch, capsys):
+    """torch's CUDA build with a jaxlib that runs on the CPU alone (the
+    ``jax`` extra without ``cuda13``): the GPU sweep would run bi_jax in the
+    Pallas interpreter at GPU sizes, so the bench stops and names the fix,
+    unless JAX is left out."""
+    import bench.__main__ as command
+    from harness import devices
+
+    monkeypatch.setattr(command, "configure", lambda: devices.GPU)
+    monkeypatch.setattr(command, "jax_off_the_gpu", lambda: "JAX runs on its cpu backend here")
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["--frameworks", "torch,jax", "--quick"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "JAX runs on its cpu backend here; or leave JAX out with --frameworks torch" in err
+    asked = []
+    monkeypatch.setattr(command, "jax_off_the_gpu", lambda: asked.append(1))
+    late_error = ["--ops", "rms_norm", "--features", "64x32"]  # refused after the check, for a quick end
+    with pytest.raises(SystemExit):
+        command.main(["--frameworks", "torch", *late_error])
+    assert not asked
+    with pytest.raises(SystemExit):
+        command.main(["--frameworks", "torch,jax", *late_error])
+    assert asked == [1]  # the same call with JAX reaches the check
+
+
+@pytest.mark.skipif(PROFILE.native, reason="JAX has its GPU backend on a GPU machine")
+def test_jax_off_the_gpu_names_the_backend_and_the_fix():
+    from harness.devices import jax_off_the_gpu
+
+    problem = jax_off_the_gpu()
+    assert problem is not None and "its cpu backend" in problem and "cuda13" in problem
+
+
 @pytest.mark.skipif(PROFILE.native, reason="the GPU-only engine runs on a GPU")
 def test_the_varlen_e2e_engine_says_it_needs_a_gpu(capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -127,6 +127,21 @@ def test_cpu_jaxlib_with_bi_device_gpu_is_an_error():
     assert run.stdout.startswith("error: sum: BI_DEVICE=gpu, but JAX has no GPU backend here"), run.stdout
 
 
+def test_a_gpu_profile_makes_bi_jax_refuse_its_interpreter():
+    """Where the harness picks the GPU (torch sees one), it says so to bi_jax
+    (``BI_DEVICE=gpu``), so that a jaxlib without its CUDA plugin fails each
+    JAX test with the fix instead of running the interpreter at GPU sizes."""
+    run = _python("""
+        import os
+        from harness import devices
+        devices._cuda_available = lambda: True  # as where torch sees a GPU
+        profile = devices._configure()
+        print(profile.name, os.environ.get("BI_DEVICE"), os.environ.get("TRITON_INTERPRET"))
+    """, PYTEST_XDIST_WORKER_COUNT="1")  # one process: the profile asks torch for no GPU memory size
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["gpu", "gpu", "None"], run.stdout
+
+
 @pytest.mark.skipif(PROFILE.native, reason="the interpreters' own path")
 def test_the_cpu_suite_runs_the_interpreters():
     """The suite's own premise on a machine without a GPU."""
