@@ -1,6 +1,8 @@
 """Device selection: native GPU runs or CPU interpreters.
 
-``BI_DEVICE`` = ``auto`` (default), ``gpu`` or ``cpu`` picks where kernels run.
+``BI_DEVICE`` = ``auto`` (default), ``gpu`` or ``cpu`` picks where kernels run;
+once the GPU is picked, ``BI_DEVICE=gpu`` is set for the process (and its
+children), so that bi_jax refuses its interpreter there (``jax_off_the_gpu``).
 ``BI_MAX_EXAMPLES`` overrides the profile's Hypothesis examples per property
 (a shorter GPU run; say how many examples a run drew when quoting it).
 ``configure()`` must run before ``triton``, ``bi_torch`` or ``jax`` is
