@@ -58,9 +58,20 @@ def _choices(kind: str, allowed: list[str], hint: str = ""):
             raise argparse.ArgumentTypeError(
                 f"unknown {kind} {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}{hint}"
             )
-        return values
+        return list(dict.fromkeys(values))  # each once, in the order given
 
     return parse
+
+
+def _results_folder(p: argparse.ArgumentParser, out: Path) -> None:
+    """Make ``out`` (``--out``) now: results are written at the end of a run,
+    so a folder that cannot take them is refused before the run, not after."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        p.error(f"--out {out}: cannot make the results folder ({err.strerror or err})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        p.error(f"--out {out}: the results folder is not writable")
 
 
 def _temperatures(text: str) -> tuple[float, ...]:
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, mode):
             if not profile.native:
                 p.error(f"{what}; this machine has no GPU")
+            _results_folder(p, args.out)
             module = importlib.import_module(f"bench.{mode}")
             extra = {"ops": args.ops} if mode == "backward" else {}
             for path in module.run(args.out, console, args.frameworks, quick=args.quick, **extra):
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.e2e_schedules and max(args.e2e_schedules) > runs:
             p.error(f"--e2e-schedules {','.join(map(str, args.e2e_schedules))}: the workload has schedules 1..{runs} "
                     "(--e2e-runs)")
+        _results_folder(p, args.out)
         for path in command.run(args.out, console, args.frameworks, profile.native, requests=args.e2e_requests,
                                 runs=args.e2e_runs, impls=tuple(args.e2e_impls or command.IMPLS), previous=previous,
                                 schedules=args.e2e_schedules,
@@ -243,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if not jobs:
         p.error(f"no benchmark matches: {', '.join(args.ops)} in {', '.join(args.dtypes)} "
                 f"with {', '.join(args.frameworks)}")
+    _results_folder(p, args.out)
 
     copy_gbs = None
     if native:

@@ -144,8 +144,8 @@ def jax_off_the_gpu() -> str | None:
     if backend == "gpu":
         return None
     return (f"JAX runs on its {backend} backend here while torch runs on the GPU, so bi_jax would run in the "
-            "Pallas interpreter at GPU sizes: install JAX's CUDA plugin, for example pip install -e "
-            "'.[jax,cuda13]' (cuda12 for a CUDA 12 driver)")
+            "Pallas interpreter at GPU sizes: install JAX's CUDA plugin, for example pip install -c "
+            "constraints/gpu-image.txt -e '.[torch,jax,cuda13]' (cuda12 for JAX on a CUDA 12 driver)")
 
 
 def release_device_memory() -> None:

@@ -215,6 +215,28 @@ def test_bad_arguments_get_one_clear_line_and_status_2(args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("kind", ["a file", "under a file"])
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_run(kind, tmp_path, monkeypatch, capsys):
+    import bench.sweep
+
+    existing = tmp_path / "results.txt"
+    existing.write_text("")
+    out = existing if kind == "a file" else existing / "inner"
+    ran = []
+    monkeypatch.setattr(bench.sweep, "run_job", lambda *a, **k: ran.append(a) or [])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ops", "rms_norm", "--quick", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--out {out}: cannot make the results folder" in err and not ran
+
+
+def test_a_framework_named_twice_is_benchmarked_once():
+    from bench.__main__ import parser
+
+    args = parser().parse_args(["--frameworks", "torch,jax,torch", "--ops", "rms_norm,rms_norm"])
+    assert args.frameworks == ["torch", "jax"] and args.ops == ["rms_norm"]
+
+
 @pytest.mark.skipif(PROFILE.native, reason="the GPU-only modes run on a GPU")
 @pytest.mark.parametrize("flag", ["--backward", "--host-cost"])
 def test_gpu_only_modes_say_so_without_a_gpu(flag, capsys):
