@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from bi_core.devices import nvidia_gpu_present, requested_device
 from harness.devices import configure, jax_off_the_gpu, release_device_memory
 
 
@@ -246,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         ms = args.m or list(sweep.QUICK_M if args.quick else sweep.DEFAULT_M)
         features = args.features
     else:
+        why = "No GPU" if not nvidia_gpu_present() or requested_device() == "cpu" else \
+            "This machine has an NVIDIA GPU, but no installed framework can use it (torch's CUDA build, or JAX " \
+            "with its cuda13/cuda12 extra)"
         console.print(
-            "[yellow]No GPU: kernels run in the Triton and Pallas interpreters. This run checks "
+            f"[yellow]{why}: kernels run in the Triton and Pallas interpreters. This run checks "
             "invariance only; it measures no meaningful time.[/yellow]"
         )
         ms = args.m or list(sweep.CPU_QUICK_M if args.quick else sweep.CPU_M)

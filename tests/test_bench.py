@@ -346,6 +346,22 @@ def test_quick_is_honoured_without_a_gpu(tmp_path):
     assert sorted({r["m"] for r in rows}) == list(CPU_QUICK_M)
 
 
+@pytest.mark.skipif(PROFILE.native, reason="the interpreters' run")
+@pytest.mark.parametrize("gpu_present", [False, True])
+def test_an_interpreter_run_on_a_machine_with_a_gpu_says_why(gpu_present, tmp_path, monkeypatch, capsys):
+    """An NVIDIA GPU that no installed framework can use (a CPU-only jaxlib
+    alone, torch built without CUDA) is named, not reported as no GPU."""
+    import bench.__main__ as command
+    import bench.sweep
+
+    monkeypatch.setattr(command, "nvidia_gpu_present", lambda: gpu_present)
+    monkeypatch.setattr(bench.sweep, "run_job", lambda *a, **k: [])
+    command.main(["--quick", "--ops", "sum", "--frameworks", "torch", "--out", str(tmp_path)])
+    out = " ".join(capsys.readouterr().out.split())
+    said = "This machine has an NVIDIA GPU, but no installed framework can use it"
+    assert (said in out) == gpu_present and ("No GPU: kernels run" in out) != gpu_present, out
+
+
 def test_the_jax_generation_benchmarks_decoder_is_invariant_under_the_transform():
     """The decoder that ``--host-cost`` times under
     ``bi_jax.batch_invariant(strict=True)`` (tiny here; strict: every product,
