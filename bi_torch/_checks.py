@@ -77,8 +77,8 @@ def check_no_autograd(op: str, *tensors: torch.Tensor | None) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise NotImplementedError(
             f"{op}: this call is forward-only (inference): among the attention ops only "
-            "bi_torch.attention without window or kv_lengths, and scaled_dot_product_attention without "
-            "attn_mask, have a backward pass; call under torch.no_grad() "
+            "bi_torch.attention and varlen_attention without a window, and scaled_dot_product_attention "
+            "without attn_mask, have a backward pass; call under torch.no_grad() "
             "or torch.inference_mode(), or detach the inputs"
         )
 

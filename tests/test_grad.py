@@ -221,6 +221,78 @@ def test_torch_fused_attention_backward(dtype):
             assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {shape}"
 
 
+def test_torch_attention_trains_with_key_lengths_and_packed_sequences():
+    """``bi_torch.attention(kv_lengths=...)`` and ``bi_torch.varlen_attention``
+    under autograd (causal and full, GQA, sequences of unequal lengths, one
+    with no query and one whose queries see no key): each sequence's
+    gradients are those of the sequence alone in a dense batch of one, bit
+    for bit, and near float64's; padding keys get zero gradients; a window is
+    refused by name."""
+    import torch
+
+    import bi_torch
+
+    gen = torch.Generator().manual_seed(11)
+    hq, hkv, d = 4, 2, 64
+    dev = _TORCH_DEVICE
+
+    def grads(fn, leaves, g):
+        leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        out = fn(*leaves)
+        return out.detach(), torch.autograd.grad(out, leaves, g)
+
+    def alone(q, k, v, g, causal):  # (Lq, H, D) tensors: the dense batch of one
+        return grads(lambda *t: bi_torch.attention(*(x[None] for x in t), causal=causal)[0], (q, k, v), g)
+
+    for causal in (True, False):
+        # (queries, keys) per sequence: more keys, as many, none of either, more queries than keys
+        lengths = ((5, 9), (7, 7), (0, 4), (6, 0), (11, 3))
+        qs = [torch.randn(n, hq, d, generator=gen).to(dev) for n, _ in lengths]
+        ks = [torch.randn(m, hkv, d, generator=gen).to(dev) for _, m in lengths]
+        vs = [torch.randn(m, hkv, d, generator=gen).to(dev) for _, m in lengths]
+        gs = [torch.randn(n, hq, d, generator=gen).to(dev) for n, _ in lengths]
+        cu_q, cu_k = (torch.tensor([0, *np.cumsum([x[i] for x in lengths])], dtype=torch.int32, device=dev)
+                      for i in (0, 1))
+        packed = [torch.cat(t) for t in (qs, ks, vs)]
+        out, got = grads(lambda q, k, v: bi_torch.varlen_attention(q, k, v, cu_q, cu_k, causal=causal), packed,
+                         torch.cat(gs))
+        for s, (n, m) in enumerate(lengths):
+            rows_q, rows_k = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+            one_out, one = alone(qs[s], ks[s], vs[s], gs[s], causal)
+            label = f"varlen sequence {s} {(n, m)} causal={causal}"
+            assert torch.equal(out[rows_q], one_out), label
+            for name, x, y in zip("qkv", got, one):
+                assert torch.equal(x[rows_q if name == "q" else rows_k], y), f"d{name}: {label}"
+            if n and m:  # near float64's gradients for the cotangent gs[s]
+                leaves = [t.double().requires_grad_() for t in (qs[s], ks[s], vs[s])]
+                qd, kd, vd = (t.transpose(0, 1) for t in leaves)
+                kd, vd = (t.repeat_interleave(hq // hkv, 0) for t in (kd, vd))
+                sc = qd @ kd.transpose(-1, -2) / d ** 0.5
+                if causal:
+                    sc = sc.masked_fill(torch.arange(m)[None, :] > torch.arange(n)[:, None] + (m - n), float("-inf"))
+                o64 = (torch.nan_to_num(torch.softmax(sc, -1)) @ vd).transpose(0, 1)
+                want = torch.autograd.grad(o64, leaves, gs[s].double())
+                for name, x, w in zip("qkv", one, want):
+                    torch.testing.assert_close(x.double(), w, rtol=1e-4, atol=1e-4, msg=lambda e: f"d{name} {label}: {e}")
+        # Dense key lengths: the padded batch's sequence b is sequence b alone with its first kv_lengths[b] keys.
+        lq, lk = 6, 10
+        kv_lengths = torch.tensor([10, 3, 0, 7], dtype=torch.int32, device=dev)
+        q, g = (torch.randn(4, lq, hq, d, generator=gen).to(dev) for _ in range(2))
+        k, v = (torch.randn(4, lk, hkv, d, generator=gen).to(dev) for _ in range(2))
+        out, got = grads(lambda q, k, v: bi_torch.attention(q, k, v, causal=causal, kv_lengths=kv_lengths),
+                         (q, k, v), g)
+        for b, m in enumerate(kv_lengths.tolist()):
+            one_out, one = alone(q[b], k[b, :m], v[b, :m], g[b], causal)
+            label = f"kv_lengths sequence {b} ({m} keys) causal={causal}"
+            assert torch.equal(out[b], one_out), label
+            assert torch.equal(got[0][b], one[0]), f"dq: {label}"
+            for name, x, y in zip("kv", got[1:], one[1:]):
+                assert torch.equal(x[b, :m], y) and not x[b, m:].any(), f"d{name}: {label}"
+    leaves = [t.detach().clone().requires_grad_() for t in packed]
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        bi_torch.varlen_attention(*leaves, cu_q, cu_k, window=(2, 0))
+
+
 def test_torch_row_backward_kernels():
     """``bi_torch.ops.rows_grad`` through autograd, against float64 torch:
     RMSNorm with and without a weight, each input alone requiring grad, rows
@@ -327,6 +399,74 @@ def test_jax_fused_attention_backward():
         got = attention_backward(*(jnp.asarray(t) for t in (q, k, v)), o, o, causal=causal, lse=lse[0])
         for name, x, w in zip("qkv", got, want):
             np.testing.assert_allclose(np.asarray(x), w.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{name} {(lq, lk)}")
+
+
+def test_jax_attention_trains_with_key_lengths_and_packed_sequences():
+    """The JAX twin of the torch test above: ``jax.grad`` through
+    ``bi_jax.varlen_attention`` (causal, GQA, unequal lengths, a sequence with
+    no query and one whose queries see no key), ``bi_jax.attention`` with
+    ``kv_lengths`` and ``dot_product_attention`` with
+    ``key_value_seq_lengths`` (queries aligned to the keys' start): each
+    sequence's gradients are its gradients alone, bit for bit, and padding
+    keys get zeros; torch's kernels give the same values."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import bi_jax
+    import bi_torch
+
+    rng = np.random.default_rng(12)
+    hq, hkv, d = 4, 2, 64
+
+    def grads(fn, leaves, g):
+        out, pull = jax.vjp(fn, *leaves)
+        return np.asarray(out), [np.asarray(x) for x in pull(g)]
+
+    def alone(q, k, v, g, causal, bottom_right=True):
+        if bottom_right:
+            return grads(lambda *t: bi_jax.attention(*(x[None] for x in t), causal=causal)[0], (q, k, v), g)
+        return grads(lambda *t: bi_jax.dot_product_attention(*(x[None] for x in t), is_causal=causal)[0],
+                     (q, k, v), g)
+
+    lengths = ((5, 9), (0, 4), (6, 0), (11, 3))
+    qs, ks, vs, gs = ([jnp.asarray(rng.standard_normal((x[i], h, d), dtype=np.float32)) for x in lengths]
+                      for i, h in ((0, hq), (1, hkv), (1, hkv), (0, hq)))
+    cu_q, cu_k = (jnp.asarray([0, *np.cumsum([x[i] for x in lengths])], jnp.int32) for i in (0, 1))
+    packed = [jnp.concatenate(t) for t in (qs, ks, vs)]
+    out, got = grads(lambda q, k, v: bi_jax.varlen_attention(q, k, v, cu_q, cu_k, 11, 9, causal=True), packed,
+                     jnp.concatenate(gs))
+    for s, (n, m) in enumerate(lengths):
+        rows_q, rows_k = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+        one_out, one = alone(qs[s], ks[s], vs[s], gs[s], True)
+        assert np.array_equal(out[rows_q], one_out), f"varlen sequence {s}"
+        for name, x, y in zip("qkv", got, one):
+            assert np.array_equal(x[rows_q if name == "q" else rows_k], y), f"d{name}: varlen sequence {s}"
+    # torch's kernels on the same packed batch (whose gradients the torch test holds to float64's): the same
+    # values within fp32 rounding (the two interpreters write the products out differently).
+    tleaves = [torch.tensor(np.asarray(t), device=_TORCH_DEVICE, requires_grad=True) for t in packed]
+    tout = bi_torch.varlen_attention(*tleaves, torch.tensor(np.asarray(cu_q), device=_TORCH_DEVICE),
+                                     torch.tensor(np.asarray(cu_k), device=_TORCH_DEVICE), causal=True)
+    tgot = torch.autograd.grad(tout, tleaves, torch.tensor(np.asarray(jnp.concatenate(gs)), device=_TORCH_DEVICE))
+    for name, a, b in zip("qkv", got, tgot):
+        np.testing.assert_allclose(a, b.cpu().numpy(), rtol=1e-5, atol=1e-5, err_msg=f"d{name} against torch's")
+    # Key lengths, dense: aligned to the end of each sequence's keys (attention) and to their start
+    # (dot_product_attention, full: key_value_seq_lengths).
+    lq, lk = 6, 10
+    kv_lengths = jnp.asarray([10, 3, 0], jnp.int32)
+    q, g = (jnp.asarray(rng.standard_normal((3, lq, hq, d), dtype=np.float32)) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((3, lk, hkv, d), dtype=np.float32)) for _ in range(2))
+    for bottom_right, fn in ((True, lambda q, k, v: bi_jax.attention(q, k, v, causal=True, kv_lengths=kv_lengths)),
+                             (False, lambda q, k, v: bi_jax.dot_product_attention(
+                                 q, k, v, key_value_seq_lengths=kv_lengths))):
+        out, got = grads(fn, (q, k, v), g)
+        for b, m in enumerate(np.asarray(kv_lengths).tolist()):
+            one_out, one = alone(q[b], k[b, :m], v[b, :m], g[b], bottom_right, bottom_right)
+            label = f"kv_lengths sequence {b} ({m} keys), aligned to the {'end' if bottom_right else 'start'}"
+            assert np.array_equal(out[b], one_out), label
+            assert np.array_equal(got[0][b], one[0]), f"dq: {label}"
+            for name, x, y in zip("kv", got[1:], one[1:]):
+                assert np.array_equal(x[b, :m], y) and not x[b, m:].any(), f"d{name}: {label}"
 
 
 def _jax_forward_lse(q, k, v, causal, split_kv):

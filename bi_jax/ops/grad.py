@@ -15,10 +15,10 @@ backward is built from the bi_ kernels and elementwise ``jnp`` ops, as in
 
 Elementwise steps run in fp32 and round once to the input's dtype. The
 rules are first-order (a gradient of a gradient goes through the backward's
-own kernels, which have these rules too, but is not tested). Dense attention
-(full or causal) has a fused backward (``bi_jax.ops.attention_grad``, through
-``with_attention_backward``); with masks, biases, lengths, windows, varlen or
-pages ``jax.grad`` raises.
+own kernels, which have these rules too, but is not tested). Attention (full
+or causal; dense, with key lengths, or packed) has a fused backward
+(``bi_jax.ops.attention_grad``, through ``with_attention_backward``); with
+masks, biases, windows or pages ``jax.grad`` raises.
 """
 
 from __future__ import annotations
@@ -115,10 +115,11 @@ def with_rows_backward(mode: str, fn, shape, dtype):
 
 def with_attention_backward(fn, statics: dict, fn_with_lse):
     """``fn(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)`` (the
-    attention launch for one static configuration) with a backward for dense
-    attention, full or causal, without masks, biases, key lengths or
-    windows: the fused kernels of ``bi_jax.ops.attention_grad``.
-    ``fn_with_lse``: the same launch returning ``(out, lse)`` as
+    attention launch for one static configuration) with a backward for
+    attention, full or causal, dense (with or without key lengths) or packed
+    (``cu_q``, ``cu_k``), without masks, biases, pages or windows: the fused
+    kernels of ``bi_jax.ops.attention_grad``. ``fn_with_lse``: the same
+    launch returning ``(out, lse)`` as
     ``bi_jax.ops.attention.launch(with_lse=True)``; its statistics are the
     backward's."""
     import math
@@ -128,27 +129,33 @@ def with_attention_backward(fn, statics: dict, fn_with_lse):
     left, right = statics["window"]
     # The kernel takes scale * log2(e) (rounded to fp32); the backward the scale.
     scale = statics["qk_scale"] / math.log2(math.e)
+    lq = statics["max_q_len"]
 
     def forward(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias):
-        given = [name for name, a in (("cu_seqlens", cu_q), ("cu_seqlens_k", cu_k), ("key lengths", kv_lens),
-                                      ("block_table", block_table), ("mask", mask), ("bias", bias)) if a is not None]
+        given = [name for name, a in (("block_table", block_table), ("mask", mask), ("bias", bias)) if a is not None]
+        if (cu_q is None) != (cu_k is None):
+            given.append("cu_seqlens_q" if cu_k is None else "cu_seqlens_k")
         if given or left != contract.UNBOUNDED or right not in (0, contract.UNBOUNDED):
             raise NotImplementedError(
                 "bi_jax.attention has no derivative rule for this call (" + (", ".join(given) or "a window") +
-                "): only dense attention, full or causal, trains (attention(q, k, v, causal=...), "
-                "dot_product_attention without mask, bias, lengths or window); the rest is forward-only")
+                "): only attention without window, full or causal, trains (attention(q, k, v, causal=..., "
+                "kv_lengths=...), varlen_attention, dot_product_attention without mask, bias or window); the "
+                "rest is forward-only")
         out, rows = fn_with_lse(q, k, v, cu_q, cu_k, kv_lens, block_table, mask, bias)
         # Tile rows (query, head of the group) of each (sequence, KV head) -> (sequence, query head, query).
-        (b, lq, hq, _), hkv = q.shape, k.shape[2]
+        hq, hkv = q.shape[-2], k.shape[-2]
+        b = rows.shape[0] // hkv
         lse = rows[:, :lq * (hq // hkv)].reshape(b, hkv, lq, hq // hkv).transpose(0, 1, 3, 2).reshape(-1)
-        return out, (q, k, v, out, lse)
+        return out, (q, k, v, out, lse, cu_q, cu_k, kv_lens)
 
     def backward(residuals, g):
         from bi_jax.ops.attention_grad import attention_backward
 
-        q, k, v, out, lse = residuals
+        q, k, v, out, lse, cu_q, cu_k, kv_lens = residuals
         grads = attention_backward(q, k, v, out, g, causal=right == 0, scale=scale,
-                                   bottom_right=statics["bottom_right"], lse=lse)
+                                   bottom_right=statics["bottom_right"], lse=lse, kv_lengths=kv_lens,
+                                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq,
+                                   max_seqlen_k=statics["max_kv_len"])
         return (*grads, None, None, None, None, None, None)
 
     wrapped = jax.custom_vjp(fn)

@@ -832,8 +832,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, wind
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None:
         return plan(q, k, v)
-    if _grad.needed(q, k, v) and window is None and kv_lengths is None:
-        return _grad.attention(q, k, v, causal, scale, split_kv)
+    if _grad.needed(q, k, v) and window is None:
+        return _grad.attention(q, k, v, causal, scale, split_kv, kv_lengths)
     with recording() as launches:
         out = _dense("attention", q, k, v, causal=causal, scale=scale, window=window, bottom_right=True,
                      split_kv=split_kv, kv_lengths=kv_lengths)
@@ -1056,11 +1056,27 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
     queries are aligned to the end of their sequence's keys. ``max_seqlen_*``
     (host ints) avoid reading the lengths back from the device; without them
     the offsets are read (and checked) once.
+
+    Gradients (inputs that require grad, no window): the fused backward of
+    ``bi_torch.attention``, each program on its own sequence, so a
+    sequence's gradients do not depend on the others packed with it.
     """
     if torch.compiler.is_compiling():  # one node of the graph (bi_torch.direct)
         return _direct.varlen_attention(varlen_attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, causal, scale, window, split_kv)
-    op = "varlen_attention"
+    if _grad.needed(q, k, v) and window is None:
+        return _grad.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                      scale, split_kv)
+    return _varlen("varlen_attention", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   causal=causal, scale=scale, window=window, split_kv=split_kv)
+
+
+def _varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, scale, window,
+            split_kv, with_lse=False):
+    """``varlen_attention``'s checks and launch; ``with_lse``: return
+    ``(out, lse, (cu_q, cu_k, max_seqlen_q, max_seqlen_k))``, ``lse`` fp32
+    ``(B * Hq, max_seqlen_q)`` as ``_dense``'s, with the checked int32
+    offsets and host maxima the backward takes."""
     contract.check_split_kv(split_kv, op)
     max_seqlen_q = contract.check_max_seqlen(max_seqlen_q, "max_seqlen_q", op)
     max_seqlen_k = contract.check_max_seqlen(max_seqlen_k, "max_seqlen_k", op)
@@ -1083,17 +1099,25 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int | No
         max_seqlen_k = mk if max_seqlen_k is None else max_seqlen_k
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if batch == 0 or total_q == 0:
-        return out
-    launch(
+    sizes = (cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k or 0))
+    if batch == 0 or total_q == 0 or (with_lse and total_k == 0):
+        if not with_lse:
+            return out
+        lse = torch.full((batch * hq, sizes[2]), float("inf"), dtype=torch.float32, device=q.device)
+        return out.zero_(), lse, sizes
+    got = launch(
         q, k, v, out, q_strides=(0, q.stride(0), q.stride(1)), k_strides=(0, k.stride(0), k.stride(1)),
         v_strides=(0, v.stride(0), v.stride(1)), o_strides=(0, out.stride(0), out.stride(1)),
         batch=batch, hkv=hkv, group=group, q_len=0, kv_len=0, cu_q=cu_q, cu_k=cu_k,
         max_q_len=int(max_seqlen_q), max_kv_len=max(int(max_seqlen_k or 0), 1),
         scale_log2=contract.qk_scale(scale, d, op), window=contract.window_sides(causal, window, op),
-        bottom_right=True, split_kv=split_kv,
+        bottom_right=True, split_kv=split_kv, with_lse=with_lse,
     )
-    return out
+    if not with_lse:
+        return got
+    mq = sizes[2]
+    rows = got[1][:, :mq * group].reshape(batch, hkv, mq, group)
+    return out, rows.permute(0, 1, 3, 2).reshape(batch * hq, mq), sizes
 
 
 def _paged_checks(op, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens_q, max_seqlen_q, k_new, v_new,

@@ -27,8 +27,9 @@ Attention (``attention``: full or causal, GQA, any scale) has a fused
 backward (``bi_torch.ops.attention_grad``: log-sum-exp statistics, then dK/dV
 per key block and dQ per query block, each summed in a fixed order, no
 atomics, no (L, L) array). It keeps the properties above: a sequence's
-gradients depend only on that sequence. Windows, key lengths, masks, varlen
-and paged attention still refuse inputs that require grad.
+gradients depend only on that sequence. Key lengths (``kv_lengths``) and
+packed sequences (``varlen_attention``) train through the same kernels;
+windows, masks and paged attention still refuse inputs that require grad.
 """
 
 from __future__ import annotations
@@ -171,14 +172,15 @@ class _Reduce(torch.autograd.Function):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, split_kv):
+    def forward(ctx, q, k, v, causal, scale, split_kv, kv_lengths):
         from bi_torch.ops.attention import _dense
 
         # The inference forward's kernel (the same output bits), which also
         # keeps each query's softmax statistics for the backward.
         out, lse = _dense("attention", q, k, v, causal=causal, scale=scale, window=None, bottom_right=True,
-                          split_kv=split_kv, with_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse)
+                          split_kv=split_kv, kv_lengths=kv_lengths, with_lse=True)
+        kv_lens = None if kv_lengths is None else kv_lengths.to(torch.int32).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse, kv_lens)
         ctx.causal, ctx.scale = causal, scale
         return out
 
@@ -187,13 +189,42 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, g):
         from bi_torch.ops.attention_grad import attention_backward
 
-        q, k, v, out, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v = attention_backward(q, k, v, out, g, ctx.causal, ctx.scale, lse=lse)
-        return grad_q, grad_k, grad_v, None, None, None
+        q, k, v, out, lse, kv_lens = ctx.saved_tensors
+        grad_q, grad_k, grad_v = attention_backward(q, k, v, out, g, ctx.causal, ctx.scale, lse=lse,
+                                                    kv_lengths=kv_lens)
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def attention(q, k, v, causal, scale, split_kv):
-    return _Attention.apply(q, k, v, causal, scale, split_kv)
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, split_kv):
+        from bi_torch.ops.attention import _varlen
+
+        out, lse, (cu_q, cu_k, max_q, max_k) = _varlen("varlen_attention", q, k, v, cu_q, cu_k, max_q, max_k,
+                                                       causal=causal, scale=scale, window=None,
+                                                       split_kv=split_kv, with_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.causal, ctx.scale, ctx.max_q, ctx.max_k = causal, scale, max_q, max_k
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        from bi_torch.ops.attention_grad import attention_backward
+
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        grad_q, grad_k, grad_v = attention_backward(q, k, v, out, g, ctx.causal, ctx.scale, lse=lse,
+                                                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=ctx.max_q,
+                                                    max_seqlen_k=ctx.max_k)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+
+
+def attention(q, k, v, causal, scale, split_kv, kv_lengths=None):
+    return _Attention.apply(q, k, v, causal, scale, split_kv, kv_lengths)
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, split_kv):
+    return _VarlenAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, split_kv)
 
 
 def matmul(a, b, bias, out_dtype):
