@@ -221,7 +221,13 @@ def test_torch_fused_attention_backward(dtype):
             assert all(torch.equal(x[1:], y) for x, y in zip(got, alone)), f"alone differs {shape}"
 
 
-def test_torch_attention_trains_with_key_lengths_and_packed_sequences():
+# On a GPU: lengths across several tiles, past MASK_FREE_FROM (mask-free loops), and 16-bit inputs.
+_PACKED_LENGTHS = ((300, 700), (2100, 2100), (0, 40), (50, 0), (513, 129)) if PROFILE.native else \
+    ((5, 9), (7, 7), (0, 4), (6, 0), (11, 3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"] if PROFILE.native else ["float32"])
+def test_torch_attention_trains_with_key_lengths_and_packed_sequences(dtype):
     """``bi_torch.attention(kv_lengths=...)`` and ``bi_torch.varlen_attention``
     under autograd (causal and full, GQA, sequences of unequal lengths, one
     with no query and one whose queries see no key): each sequence's
@@ -234,7 +240,8 @@ def test_torch_attention_trains_with_key_lengths_and_packed_sequences():
 
     gen = torch.Generator().manual_seed(11)
     hq, hkv, d = 4, 2, 64
-    dev = _TORCH_DEVICE
+    dev, dt = _TORCH_DEVICE, getattr(torch, dtype)
+    tol = 1e-4 if dtype == "float32" else 6e-2
 
     def grads(fn, leaves, g):
         leaves = [t.detach().clone().requires_grad_() for t in leaves]
@@ -246,11 +253,11 @@ def test_torch_attention_trains_with_key_lengths_and_packed_sequences():
 
     for causal in (True, False):
         # (queries, keys) per sequence: more keys, as many, none of either, more queries than keys
-        lengths = ((5, 9), (7, 7), (0, 4), (6, 0), (11, 3))
-        qs = [torch.randn(n, hq, d, generator=gen).to(dev) for n, _ in lengths]
-        ks = [torch.randn(m, hkv, d, generator=gen).to(dev) for _, m in lengths]
-        vs = [torch.randn(m, hkv, d, generator=gen).to(dev) for _, m in lengths]
-        gs = [torch.randn(n, hq, d, generator=gen).to(dev) for n, _ in lengths]
+        lengths = _PACKED_LENGTHS
+        qs = [torch.randn(n, hq, d, generator=gen).to(dev, dt) for n, _ in lengths]
+        ks = [torch.randn(m, hkv, d, generator=gen).to(dev, dt) for _, m in lengths]
+        vs = [torch.randn(m, hkv, d, generator=gen).to(dev, dt) for _, m in lengths]
+        gs = [torch.randn(n, hq, d, generator=gen).to(dev, dt) for n, _ in lengths]
         cu_q, cu_k = (torch.tensor([0, *np.cumsum([x[i] for x in lengths])], dtype=torch.int32, device=dev)
                       for i in (0, 1))
         packed = [torch.cat(t) for t in (qs, ks, vs)]
@@ -273,12 +280,13 @@ def test_torch_attention_trains_with_key_lengths_and_packed_sequences():
                 o64 = (torch.nan_to_num(torch.softmax(sc, -1)) @ vd).transpose(0, 1)
                 want = torch.autograd.grad(o64, leaves, gs[s].double())
                 for name, x, w in zip("qkv", one, want):
-                    torch.testing.assert_close(x.double(), w, rtol=1e-4, atol=1e-4, msg=lambda e: f"d{name} {label}: {e}")
+                    torch.testing.assert_close(x.double(), w, rtol=tol, atol=tol * max(1.0, float(w.abs().max())),
+                                               msg=lambda e: f"d{name} {label}: {e}")
         # Dense key lengths: the padded batch's sequence b is sequence b alone with its first kv_lengths[b] keys.
         lq, lk = 6, 10
         kv_lengths = torch.tensor([10, 3, 0, 7], dtype=torch.int32, device=dev)
-        q, g = (torch.randn(4, lq, hq, d, generator=gen).to(dev) for _ in range(2))
-        k, v = (torch.randn(4, lk, hkv, d, generator=gen).to(dev) for _ in range(2))
+        q, g = (torch.randn(4, lq, hq, d, generator=gen).to(dev, dt) for _ in range(2))
+        k, v = (torch.randn(4, lk, hkv, d, generator=gen).to(dev, dt) for _ in range(2))
         out, got = grads(lambda q, k, v: bi_torch.attention(q, k, v, causal=causal, kv_lengths=kv_lengths),
                          (q, k, v), g)
         for b, m in enumerate(kv_lengths.tolist()):
@@ -418,10 +426,13 @@ def test_jax_attention_trains_with_key_lengths_and_packed_sequences():
 
     rng = np.random.default_rng(12)
     hq, hkv, d = 4, 2, 64
+    # On a GPU: bfloat16 (fp32's backward compiles for ~90 s per new length) at lengths across tiles.
+    dt = jnp.bfloat16 if PROFILE.native else jnp.float32
+    lengths = ((300, 700), (0, 40), (50, 0), (513, 129)) if PROFILE.native else ((5, 9), (0, 4), (6, 0), (11, 3))
 
     def grads(fn, leaves, g):
         out, pull = jax.vjp(fn, *leaves)
-        return np.asarray(out), [np.asarray(x) for x in pull(g)]
+        return np.asarray(out.astype(jnp.float32)), [np.asarray(x.astype(jnp.float32)) for x in pull(g)]
 
     def alone(q, k, v, g, causal, bottom_right=True):
         if bottom_right:
@@ -429,12 +440,12 @@ def test_jax_attention_trains_with_key_lengths_and_packed_sequences():
         return grads(lambda *t: bi_jax.dot_product_attention(*(x[None] for x in t), is_causal=causal)[0],
                      (q, k, v), g)
 
-    lengths = ((5, 9), (0, 4), (6, 0), (11, 3))
-    qs, ks, vs, gs = ([jnp.asarray(rng.standard_normal((x[i], h, d), dtype=np.float32)) for x in lengths]
+    qs, ks, vs, gs = ([jnp.asarray(rng.standard_normal((x[i], h, d), dtype=np.float32), dt) for x in lengths]
                       for i, h in ((0, hq), (1, hkv), (1, hkv), (0, hq)))
     cu_q, cu_k = (jnp.asarray([0, *np.cumsum([x[i] for x in lengths])], jnp.int32) for i in (0, 1))
     packed = [jnp.concatenate(t) for t in (qs, ks, vs)]
-    out, got = grads(lambda q, k, v: bi_jax.varlen_attention(q, k, v, cu_q, cu_k, 11, 9, causal=True), packed,
+    longest = [max(x[i] for x in lengths) for i in (0, 1)]
+    out, got = grads(lambda q, k, v: bi_jax.varlen_attention(q, k, v, cu_q, cu_k, *longest, causal=True), packed,
                      jnp.concatenate(gs))
     for s, (n, m) in enumerate(lengths):
         rows_q, rows_k = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
@@ -444,18 +455,21 @@ def test_jax_attention_trains_with_key_lengths_and_packed_sequences():
             assert np.array_equal(x[rows_q if name == "q" else rows_k], y), f"d{name}: varlen sequence {s}"
     # torch's kernels on the same packed batch (whose gradients the torch test holds to float64's): the same
     # values within fp32 rounding (the two interpreters write the products out differently).
-    tleaves = [torch.tensor(np.asarray(t), device=_TORCH_DEVICE, requires_grad=True) for t in packed]
+    tdt = getattr(torch, jnp.dtype(dt).name)
+    tleaves = [torch.tensor(np.asarray(t.astype(jnp.float32)), device=_TORCH_DEVICE).to(tdt).requires_grad_()
+               for t in packed]
     tout = bi_torch.varlen_attention(*tleaves, torch.tensor(np.asarray(cu_q), device=_TORCH_DEVICE),
                                      torch.tensor(np.asarray(cu_k), device=_TORCH_DEVICE), causal=True)
-    tgot = torch.autograd.grad(tout, tleaves, torch.tensor(np.asarray(jnp.concatenate(gs)), device=_TORCH_DEVICE))
-    for name, a, b in zip("qkv", got, tgot):
-        np.testing.assert_allclose(a, b.cpu().numpy(), rtol=1e-5, atol=1e-5, err_msg=f"d{name} against torch's")
+    tg = torch.tensor(np.asarray(jnp.concatenate(gs).astype(jnp.float32)), device=_TORCH_DEVICE).to(tdt)
+    tol = 1e-5 if dt == jnp.float32 else 2e-2
+    for name, a, b in zip("qkv", got, torch.autograd.grad(tout, tleaves, tg)):
+        np.testing.assert_allclose(a, b.float().cpu().numpy(), rtol=tol, atol=tol, err_msg=f"d{name} against torch's")
     # Key lengths, dense: aligned to the end of each sequence's keys (attention) and to their start
     # (dot_product_attention, full: key_value_seq_lengths).
     lq, lk = 6, 10
     kv_lengths = jnp.asarray([10, 3, 0], jnp.int32)
-    q, g = (jnp.asarray(rng.standard_normal((3, lq, hq, d), dtype=np.float32)) for _ in range(2))
-    k, v = (jnp.asarray(rng.standard_normal((3, lk, hkv, d), dtype=np.float32)) for _ in range(2))
+    q, g = (jnp.asarray(rng.standard_normal((3, lq, hq, d), dtype=np.float32), dt) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((3, lk, hkv, d), dtype=np.float32), dt) for _ in range(2))
     for bottom_right, fn in ((True, lambda q, k, v: bi_jax.attention(q, k, v, causal=True, kv_lengths=kv_lengths)),
                              (False, lambda q, k, v: bi_jax.dot_product_attention(
                                  q, k, v, key_value_seq_lengths=kv_lengths))):
