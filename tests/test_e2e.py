@@ -244,6 +244,15 @@ def test_default_engine_computes_the_bi_engines_logits_within_rounding(framework
         np.testing.assert_allclose(default["logits"][r], bi["logits"][r], rtol=1e-4, atol=1e-4, err_msg=f"request {r}")
 
 
+def _bookkeeping(command, runs):
+    """The smallest setup for the tests of ``--e2e-resume`` and
+    ``--e2e-schedules``, which check what a run keeps and merges, not the
+    numerics: three requests of 2 new tokens, prompts of at most 20 tokens
+    (the least that leaves room for the prefix-cache variant's one-page
+    shared prefix), on the tests' one-layer model."""
+    return replace(command.CPU, model=CONFIG, requests=3, runs=runs, serving=SERVING, max_prompt=20, new_tokens=2)
+
+
 def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
     """``--e2e-resume``: the torch engine in one run, the JAX engine in a
     second that resumes the first's e2e.json: the second keeps the first's
@@ -252,7 +261,7 @@ def test_a_run_split_over_processes_still_compares_the_frameworks(tmp_path):
     pytest.importorskip("jax")
     from bench.e2e import command
 
-    setup = replace(command.CPU, model=CONFIG, requests=3, runs=1, serving=SERVING)
+    setup = _bookkeeping(command, runs=1)
     first = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",))
     assert [r["framework"] for r in first["results"]] == ["torch"] and first["cross_framework"] == []
     path = tmp_path / "e2e.json"
@@ -284,7 +293,7 @@ def test_a_run_split_by_schedules_counts_every_schedule(tmp_path):
     with nothing left to run keeps the row as it is."""
     from bench.e2e import command
 
-    setup = replace(command.CPU, model=CONFIG, requests=3, runs=3, serving=SERVING)
+    setup = _bookkeeping(command, runs=3)
     whole = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",))
     first = command.measure(setup, ["torch"], [0.0], DEVICE, impls=("bi",), schedules=[1])
     assert first["results"][0]["runs"] == 1 and first["results"][0]["schedule_seeds"] == [1]
@@ -314,7 +323,7 @@ def test_a_run_cut_mid_engine_keeps_its_finished_schedules(tmp_path, monkeypatch
     uncut run: ``test_a_run_split_by_schedules_counts_every_schedule``)."""
     from bench.e2e import command
 
-    setup = replace(command.CPU, model=CONFIG, requests=3, runs=3, serving=SERVING)
+    setup = _bookkeeping(command, runs=3)
     real, seen = command.run_schedule, []
 
     def cut_at_third(engine, work, serving, *, schedule_seed, **kwargs):
