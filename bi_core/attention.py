@@ -217,6 +217,17 @@ def check_max_seqlen(value, name: str, op: str) -> int | None:
     return int(value)
 
 
+def backward_packed(cu_seqlens_q, cu_seqlens_k, kv_lengths, max_seqlen_q, max_seqlen_k) -> bool:
+    """Whether a backward call is over packed sequences (both offsets given,
+    with both host maxima, and no key lengths), or refuses the mix."""
+    packed = cu_seqlens_q is not None
+    if packed != (cu_seqlens_k is not None) or (packed and kv_lengths is not None):
+        raise ValueError("attention backward: cu_seqlens_q and cu_seqlens_k go together, without kv_lengths")
+    if packed and (max_seqlen_q is None or max_seqlen_k is None):
+        raise ValueError("attention backward: packed sequences need max_seqlen_q and max_seqlen_k")
+    return packed
+
+
 INT32_MAX = 2**31 - 1
 
 

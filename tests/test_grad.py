@@ -299,6 +299,13 @@ def test_torch_attention_trains_with_key_lengths_and_packed_sequences(dtype):
     leaves = [t.detach().clone().requires_grad_() for t in packed]
     with pytest.raises(NotImplementedError, match="forward-only"):
         bi_torch.varlen_attention(*leaves, cu_q, cu_k, window=(2, 0))
+    from bi_torch.ops.attention_grad import attention_backward
+
+    args = (*packed, torch.cat(qs), torch.cat(gs), True)
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k go together"):
+        attention_backward(*args, cu_seqlens_q=cu_q, max_seqlen_q=9, max_seqlen_k=9)
+    with pytest.raises(ValueError, match="need max_seqlen_q and max_seqlen_k"):
+        attention_backward(*args, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
 def test_torch_row_backward_kernels():

@@ -258,12 +258,8 @@ def attention_backward(q, k, v, out, g, *, causal: bool, scale: float | None = N
     as ``bi_jax.varlen_attention``, ``lse`` then ``(B * Hq * max_seqlen_q,)``.
     The offsets are trusted here (the forward checked them)."""
     interpret = interpret_mode("attention backward") if interpret is None else interpret
-    varlen = cu_seqlens_q is not None
-    if varlen != (cu_seqlens_k is not None) or (varlen and kv_lengths is not None):
-        raise ValueError("attention backward: cu_seqlens_q and cu_seqlens_k go together, without kv_lengths")
+    varlen = contract.backward_packed(cu_seqlens_q, cu_seqlens_k, kv_lengths, max_seqlen_q, max_seqlen_k)
     if varlen:
-        if max_seqlen_q is None or max_seqlen_k is None:
-            raise ValueError("attention backward: packed sequences need max_seqlen_q and max_seqlen_k")
         (_, hq, d), hkv = q.shape, k.shape[1]
         b, lq, lk = cu_seqlens_q.shape[0] - 1, int(max_seqlen_q), max(int(max_seqlen_k), 1)
         tokens_q, tokens_k = q.shape[0], k.shape[0]

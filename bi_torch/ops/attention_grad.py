@@ -291,12 +291,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     packed ``(total, H, D)`` tensors as ``bi_torch.varlen_attention``, and
     ``lse`` then ``(B * Hq, max_seqlen_q)``. The offsets are trusted here
     (the forward checked them)."""
-    varlen = cu_seqlens_q is not None
-    if varlen != (cu_seqlens_k is not None) or (varlen and kv_lengths is not None):
-        raise ValueError("attention backward: cu_seqlens_q and cu_seqlens_k go together, without kv_lengths")
+    varlen = contract.backward_packed(cu_seqlens_q, cu_seqlens_k, kv_lengths, max_seqlen_q, max_seqlen_k)
     if varlen:
-        if max_seqlen_q is None or max_seqlen_k is None:
-            raise ValueError("attention backward: packed sequences need max_seqlen_q and max_seqlen_k")
         q, k, v, out, g = (t.unsqueeze(0) for t in (q, k, v, out, g))
         b, lq, lk = cu_seqlens_q.shape[0] - 1, int(max_seqlen_q), int(max_seqlen_k)
     else:
