@@ -28,7 +28,10 @@ HEADS = st.sampled_from(
     else [props.Heads(4, 2, 64), props.Heads(2, 1, 64), props.Heads(3, 3, 64)]
 )
 WINDOWS = st.one_of(st.none(), st.tuples(st.integers(0, 300), st.just(0)))
-DTYPES = ["bfloat16", "float16", "float32"]
+# In the CPU interpreters float16 takes the kernels' code paths of bfloat16 (both 16-bit, the
+# same products and casts) and would add a third of these properties' time to CI: it runs on
+# the GPU, where the two formats' numerics differ.
+DTYPES = ["bfloat16", "float16", "float32"] if GPU else ["bfloat16", "float32"]
 EXAMPLES = settings(max_examples=4 if GPU else 3, deadline=None)
 
 
