@@ -27,6 +27,15 @@ arithmetic for every row. CPU bits differ from the GPU's (whose tensor cores
 add in their own order); the CPU run proves the kernels' structure, not GPU
 numerics.
 
+Also, for speed only: the interpreter re-patches ``triton.language`` on every
+call of a ``@triton.jit`` helper from inside a kernel
+(``InterpretedFunction.__call__`` calls ``_patch_lang``, about 1 ms of
+``inspect.getmembers`` each time, and never restores it), though the launch
+has patched those same modules already; the attention backward calls its
+helpers once per tile, so that re-patching took three quarters of its
+interpreter time. A helper whose ``triton.language`` modules the running
+launch has patched skips it; the patched functions are the same either way.
+
 The patches replace private parts of ``triton.runtime.interpreter``
 (Triton 3.6). If a Triton release no longer has them, nothing is patched and
 ``interpreter_ready()`` says why, so that ``bi_torch.matmul`` refuses to run
@@ -89,7 +98,50 @@ def apply() -> None:
     interpreter._patch_lang_tensor = _patch_lang_tensor
     builder.create_dot = _create_dot
     builder.cast_impl = _cast_impl
+    _skip_repatching(interpreter, tl)
     _APPLIED = True
+
+
+def _skip_repatching(interpreter, tl) -> None:
+    """A ``@triton.jit`` helper called inside a launch whose ``triton.language``
+    modules that launch has patched already (for its kernel or an earlier
+    helper) runs without re-patching them (the patches stay in force until
+    the launch ends); any other call, as before. Skipped (no speed-up, the same results) where this Triton's
+    interpreter lacks the parts it wraps."""
+    grid, device = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpretedFunction", None)
+    error = getattr(interpreter, "InterpreterError", None)
+    if grid is None or device is None or error is None or not hasattr(device, "rewrite"):
+        return
+    launches: list[set] = []  # the language modules patched within each running launch
+    grid_call, device_call = grid.__call__, device.__call__
+
+    def langs(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    def launch(self, *args, **kwargs):
+        launches.append(set(langs(self.fn)))
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    def call(self, *args, **kwargs):
+        mods = langs(self.fn)
+        if not (launches and mods and mods <= launches[-1]):
+            # Patches the helper's modules (triton.language's own helpers,
+            # tl.sum for one, see only ``core``), which stay patched (the
+            # interpreter never restores a helper's patches) for the rest of
+            # the launch.
+            if launches and mods:
+                launches[-1] |= mods
+            return device_call(self, *args, **kwargs)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # as the interpreter's own call reports it
+            raise error(repr(e)) from e
+
+    grid.__call__, device.__call__ = launch, call
 
 
 def interpreter_ready() -> str | None:
